@@ -1,0 +1,10 @@
+"""ternqc: a rule language and compiler for ternary quantisation of PyTorch models.
+
+Flow: `compile` a rules file (.tq) into a `Plan`; the runtime prepares hooks from the plan, calibrates,
+maps statistics to quantiser parameters and converts modules to ternary ones.
+"""
+
+from ternqc.plan import Plan
+
+__all__ = ["Plan", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from ternqc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,462 @@
+"""The plan: the only thing the compiler and the runtime share.
+
+The compiler (`ternqc.compiler`) turns a rules file into a `Plan`; the runtime (`ternqc.runtime`) reads a
+`Plan` and never sees the rules text. A plan is made of frozen attrs values, carries a `version`, and
+round-trips through plain dicts and JSON (`Plan.to_dict` / `Plan.from_dict`, `to_json` / `from_json`).
+
+This module also holds the vocabulary both halves agree on: tensors, statistics with their fields and
+options, quantisable module types and the quantiser parameters. It imports neither lark nor torch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from typing import Any, Union
+
+import attrs
+from attrs import field, frozen
+
+PLAN_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------------------------------------
+
+#: Tensor names in the language, and their canonical names in the plan (MASE's argument names).
+TENSOR_ALIASES: dict[str, str] = {
+    "data_in": "data_in_0",
+    "data_out": "data_out_0",
+    "weight": "weight",
+    "bias": "bias",
+}
+#: Tensors a quantiser parameter can be about (`data_in_max`, `weight_width`, ...).
+PARAM_TENSORS: tuple[str, ...] = ("data_in", "weight", "bias")
+
+
+@frozen
+class StatKind:
+    """What a statistic produces (`fields`) and which options it takes beyond `dims` and `abs`."""
+
+    fields: tuple[str, ...]
+    options: tuple[tuple[str, float], ...] = ()  # (option name, default value)
+
+    def option_defaults(self) -> dict[str, float]:
+        return dict(self.options)
+
+
+#: MASE's statistics, with MASE's result fields and options (see shared/MASE.md).
+STATISTICS: dict[str, StatKind] = {
+    "range_min_max": StatKind(("min", "max", "range", "count")),
+    "range_quantile": StatKind(("min", "max", "range", "count"), (("quantile", 0.975),)),
+    "variance_precise": StatKind(("mean", "variance", "count")),
+    "variance_online": StatKind(("mean", "variance", "count")),
+    "abs_mean": StatKind(("abs_mean", "count")),
+    "range_n_sigma": StatKind(("min", "max", "range", "count"), (("num_sigma", 3.0),)),
+}
+
+#: Statistics the compiler adds on its own and users cannot name. `threshold_abs_mean` is the mean of |x|
+#: over |x| > Δ (the ternary scale α of an activation), where Δ is the module's resolved threshold; the
+#: runtime gathers it in a second pass over the calibration batches once Δ is known.
+DERIVED_STATISTICS: dict[str, StatKind] = {
+    "threshold_abs_mean": StatKind(("abs_mean", "count")),
+}
+
+#: Options every statistic takes, with defaults.
+COMMON_STAT_OPTIONS: dict[str, Any] = {"dims": "all", "abs": False}
+
+#: Module types that can be quantised, and the tensors each has.
+QUANTISABLE: dict[str, tuple[str, ...]] = {
+    "linear": ("data_in", "weight", "bias"),
+    "relu": ("data_in",),
+    "conv1d": ("data_in", "weight", "bias"),
+    "conv2d": ("data_in", "weight", "bias"),
+}
+
+#: Quantiser names.
+QUANTISERS: tuple[str, ...] = ("ternary",)
+
+#: Per-tensor parameter suffixes and the kind of value each takes:
+#: "int", "bool", or "number" (a number, an expression over statistics, or `na`).
+PARAM_SUFFIXES: dict[str, str] = {
+    "width": "int",
+    "frac_width": "int",  # MASE compatibility; written to MASE TOML, the ternary quantiser ignores it
+    "scaling_factor": "bool",
+    "mean": "number",
+    "median": "number",
+    "max": "number",
+    "threshold": "number",
+    "scale": "number",
+}
+#: Width of a tensor the ternary quantiser quantises; `FLOAT_WIDTH` (or `na`) leaves the tensor in float.
+TERNARY_WIDTH = 2
+FLOAT_WIDTH = 32
+
+
+def split_param(param: str) -> tuple[str, str] | None:
+    """`"weight_max"` -> `("weight", "max")`; `None` when `param` is not a per-tensor parameter."""
+    for tensor in PARAM_TENSORS:
+        prefix = tensor + "_"
+        if param.startswith(prefix) and param[len(prefix) :] in PARAM_SUFFIXES:
+            return tensor, param[len(prefix) :]
+    return None
+
+
+def all_params() -> tuple[str, ...]:
+    """Every quantiser parameter name: `name` and `<tensor>_<suffix>` for each tensor and suffix."""
+    return ("name",) + tuple(f"{t}_{s}" for t in PARAM_TENSORS for s in PARAM_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------------------------
+
+
+@frozen
+class Origin:
+    """Where a plan entry came from: a rules file and a 1-based line and column."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+def _dims_converter(value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, str):
+        return value
+    return tuple(int(v) for v in value)
+
+
+def _dims_validator(_inst: Any, _attr: Any, value: Any) -> None:
+    if isinstance(value, str):
+        if value not in ("all", "none"):
+            raise ValueError(f"dims must be 'all', 'none' or a tuple of ints, got {value!r}")
+
+
+@frozen
+class StatSpec:
+    """One statistic with all its options fixed: `range_quantile(dims=all, abs=false, quantile=0.5)`.
+
+    `dims` is `"all"` (one scalar), `"none"` (element-wise across samples: the per-sample shape) or a tuple
+    of dimensions of the observed tensor to reduce (the others are kept: per-channel results).
+    `options` holds the statistic's own options (e.g. `quantile`), complete and sorted by name.
+    """
+
+    name: str = field(validator=attrs.validators.in_(tuple(STATISTICS) + tuple(DERIVED_STATISTICS)))
+    dims: str | tuple[int, ...] = field(default="all", converter=_dims_converter, validator=_dims_validator)
+    abs: bool = False
+    options: tuple[tuple[str, float], ...] = field(
+        default=(), converter=lambda opts: tuple(sorted((str(k), float(v)) for k, v in opts))
+    )
+
+    @property
+    def kind(self) -> StatKind:
+        return STATISTICS.get(self.name) or DERIVED_STATISTICS[self.name]
+
+    def option(self, name: str) -> float:
+        """The value of one of the statistic's own options (its default when unset)."""
+        return dict(self.options).get(name, self.kind.option_defaults()[name])
+
+    def key(self) -> str:
+        """A canonical, human-readable identity, e.g. `range_quantile(dims=all, abs=false, quantile=0.5)`."""
+        dims = self.dims if isinstance(self.dims, str) else "[" + ", ".join(map(str, self.dims)) + "]"
+        parts = [f"dims={dims}", f"abs={'true' if self.abs else 'false'}"]
+        parts += [f"{k}={_fmt_number(v)}" for k, v in self.options]
+        return f"{self.name}({', '.join(parts)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dims": self.dims if isinstance(self.dims, str) else list(self.dims),
+            "abs": self.abs,
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StatSpec:
+        return cls(name=d["name"], dims=d["dims"], abs=bool(d["abs"]), options=tuple(d["options"].items()))
+
+
+def _fmt_number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+SELECTOR_KINDS = ("default", "type", "glob", "name")
+
+
+@frozen
+class Selector:
+    """Which modules a rule is about.
+
+    kind: `"default"` (every quantisable module), `"type"` (a module type, e.g. `linear`, or any module class
+    name in lower case), `"glob"` (a quoted name with `*` or `?`), `"name"` (a quoted module path such as
+    `seq_blocks.0` or its MASE/FX node name `seq_blocks_0`). `pattern` is empty for `default`.
+    """
+
+    kind: str = field(validator=attrs.validators.in_(SELECTOR_KINDS))
+    pattern: str = ""
+
+    @property
+    def specificity(self) -> int:
+        """Precedence rank: name 3 > glob 2 > type 1 > default 0 (later statements win at equal rank)."""
+        return SELECTOR_KINDS.index(self.kind)
+
+    def matches(self, module_path: str, module_type: str) -> bool:
+        """Whether this selector picks the module at `module_path` whose lower-case type is `module_type`.
+
+        Names and globs match either the dotted module path or the MASE/FX node name (dots -> underscores).
+        `default` matches only quantisable types.
+        """
+        if self.kind == "default":
+            return module_type in QUANTISABLE
+        if self.kind == "type":
+            return module_type == self.pattern
+        node = module_path.replace(".", "_")
+        if self.kind == "name":
+            return self.pattern in (module_path, node)
+        return fnmatch.fnmatchcase(module_path, self.pattern) or fnmatch.fnmatchcase(node, self.pattern)
+
+    def __str__(self) -> str:
+        if self.kind == "default":
+            return "default"
+        if self.kind == "type":
+            return self.pattern
+        return json.dumps(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "pattern": self.pattern}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Selector:
+        return cls(kind=d["kind"], pattern=d["pattern"])
+
+
+# --- expressions ------------------------------------------------------------------------------------------
+
+
+@frozen
+class Const:
+    """A literal: a number, a string, a bool, or `None` for `na` (unset)."""
+
+    value: float | int | bool | str | None
+
+
+@frozen
+class StatRef:
+    """`stat(tensor).<stat>.<field>` with the statistic fully resolved by the compiler.
+
+    `tensor` is canonical (`data_in_0`, `weight`, ...). The runtime reads the value of `field` of `stat`
+    collected on `tensor` of the module the binding is evaluated for.
+    """
+
+    tensor: str
+    stat: StatSpec
+    field: str
+
+
+@frozen
+class Unary:
+    """`-x`: op is `"neg"`."""
+
+    op: str = field(validator=attrs.validators.in_(("neg",)))
+    operand: Expr
+
+
+@frozen
+class BinOp:
+    """`left op right` with op one of `+ - * /`."""
+
+    op: str = field(validator=attrs.validators.in_(("+", "-", "*", "/")))
+    left: Expr
+    right: Expr
+
+
+@frozen
+class Call:
+    """`fn(args...)` with fn one of `abs` (one argument), `min`, `max` (one or more)."""
+
+    fn: str = field(validator=attrs.validators.in_(("abs", "min", "max")))
+    args: tuple[Expr, ...] = field(converter=tuple)
+
+
+Expr = Union[Const, StatRef, Unary, BinOp, Call]
+
+
+def expr_to_dict(e: Expr) -> dict[str, Any]:
+    """An expression as JSON-ready nested dicts."""
+    if isinstance(e, Const):
+        return {"const": e.value}
+    if isinstance(e, StatRef):
+        return {"stat": {"tensor": e.tensor, "spec": e.stat.to_dict(), "field": e.field}}
+    if isinstance(e, Unary):
+        return {"unary": {"op": e.op, "operand": expr_to_dict(e.operand)}}
+    if isinstance(e, BinOp):
+        return {"binop": {"op": e.op, "left": expr_to_dict(e.left), "right": expr_to_dict(e.right)}}
+    if isinstance(e, Call):
+        return {"call": {"fn": e.fn, "args": [expr_to_dict(a) for a in e.args]}}
+    raise TypeError(f"not an expression: {e!r}")
+
+
+def expr_from_dict(d: dict[str, Any]) -> Expr:
+    """The inverse of `expr_to_dict`."""
+    if "const" in d:
+        return Const(d["const"])
+    if "stat" in d:
+        s = d["stat"]
+        return StatRef(tensor=s["tensor"], stat=StatSpec.from_dict(s["spec"]), field=s["field"])
+    if "unary" in d:
+        return Unary(op=d["unary"]["op"], operand=expr_from_dict(d["unary"]["operand"]))
+    if "binop" in d:
+        b = d["binop"]
+        return BinOp(op=b["op"], left=expr_from_dict(b["left"]), right=expr_from_dict(b["right"]))
+    if "call" in d:
+        return Call(fn=d["call"]["fn"], args=tuple(expr_from_dict(a) for a in d["call"]["args"]))
+    raise ValueError(f"not an expression: {d!r}")
+
+
+def expr_stat_refs(e: Expr) -> tuple[StatRef, ...]:
+    """Every statistic reference inside `e`, in reading order."""
+    if isinstance(e, StatRef):
+        return (e,)
+    if isinstance(e, Unary):
+        return expr_stat_refs(e.operand)
+    if isinstance(e, BinOp):
+        return expr_stat_refs(e.left) + expr_stat_refs(e.right)
+    if isinstance(e, Call):
+        return tuple(r for a in e.args for r in expr_stat_refs(a))
+    return ()
+
+
+# --- plan entries -----------------------------------------------------------------------------------------
+
+PROFILE_REASONS = ("profiled", "referenced", "derived")
+
+
+@frozen
+class ProfilePoint:
+    """Collect `stats` on `tensor` (canonical name) of every module `selector` matches.
+
+    reason: `"profiled"` (a `profile` statement), `"referenced"` (a rule reads a statistic that no profile
+    statement collects there, so the compiler added it) or `"derived"` (the compiler added it for the
+    quantiser, e.g. `threshold_abs_mean` for an activation scale α).
+    """
+
+    selector: Selector
+    tensor: str
+    stats: tuple[StatSpec, ...] = field(converter=tuple)
+    origin: Origin
+    reason: str = field(default="profiled", validator=attrs.validators.in_(PROFILE_REASONS))
+
+
+@frozen
+class Binding:
+    """`selector.param = value`, from the rules file at `origin`.
+
+    `order` is the statement's position in the whole program after includes are expanded (an included file's
+    statements come before the including file's); with `selector.specificity` it decides precedence.
+    """
+
+    selector: Selector
+    param: str
+    value: Expr
+    origin: Origin
+    order: int
+
+
+@frozen
+class Calibration:
+    """The `calibrate { }` block: how many samples, in batches of what size, from which split."""
+
+    samples: int = 128
+    batch_size: int = 128
+    split: str = "train"
+
+
+@frozen
+class Plan:
+    """A compiled rules file."""
+
+    sources: tuple[str, ...] = field(converter=tuple)  # the rules files read, the root first
+    calibration: Calibration
+    profile: tuple[ProfilePoint, ...] = field(converter=tuple)
+    bindings: tuple[Binding, ...] = field(converter=tuple)
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "sources": list(self.sources),
+            "calibration": attrs.asdict(self.calibration),
+            "profile": [
+                {
+                    "selector": p.selector.to_dict(),
+                    "tensor": p.tensor,
+                    "stats": [s.to_dict() for s in p.stats],
+                    "origin": attrs.asdict(p.origin),
+                    "reason": p.reason,
+                }
+                for p in self.profile
+            ],
+            "bindings": [
+                {
+                    "selector": b.selector.to_dict(),
+                    "param": b.param,
+                    "value": expr_to_dict(b.value),
+                    "origin": attrs.asdict(b.origin),
+                    "order": b.order,
+                }
+                for b in self.bindings
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        """Read a plan written by `to_dict`. Raises `ValueError` for another version or a malformed plan."""
+        if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
+            found = d.get("version") if isinstance(d, dict) else type(d).__name__
+            msg = f"unsupported plan version {found!r}; this ternqc reads version {PLAN_VERSION}"
+            raise ValueError(msg)
+        try:
+            return cls(
+                version=d["version"],
+                sources=d["sources"],
+                calibration=Calibration(**d["calibration"]),
+                profile=[
+                    ProfilePoint(
+                        selector=Selector.from_dict(p["selector"]),
+                        tensor=p["tensor"],
+                        stats=[StatSpec.from_dict(s) for s in p["stats"]],
+                        origin=Origin(**p["origin"]),
+                        reason=p["reason"],
+                    )
+                    for p in d["profile"]
+                ],
+                bindings=[
+                    Binding(
+                        selector=Selector.from_dict(b["selector"]),
+                        param=b["param"],
+                        value=expr_from_dict(b["value"]),
+                        origin=Origin(**b["origin"]),
+                        order=b["order"],
+                    )
+                    for b in d["bindings"]
+                ],
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            msg = f"malformed plan: {exc!r}"
+            raise ValueError(msg) from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            msg = f"not a plan file (invalid JSON): {exc}"
+            raise ValueError(msg) from exc
+        return cls.from_dict(data)
