@@ -1,0 +1,106 @@
+"""The .tq compiler: rules text → `ternqc.plan.Plan`.
+
+    program = load_program(text, filename)   # parse.py (lark → ast), following includes
+    check(program)                           # check.py: every error and warning, or CompileError
+    plan = lower(program)                    # lower.py: ast → Plan
+
+`compile_source` / `compile_file` run the three passes; `cli_compile` is `ternqc compile`;
+`builtin_recipe` finds the recipes shipped in `ternqc.configs`. This package never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import pathlib
+
+from attrs import frozen
+
+from ternqc.compiler.ast import Span
+from ternqc.compiler.check import check
+from ternqc.compiler.errors import CompileError, Diagnostic, with_sources
+from ternqc.compiler.lower import lower
+from ternqc.compiler.parse import too_deep
+from ternqc.compiler.program import load_program, read_problem, read_text
+from ternqc.plan import Plan
+
+__all__ = [
+    "CompileError",
+    "Compiled",
+    "Diagnostic",
+    "builtin_recipe",
+    "cli_compile",
+    "compile_file",
+    "compile_source",
+]
+
+
+@frozen
+class Compiled:
+    """A compiled rules file: the plan and the warnings (rules that never take effect, ...)."""
+
+    plan: Plan
+    warnings: tuple[Diagnostic, ...] = ()
+
+
+def compile_source(text: str, filename: str = "<string>") -> Compiled:
+    """Compile rules text.
+
+    Args:
+        text: the rules.
+        filename: the path shown in diagnostics and plan origins; includes are relative to its folder.
+
+    Returns:
+        The plan and any warnings.
+
+    Raises:
+        CompileError: with every error found (syntax errors end the checking of their file).
+    """
+    try:
+        program, diagnostics = load_program(text, filename)
+        diagnostics += check(program)
+        diagnostics = with_sources(diagnostics, dict(program.sources))
+        errors = [d for d in diagnostics if d.is_error]
+        if errors:
+            raise CompileError(errors)
+        plan = lower(program)
+    except RecursionError:
+        raise CompileError([too_deep(filename)]) from None
+    return Compiled(plan=plan, warnings=tuple(d for d in diagnostics if not d.is_error))
+
+
+def compile_file(path: str | os.PathLike[str]) -> Compiled:
+    """Compile a rules file; plan origins show `path` as given.
+
+    Raises:
+        CompileError: when the file cannot be read or does not compile.
+    """
+    shown = os.fspath(path)
+    try:
+        text = read_text(shown)
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"cannot read rules file: {read_problem(exc)}"
+        raise CompileError([Diagnostic(Span.whole_file(shown), msg)]) from None
+    return compile_source(text, shown)
+
+
+def builtin_recipe(name: str = "toy_ternary.tq") -> pathlib.Path:
+    """The path of a recipe shipped in `ternqc.configs` (works from an installed wheel, too).
+
+    Raises:
+        FileNotFoundError: when no shipped recipe has that name (the message lists those that exist).
+    """
+    folder = importlib.resources.files("ternqc.configs")
+    found = folder / name
+    if not found.is_file():
+        shipped = sorted(p.name for p in folder.iterdir() if p.name.endswith(".tq"))
+        msg = f"no built-in recipe {name!r}; shipped recipes: {', '.join(shipped) or 'none'}"
+        raise FileNotFoundError(msg)
+    return pathlib.Path(str(found))
+
+
+def cli_compile(rules_path: str, output_path: str | None) -> int:
+    """`ternqc compile RULES [-o plan.json]`: see `ternqc.compiler.command`."""
+    from ternqc.compiler.command import run_compile
+
+    return run_compile(rules_path, output_path)

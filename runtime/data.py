@@ -1,17 +1,28 @@
 """Datasets: the built-in `toy-tiny` data and user factories.
 
 `build_dataset(spec, split) -> Dataset` of `(input, label)` pairs: `spec` is a built-in name (`toy-tiny`,
-also `toy_tiny`) or `FILE.py:factory` / `package.module:factory` with `factory(split: str)`.
+also `toy_tiny`) or `FILE.py:factory` / `package.module:factory` with `factory(split: str)`. Splits are
+`train`, `validation` and `test`; `val` means `validation`, and factories receive the canonical name.
+Every dataset handed out is a map-style torch `Dataset` with at least one item.
 """
 
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
+
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
 
 TOY_TINY_SEEDS = {"train": 0, "validation": 1, "test": 2}
 TOY_TINY_SIZE = 512
+
+#: The split names ternqc uses, and the other spellings it accepts for them.
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"val": "validation"}
 
 
 class ToyTiny(Dataset):
@@ -32,3 +43,74 @@ class ToyTiny(Dataset):
 
 
 BUILTIN_DATASETS = {"toy-tiny": ToyTiny, "toy_tiny": ToyTiny}
+
+
+def canonical_split(split: str) -> str:
+    """`val` -> `validation`; other names unchanged."""
+    return SPLIT_ALIASES.get(split, split)
+
+
+def _builtin(spec: str, split: str) -> Dataset:
+    if spec not in BUILTIN_DATASETS:
+        raise UserError(unknown_builtin_message(spec, list(BUILTIN_DATASETS), what="dataset"))
+    if split not in SPLITS:
+        close = difflib.get_close_matches(split, list(SPLITS) + list(SPLIT_ALIASES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = f"dataset {spec!r} has no split {split!r}{hint}; its splits are {', '.join(SPLITS)} (or val)"
+        raise UserError(msg)
+    return BUILTIN_DATASETS[spec](split)
+
+
+def _check_dataset(spec: str, split: str, dataset: object) -> Dataset:
+    kind = f"{type(dataset).__module__}.{type(dataset).__qualname__}"
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Dataset):
+        msg = (
+            f"dataset factory {spec!r} returned a {kind} for split {split!r}, not a map-style "
+            f"torch.utils.data.Dataset (with __len__ and __getitem__ giving (input, label) pairs)"
+        )
+        raise UserError(msg)
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        msg = f"dataset {spec!r} split {split!r} ({kind}) has no length: define __len__ ({exc})"
+        raise UserError(msg) from exc
+    if size == 0:
+        msg = f"dataset {spec!r} split {split!r} is empty"
+        raise UserError(msg)
+    try:
+        item = dataset[0]
+    except Exception as exc:
+        msg = f"dataset {spec!r} split {split!r}: reading item 0 raised {type(exc).__name__}: {exc}"
+        raise UserError(msg) from exc
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        msg = (
+            f"dataset {spec!r} split {split!r}: items must be (input, label) pairs, "
+            f"but item 0 is a {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        )
+        raise UserError(msg)
+    return dataset
+
+
+def build_dataset(spec: str, split: str) -> Dataset:
+    """Build split `split` of the dataset named by `spec`.
+
+    Args:
+        spec: `toy-tiny` (or `toy_tiny`), `path/to/file.py:factory` (relative to the working directory) or
+            `package.module:factory`, where `factory(split)` returns a torch `Dataset` of `(input, label)`.
+        split: `train`, `validation` (or `val`) or `test`; a factory receives the canonical name.
+
+    Returns:
+        A non-empty map-style `Dataset` whose items are `(input, label)` pairs.
+
+    Raises:
+        UserError: unknown built-in or split, factory errors, a return value that is not a map-style
+            Dataset, an empty split, or items that are not pairs.
+    """
+    split = canonical_split(split)
+    if not is_factory_spec(spec):
+        dataset = _builtin(spec, split)
+    else:
+        factory = load_factory(spec, what="dataset")
+        dataset = call_factory(spec, factory, split, what="dataset")
+    return _check_dataset(spec, split, dataset)

@@ -1,0 +1,544 @@
+"""Check: a parsed `ast.Program` → every error and warning in it, as `Diagnostic`s.
+
+Nothing is raised here; the driver raises one `CompileError` when any diagnostic is an error. What is
+judged (docs/LANGUAGE.md has the rules):
+
+- selectors: a binding's bare selector must be `default` or a quantisable type; module types are lower case;
+  quoted names are not empty;
+- tensors: known words, and only tensors the selected type has (`relu.weight_max`, `profile relu.weight`);
+- parameters, quantisers, statistics, their fields and options: known names, with "did you mean";
+- value types: `*_width` 2 or 32 (or `na`), `*_frac_width` an integer, `*_scaling_factor` a bool, the
+  numeric parameters a number, `na` or an expression over statistics, `name` a quantiser in quotes;
+  options `dims = all | none | [ints]`, `abs = true|false`, `quantile` in [0, 1], `num_sigma` > 0;
+- the same key twice in one block, and statistic references that could mean several collected statistics.
+
+Warnings: a rule that can never take effect because a later rule in the same file sets the same parameter
+for the same selector (and the same for `calibrate` keys).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from attrs import frozen
+
+from ternqc import plan
+from ternqc.compiler import ast
+from ternqc.compiler.errors import Diagnostic, and_list, did_you_mean, one_of
+from ternqc.compiler.vocab import (
+    CALIBRATE_KEYS,
+    FUNCTIONS,
+    TENSOR_WORDS,
+    VALUE_NAMES,
+    Profiled,
+    candidates,
+    canonical_tensor,
+    is_int,
+    is_number,
+    literal,
+    selector_of,
+    spec_of,
+    tensor_allowed,
+    tensor_word,
+    type_tensors,
+    written_options,
+)
+
+ALL_PARAMS = plan.all_params()
+
+
+def check(program: ast.Program) -> list[Diagnostic]:
+    """Every error and warning in `program`, in no particular order (the driver sorts them)."""
+    return _Checker().run(program.statements)
+
+
+@frozen
+class _Ref:
+    """A statistic reference waiting for the whole program's `profile` statements."""
+
+    node: ast.StatRef
+    sel: plan.Selector | None  # the binding's
+    tensor: str  # canonical
+    written: dict[str, Any]
+
+
+@frozen
+class _Set:
+    """One `selector.key = value` (or calibrate key) that took effect as far as checking knows."""
+
+    key: tuple[Any, ...]
+    text: str
+    span: ast.Span
+
+
+def _hint(word: str, known: Iterable[str], what: str) -> str:
+    """"did you mean 'x'?" when a known name is close, else "<what> a, b and c"."""
+    known = list(known)
+    return did_you_mean(word, known) or f"{what} {and_list(known)}"
+
+
+def _kind_of(expr: ast.Expr) -> str:
+    """What a value is, for "takes X, got Y" messages."""
+    value = literal(expr)
+    if value is None:
+        return "na"
+    if isinstance(value, bool):
+        return "a bool"
+    if is_int(value):
+        return f"the integer {value}"
+    if is_number(value):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(expr, ast.List):
+        return "a list"
+    if isinstance(expr, ast.StatRef):
+        return "a statistic"
+    if isinstance(expr, ast.Name):
+        return f"the name '{expr.name}'"
+    return "an expression"
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.diagnostics: list[Diagnostic] = []
+        self.profiled: Profiled = {}
+        self.refs: list[_Ref] = []
+        self.sets: list[_Set] = []
+
+    def error(self, span: ast.Span, message: str, hint: str = "") -> None:
+        self.diagnostics.append(Diagnostic(span, message, hint))
+
+    def run(self, statements: Iterable[ast.Statement]) -> list[Diagnostic]:
+        for stmt in statements:
+            if isinstance(stmt, ast.Calibrate):
+                self.calibrate(stmt)
+            elif isinstance(stmt, ast.Profile):
+                self.profile(stmt)
+            elif isinstance(stmt, ast.Block):
+                self.rules(stmt.selector, stmt.entries, in_block=True)
+            elif isinstance(stmt, ast.Binding):
+                entry = ast.Entry(stmt.key, stmt.value, span=stmt.span)
+                self.rules(stmt.selector, (entry,), in_block=False)
+            # Include statements are gone after program.py expanded them.
+        self.resolve_refs()
+        self.shadowed()
+        return self.diagnostics
+
+    # --- calibrate ---------------------------------------------------------------------------------------
+    def calibrate(self, stmt: ast.Calibrate) -> None:
+        seen: dict[str, ast.Entry] = {}
+        for entry in stmt.entries:
+            key = entry.key.name
+            if key in seen:
+                self.twice(entry, seen[key])
+                continue
+            seen[key] = entry
+            if key not in CALIBRATE_KEYS:
+                msg = f"unknown calibrate setting '{key}'"
+                self.error(entry.key.span, msg, _hint(key, CALIBRATE_KEYS, "the settings are"))
+                continue
+            value = literal(entry.value)
+            if CALIBRATE_KEYS[key] == "count":
+                if not is_int(value) or value <= 0:
+                    msg = f"{key} takes a positive integer, got {_kind_of(entry.value)}"
+                    self.error(entry.value.span, msg)
+                    continue
+            elif not isinstance(value, str) or not value:
+                msg = f'{key} takes a split name in quotes, e.g. "train", got {_kind_of(entry.value)}'
+                self.error(entry.value.span, msg)
+                continue
+            self.sets.append(_Set(("calibrate", key), f"calibrate {key}", entry.span))
+
+    def twice(self, entry: ast.Entry, first: ast.Entry) -> None:
+        msg = f"'{entry.key.name}' is set twice in this block (first at line {first.span.line})"
+        self.error(entry.key.span, msg)
+
+    # --- profile -----------------------------------------------------------------------------------------
+    def profile(self, stmt: ast.Profile) -> None:
+        targets: list[tuple[plan.Selector, str]] = []
+        seen_targets: set[tuple[plan.Selector, str]] = set()
+        for target in stmt.targets:
+            sel = self.selector(target.selector, binding=False)
+            tensor = self.tensor(target.tensor, sel, target.selector)
+            if sel is None or tensor is None:
+                continue
+            if (sel, tensor) in seen_targets:
+                msg = f"{_sel_text(target.selector)}.{target.tensor.name} is listed twice in this statement"
+                self.error(target.span, msg)
+                continue
+            seen_targets.add((sel, tensor))
+            targets.append((sel, tensor))
+        specs: list[plan.StatSpec] = []
+        for call in stmt.stats:
+            if not self.statistic(call.name):
+                continue
+            written = self.options(call.name.name, call.options)
+            if written is None:
+                continue
+            spec = spec_of(call.name.name, written)
+            if spec in specs:
+                self.error(call.span, f"{call.name.name} is listed twice with the same options")
+                continue
+            specs.append(spec)
+        for sel, tensor in targets:
+            for spec in specs:
+                known = self.profiled.setdefault((tensor, spec.name), [])
+                if (sel, spec) not in known:
+                    known.append((sel, spec))
+
+    # --- selectors and tensors ---------------------------------------------------------------------------
+    def selector(self, sel: ast.Selector, *, binding: bool) -> plan.Selector | None:
+        """The plan selector, or `None` after reporting why `sel` is not valid here."""
+        if sel.quoted:
+            if not sel.text.strip():
+                self.error(sel.span, "empty module name", 'write a module path such as "seq_blocks.0"')
+                return None
+            return selector_of(sel)
+        if sel.text != sel.text.lower():
+            msg = f"module types are written in lower case: '{sel.text.lower()}', not '{sel.text}'"
+            self.error(sel.span, msg)
+            return None
+        result = selector_of(sel)
+        if binding and result.kind == "type" and result.pattern not in plan.QUANTISABLE:
+            known = ["default", *plan.QUANTISABLE]
+            msg = f"'{sel.text}' is not a quantisable type"
+            self.error(sel.span, msg, _hint(sel.text, known, "the quantisable types are"))
+            return None
+        return result
+
+    def tensor(self, word: ast.Ident, sel: plan.Selector | None, written: ast.Selector) -> str | None:
+        """The canonical tensor `word` names, or `None` after reporting an unknown tensor or one the
+        selected modules lack."""
+        canonical = canonical_tensor(word.name)
+        if canonical is None:
+            hint = _hint(word.name, TENSOR_WORDS, "the tensors are")
+            self.error(word.span, f"unknown tensor '{word.name}'", hint)
+            return None
+        known = type_tensors(sel) if sel is not None else None
+        if not tensor_allowed(canonical, known):
+            assert known is not None and sel is not None
+            msg = f"{_sel_text(written)} has no tensor '{word.name}'"
+            self.error(word.span, msg, f"{_sel_text(written)} has {and_list([*known, 'data_out'])}")
+            return None
+        return canonical
+
+    # --- rules: blocks and bindings ----------------------------------------------------------------------
+    def rules(self, written: ast.Selector, entries: Iterable[ast.Entry], *, in_block: bool) -> None:
+        sel = self.selector(written, binding=True)
+        tensors = type_tensors(sel) if sel is not None else None
+        seen: dict[str, ast.Entry] = {}
+        for entry in entries:
+            key = entry.key.name
+            if in_block and key in seen:
+                self.twice(entry, seen[key])
+                continue
+            seen[key] = entry
+            if key not in ALL_PARAMS:
+                hint = did_you_mean(key, ALL_PARAMS) or "see docs/LANGUAGE.md for the parameters"
+                self.error(entry.key.span, f"unknown parameter '{key}'", hint)
+                continue
+            split = plan.split_param(key)
+            if split is not None and tensors is not None and split[0] not in tensors:
+                assert sel is not None
+                msg = f"{_sel_text(written)} has no tensor '{split[0]}', so '{key}' cannot be set"
+                self.error(entry.key.span, msg, f"{_sel_text(written)} has {and_list(tensors)}")
+                continue
+            ok = self.value(key, split, entry.value, sel, written)
+            if ok and sel is not None:
+                self.sets.append(_Set(("rule", sel, key), f"{sel}.{key}", entry.span))
+
+    def value(
+        self,
+        key: str,
+        split: tuple[str, str] | None,
+        expr: ast.Expr,
+        sel: plan.Selector | None,
+        written: ast.Selector,
+    ) -> bool:
+        """Check the value of parameter `key` (`split` is `plan.split_param(key)`); `True` when valid."""
+        if split is None:  # `name`
+            return self.quantiser(expr)
+        tensor, suffix = split
+        if suffix == "width":
+            return self.width(key, tensor, expr)
+        kind = plan.PARAM_SUFFIXES[suffix]
+        if kind == "int":
+            return self.count(key, expr)
+        if kind == "bool":
+            return self.boolean(key, expr)
+        value = literal(expr)
+        if value is None:  # `na` on its own: unset
+            return True
+        if isinstance(value, str):
+            msg = f"{key} takes a number, an expression over statistics or na, got a string"
+            self.error(expr.span, msg)
+            return False
+        return self.number(expr, _RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written))
+
+    def quantiser(self, expr: ast.Expr) -> bool:
+        value = literal(expr)
+        if not isinstance(value, str):
+            msg = f'name takes a quantiser name in quotes, e.g. name = "ternary", got {_kind_of(expr)}'
+            self.error(expr.span, msg)
+            return False
+        if value not in plan.QUANTISERS:
+            msg = f"unknown quantiser '{value}'"
+            self.error(expr.span, msg, _hint(value, plan.QUANTISERS, "the quantisers are"))
+            return False
+        return True
+
+    def width(self, key: str, tensor: str, expr: ast.Expr) -> bool:
+        value = literal(expr)
+        widths = (plan.TERNARY_WIDTH, plan.FLOAT_WIDTH)
+        if value is None or (is_int(value) and value in widths):
+            return True
+        if is_int(value):
+            msg = f"{key} must be {widths[0]} (ternary) or {widths[1]} (leave {tensor} in float), got {value}"
+        else:
+            msg = f"{key} takes an integer ({widths[0]} or {widths[1]}), got {_kind_of(expr)}"
+        self.error(expr.span, msg)
+        return False
+
+    def count(self, key: str, expr: ast.Expr) -> bool:
+        value = literal(expr)
+        if value is None or (is_int(value) and value >= 0):
+            return True
+        self.error(expr.span, f"{key} takes a non-negative integer, got {_kind_of(expr)}")
+        return False
+
+    def boolean(self, key: str, expr: ast.Expr) -> bool:
+        if isinstance(literal(expr), bool):
+            return True
+        if isinstance(expr, ast.Name) and expr.name not in VALUE_NAMES:
+            return self.unknown_name(expr, ("true", "false"))
+        self.error(expr.span, f"{key} takes true or false, got {_kind_of(expr)}")
+        return False
+
+    def unknown_name(self, expr: ast.Name, known: Iterable[str], hint: str = "") -> bool:
+        known = list(known)
+        hint = did_you_mean(expr.name, known) or hint or f"expected {one_of(known)}"
+        self.error(expr.span, f"unknown name '{expr.name}'", hint)
+        return False
+
+    def number(self, expr: ast.Expr, ctx: _RefContext) -> bool:
+        """Check a numeric expression (not `na` on its own); `True` when valid."""
+        if isinstance(expr, ast.Number):
+            if not _in_range(expr.value):
+                self.error(expr.span, "number out of range")
+                return False
+            return True
+        if isinstance(expr, ast.Name):
+            if expr.name == "na":
+                self.error(expr.span, "na (unset) cannot be part of an expression", f"write {ctx.key} = na")
+                return False
+            if expr.name in VALUE_NAMES:
+                self.error(expr.span, f"{ctx.key} takes a number, got a bool")
+                return False
+            hint = "a value is a number, an expression, stat.STAT.FIELD or na"
+            return self.unknown_name(expr, ("na", "stat", *FUNCTIONS), hint)
+        if isinstance(expr, ast.String):
+            self.error(expr.span, f"{ctx.key} takes a number, got a string")
+            return False
+        if isinstance(expr, ast.Neg):
+            return self.number(expr.operand, ctx)
+        if isinstance(expr, ast.BinOp):
+            ok = self.number(expr.left, ctx) & self.number(expr.right, ctx)
+            if ok and expr.op == "/" and literal(expr.right) == 0:
+                self.error(expr.right.span, "division by zero")
+                return False
+            return ok
+        if isinstance(expr, ast.Call):
+            return self.call(expr, ctx)
+        if isinstance(expr, ast.StatRef):
+            return self.stat_ref(expr, ctx)
+        self.error(expr.span, f"{ctx.key} takes a number, got {_kind_of(expr)}")
+        return False
+
+    def call(self, expr: ast.Call, ctx: _RefContext) -> bool:
+        fn = expr.fn.name
+        if fn not in FUNCTIONS:
+            self.error(expr.fn.span, f"unknown function '{fn}'", _hint(fn, FUNCTIONS, "the functions are"))
+            return False
+        low, high = FUNCTIONS[fn]
+        if len(expr.args) < low or (high is not None and len(expr.args) > high):
+            want = f"{low} argument" if low == high else f"at least {low} argument"
+            self.error(expr.span, f"{fn}() takes {want}, got {len(expr.args)}")
+            return False
+        return all([self.number(a, ctx) for a in expr.args])
+
+    # --- statistics --------------------------------------------------------------------------------------
+    def statistic(self, name: ast.Ident) -> bool:
+        if name.name in plan.STATISTICS:
+            return True
+        if name.name in plan.DERIVED_STATISTICS:
+            msg = f"'{name.name}' is added by the compiler where it is needed and cannot be named"
+            self.error(name.span, msg, "set data_in_scaling_factor = true to have it collected")
+            return False
+        hint = _hint(name.name, plan.STATISTICS, "the statistics are")
+        self.error(name.span, f"unknown statistic '{name.name}'", hint)
+        return False
+
+    def options(self, stat: str, options: Iterable[ast.Option]) -> dict[str, Any] | None:
+        """Check a statistic's options; their plan values, or `None` when any is invalid."""
+        own = plan.STATISTICS[stat].option_defaults()
+        known = [*plan.COMMON_STAT_OPTIONS, *own]
+        ok = True
+        seen: set[str] = set()
+        for opt in options:
+            name = opt.name.name
+            if name in seen:
+                self.error(opt.name.span, f"option '{name}' is given twice")
+                ok = False
+                continue
+            seen.add(name)
+            if name not in known:
+                elsewhere = [s for s, k in plan.STATISTICS.items() if name in k.option_defaults()]
+                if elsewhere:
+                    msg = f"{stat} takes no option '{name}' (only {one_of(elsewhere)} does)"
+                    self.error(opt.name.span, msg, f"its options are {and_list(known)}")
+                else:
+                    hint = _hint(name, known, "the options are")
+                    self.error(opt.name.span, f"unknown option '{name}'", hint)
+                ok = False
+                continue
+            ok &= self.option(name, opt.value)
+        return written_options(options) if ok else None
+
+    def option(self, name: str, expr: ast.Expr) -> bool:
+        value = literal(expr)
+        if name == "dims":
+            if isinstance(expr, ast.Name) and expr.name in ("all", "none"):
+                return True
+            if isinstance(expr, ast.List):
+                items = [literal(i) for i in expr.items]
+                if not items:
+                    self.error(expr.span, "dims = [] reduces no dimension", "write dims = none for that")
+                    return False
+                for item, value in zip(expr.items, items):
+                    if not is_int(value):
+                        self.error(item.span, f"dims lists dimensions as integers, got {_kind_of(item)}")
+                        return False
+                if len(set(items)) != len(items):
+                    self.error(expr.span, "dims lists a dimension twice")
+                    return False
+                return True
+            if isinstance(expr, ast.Name) and expr.name not in VALUE_NAMES:
+                return self.unknown_name(expr, ("all", "none"))
+            msg = f"dims takes all, none or a list of dimensions such as [0, 1], got {_kind_of(expr)}"
+            self.error(expr.span, msg)
+            return False
+        if name == "abs":
+            if isinstance(value, bool):
+                return True
+            if isinstance(expr, ast.Name) and expr.name not in VALUE_NAMES:
+                return self.unknown_name(expr, ("true", "false"))
+            self.error(expr.span, f"abs takes true or false, got {_kind_of(expr)}")
+            return False
+        if not is_number(value):
+            self.error(expr.span, f"{name} takes a number, got {_kind_of(expr)}")
+            return False
+        if name == "quantile" and not 0 <= value <= 1:
+            self.error(expr.span, f"quantile must be between 0 and 1, got {value}")
+            return False
+        if name == "num_sigma" and not (value > 0 and math.isfinite(value)):
+            self.error(expr.span, f"num_sigma must be a positive number, got {value}")
+            return False
+        return True
+
+    def stat_ref(self, ref: ast.StatRef, ctx: _RefContext) -> bool:
+        ok = True
+        tensor = ctx.tensor
+        if ref.tensor is not None:
+            found = self.tensor(ref.tensor, ctx.sel, ctx.written)
+            ok = found is not None
+            tensor = found or tensor
+        if not self.statistic(ref.stat):
+            return False
+        stat = ref.stat.name
+        written = self.options(stat, ref.options or ())
+        ok &= written is not None
+        fields = plan.STATISTICS[stat].fields
+        if ref.field.name not in fields:
+            msg = f"{stat} has no field '{ref.field.name}'"
+            hint = did_you_mean(ref.field.name, fields) or f"its fields are {and_list(fields)}"
+            self.error(ref.field.span, msg, hint)
+            ok = False
+        if ok:
+            assert written is not None
+            self.refs.append(_Ref(ref, ctx.sel, tensor, written))
+        return ok
+
+    def resolve_refs(self) -> None:
+        """A reference must not fit several statistics collected on its tensor with different options."""
+        for ref in self.refs:
+            found = candidates(self.profiled, ref.sel, ref.tensor, ref.node.stat.name, ref.written)
+            if len(found) < 2:
+                continue
+            self.error(ref.node.span, _ambiguous(ref, found))
+
+    # --- shadowed rules ----------------------------------------------------------------------------------
+    def shadowed(self) -> None:
+        """Warn about a setting that a later one in the same file, same selector and key, replaces."""
+        last: dict[tuple[Any, ...], _Set] = {}
+        for s in reversed(self.sets):
+            later = last.get(s.key)
+            if later is not None and later.span.file == s.span.file:
+                msg = f"{s.text} is set again at line {later.span.line}, so this never takes effect"
+                self.diagnostics.append(Diagnostic(s.span, msg, severity="warning"))
+            last[s.key] = s
+
+
+@frozen
+class _RefContext:
+    """What a statistic reference inside the value of parameter `key` refers to."""
+
+    key: str
+    tensor: str  # canonical tensor of the parameter's prefix
+    sel: plan.Selector | None
+    written: ast.Selector
+
+
+def _in_range(value: int | float) -> bool:
+    """Whether a number converts to a finite float (`1e999` and 400-digit integers do not)."""
+    return abs(value) <= 1e300 if isinstance(value, int) else math.isfinite(value)
+
+
+def _sel_text(sel: ast.Selector) -> str:
+    return f'"{sel.text}"' if sel.quoted else sel.text
+
+
+def _ambiguous(ref: _Ref, found: list[plan.StatSpec]) -> str:
+    """"ambiguous: range_quantile is collected with quantile=0.5 and quantile=0.99 on weight; say which,
+    e.g. stat.range_quantile(quantile = 0.99).max"."""
+    stat = ref.node.stat.name
+    described = [_differences(spec, found) for spec in found]
+    example_opts = dict(described[-1])
+    for opt in ref.node.options or ():
+        example_opts.setdefault(opt.name.name, _option_text(ref.written[opt.name.name]))
+    head = f"stat({ref.node.tensor.name})" if ref.node.tensor is not None else "stat"
+    opts = ", ".join(f"{k} = {v}" for k, v in example_opts.items())
+    example = f"{head}.{stat}({opts}).{ref.node.field.name}"
+    listed = and_list([", ".join(f"{k}={v}" for k, v in d) for d in described])
+    return (f"ambiguous: {stat} is collected with {listed} on {tensor_word(ref.tensor)}; "
+            f"say which, e.g. {example}")
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def _differences(spec: plan.StatSpec, among: list[plan.StatSpec]) -> list[tuple[str, str]]:
+    """The options of `spec` whose values differ among `among`, as (name, text)."""
+    def values(s: plan.StatSpec) -> dict[str, Any]:
+        return {"dims": s.dims, "abs": s.abs, **dict(s.options)}
+
+    mine = values(spec)
+    return [(k, _option_text(v)) for k, v in mine.items() if any(values(o)[k] != v for o in among)]

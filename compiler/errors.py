@@ -1,0 +1,124 @@
+"""Diagnostics and the compiler's one exception.
+
+Passes append `Diagnostic(span, message, hint, severity)`s; the driver raises one `CompileError` holding
+every error. `render()` prints them like mypy, with the source line and a caret under the span:
+
+    configs/bad.tq:4:26: error: unknown statistic 'range_minmax'; did you mean 'range_min_max'?
+        4 | linear.weight_max = stat.range_minmax.max
+          |                          ^^^^^^^^^^^^
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable, Sequence
+
+import attrs
+from attrs import field, frozen
+
+from ternqc.compiler.ast import Span
+
+#: How many diagnostics `CompileError.render` shows before "… and N more".
+RENDER_LIMIT = 20
+
+
+@frozen
+class Diagnostic:
+    """One finding at `span`: `message`, an optional `hint` (e.g. "did you mean 'x'?"), a severity.
+
+    `source_line` is the text of the span's first line, attached by the driver so that a diagnostic
+    renders on its own.
+    """
+
+    span: Span
+    message: str
+    hint: str = ""
+    severity: str = field(default="error", validator=attrs.validators.in_(("error", "warning")))
+    source_line: str = field(default="", eq=False, repr=False)
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+    def render(self) -> str:
+        """`path:line:col: severity: message; hint`, then the source line with a caret under the span."""
+        head = f"{self.span}: {self.severity}: {self.message}"
+        if self.hint:
+            head += f"; {self.hint}"
+        if self.span.line == 0:
+            return head
+        text = self.source_line.rstrip("\n")
+        gutter = str(self.span.line)
+        start = max(self.span.col - 1, 0)
+        if self.span.end_line == self.span.line and self.span.end_col > self.span.col:
+            width = self.span.end_col - self.span.col
+        else:  # a span over several lines (or an empty one): underline to the end of the first line
+            width = max(len(text.rstrip()) - start, 1)
+        pad = "".join("\t" if c == "\t" else " " for c in text[:start])
+        return "\n".join(
+            [
+                head,
+                f"    {gutter} | {text}",
+                f"    {' ' * len(gutter)} | {pad}{'^' * width}",
+            ]
+        )
+
+
+def with_sources(diagnostics: Iterable[Diagnostic], sources: dict[str, str]) -> list[Diagnostic]:
+    """Attach each diagnostic's source line from `sources` ({path: text}) and sort them by place.
+
+    Files sort in the order of `sources` (root first); within a file by line and column.
+    """
+    order = {path: i for i, path in enumerate(sources)}
+    out = []
+    for d in diagnostics:
+        text = sources.get(d.span.file)
+        if text is not None and d.span.line > 0:
+            lines = text.splitlines()
+            if d.span.line <= len(lines):
+                d = attrs.evolve(d, source_line=lines[d.span.line - 1])
+        out.append(d)
+    out.sort(key=lambda d: (order.get(d.span.file, len(order)), d.span.line, d.span.col))
+    return out
+
+
+class CompileError(Exception):
+    """A rules file that does not compile, with every error found (`diagnostics`, in file order)."""
+
+    def __init__(self, diagnostics: Sequence[Diagnostic]) -> None:
+        self.diagnostics: tuple[Diagnostic, ...] = tuple(diagnostics)
+        super().__init__(self.render())
+
+    def render(self, limit: int = RENDER_LIMIT) -> str:
+        """Every diagnostic rendered with its caret, at most `limit` of them, then "… and N more"."""
+        shown = [d.render() for d in self.diagnostics[:limit]]
+        rest = len(self.diagnostics) - limit
+        if rest > 0:
+            shown.append(f"… and {rest} more {'error' if rest == 1 else 'errors'}")
+        return "\n".join(shown)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """A hint "did you mean 'x'?" when a known name is close to `word`, else ""."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+def one_of(known: Iterable[str]) -> str:
+    """`a, b or c` for messages that list the choices."""
+    return _join(known, "or")
+
+
+def and_list(items: Iterable[str]) -> str:
+    """`a, b and c`."""
+    return _join(items, "and")
+
+
+def _join(items: Iterable[str], word: str) -> str:
+    items = [str(i) for i in items]
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + f" {word} " + items[-1]

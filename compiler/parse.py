@@ -1,0 +1,305 @@
+"""Parse: rules text → a tuple of `ast` statements (one file; includes are `program.py`'s job).
+
+The grammar (`ternqc/grammar/ternqc.lark`) is loaded once, LALR with positions kept. A Transformer reshapes
+lark's tree into `ast` nodes with spans and judges nothing. lark's `Tree`, `Token` and `Meta` never leave
+this module, and its `UnexpectedInput` is turned here into a `Diagnostic` in the user's words
+("expected '=' or '.'", never a terminal name like `RPAR`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from lark import Lark, Token, Transformer, UnexpectedInput, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
+
+import ternqc.grammar
+from ternqc.compiler import ast
+from ternqc.compiler.errors import CompileError, Diagnostic, one_of, with_sources
+
+
+@functools.lru_cache(maxsize=None)
+def _parser() -> Lark:
+    """The LALR parser, built once per process."""
+    return Lark.open(
+        "ternqc.lark",
+        rel_to=ternqc.grammar.__file__,
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+def parse(text: str, filename: str = "<string>") -> tuple[ast.Statement, ...]:
+    """Parse one rules file.
+
+    Args:
+        text: the file's contents.
+        filename: the path shown in spans and diagnostics.
+
+    Returns:
+        The statements in the order written, `include`s included (not yet followed).
+
+    Raises:
+        CompileError: with one diagnostic, at the first syntax error.
+    """
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as exc:
+        raise CompileError(with_sources([_syntax_error(exc, text, filename)], {filename: text})) from None
+    try:
+        return _ToAst(filename).transform(tree)
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, RecursionError):
+            raise CompileError([too_deep(filename)]) from None
+        raise
+    except RecursionError:
+        raise CompileError([too_deep(filename)]) from None
+
+
+def too_deep(filename: str) -> Diagnostic:
+    """The diagnostic for input nested beyond what the compiler's recursion allows."""
+    return Diagnostic(ast.Span.whole_file(filename), "an expression is nested too deeply to compile")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lark tree -> ast
+# ---------------------------------------------------------------------------------------------------------
+
+
+_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+
+
+def _unescape(quoted: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), quoted[1:-1])
+
+
+def _number(text: str) -> int | float:
+    if any(c in text for c in ".eE"):
+        return float(text)  # float("1e999") is inf; check.py reports it
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts: out of range anyway
+        return float("inf")
+
+
+@v_args(inline=True, meta=True)
+class _ToAst(Transformer):
+    """Reshape lark's tree into `ast` nodes. One method per grammar rule or alias; no judging here."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__()
+        self.filename = filename
+
+    def __default__(self, data: Any, children: Any, meta: Any) -> Any:
+        raise NotImplementedError(f"no handler for grammar rule {data!r}")
+
+    # --- spans and leaves --------------------------------------------------------------------------------
+    def _span(self, meta: Any) -> ast.Span:
+        return ast.Span(self.filename, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok_span(self, tok: Token) -> ast.Span:
+        return ast.Span(self.filename, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    def _ident(self, tok: Token) -> ast.Ident:
+        return ast.Ident(str(tok), span=self._tok_span(tok))
+
+    # --- program and statements -------------------------------------------------------------------------
+    @v_args(inline=False, meta=True)
+    def start(self, meta: Any, statements: list) -> tuple[ast.Statement, ...]:
+        return tuple(statements)
+
+    def include(self, meta: Any, path: Token) -> ast.Include:
+        return ast.Include(ast.String(_unescape(str(path)), span=self._tok_span(path)), span=self._span(meta))
+
+    @v_args(inline=False, meta=True)
+    def calibrate(self, meta: Any, entries: list) -> ast.Calibrate:
+        return ast.Calibrate(tuple(entries), span=self._span(meta))
+
+    @v_args(inline=False, meta=True)
+    def profile(self, meta: Any, children: list) -> ast.Profile:
+        targets = tuple(c for c in children if isinstance(c, ast.Target))
+        stats = tuple(c for c in children if isinstance(c, ast.StatCall))
+        return ast.Profile(targets, stats, span=self._span(meta))
+
+    def block(self, meta: Any, selector: ast.Selector, *entries: ast.Entry) -> ast.Block:
+        return ast.Block(selector, tuple(entries), span=self._span(meta))
+
+    def binding(self, meta: Any, selector: ast.Selector, key: Token, value: ast.Expr) -> ast.Binding:
+        return ast.Binding(selector, self._ident(key), value, span=self._span(meta))
+
+    # --- parts of statements ----------------------------------------------------------------------------
+    def entry(self, meta: Any, key: Token, value: ast.Expr) -> ast.Entry:
+        return ast.Entry(self._ident(key), value, span=self._span(meta))
+
+    def target(self, meta: Any, selector: ast.Selector, tensor: Token) -> ast.Target:
+        return ast.Target(selector, self._ident(tensor), span=self._span(meta))
+
+    def stat_call(self, meta: Any, name: Token, options: tuple[ast.Option, ...] | None) -> ast.StatCall:
+        return ast.StatCall(self._ident(name), options or (), span=self._span(meta))
+
+    def type_selector(self, meta: Any, name: Token) -> ast.Selector:
+        return ast.Selector(str(name), quoted=False, span=self._tok_span(name))
+
+    def name_selector(self, meta: Any, string: Token) -> ast.Selector:
+        return ast.Selector(_unescape(str(string)), quoted=True, span=self._tok_span(string))
+
+    @v_args(inline=False, meta=True)
+    def options(self, meta: Any, children: list) -> tuple[ast.Option, ...]:
+        return tuple(c for c in children if c is not None)
+
+    def option(self, meta: Any, name: Token, value: ast.Expr) -> ast.Option:
+        return ast.Option(self._ident(name), value, span=self._span(meta))
+
+    @v_args(inline=False, meta=True)
+    def list(self, meta: Any, items: list) -> ast.List:
+        return ast.List(tuple(i for i in items if i is not None), span=self._span(meta))
+
+    # --- expressions ------------------------------------------------------------------------------------
+    def number(self, meta: Any, tok: Token) -> ast.Number:
+        return ast.Number(_number(str(tok)), span=self._tok_span(tok))
+
+    def string(self, meta: Any, tok: Token) -> ast.String:
+        return ast.String(_unescape(str(tok)), span=self._tok_span(tok))
+
+    def name(self, meta: Any, tok: Token) -> ast.Name:
+        return ast.Name(str(tok), span=self._tok_span(tok))
+
+    def call(self, meta: Any, fn: Token, *args: ast.Expr | None) -> ast.Call:
+        return ast.Call(self._ident(fn), tuple(a for a in args if a is not None), span=self._span(meta))
+
+    def neg(self, meta: Any, operand: ast.Expr) -> ast.Neg:
+        return ast.Neg(operand, span=self._span(meta))
+
+    def _binop(self, op: str, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return ast.BinOp(op, left, right, span=self._span(meta))
+
+    def add(self, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return self._binop("+", meta, left, right)
+
+    def sub(self, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return self._binop("-", meta, left, right)
+
+    def mul(self, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return self._binop("*", meta, left, right)
+
+    def div(self, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return self._binop("/", meta, left, right)
+
+    def stat_ref(
+        self,
+        meta: Any,
+        tensor: Token | None,
+        stat: Token,
+        options: tuple[ast.Option, ...] | None,
+        field: Token,
+    ) -> ast.StatRef:
+        return ast.StatRef(
+            self._ident(tensor) if tensor is not None else None,
+            self._ident(stat),
+            options,
+            self._ident(field),
+            span=self._span(meta),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Syntax errors in the user's words
+# ---------------------------------------------------------------------------------------------------------
+
+#: How the grammar's named terminals read in a message.
+_TERMINAL_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": 'a string in double quotes',
+    "$END": "the end of the file",
+}
+#: Terminals that can start a value; when all are expected, say "a value".
+_VALUE_START = {"NAME", "NUMBER", "STRING", "STAT", "LPAR", "MINUS"}
+#: Terminals that can start a statement (besides NAME and STRING, which start a selector).
+_STATEMENT_KEYWORDS = {"INCLUDE", "CALIBRATE", "PROFILE"}
+
+
+def _terminal_words(name: str) -> str:
+    if name in _TERMINAL_WORDS:
+        return _TERMINAL_WORDS[name]
+    try:
+        pattern = _parser().get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    if pattern.type == "str":
+        return f"'{pattern.value}'"
+    return name.lower()  # a regex terminal without a word: not in this grammar today
+
+
+def describe_expected(names: set[str]) -> str:
+    """"expected …" for a set of terminal names, in the user's words."""
+    names = set(names)
+    words = []
+    if _STATEMENT_KEYWORDS <= names:
+        names -= _STATEMENT_KEYWORDS | {"NAME", "STRING"}
+        words.append("a statement (a rule, a block, profile, calibrate or include)")
+    if _VALUE_START <= names:
+        names -= _VALUE_START
+        words.append("a value (a number, a string, a name, stat.… or '(')")
+    words += sorted((_terminal_words(n) for n in names), key=lambda w: (w.startswith("the end"), w))
+    return "expected " + one_of(words) if words else ""
+
+
+def _describe_token(tok: Token) -> str:
+    if tok.type == "NAME":
+        return f"name '{tok}'"
+    if tok.type == "NUMBER":
+        return f"number {tok}"
+    if tok.type == "STRING":
+        return f"string {tok}"
+    return f"'{tok}'"
+
+
+def _syntax_error(exc: UnexpectedInput, text: str, filename: str) -> Diagnostic:
+    if isinstance(exc, UnexpectedCharacters):
+        return _unexpected_character(exc, text, filename)
+    if isinstance(exc, UnexpectedToken) and exc.token.type != "$END":
+        tok = exc.token
+        span = ast.Span(filename, tok.line, tok.column, tok.end_line, tok.end_column)
+        expected = exc.accepts or exc.expected
+        message = f"unexpected {_describe_token(tok)}"
+        if tok.type == "NAME" and {"DOT", "LBRACE"} <= set(expected) and len(expected) == 2:
+            message += " after a selector"
+        return Diagnostic(span, message, describe_expected(set(expected)))
+    # the end of the file: point just after the last token
+    expected: set[str] = set()
+    line, col = 1, 1
+    if isinstance(exc, UnexpectedToken):
+        expected = set(exc.accepts or exc.expected)
+        tok = exc.token
+        if getattr(tok, "end_line", None) is not None:
+            line, col = tok.end_line, tok.end_column
+    elif isinstance(exc, UnexpectedEOF):
+        expected = set(exc.expected)
+        line, col = _end_of(text)
+    expected.discard("$END")
+    span = ast.Span(filename, line, col, line, col + 1)
+    return Diagnostic(span, "unexpected end of file", describe_expected(expected))
+
+
+def _end_of(text: str) -> tuple[int, int]:
+    stripped = text.rstrip()
+    lines = stripped.split("\n")
+    return len(lines), len(lines[-1]) + 1
+
+
+def _unexpected_character(exc: UnexpectedCharacters, text: str, filename: str) -> Diagnostic:
+    char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else ""
+    span = ast.Span(filename, exc.line, exc.column, exc.line, exc.column + 1)
+    if char == '"':
+        rest = text[exc.pos_in_stream :].split("\n", 1)[0]
+        span = ast.Span(filename, exc.line, exc.column, exc.line, exc.column + len(rest))
+        return Diagnostic(span, "unterminated string", 'a string ends with " on the same line')
+    if char == "'":
+        hint = 'strings use double quotes, e.g. "seq_blocks.0"'
+        return Diagnostic(span, "unexpected character \"'\"", hint)
+    shown = repr(char) if char.isprintable() and char != "" else f"U+{ord(char):04X}" if char else "?"
+    return Diagnostic(span, f"unexpected character {shown}", "")

@@ -1,0 +1,118 @@
+"""Atomic file writes: a file is either fully written or left as it was.
+
+Every output of ternqc (statistics, quantize configs, checkpoints, reports) goes through here. The content is
+written to a temporary file in the target's own directory (so the final `os.replace` is a rename within one
+file system, which is atomic on POSIX and Windows), flushed and fsynced, then renamed over the target. When
+anything fails before the rename, the temporary file is removed: no half-written file is ever left behind,
+and an existing target keeps its old content.
+
+- `atomic_write_text(path, text)` / `atomic_write_bytes(path, data)`: write a whole file.
+- `atomic_path(path)`: a context manager yielding a temporary path for writers that want a path
+  (`torch.save(obj, tmp)`); on normal exit it replaces `path`, on an exception it removes the temporary file
+  and re-raises.
+
+Parent folders are created. Operating-system failures of the write itself (permission denied, a folder in
+the way, disk full) raise `UserError` naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator, Union
+
+from ternqc.runtime.errors import UserError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _prepare(path: PathLike) -> Path:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot write {target}: cannot create its folder {target.parent} ({exc.strerror or exc})"
+        raise UserError(msg) from exc
+    if target.is_dir():
+        msg = f"cannot write {target}: it is a folder"
+        raise UserError(msg)
+    return target
+
+
+def _fsync_file(path: Path) -> None:
+    # Data reaches the disk before the rename makes it visible (a crash then leaves old or new, never half).
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it over `path`, on failure remove it.
+
+    Args:
+        path: the file to write.
+
+    Yields:
+        A path in the same folder that the caller writes (it does not exist yet).
+
+    Raises:
+        UserError: the folder cannot be created, the target is a folder, or the rename fails.
+        Whatever the body raises, after the temporary file is removed.
+    """
+    target = _prepare(path)
+    tmp = _temp_path(target)
+    try:
+        yield tmp
+        if not tmp.exists():
+            msg = f"atomic_path({target}): the body wrote nothing to {tmp}"
+            raise RuntimeError(msg)  # a bug in the caller, not the user's doing
+        try:
+            _fsync_file(tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            msg = f"cannot write {target}: {exc.strerror or exc}"
+            raise UserError(msg) from exc
+    finally:
+        if tmp.exists():
+            _remove_quietly(tmp)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see the module docstring).
+
+    Raises:
+        UserError: the file cannot be written (the message names it); `path` is then unchanged.
+    """
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            msg = f"cannot write {path}: {exc.strerror or exc}"
+            raise UserError(msg) from exc
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` atomically, encoded with `encoding` (default UTF-8).
+
+    Raises:
+        UserError: the file cannot be written (the message names it); `path` is then unchanged.
+    """
+    atomic_write_bytes(path, text.encode(encoding))

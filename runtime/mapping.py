@@ -1,0 +1,438 @@
+"""Statistics to quantiser parameters: evaluate the plan's bindings for every quantisable module.
+
+In: a `Plan`, a `StatsTable` (calibrated, or read from a MASE statistics file) and optionally the model's
+modules as `(path, type)` pairs. Out: a `MappingResult` holding, per module, every parameter its op has
+(`resolve.applicable_params`: `name` and `<tensor>_<suffix>`) with its value, and for each parameter some
+rule sets, the winning binding and the ones it overrode (`resolve.resolve_bindings` states the precedence).
+
+Values: `None` for `na` or a parameter no rule sets; `str` for `name`; `int` for widths; `bool` for
+`scaling_factor`; `float` for the numeric parameters, or nested lists of floats when a statistic is
+per-channel / element-wise. Arithmetic is numpy float64 with numpy broadcasting: `+ - * /` and unary minus
+work element-wise, `abs(x)` element-wise, `min(a, b, ...)` / `max(a, b, ...)` element-wise across their
+arguments, and `min(x)` / `max(x)` with one argument reduce a vector to its smallest / largest element.
+
+Errors (all `UserError`, each naming the rule's `file:line:col`): a selector that matches no module of the
+model (with "did you mean" over module paths, node names and types), a name/glob rule for a tensor none of
+its modules has, a statistic the table lacks for the node, division by zero, a NaN/Inf result, a negative
+threshold or scale, a value of the wrong type, per-channel shapes that do not broadcast.
+
+`render_explain(result)` prints, per node, each set parameter, its value, the rule that set it (`file:line`)
+and the rules it overrode. This module imports numpy, not torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from attrs import field, frozen
+
+from ternqc.plan import (
+    PARAM_SUFFIXES,
+    QUANTISABLE,
+    QUANTISERS,
+    BinOp,
+    Binding,
+    Call,
+    Const,
+    Expr,
+    Plan,
+    Selector,
+    StatRef,
+    Unary,
+    all_params,
+    expr_stat_refs,
+    split_param,
+)
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.resolve import (
+    Module,
+    ResolvedParam,
+    applicable_params,
+    inapplicable_bindings,
+    resolve_bindings,
+    selector_matches,
+    unmatched_selectors,
+)
+from ternqc.runtime.stats_table import ModuleStats, StatsTable
+
+#: Parameters whose value must not be negative (the quantiser's Δ and α).
+NON_NEGATIVE_SUFFIXES = ("threshold", "scale")
+
+
+@frozen
+class MappedModule:
+    """The parameters of one quantisable module: `params[param]` for every parameter of its op, and
+    `explain[param]` (winner and overridden rules) for those some rule sets."""
+
+    path: str
+    node: str
+    op: str
+    params: dict[str, Any]
+    explain: dict[str, ResolvedParam]
+
+
+@frozen
+class MappingResult:
+    """Every quantisable module's parameters, by module path in model order.
+
+    `defaults` holds what rules with the `default` selector set to constants (MASE's
+    `[passes.quantize.default.config]`); a default that reads statistics has no single value and is `None`.
+    `rules` names the rules the plan came from (for messages and the explain header).
+    """
+
+    modules: dict[str, MappedModule]
+    defaults: dict[str, Any] = field(factory=dict)
+    rules: str = ""
+
+    def by_node(self) -> dict[str, MappedModule]:
+        """The same modules keyed by MASE/FX node name."""
+        return {m.node: m for m in self.modules.values()}
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """`{module path: {param: value}}`: what conversion needs."""
+        return {path: dict(m.params) for path, m in self.modules.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mapping
+# ---------------------------------------------------------------------------------------------------------
+
+
+def map_params(
+    plan: Plan,
+    table: StatsTable,
+    *,
+    rules: str,
+    modules: Sequence[Module] | None = None,
+    by_node_name: bool = False,
+    stats_source: str = "the collected statistics",
+) -> MappingResult:
+    """Evaluate the plan's bindings for every quantisable module.
+
+    Args:
+        plan: the compiled rules.
+        table: statistics by module path (`ModuleStats.lookup` finds a `StatRef`'s statistic).
+        rules: the rules file (or plan) the plan came from, for messages and the explain header.
+        modules: `(path, type)` of every module of the model; default: the table's modules and ops.
+        by_node_name: compare name/glob selectors in MASE node form (for a table read from a MASE file).
+        stats_source: how messages call the statistics (e.g. "the statistics file stats.toml").
+
+    Returns:
+        A `MappingResult` with one `MappedModule` per quantisable module.
+
+    Raises:
+        UserError: an unmatched selector, a statistic missing from the table, or a bad value (see the
+        module docstring); the message names the node, the parameter and the rule's location.
+    """
+    mods: list[Module] = list(modules) if modules is not None else [(p, ms.op) for p, ms in table.items()]
+    bindings = list(plan.bindings)
+    _check_params(bindings)
+    _check_selectors(bindings, mods, by_node_name=by_node_name)
+    resolved = resolve_bindings(bindings, mods, by_node_name=by_node_name)
+    ops = dict(mods)
+    out: dict[str, MappedModule] = {}
+    for path, winners in resolved.items():
+        op = ops[path]
+        stats = table.get(path)
+        node = stats.node if stats is not None else path.replace(".", "_")
+        params: dict[str, Any] = {}
+        for param in applicable_params(op):
+            rp = winners.get(param)
+            if rp is None:
+                params[param] = None
+                continue
+            ctx = _Context(node, op, param, rp.binding, stats, stats_source)
+            params[param] = ctx.finish(ctx.evaluate(rp.binding.value))
+        out[path] = MappedModule(path=path, node=node, op=op, params=params, explain=dict(winners))
+    return MappingResult(modules=out, defaults=_default_values(bindings, stats_source), rules=rules)
+
+
+def _check_params(bindings: Iterable[Binding]) -> None:
+    known = set(all_params())
+    for b in bindings:
+        if b.param not in known:
+            close = difflib.get_close_matches(b.param, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            msg = f"rule at {b.origin}: unknown parameter {b.param!r}{hint}"
+            raise UserError(msg)
+
+
+def _check_selectors(bindings: Sequence[Binding], modules: Sequence[Module], *, by_node_name: bool) -> None:
+    problems = [_unmatched_message(b.selector, b, modules, by_node_name) for b in
+                unmatched_selectors(bindings, modules, by_node_name=by_node_name)]
+    for b, hits in inapplicable_bindings(bindings, modules, by_node_name=by_node_name):
+        tensor = split_param(b.param)[0]  # type: ignore[index]
+        which = ", ".join(f"{p} ({op})" for p, op in hits[:5]) + (" ..." if len(hits) > 5 else "")
+        problems.append(
+            f"rule at {b.origin}: selector {b.selector} sets {b.param}, but none of the modules it matches "
+            f"has a {tensor} tensor: {which}"
+        )
+    if problems:
+        more = f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise UserError("; ".join(problems[:5]) + more)
+
+
+def _unmatched_message(selector: Selector, b: Binding, modules: Sequence[Module], by_node_name: bool) -> str:
+    head = f"rule at {b.origin}: selector {selector} matched no module of the model"
+    quantisable = [(p, op) for p, op in modules if op in QUANTISABLE]
+    if selector.kind == "default":
+        types = sorted({op for _, op in modules})
+        return f"{head}: no module can be quantised (quantisable types: {', '.join(QUANTISABLE)}; " \
+               f"the model has: {', '.join(types) or 'nothing'})"
+    if selector.kind == "type":
+        present = sorted({op for _, op in modules})
+        close = difflib.get_close_matches(selector.pattern, present, n=1)
+        if selector.pattern in present:  # a type the model has, but not a quantisable one
+            return f"{head} that can be quantised: {selector.pattern} is not a quantisable type " \
+                   f"(quantisable: {', '.join(QUANTISABLE)})"
+        if close:
+            return f"{head}; did you mean {_or(close)}?"
+        qtypes = sorted({op for _, op in quantisable})
+        return f"{head}; its quantisable types are {', '.join(qtypes) or 'none'}"
+    # name or glob
+    others = [(p, op) for p, op in modules
+              if op not in QUANTISABLE and selector_matches(selector, p, op, by_node_name=by_node_name)]
+    if others:
+        which = ", ".join(f"{p} ({op})" for p, op in others[:5])
+        return f"{head} that can be quantised: it matches only {which}; quantisable types are " \
+               f"{', '.join(QUANTISABLE)}"
+    names: list[str] = []
+    for p, _ in quantisable:
+        names.append(p)
+        node = p.replace(".", "_")
+        if node != p:
+            names.append(node)
+    close = difflib.get_close_matches(selector.pattern, names, n=1, cutoff=0.5)
+    if close:
+        return f"{head}; did you mean {_or(close)}?"
+    sample = ", ".join(json.dumps(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"{head}; its quantisable modules are {sample or 'none'}"
+
+
+def _or(names: Sequence[str]) -> str:
+    quoted = [json.dumps(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _default_values(bindings: Sequence[Binding], stats_source: str) -> dict[str, Any]:
+    """What `default` rules set to constant values, per parameter (later statements win)."""
+    winners: dict[str, Binding] = {}
+    for b in sorted((b for b in bindings if b.selector.kind == "default"), key=lambda b: b.order):
+        winners[b.param] = b
+    out: dict[str, Any] = {p: None for p in all_params()}
+    for param, b in winners.items():
+        if expr_stat_refs(b.value):
+            continue  # per module; no single default value
+        ctx = _Context("default", "default", param, b, None, stats_source)
+        out[param] = ctx.finish(ctx.evaluate(b.value))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation of one binding for one module
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Context:
+    """Evaluates one binding's expression for one node and checks the result against the parameter."""
+
+    def __init__(self, node: str, op: str, param: str, binding: Binding, stats: ModuleStats | None,
+                 stats_source: str) -> None:
+        self.node, self.op, self.param, self.binding = node, op, param, binding
+        self.stats, self.stats_source = stats, stats_source
+
+    def fail(self, problem: str) -> UserError:
+        where = f"node {self.node} ({self.op})" if self.op != "default" else "the default selector"
+        return UserError(f"{self.param} of {where}, set by the rule at {self.binding.origin}: {problem}")
+
+    # --- evaluation -------------------------------------------------------------------------------------
+
+    def evaluate(self, e: Expr) -> Any:
+        if isinstance(e, Const):
+            return e.value
+        if isinstance(e, StatRef):
+            return self._stat(e)
+        if isinstance(e, Unary):
+            return -self._number(self.evaluate(e.operand), "-")
+        if isinstance(e, BinOp):
+            return self._binop(e)
+        if isinstance(e, Call):
+            return self._call(e)
+        raise self.fail(f"not an expression: {e!r}")
+
+    def _stat(self, ref: StatRef) -> np.ndarray:
+        what = f"statistic {ref.stat.key()}.{ref.field} of {ref.tensor}"
+        result = self.stats.lookup(ref.tensor, ref.stat) if self.stats is not None else None
+        if result is None:
+            raise self.fail(f"it reads the {what}, but {self.stats_source} hold no such statistic for this "
+                            f"node ({self._held()})")
+        if ref.field not in result:
+            raise self.fail(f"it reads the {what}, but that result in {self.stats_source} has only the "
+                            f"fields "
+                            f"{', '.join(sorted(result)) or 'none'}")
+        value = result[ref.field]
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+            ok = not _has_non_numbers(value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise self.fail(f"the {what} in {self.stats_source} is not a number or an array of numbers: "
+                            f"{_short(value)}")
+        return arr
+
+    def _held(self) -> str:
+        if self.stats is None:
+            return "it has no statistics at all"
+        held = [f"{k.key() if hasattr(k, 'key') else k} of {t}" for t, res in self.stats.values.items()
+                for k in res]
+        return "it holds " + ", ".join(held) if held else "it has no statistics at all"
+
+    def _number(self, v: Any, where: str) -> np.ndarray:
+        if v is None:
+            raise self.fail(f"na (unset) cannot be used in arithmetic ({where})")
+        if isinstance(v, (bool, str)):
+            raise self.fail(f"{json.dumps(v)} is not a number and cannot be used in arithmetic ({where})")
+        return np.asarray(v, dtype=np.float64)
+
+    def _binop(self, e: BinOp) -> np.ndarray:
+        left = self._number(self.evaluate(e.left), e.op)
+        right = self._number(self.evaluate(e.right), e.op)
+        if e.op == "/" and np.any(right == 0):
+            raise self.fail("division by zero")
+        fn = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide}[e.op]
+        return self._broadcast(fn, left, right, e.op)
+
+    def _broadcast(self, fn: Any, left: np.ndarray, right: np.ndarray, where: str) -> np.ndarray:
+        try:
+            with np.errstate(all="ignore"):  # NaN/Inf are caught on the result, with a clear message
+                return fn(left, right)
+        except ValueError as exc:
+            raise self.fail(f"per-channel shapes {left.shape} and {right.shape} do not broadcast "
+                            f"({where})") from exc
+
+    def _call(self, e: Call) -> np.ndarray:
+        args = [self._number(self.evaluate(a), f"{e.fn}()") for a in e.args]
+        if not args:
+            raise self.fail(f"{e.fn}() needs an argument")
+        if e.fn == "abs":
+            if len(args) != 1:
+                raise self.fail(f"abs() takes one argument, got {len(args)}")
+            return np.abs(args[0])
+        if len(args) == 1:
+            if args[0].size == 0:
+                raise self.fail(f"{e.fn}() of an empty statistic")
+            return np.asarray(np.min(args[0]) if e.fn == "min" else np.max(args[0]))
+        fn = np.minimum if e.fn == "min" else np.maximum
+        return functools.reduce(lambda a, b: self._broadcast(fn, a, b, f"{e.fn}()"), args)
+
+    # --- the parameter's type ---------------------------------------------------------------------------
+
+    def finish(self, v: Any) -> Any:
+        """`v` as the parameter's value type, or a `UserError` saying why it cannot be."""
+        if v is None:
+            return None
+        split = split_param(self.param)
+        kind = "name" if split is None else PARAM_SUFFIXES[split[1]]
+        if kind == "name":
+            if not isinstance(v, str) or v not in QUANTISERS:
+                raise self.fail(f"the quantiser must be one of {', '.join(map(json.dumps, QUANTISERS))}, "
+                                f"got {_short(v)}")
+            return v
+        if kind == "bool":
+            if not isinstance(v, (bool, np.bool_)):
+                raise self.fail(f"expected true or false, got {_short(v)}")
+            return bool(v)
+        if isinstance(v, (bool, str, np.bool_)):
+            raise self.fail(f"expected {'a whole number' if kind == 'int' else 'a number'}, got {_short(v)}")
+        arr = np.asarray(v, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise self.fail(f"the value is not finite: {_short(_plain(arr))}")
+        if kind == "int":
+            if arr.ndim != 0 or not float(arr).is_integer():
+                raise self.fail(f"expected a whole number, got {_short(_plain(arr))}")
+            n = int(arr)
+            low = 0 if split[1] == "frac_width" else 1  # type: ignore[index]
+            if n < low:
+                raise self.fail(f"must be at least {low}, got {n}")
+            return n
+        suffix = split[1]  # type: ignore[index]
+        if suffix in NON_NEGATIVE_SUFFIXES and np.any(arr < 0):
+            raise self.fail(f"a {suffix} must not be negative, got {_short(_plain(arr))}")
+        return _plain(arr)
+
+
+def _has_non_numbers(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_numbers(v) for v in value)
+    return isinstance(value, (bool, str)) or value is None
+
+
+def _plain(arr: np.ndarray) -> float | list:
+    """A python float for a scalar, nested lists of python floats otherwise."""
+    return float(arr) if arr.ndim == 0 else arr.tolist()
+
+
+def _short(v: Any, limit: int = 6) -> str:
+    """A value as the rules language would write it, long vectors abbreviated."""
+    if v is None:
+        return "na"
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)
+    if isinstance(v, list):
+        flat = np.asarray(v, dtype=np.float64).ravel().tolist() if not _has_non_numbers(v) else None
+        if flat is not None and len(flat) > limit:
+            head = ", ".join(_short(x) for x in flat[:3])
+            return f"[{head}, ...] ({len(flat)} values, min {_short(min(flat))}, max {_short(max(flat))})"
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Explain
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _where(b: Binding) -> str:
+    return f"{b.origin.file}:{b.origin.line}"
+
+
+def render_explain(result: MappingResult) -> str:
+    """Per node, every parameter some rule sets: its value, the winning rule (`file:line`) and the rules it
+    overrode (`overrides a.tq:12, b.tq:3`, best first). Parameters no rule sets are left out.
+
+    Returns:
+        The text, ending with a newline.
+    """
+    lines = [f"# parameters and the rules that set them{f' (rules: {result.rules})' if result.rules else ''}"]
+    for m in result.modules.values():
+        lines.append(f"{m.node} ({m.op})" if m.node == m.path else f"{m.node} ({m.op}, module {m.path})")
+        if not m.explain:
+            lines.append("  (no rule sets any parameter)")
+            continue
+        rows = []
+        for param in applicable_params(m.op):
+            rp = m.explain.get(param)
+            if rp is None:
+                continue
+            value = _short(m.params[param])
+            rule = f"{_where(rp.binding)} ({rp.binding.selector})"
+            over = f"  overrides {', '.join(_where(b) for b in rp.overridden)}" if rp.overridden else ""
+            rows.append((param, value, rule, over))
+        wp = max(len(r[0]) for r in rows)
+        wv = max(len(r[1]) for r in rows)
+        for param, value, rule, over in rows:
+            lines.append(f"  {param:<{wp}} = {value:<{wv}}  {rule}{over}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["MappedModule", "MappingResult", "map_params", "render_explain", "NON_NEGATIVE_SUFFIXES"]

@@ -1,0 +1,446 @@
+"""The ternary quantiser: its math, and its parameters resolved from a module's mapped values.
+
+In: per module, the op (`linear`, `relu`, `conv1d`, `conv2d`), its node name and the mapped quantiser
+parameters `{param_name: value}` (names from `ternqc.plan.all_params()`; a value is `None` for unset/`na`, a
+bool, an int, a str, a float, or nested lists of floats for per-channel values already shaped to broadcast
+against the tensor). Out: a `ModuleQuant` holding one `TensorQuant` per tensor of the op, and the functions
+that quantise tensors with it.
+
+For each tensor t (`data_in`, `weight`, `bias`) the module has:
+
+- t is quantised iff `t_width == 2` (`plan.TERNARY_WIDTH`); `32` (`plan.FLOAT_WIDTH`) or unset leaves it in
+  float; any other width is an error. `name` must be `"ternary"` when any tensor is quantised.
+- Threshold Δ, the first that applies:
+  `t_threshold` if set (every element >= 0); else `0.75·|t_mean|`, `0.75·|t_median|`, `0.05·|t_max|`, the
+  first that is set and non-zero; else an error naming the node, the tensor and the rules file.
+  A per-channel (vector) source counts as non-zero when *any* element is non-zero, and then the whole
+  vector is used: a channel whose element is 0 gets Δ = 0 (every non-zero value becomes ±1). Fall-through
+  is decided for the whole source, never element by element, so Δ always comes from one rule.
+- `T(x) = +1 if x > Δ, -1 if x < -Δ, 0 otherwise` (a value exactly at ±Δ becomes 0).
+- `q(x) = α·T(x)` if `t_scaling_factor`, else `T(x)`.
+- α = `t_scale` if set (every element >= 0), else derived: for weight and bias the mean of |w| over |w| > Δ
+  (0 if none; see `weight_alpha`), for data_in the mean of |x| over |x| > Δ over the calibration data,
+  which the runtime gathers and fills in before conversion (`ModuleQuant.with_alpha`).
+
+Δ and α are stored at the precision of the tensor they quantise (float32 for a float32 model), so the
+comparisons with ±Δ happen at that precision.
+
+Resolving parameters needs only numpy: torch is imported by the math functions when first called, so
+`ternqc map` can validate a config without paying for `import torch`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import TYPE_CHECKING, Any, Union
+
+import attrs
+import numpy as np
+from attrs import field, frozen
+
+from ternqc.plan import (
+    FLOAT_WIDTH,
+    PARAM_SUFFIXES,
+    QUANTISABLE,
+    QUANTISERS,
+    TERNARY_WIDTH,
+    all_params,
+    split_param,
+)
+from ternqc.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+#: A quantiser value as stored: a float, nested tuples of floats (per channel), or None.
+Value = Union[float, tuple, None]
+
+#: Δ sources after `t_threshold`, in order, with their factors.
+THRESHOLD_SOURCES: tuple[tuple[str, float], ...] = (("mean", 0.75), ("median", 0.75), ("max", 0.05))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _freeze(value: Any) -> Value:
+    """A float, or nested lists/tuples/arrays of numbers -> nested tuples of floats; None stays None."""
+    if value is None:
+        return None
+    if _is_tensor(value):
+        value = value.detach().cpu().tolist()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim == 0:
+            return float(arr)
+        return _to_tuples(arr.tolist())
+    return float(value)
+
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")  # not imported -> cannot be a tensor
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _to_tuples(v: Any) -> Any:
+    return tuple(_to_tuples(x) for x in v) if isinstance(v, list) else float(v)
+
+
+def _thaw(value: Value) -> Any:
+    """The inverse of `_freeze`, for JSON: nested tuples -> nested lists."""
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _repr_value(value: Value) -> str:
+    """A scalar as itself, a vector summarised (`[100 values, shape (100, 1), mean 0.0312]`)."""
+    if not isinstance(value, tuple):
+        return repr(value)
+    arr = np.asarray(value, dtype=np.float64)
+    return f"[{arr.size} values, shape {arr.shape}, mean {arr.mean():.4g}]"
+
+
+def _check_nonnegative_finite(inst: Any, att: attrs.Attribute, value: Value) -> None:
+    if value is None:
+        return
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        msg = f"{type(inst).__name__}.{att.name} must be finite, >= 0 and not empty, got {_thaw(value)!r}"
+        raise ValueError(msg)
+
+
+@frozen
+class TensorQuant:
+    """How one tensor of a module is quantised.
+
+    quantize: False leaves the tensor in float (then the other fields are unused: None / False).
+    delta: the threshold Δ, a float or nested tuples of floats shaped to broadcast against the tensor.
+    scaling: whether `q(x) = α·T(x)` (True) or `T(x)` (False).
+    alpha: the scale α when given (`t_scale`, or a data_in α the runtime calibrated); None to derive it from
+        the tensor itself (weight and bias) or when `scaling` is False.
+    """
+
+    quantize: bool = field(validator=attrs.validators.instance_of(bool))
+    delta: Value = field(
+        default=None, converter=_freeze, validator=_check_nonnegative_finite, repr=_repr_value
+    )
+    scaling: bool = field(default=False, validator=attrs.validators.instance_of(bool))
+    alpha: Value = field(
+        default=None, converter=_freeze, validator=_check_nonnegative_finite, repr=_repr_value
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.quantize and self.delta is None:
+            raise ValueError("a quantised tensor needs a threshold delta")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (nested lists for per-channel values)."""
+        return {
+            "quantize": self.quantize,
+            "delta": _thaw(self.delta),
+            "scaling": self.scaling,
+            "alpha": _thaw(self.alpha),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorQuant:
+        """Read `to_dict`'s output. Raises `ValueError` (or `KeyError`/`TypeError`) when malformed."""
+        return cls(quantize=d["quantize"], delta=d["delta"], scaling=d["scaling"], alpha=d["alpha"])
+
+    @classmethod
+    def float_(cls) -> TensorQuant:
+        """A tensor left in float."""
+        return cls(quantize=False)
+
+
+@frozen
+class ModuleQuant:
+    """The resolved quantiser of one module: its op, its node name, and a `TensorQuant` for each tensor the
+    op has (`plan.QUANTISABLE[op]`: `data_in`, and for linear/conv also `weight` and `bias`)."""
+
+    op: str = field(validator=attrs.validators.in_(tuple(QUANTISABLE)))
+    node: str
+    tensors: dict[str, TensorQuant] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        unknown = sorted(set(self.tensors) - set(QUANTISABLE[self.op]))
+        if unknown:
+            msg = f"{self.op} has no tensor(s) {unknown}; it has {list(QUANTISABLE[self.op])}"
+            raise ValueError(msg)
+
+    def tensor(self, name: str) -> TensorQuant:
+        """The `TensorQuant` of `name`; a tensor the config does not mention stays in float."""
+        return self.tensors.get(name) or TensorQuant.float_()
+
+    @property
+    def quantises_anything(self) -> bool:
+        """Whether any tensor is quantised (a module that quantises nothing is left as it is)."""
+        return any(t.quantize for t in self.tensors.values())
+
+    def with_alpha(self, tensor: str, alpha: Any) -> ModuleQuant:
+        """A copy with `tensor`'s α set (e.g. a data_in α the runtime calibrated)."""
+        new = attrs.evolve(self.tensor(tensor), alpha=alpha)
+        return attrs.evolve(self, tensors={**self.tensors, tensor: new})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values."""
+        tensors = {k: v.to_dict() for k, v in self.tensors.items()}
+        return {"op": self.op, "node": self.node, "tensors": tensors}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModuleQuant:
+        """Read `to_dict`'s output. Raises `ValueError` (or `KeyError`/`TypeError`) when malformed."""
+        return cls(
+            op=d["op"],
+            node=d["node"],
+            tensors={k: TensorQuant.from_dict(v) for k, v in d["tensors"].items()},
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameters -> ModuleQuant
+# ---------------------------------------------------------------------------------------------------------
+
+
+def module_quant_from_params(op: str, node: str, params: dict[str, Any], *, rules: str) -> ModuleQuant:
+    """Resolve one module's mapped quantiser parameters into a `ModuleQuant`.
+
+    Args:
+        op: the module's op, a key of `plan.QUANTISABLE`.
+        node: the module's node name, for messages.
+        params: `{param_name: value}`; a missing name or `None` (or the string `"NA"`, MASE's spelling) is
+            unset. Parameters of tensors the op does not have (e.g. `weight_width` on a ReLU) are ignored.
+        rules: the rules file the parameters came from, for messages.
+
+    Returns:
+        A `ModuleQuant` with a `TensorQuant` for every tensor of the op (see the module docstring for Δ, α).
+
+    Raises:
+        UserError: an unknown op or parameter name; a wrong type; NaN/Inf; a negative threshold or scale; a
+            width other than 2 or 32; `name` not `"ternary"` while a tensor is quantised; a quantised tensor
+            whose threshold cannot be resolved. The message names the node, the parameter and `rules`.
+    """
+    if op not in QUANTISABLE:
+        msg = f"{node}: op {op!r} cannot be quantised (rules: {rules}); quantisable ops: {list(QUANTISABLE)}"
+        raise UserError(msg)
+    known = set(all_params())
+    unknown = sorted(str(k) for k in params if k not in known)
+    if unknown:
+        msg = f"{node}: unknown quantiser parameter(s) {unknown} (rules: {rules})"
+        raise UserError(msg)
+
+    own = set(QUANTISABLE[op])
+    values = {
+        k: _check_value(node, k, v, rules)
+        for k, v in params.items()
+        if k == "name" or split_param(k)[0] in own  # other tensors' parameters are ignored
+    }
+    values = {k: v for k, v in values.items() if v is not None}
+
+    tensors: dict[str, TensorQuant] = {}
+    for t in QUANTISABLE[op]:
+        width = values.get(f"{t}_width")
+        if width is None or width == FLOAT_WIDTH:
+            tensors[t] = TensorQuant.float_()
+            continue
+        if width != TERNARY_WIDTH:
+            msg = (
+                f"{node}: {t}_width = {width} is not supported (rules: {rules}); use {TERNARY_WIDTH} for "
+                f"ternary or {FLOAT_WIDTH} (or na) to leave {t} in float"
+            )
+            raise UserError(msg)
+        delta = _resolve_threshold(node, t, values, rules)
+        scaling = bool(values.get(f"{t}_scaling_factor", False))
+        tensors[t] = TensorQuant(quantize=True, delta=delta, scaling=scaling, alpha=values.get(f"{t}_scale"))
+
+    if any(tq.quantize for tq in tensors.values()):
+        name = values.get("name")
+        if name not in QUANTISERS:
+            quantised = [t for t, tq in tensors.items() if tq.quantize]
+            msg = (
+                f"{node}: name = {name!r} but {', '.join(quantised)} has width {TERNARY_WIDTH} "
+                f"(rules: {rules}); set name = {QUANTISERS[0]!r} to quantise, or leave the widths unset to "
+                "stay in float"
+            )
+            raise UserError(msg)
+    return ModuleQuant(op=op, node=node, tensors=tensors)
+
+
+def _check_value(node: str, param: str, value: Any, rules: str) -> Any:
+    """Validate one parameter's type and range; returns the value in its plain form (None when unset)."""
+    if value is None or (isinstance(value, str) and value.upper() == "NA"):
+        return None
+    where = f"{node}: {param}"
+    if param == "name":
+        if not isinstance(value, str):
+            msg = f"{where} must be a quantiser name such as 'ternary', got {value!r} (rules: {rules})"
+            raise UserError(msg)
+        return value
+    kind = _param_kind(param)
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            msg = f"{where} must be true or false, got {value!r} (rules: {rules})"
+            raise UserError(msg)
+        return bool(value)
+    if kind == "int":
+        numeric = isinstance(value, (int, float, np.integer, np.floating))
+        ok = numeric and not isinstance(value, (bool, np.bool_))
+        if not ok or not math.isfinite(float(value)) or not float(value).is_integer():
+            msg = f"{where} must be an integer, got {value!r} (rules: {rules})"
+            raise UserError(msg)
+        return int(value)
+    # "number": a number or nested lists of numbers
+    arr = _as_number_array(value)
+    if arr is None:
+        msg = f"{where} must be a number or a list of numbers (per channel), got {value!r} (rules: {rules})"
+        raise UserError(msg)
+    if not np.all(np.isfinite(arr)):
+        msg = f"{where} is NaN or infinite ({_summary(arr)}) (rules: {rules})"
+        raise UserError(msg)
+    if param.endswith(("_threshold", "_scale")) and np.any(arr < 0):
+        msg = f"{where} must be >= 0, got {_summary(arr)} (rules: {rules})"
+        raise UserError(msg)
+    return float(arr) if arr.ndim == 0 else arr
+
+
+def _param_kind(param: str) -> str:
+    split = split_param(param)
+    assert split is not None  # names were checked against all_params()
+    return PARAM_SUFFIXES[split[1]]
+
+
+def _as_number_array(value: Any) -> np.ndarray | None:
+    """A float64 array of a number or a rectangular nested list of numbers (no bools, no strings), or None."""
+    if isinstance(value, (bool, np.bool_, str)):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return np.asarray(float(value))
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        return None
+    if not _only_numbers(value):
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):  # ragged
+        return None
+    return arr if arr.size > 0 else None
+
+
+def _only_numbers(v: Any) -> bool:
+    if isinstance(v, np.ndarray):
+        return v.dtype.kind in "iuf"
+    if isinstance(v, (list, tuple)):
+        return all(_only_numbers(x) for x in v)
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _resolve_threshold(node: str, t: str, values: dict[str, Any], rules: str) -> Any:
+    """Δ of tensor `t` by the threshold rule (module docstring); values are already validated."""
+    threshold = values.get(f"{t}_threshold")
+    if threshold is not None:
+        return threshold
+    for source, factor in THRESHOLD_SOURCES:
+        v = values.get(f"{t}_{source}")
+        if v is not None and np.any(np.asarray(v) != 0):
+            return factor * np.abs(v)
+    tried = ", ".join(f"{t}_{s}" for s, _ in THRESHOLD_SOURCES)
+    msg = (
+        f"{node}: cannot resolve the ternary threshold of {t} (rules: {rules}): {t}_threshold is unset and "
+        f"{tried} are all unset or zero. Set {t}_threshold, give one of them a non-zero value, or set "
+        f"{t}_width = {FLOAT_WIDTH} to leave {t} in float."
+    )
+    raise UserError(msg)
+
+
+def _summary(arr: np.ndarray) -> str:
+    """The value, or for a vector its size and first offending element."""
+    if arr.ndim == 0:
+        return repr(float(arr))
+    bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
+    first = tuple(int(i) for i in bad[0]) if len(bad) else None
+    at = f", e.g. {float(arr[first])!r} at index {list(first)}" if first is not None else ""
+    return f"{arr.size} values{at}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Math
+# ---------------------------------------------------------------------------------------------------------
+
+
+def as_tensor(value: Any, like: torch.Tensor) -> torch.Tensor:
+    """A float / nested list / tensor as a tensor with `like`'s dtype and device."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    plain = _thaw(value) if isinstance(value, tuple) else value
+    return torch.as_tensor(plain, dtype=like.dtype, device=like.device)
+
+
+def ternarize(x: torch.Tensor, delta: Any) -> torch.Tensor:
+    """T(x): +1 where x > Δ, -1 where x < -Δ, 0 otherwise (exactly at ±Δ: 0). Same dtype and shape as the
+    broadcast of x and Δ; Δ is a float, nested list or tensor."""
+    d = as_tensor(delta, x)
+    return (x > d).to(x.dtype) - (x < -d).to(x.dtype)
+
+
+def weight_alpha(w: torch.Tensor, delta: Any) -> torch.Tensor:
+    """α derived from a weight or bias: the mean of |w| over the elements with |w| > Δ (0 where none).
+
+    Per channel: α has Δ's shape, and each element of α is taken over the elements of `w` that the
+    corresponding element of Δ governs under broadcasting, i.e. `w` is reduced over every dimension where Δ
+    (right-aligned) has size 1 or is absent. A scalar Δ gives a scalar (0-dim) α; Δ of shape [out, 1] on a
+    [out, in] weight gives one α per output row, [out, 1, 1, 1] on a conv weight one per output channel.
+
+    Raises:
+        ValueError: Δ does not broadcast to `w`'s shape without enlarging it.
+    """
+    import torch
+
+    d = as_tensor(delta, w)
+    try:
+        fits = torch.broadcast_shapes(d.shape, w.shape) == w.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        msg = f"threshold of shape {tuple(d.shape)} does not fit a tensor of shape {tuple(w.shape)}"
+        raise ValueError(msg)
+    padded = (1,) * (w.dim() - d.dim()) + tuple(d.shape)
+    dims = [i for i, s in enumerate(padded) if s == 1]
+    a = w.detach().abs()
+    mask = (a > d).to(a.dtype)
+    if not dims:
+        return (a * mask).reshape(d.shape)  # one Δ per element: α is |w| where it exceeds Δ
+    total = (a * mask).sum(dim=dims, keepdim=True)
+    count = mask.sum(dim=dims, keepdim=True)
+    alpha = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    return alpha.reshape(d.shape)
+
+
+def quantize(x: torch.Tensor, delta: Any, alpha: Any, scaling: bool) -> torch.Tensor:
+    """q(x) = α·T(x) if `scaling`, else T(x).
+
+    Raises:
+        ValueError: `scaling` is True and `alpha` is None (derive it first, e.g. with `weight_alpha`).
+    """
+    t = ternarize(x, delta)
+    if not scaling:
+        return t
+    if alpha is None:
+        raise ValueError("quantize with scaling needs alpha")
+    return t * as_tensor(alpha, x)
+
+
+__all__ = [
+    "THRESHOLD_SOURCES",
+    "ModuleQuant",
+    "TensorQuant",
+    "as_tensor",
+    "module_quant_from_params",
+    "quantize",
+    "ternarize",
+    "weight_alpha",
+]
