@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy")
     p.add_argument("--dataset", default="toy-tiny")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="best.ckpt")
@@ -79,11 +79,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_runtime(args: argparse.Namespace) -> int:
-    from ternqc.runtime import commands
+    from ternqc import commands
+    from ternqc.compiler import CompileError
     from ternqc.runtime.errors import UserError
 
     try:
         return getattr(commands, args.command)(args)
+    except CompileError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_FAILURE
     except UserError as exc:
         print(f"ternqc: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

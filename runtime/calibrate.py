@@ -1,0 +1,165 @@
+"""Calibration: the batches to calibrate on, and the loop that runs them through the hooked model.
+
+In: a dataset of `(input, label)` pairs, a sample count, a batch size and a seed; then a model and the
+resolved profile points. Out: a list of `(inputs, labels)` batches (MASE's semantics: `ceil(samples /
+batch_size)` batches from a loader shuffled by a seeded generator, every sample of those batches used), and
+a `StatsTable`.
+
+When the model's forward raises on a batch, the failure becomes a `UserError` that names the innermost
+module running when it failed and the input's shape (`forward_naming_failures` does the same for any
+forward, e.g. evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.profile import ResolvedPoints, collect_stats
+from ternqc.runtime.progress import progress as progress_bar
+from ternqc.runtime.stats import QuantileBudget
+from ternqc.runtime.stats_table import StatsTable
+
+Batch = tuple[Any, Any]
+
+
+def calibration_batches(dataset, samples: int, batch_size: int, seed: int) -> list[Batch]:
+    """`ceil(samples / batch_size)` batches of `(inputs, labels)` from `dataset`, shuffled with a
+    `torch.Generator` seeded with `seed` (fewer when the dataset runs out). Every sample of those batches is
+    kept, so `samples=32, batch_size=128` gives one batch of 128, as MASE does.
+
+    Raises:
+        UserError: an empty dataset, a dataset that cannot be shuffled, items that are not pairs, or a
+            non-positive `samples` / `batch_size`.
+    """
+    if samples <= 0 or batch_size <= 0:
+        msg = f"calibration needs a positive number of samples and batch size, got {samples} and {batch_size}"
+        raise UserError(msg)
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        kind = type(dataset).__name__
+        msg = f"calibration needs a dataset with a length that can be shuffled, got a {kind}"
+        raise UserError(msg)
+    if len(dataset) == 0:
+        msg = f"the calibration dataset ({type(dataset).__name__}) is empty"
+        raise UserError(msg)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    wanted = math.ceil(samples / batch_size)
+    batches: list[Batch] = []
+    for batch in loader:
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            msg = (
+                f"the calibration dataset ({type(dataset).__name__}) must yield (input, label) pairs; "
+                "a batch "
+                f"of its items is a {type(batch).__name__}"
+                + (f" of {len(batch)} parts" if isinstance(batch, (list, tuple)) else "")
+            )
+            raise UserError(msg)
+        batches.append((batch[0], batch[1]))
+        if len(batches) == wanted:
+            break
+    return batches
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    resolved: ResolvedPoints,
+    *,
+    quantile_budget: QuantileBudget | None = None,
+    thresholds: Mapping[tuple[str, str], Any] | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> StatsTable:
+    """Run `batches` through `model` (in eval mode, without gradients) and collect `resolved`'s statistics.
+
+    Args:
+        model: any `nn.Module`; put in eval mode.
+        batches: `(inputs, labels)` pairs; `model(inputs)` is called for each.
+        resolved: what to collect where (`profile.resolve_profile`).
+        quantile_budget: shared by every quantile statistic (default 256 MiB).
+        thresholds: `(module_path, tensor) -> Δ` for `threshold_abs_mean` statistics.
+        progress: draw a progress bar on stderr.
+        desc: the progress bar's label.
+
+    Raises:
+        UserError: the model's forward raised (naming the module and the input shape), or a statistic cannot
+            be collected on a tensor (e.g. per-channel dims with a changing shape).
+    """
+    model.eval()
+    failure: tuple[Any, BaseException] | None = None
+    with collect_stats(
+        model,
+        resolved,
+        quantile_budget=quantile_budget,
+        thresholds=thresholds,
+        expected_batches=len(batches),
+    ) as collector:
+        for inputs, _ in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
+            try:
+                model(inputs)
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the model's own failure, explained below
+                failure = (inputs, exc)
+                break
+    if failure is not None:
+        raise describe_failure(model, failure[0], failure[1]) from failure[1]
+    return collector.table()
+
+
+def forward_naming_failures(model: nn.Module, inputs: Any, what: str = "calibration inputs") -> Any:
+    """`model(inputs)`; if it raises, a `UserError` naming the innermost module that was running, the error
+    and the input shape instead. `what` names the inputs in the message (e.g. "evaluation inputs")."""
+    try:
+        return model(inputs)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise describe_failure(model, inputs, exc, what) from exc
+
+
+def describe_failure(
+    model: nn.Module, inputs: Any, exc: BaseException, what: str = "calibration inputs"
+) -> UserError:
+    """The `UserError` for `exc`, raised by `model(inputs)`: "the model rejected the calibration inputs:
+    seq_blocks.0 (Linear) raised RuntimeError: mat1 and mat2 shapes cannot be multiplied (128x9 and 4x100)
+    (input batch shape [128, 1, 3, 3])". The module is the innermost one of `model` whose frame (its
+    `forward`, hooks or `__call__`) is on the exception's traceback."""
+    where = _failing_module(model, exc)
+    detail = " ".join(str(exc).split()) or "(no message)"
+    shape = _describe_inputs(inputs)
+    msg = f"the model rejected the {what}: {where} raised {type(exc).__name__}: {detail} ({shape})"
+    return UserError(msg)
+
+
+def _failing_module(model: nn.Module, exc: BaseException) -> str:
+    names = {id(m): path for path, m in model.named_modules()}
+    found: nn.Module | None = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = owner
+        tb = tb.tb_next
+    if found is None or names[id(found)] == "":
+        return f"the model ({type(found or model).__name__})"
+    return f"{names[id(found)]} ({type(found).__name__})"
+
+
+def _describe_inputs(inputs: Any) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"input batch shape {list(inputs.shape)}"
+    if isinstance(inputs, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in inputs):
+        return "input batch shapes " + ", ".join(str(list(t.shape)) for t in inputs)
+    return f"input batch of type {type(inputs).__name__}"
+
+
+__all__ = ["calibrate", "calibration_batches", "describe_failure", "forward_naming_failures"]

@@ -1,0 +1,276 @@
+"""The runtime flow on one plan: prepare → calibrate → map → convert → evaluate, and the files it writes.
+
+In: a `Plan` (compiled elsewhere; the runtime never parses rules), a model and dataset spec, calibration
+settings. Out: `ProfileResult` (the statistics) or `ApplyResult` (statistics, parameters per node, the
+ternary configs, float and ternary accuracy, a per-node report), and `write_apply_outputs` puts
+`stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` in a folder, each written atomically and
+only after the whole run succeeded (a failed run leaves no half-written file).
+
+The activation scale α (mean |x| over |x| > Δ) needs Δ, which needs the statistics: it is gathered in a
+second pass over the same calibration batches once Δ is known (the plan lists it as a derived statistic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+import attrs
+import torch
+from attrs import frozen
+from torch import nn
+
+from ternqc.plan import Plan, StatSpec
+from ternqc.runtime import calibrate as calib
+from ternqc.runtime import profile as prof
+from ternqc.runtime.atomic import atomic_write_text
+from ternqc.runtime.checkpoints import load_checkpoint_
+from ternqc.runtime.convert import convert_, save_ternary_checkpoint
+from ternqc.runtime.data import build_dataset
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.evaluate import accuracy
+from ternqc.runtime.mapping import MappingResult, map_params
+from ternqc.runtime.mase_io import write_quant_config_toml, write_stats_toml
+from ternqc.runtime.models import build_model
+from ternqc.runtime.modules import TernaryModule
+from ternqc.runtime.quantizers import ModuleQuant, module_quant_from_params
+from ternqc.runtime.stats import QuantileBudget
+from ternqc.runtime.stats_table import ModuleStats, StatsTable
+
+THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
+VALIDATION_SPLIT = "validation"
+
+
+@frozen
+class RunSettings:
+    """Where the model and data come from and how to calibrate; `None` keeps the plan's value."""
+
+    model: str = "toy"
+    ckpt: str | None = None
+    dataset: str = "toy-tiny"
+    samples: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    quantile_budget_mib: float = 256.0
+    progress: bool = True
+
+
+@frozen
+class ProfileResult:
+    table: StatsTable
+    notes: tuple[str, ...]  # rules that matched nothing, NaN/Inf reports, ...
+    batches: tuple  # the calibration batches, reused by a second pass
+
+
+@frozen
+class ApplyResult:
+    profile: ProfileResult
+    mapping: MappingResult
+    configs: dict[str, ModuleQuant]
+    model: nn.Module  # converted in place
+    float_accuracy: float
+    ternary_accuracy: float
+    report: dict[str, Any]
+
+
+def load_model(settings: RunSettings) -> nn.Module:
+    """Build the float model and load its checkpoint, if any."""
+    model = build_model(settings.model)
+    if settings.ckpt:
+        load_checkpoint_(model, settings.ckpt)
+    return model.eval()
+
+
+def _check_positive(name: str, value: int) -> int:
+    if value <= 0:
+        msg = f"{name} must be a positive integer, got {value}"
+        raise UserError(msg)
+    return value
+
+
+def profile(model: nn.Module, plan: Plan, settings: RunSettings) -> ProfileResult:
+    """Calibrate `model` on the plan's split and collect the plan's (non-derived) statistics."""
+    cal = plan.calibration
+    samples = _check_positive("samples", settings.samples or cal.samples)
+    batch_size = _check_positive("batch size", settings.batch_size or cal.batch_size)
+    dataset = build_dataset(settings.dataset, cal.split)
+    batches = calib.calibration_batches(dataset, samples, batch_size, settings.seed)
+    resolved = prof.resolve_profile(plan.profile, model)
+    notes = tuple(
+        f"profile rule at {p.origin} ({p.selector}.{p.tensor}) matched no module of the model"
+        for p in resolved.unmatched
+    )
+    budget = QuantileBudget(int(settings.quantile_budget_mib * 2**20))
+    table = calib.calibrate(
+        model, batches, resolved, quantile_budget=budget, progress=settings.progress, desc="calibrate"
+    )
+    notes += tuple(f"{ms.path}: {n}" for ms in table.values() for n in ms.notes)
+    return ProfileResult(table=table, notes=notes, batches=tuple(batches))
+
+
+def build_configs(mapping: MappingResult, *, rules: str) -> dict[str, ModuleQuant]:
+    """Turn each node's parameters into its ternary config (Δ, α, scaling) by the quantiser's rules."""
+    return {
+        path: module_quant_from_params(m.op, m.node, m.params, rules=rules) for path, m in mapping.modules.items()
+    }
+
+
+def calibrate_activation_scales(
+    model: nn.Module, configs: dict[str, ModuleQuant], result: ProfileResult, settings: RunSettings
+) -> dict[str, ModuleQuant]:
+    """Second pass: α of every quantised, scaled `data_in` without a given scale = mean |x| over |x| > Δ on
+    the calibration batches. Adds the `threshold_abs_mean` results to `result.table`."""
+    need = {
+        path: mq
+        for path, mq in configs.items()
+        if mq.tensor("data_in").quantize and mq.tensor("data_in").scaling and mq.tensor("data_in").alpha is None
+    }
+    if not need:
+        return configs
+    points = prof.ResolvedPoints.from_mapping({path: {"data_in_0": (THRESHOLD_ABS_MEAN,)} for path in need})
+    thresholds = {(path, "data_in_0"): _as_tensor(mq.tensor("data_in").delta) for path, mq in need.items()}
+    table = calib.calibrate(
+        model, list(result.batches), points, thresholds=thresholds, progress=settings.progress, desc="scales"
+    )
+    out = dict(configs)
+    for path, mq in need.items():
+        found = table[path].values["data_in_0"][THRESHOLD_ABS_MEAN]
+        out[path] = mq.with_alpha("data_in", found["abs_mean"])
+        _merge_into(result.table, table[path])
+    return out
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _merge_into(table: StatsTable, extra: ModuleStats) -> None:
+    """Add `extra`'s results to the same module's entry of `table` (the second pass adds statistics)."""
+    have = table.get(extra.path)
+    if have is None:
+        table[extra.path] = extra
+        return
+    values = {t: dict(v) for t, v in have.values.items()}
+    for tensor, results in extra.values.items():
+        values.setdefault(tensor, {}).update(results)
+    table[extra.path] = attrs.evolve(have, values=values, shapes={**extra.shapes, **have.shapes})
+
+
+def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) -> ApplyResult:
+    """The whole flow: calibrate, map statistics to parameters, derive activation scales, convert, evaluate.
+
+    `model` is converted in place. `rules` names where the plan came from, for messages.
+    """
+    result = profile(model, plan, settings)
+    modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
+    mapping = map_params(plan, result.table, rules=rules, modules=modules)
+    configs = build_configs(mapping, rules=rules)
+    configs = calibrate_activation_scales(model, configs, result, settings)
+    validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
+    float_acc = accuracy(model, validation)
+    convert_(model, configs)
+    zero_fractions = _measure_activation_zeros(model, validation)
+    ternary_acc = accuracy(model, validation)
+    report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
+    return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
+
+
+def _measure_activation_zeros(model: nn.Module, dataset) -> dict[str, float]:
+    """Fraction of quantised activation values that become 0 (|x| <= Δ) over one pass of `dataset`."""
+    zeros: dict[str, list[float]] = {}
+    handles = []
+
+    def hook_for(path: str, delta: torch.Tensor) -> Callable:
+        def hook(_module, args):
+            x = args[0]
+            stats = zeros.setdefault(path, [0.0, 0.0])
+            stats[0] += float((x.abs() <= delta).sum())
+            stats[1] += x.numel()
+
+        return hook
+
+    for path, module in model.named_modules():
+        if isinstance(module, TernaryModule) and module.config.tensor("data_in").quantize:
+            delta = _as_tensor(module.config.tensor("data_in").delta)
+            handles.append(module.register_forward_pre_hook(hook_for(path, delta)))
+    try:
+        accuracy(model, dataset)
+    finally:
+        for h in handles:
+            h.remove()
+    return {path: z / n for path, (z, n) in zeros.items() if n}
+
+
+def _summary(value: Any) -> Any:
+    """A JSON-friendly value: scalars as they are, vectors as their length, mean, min and max."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    t = torch.tensor(value, dtype=torch.float64)
+    return {"values": t.numel(), "mean": float(t.mean()), "min": float(t.min()), "max": float(t.max())}
+
+
+def build_report(
+    model: nn.Module,
+    configs: dict[str, ModuleQuant],
+    float_acc: float,
+    ternary_acc: float,
+    zero_fractions: dict[str, float],
+) -> dict[str, Any]:
+    """`report.json`'s content: accuracies, and per node its op, and Δ, α and zero fraction per tensor."""
+    modules = dict(model.named_modules())
+    nodes: dict[str, Any] = {}
+    for path, mq in configs.items():
+        module = modules.get(path)
+        applied = module.resolved_quant() if isinstance(module, TernaryModule) else mq
+        tensors: dict[str, Any] = {}
+        for name in mq.tensors:
+            tq = applied.tensor(name)
+            if not tq.quantize:
+                tensors[name] = {"quantized": False}
+                continue
+            if name == "data_in":
+                zeros = zero_fractions.get(path)
+            else:
+                cached = getattr(module, "q" + name, None)
+                zeros = None if cached is None else float((cached == 0).float().mean())
+            tensors[name] = {
+                "quantized": True,
+                "delta": _summary(tq.delta),
+                "scaling": tq.scaling,
+                "alpha": _summary(tq.alpha),
+                "zero_fraction": zeros,
+            }
+        nodes[mq.node] = {"path": path, "op": mq.op, "tensors": tensors}
+    return {"float_accuracy": float_acc, "ternary_accuracy": ternary_acc, "nodes": nodes}
+
+
+def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings, plan: Plan) -> list[str]:
+    """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`; return the
+    paths written."""
+    import os
+
+    paths = {name: os.path.join(out_dir, name) for name in ("stats.toml", "quant_config.toml", "ternary.ckpt",
+                                                            "report.json")}
+    write_stats_toml(paths["stats.toml"], result.profile.table)
+    write_quant_config_toml(paths["quant_config.toml"], result.mapping)
+    save_ternary_checkpoint(
+        paths["ternary.ckpt"],
+        result.model,
+        result.configs,
+        model_spec=settings.model,
+        extra={"float_accuracy": result.float_accuracy, "ternary_accuracy": result.ternary_accuracy},
+    )
+    atomic_write_text(paths["report.json"], json.dumps(_finite(result.report), indent=2) + "\n")
+    return list(paths.values())
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: write non-finite floats as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

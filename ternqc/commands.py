@@ -1,0 +1,181 @@
+"""Command handlers behind `ternqc train | profile | apply | map | demo`.
+
+Each takes the parsed argparse namespace and returns an exit code. This is the one place where the two
+halves meet: a handler compiles the rules (`ternqc.compiler`, which never imports torch) and hands the plan
+to the runtime (`ternqc.runtime`, which never imports lark). Both are imported inside the handlers so
+`ternqc compile` stays fast. User-facing failures raise `UserError` (runtime) or `CompileError`
+(compiler); `cli.main` prints them without a traceback and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ternqc.plan import Plan
+
+
+def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
+    """The plan from `--plan P.json`, `--rules R.tq`, or the built-in default recipe; and its source name.
+
+    Compile warnings go to stderr.
+    """
+    from ternqc.runtime.errors import UserError
+
+    if plan_path:
+        try:
+            with open(plan_path, encoding="utf-8") as f:
+                return Plan.from_json(f.read()), plan_path
+        except OSError as exc:
+            msg = f"cannot read plan {plan_path!r}: {exc.strerror or exc}"
+            raise UserError(msg) from exc
+        except ValueError as exc:
+            msg = f"{plan_path}: {exc}"
+            raise UserError(msg) from exc
+    from ternqc.compiler import builtin_recipe, compile_file
+
+    path = rules or str(builtin_recipe())
+    compiled = compile_file(path)
+    for warning in compiled.warnings:
+        print(warning.render() if hasattr(warning, "render") else str(warning), file=sys.stderr)
+    return compiled.plan, (rules or "configs/toy_ternary.tq")
+
+
+def _settings(args: argparse.Namespace):
+    from ternqc.runtime.pipeline import RunSettings
+
+    return RunSettings(
+        model=args.model,
+        ckpt=args.ckpt,
+        dataset=args.dataset,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        quantile_budget_mib=args.quantile_budget_mib,
+        progress=not args.no_progress,
+    )
+
+
+def _print_notes(notes) -> None:
+    for note in notes:
+        print(f"ternqc: note: {note}", file=sys.stderr)
+
+
+def train(args: argparse.Namespace) -> int:
+    from ternqc.runtime.train import run_train
+
+    result = run_train(
+        args.model,
+        args.dataset,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    print(
+        f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, "
+        f"val_acc {result.best_val_accuracy:.4f}; wrote {args.out}"
+    )
+    return 0
+
+
+def profile(args: argparse.Namespace) -> int:
+    from ternqc.runtime import pipeline
+    from ternqc.runtime.mase_io import write_stats_toml
+
+    plan, _source = load_plan(args.rules, args.plan)
+    settings = _settings(args)
+    model = pipeline.load_model(settings)
+    result = pipeline.profile(model, plan, settings)
+    _print_notes(result.notes)
+    write_stats_toml(args.out, result.table)
+    counts = sum(len(v) for ms in result.table.values() for v in ms.values.values())
+    print(f"profiled {len(result.table)} modules ({counts} statistics); wrote {args.out}")
+    return 0
+
+
+def apply(args: argparse.Namespace) -> int:
+    from ternqc.runtime import pipeline
+    from ternqc.runtime.mapping import render_explain
+
+    plan, source = load_plan(args.rules, args.plan)
+    settings = _settings(args)
+    model = pipeline.load_model(settings)
+    result = pipeline.apply(model, plan, settings, rules=source)
+    _print_notes(result.profile.notes)
+    written = pipeline.write_apply_outputs(args.out, result, settings, plan)
+    if args.explain:
+        print(render_explain(result.mapping))
+    print(format_layer_table(result.report))
+    print(
+        f"\nvalidation accuracy: float {result.float_accuracy:.4f}  ternary {result.ternary_accuracy:.4f}"
+        f"  ({settings.dataset}, rules {source})"
+    )
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
+    from ternqc.runtime.mapping import map_params, render_explain
+    from ternqc.runtime.mase_io import read_stats_toml, write_quant_config_toml
+
+    plan, source = load_plan(args.rules, None)
+    table = read_stats_toml(args.stats)
+    mapping = map_params(
+        plan, table, rules=source, by_node_name=True, stats_source=f"the statistics file {args.stats}"
+    )
+    write_quant_config_toml(args.output, mapping)
+    if args.explain:
+        print(render_explain(mapping))
+    print(f"mapped {len(mapping.modules)} nodes with rules {source}; wrote {args.output}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Train toy on toy-tiny, then apply the built-in recipe to the checkpoint."""
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = os.path.join(args.out, "best.ckpt")
+    print(f"== ternqc train --model toy --dataset toy-tiny --out {ckpt}")
+    train_args = argparse.Namespace(
+        model="toy", dataset="toy-tiny", epochs=30, lr=1e-2, batch_size=64, seed=0, out=ckpt,
+        no_progress=args.no_progress,
+    )
+    train(train_args)
+    print(f"\n== ternqc apply --model toy --ckpt {ckpt} --out {args.out}")
+    apply_args = argparse.Namespace(
+        model="toy", ckpt=ckpt, dataset="toy-tiny", rules=None, plan=None, samples=None, batch_size=None,
+        seed=0, workers=1, quantile_budget_mib=256.0, no_progress=args.no_progress, out=args.out,
+        explain=False,
+    )
+    return apply(apply_args)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return f"[{value['values']}] ~{value['mean']:.4g}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_layer_table(report: dict[str, Any]) -> str:
+    """One line per quantised tensor: node, op, tensor, Δ, α and the fraction of zeros."""
+    rows = [("node", "op", "tensor", "delta", "alpha", "zeros")]
+    for node, entry in report["nodes"].items():
+        for tensor, t in entry["tensors"].items():
+            if not t.get("quantized"):
+                rows.append((node, entry["op"], tensor, "float", "", ""))
+                continue
+            zeros = t.get("zero_fraction")
+            alpha = t.get("alpha") if t.get("scaling") else "off"
+            rows.append(
+                (node, entry["op"], tensor, _fmt(t["delta"]), _fmt(alpha), "-" if zeros is None else f"{zeros:.1%}")
+            )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,0 +1,183 @@
+"""Quantiles: exact beyond torch.quantile's 2^24 limit, a shared memory budget, and a sketch that stays within
+the budget and within 1e-4 rank error of numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.quantiles import CompactorSketch, ExactValues, QuantileBudget, rank_error_bound
+from ternqc.runtime.stats import from_tensors, make_state
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def quantile_spec(q, dims="all"):
+    return StatSpec("range_quantile", dims=dims, options=(("quantile", q),))
+
+
+def rank_error(sorted_values: np.ndarray, value: float, q: float) -> float:
+    """How far (as a fraction of n) `value` is from being at rank q·(n-1) of `sorted_values`."""
+    n = len(sorted_values)
+    target = q * (n - 1)
+    below = np.searchsorted(sorted_values, value, "left")  # values < value
+    upto = np.searchsorted(sorted_values, value, "right") - 1  # last index holding a value <= value
+    return max(0.0, below - target, target - upto) / n
+
+
+def test_exact_quantile_over_more_than_2_24_values_in_one_tensor():
+    n = 2**24 + 1000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))  # torch.quantile refuses this (~2.5 s)
+    state = make_state(quantile_spec(0.975), batched=False)
+    state.update(x)
+    r = state.result()
+    assert r["count"] == n and "exact" not in r
+    x64 = x.double().numpy()
+    lo, hi = np.quantile(x64, [1 - 0.975, 0.975])
+    assert abs(r["min"] - lo) <= 4 * EPS32 * abs(lo)
+    assert abs(r["max"] - hi) <= 4 * EPS32 * abs(hi)
+
+
+def test_exact_quantiles_equal_torch_quantile_below_the_limit():
+    """The median (q·(n-1) exact in float32) matches torch.quantile bit for bit."""
+    xs = [torch.randn(64, 10) for _ in range(3)]
+    state = make_state(quantile_spec(0.5, dims="none"))
+    for x in xs:
+        state.update(x)
+    assert state.result()["max"] == torch.quantile(torch.cat(xs), 0.5, dim=0).tolist()
+    whole = make_state(quantile_spec(0.5))
+    for x in xs:
+        whole.update(x)
+    assert whole.result()["max"] == float(torch.quantile(torch.cat(xs), 0.5))
+
+
+def test_buffer_is_preallocated_from_the_size_hint_and_grows():
+    budget = QuantileBudget(10 * 2**20)
+    buf = ExactValues(2, budget)
+    slot = buf.slot(3, hint=30)
+    assert slot.shape == (2, 3) and budget.used == 2 * 30 * 4
+    slot[...] = np.arange(6.0).reshape(2, 3)
+    for _ in range(20):  # beyond the hint: doubling keeps earlier values
+        buf.slot(3).fill(-1.0)
+    assert buf.values().shape == (2, 63)
+    np.testing.assert_array_equal(buf.values()[:, :3], [[0, 1, 2], [3, 4, 5]])
+
+
+@pytest.mark.parametrize("q", [0.5, 0.975, 0.999])
+def test_small_budget_switches_to_a_sketch_within_budget_and_rank_error(q):
+    budget = QuantileBudget(2**20)  # 1 MiB: 262144 float32 values; the data below is 8x that
+    gen = torch.Generator().manual_seed(1)
+    state = make_state(quantile_spec(q), quantile_budget=budget)
+    xs = [torch.randn(512, 256, generator=gen) * (1 + i % 3) + i % 5 for i in range(16)]
+    for x in xs:
+        state.update(x)
+    r = state.result()
+    assert r["exact"] is False and r["count"] == 16 * 512 * 256
+    assert budget.peak <= budget.limit
+    assert state._sketch.nbytes <= state._sketch.reserved_bytes() <= budget.limit
+    srt = np.sort(torch.cat([x.reshape(-1) for x in xs]).double().numpy())
+    assert rank_error(srt, r["max"], q) <= 1e-4
+    assert rank_error(srt, r["min"], 1 - q) <= 1e-4
+    assert "sketch" in state.note() and "rank error" in state.note()
+
+
+def test_sketch_handles_repeated_values_exactly():
+    """Half the values are exactly 0 (a ReLU output): the sketch's quantiles below the median are 0."""
+    budget = QuantileBudget(2**18)
+    gen = torch.Generator().manual_seed(2)
+    state = make_state(quantile_spec(0.7), quantile_budget=budget)
+    xs = [torch.relu(torch.randn(1024, 200, generator=gen)) for _ in range(8)]
+    for x in xs:
+        state.update(x)
+    r = state.result()
+    assert r["exact"] is False
+    assert r["min"] == 0.0  # the 0.3 quantile
+    srt = np.sort(torch.cat(xs).reshape(-1).double().numpy())
+    assert rank_error(srt, r["max"], 0.7) <= 1e-4
+
+
+def test_sketch_per_channel_rows_within_rank_error():
+    budget = QuantileBudget(8 * 2**20)
+    gen = torch.Generator().manual_seed(3)
+    state = make_state(quantile_spec(0.9, dims=(0, 2)), quantile_budget=budget)
+    scale = torch.tensor([1.0, 2.0, 5.0, 0.1]).reshape(1, 4, 1)
+    xs = [torch.randn(256, 4, 1024, generator=gen) * scale for _ in range(4)]
+    for x in xs:
+        state.update(x)
+    r = state.result()
+    assert r["exact"] is False and budget.peak <= budget.limit
+    data = torch.cat(xs).transpose(0, 1).reshape(4, -1).double().numpy()
+    for c in range(4):
+        srt = np.sort(data[c])
+        assert rank_error(srt, r["max"][c][0], 0.9) <= 1e-4
+        assert rank_error(srt, r["min"][c][0], 0.1) <= 1e-4
+
+
+def test_budget_is_shared_first_come_first_served():
+    budget = QuantileBudget(4 * 2**20)  # 2 MiB exact + 2 sketch promises of 0.75 MiB fit; 4 MiB exact do not
+    a = make_state(quantile_spec(0.5), quantile_budget=budget)
+    b = make_state(quantile_spec(0.5), quantile_budget=budget)
+    x = torch.randn(512, 1024)  # 2 MiB of values
+    a.update(x)
+    b.update(x)
+    assert "exact" not in a.result() and b.result()["exact"] is False
+    assert budget.peak <= budget.limit
+
+
+def test_sketch_merge_and_serialisation_stay_within_rank_error():
+    gen = torch.Generator().manual_seed(4)
+    parts = [torch.randn(2048, 256, generator=gen) for _ in range(4)]
+    s = quantile_spec(0.95)
+    a = make_state(s, quantile_budget=QuantileBudget(2**20))
+    b = make_state(s, quantile_budget=QuantileBudget(2**20))
+    for i, x in enumerate(parts):
+        (a if i % 2 else b).update(x)
+    rebuilt = from_tensors(s, b.to_tensors(), quantile_budget=QuantileBudget(2**20))
+    assert rebuilt.result() == b.result()
+    a.merge(rebuilt)
+    r = a.result()
+    assert r["count"] == 4 * 2048 * 256 and r["exact"] is False
+    srt = np.sort(torch.cat(parts).reshape(-1).double().numpy())
+    assert rank_error(srt, r["max"], 0.95) <= 1e-4
+
+
+def test_exact_merges_with_a_sketch():
+    s = quantile_spec(0.8)
+    gen = torch.Generator().manual_seed(5)
+    small, big = torch.randn(64, 64, generator=gen), torch.randn(1024, 1024, generator=gen)
+    exact = make_state(s)
+    exact.update(small)
+    sketched = make_state(s, quantile_budget=QuantileBudget(2**20))
+    sketched.update(big)
+    exact.merge(sketched)
+    r = exact.result()
+    assert r["exact"] is False and r["count"] == 64 * 64 + 1024 * 1024
+    srt = np.sort(torch.cat([small.reshape(-1), big.reshape(-1)]).double().numpy())
+    assert rank_error(srt, r["max"], 0.8) <= 1e-4
+
+
+def test_compactor_sketch_counts_weights_exactly():
+    sketch = CompactorSketch(3, k=64)
+    rng = np.random.default_rng(0)
+    for m in (10, 1000, 5, 70000):
+        sketch.add(rng.standard_normal((3, m)).astype(np.float32))
+    values, weights = sketch.items()
+    assert values.shape[0] == 3 and int(weights.sum()) == 10 + 1000 + 5 + 70000
+    assert rank_error_bound(2**16) < 1e-4
+
+
+def test_budget_keeps_room_for_every_states_sketch():
+    """Exact buffers never take the room a later sketch needs: every state that overflows still gets a
+    sketch with rank error <= 1e-4, and the total stays within the limit."""
+    budget = QuantileBudget(4 * 2**20)
+    states = [make_state(quantile_spec(0.5), quantile_budget=budget, size_hint=4) for _ in range(3)]
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        for state in states:
+            state.update(torch.randn(256, 1024, generator=gen))  # 1 MiB a batch, 4 MiB a state
+    assert budget.peak <= budget.limit
+    for state in states:
+        assert state.result()["exact"] is False
+        assert rank_error_bound(state._sketch.k) <= 1e-4

@@ -1,0 +1,404 @@
+"""Statistic states against numpy on the same tensors, for every statistic, dims all / none / per-channel
+(negative dims too), abs on and off, activations (batch first) and parameters; merge, serialisation, NaN/Inf.
+
+The numpy reference implements the dims rule on its own: activations reduce axis 0 plus the listed dims,
+"none" reduces only the batch (activations) or nothing (parameters), "all" gives a scalar, and reduced
+non-batch dims are kept with size 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.stats import TensorStats, from_tensors, make_state
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def spec(name, dims="all", abs=False, **options):
+    return StatSpec(name, dims=dims, abs=abs, options=tuple(options.items()))
+
+
+# --- the reference ---------------------------------------------------------------------------------------
+
+
+def ref_axes(ndim, dims, batched):
+    if dims == "all":
+        return tuple(range(ndim))
+    if dims == "none":
+        return (0,) if batched else ()
+    axes = {d % ndim for d in dims}
+    if batched:
+        axes.add(0)
+    return tuple(sorted(axes))
+
+
+def ref_shape(x, dims, batched):
+    """The expected result shape, or None for a scalar."""
+    if dims == "all":
+        return None
+    axes = ref_axes(x.ndim, dims, batched)
+    shape = [1 if d in axes else x.shape[d] for d in range(x.ndim)]
+    return tuple(shape[1:] if batched else shape)
+
+
+def ref_finish(values, x, dims, batched):
+    """Reduce-with-keepdims output -> the expected result (float or array of the result shape)."""
+    shape = ref_shape(x, dims, batched)
+    values = np.asarray(values)
+    return float(values.reshape(())) if shape is None else values.reshape(shape)
+
+
+def reference(name, x32, dims, batched, abs_, **options):
+    """Numpy over float64 copies of the same float32 values (min/max in float32 to compare exactly)."""
+    x32 = np.abs(x32) if abs_ or name == "abs_mean" else x32
+    x = x32.astype(np.float64)
+    axes = ref_axes(x.ndim, dims, batched)
+    fin = lambda v: ref_finish(v, x, dims, batched)
+    n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    if name == "range_min_max":
+        lo = np.min(x32, axis=axes, keepdims=True)
+        hi = np.max(x32, axis=axes, keepdims=True)
+        return {"min": fin(lo), "max": fin(hi), "range": fin(hi - lo), "count": x.size}
+    if name == "range_quantile":
+        q = options["quantile"]
+        lo = np.quantile(x, 1 - q, axis=axes, keepdims=True) if axes else x
+        hi = np.quantile(x, q, axis=axes, keepdims=True) if axes else x
+        return {"min": fin(lo), "max": fin(hi), "range": fin(hi - lo), "count": x.size}
+    mean = np.mean(x, axis=axes, keepdims=True) if axes else x
+    var = np.var(x, axis=axes, keepdims=True, ddof=1) if axes and n > 1 else np.full_like(mean, np.nan)
+    if name in ("variance_precise", "variance_online"):
+        return {"mean": fin(mean), "variance": fin(var), "count": x.size}
+    if name == "range_n_sigma":
+        k = options.get("num_sigma", 3.0)
+        lo, hi = mean - k * np.sqrt(var), mean + k * np.sqrt(var)
+        return {"min": fin(lo), "max": fin(hi), "range": fin(hi - lo), "count": x.size}
+    if name == "abs_mean":
+        return {"abs_mean": fin(mean), "count": x.size}
+    raise AssertionError(name)
+
+
+def check(name, got, want, x32):
+    """Compare a result with the reference at the tolerance the acceptance asks for."""
+    assert got["count"] == want["count"]
+    assert set(got) == set(want)
+    scale = float(np.max(np.abs(x32)))
+    for field, expected in want.items():
+        if field == "count":
+            continue
+        value = np.asarray(got[field], dtype=np.float64)
+        expected = np.asarray(expected, dtype=np.float64)
+        assert value.shape == expected.shape, (field, value.shape, expected.shape)
+        if name == "range_min_max":
+            np.testing.assert_array_equal(value, expected, err_msg=field)  # exact, float32 range as MASE
+        elif name == "range_quantile":
+            np.testing.assert_allclose(value, expected, rtol=0, atol=4 * EPS32 * scale, err_msg=field)
+        else:
+            # 1e-6 relative; a mean near 0 is only as exact as float32 sums allow: ~1e-7 of the data's scale
+            np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-7 * scale, err_msg=field)
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def batches(shape, count=3, seed=0):
+    """Activation batches with a non-zero mean, of varying batch sizes (the batch dim is always reduced)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        b = shape[0] + 3 * i
+        out.append(torch.randn((b, *shape[1:]), generator=g) * (1.5 + i) + 0.7)
+    return out
+
+
+STAT_CASES = [
+    ("range_min_max", {}),
+    ("range_quantile", {"quantile": 0.975}),
+    ("range_quantile", {"quantile": 0.5}),
+    ("variance_precise", {}),
+    ("variance_online", {}),
+    ("range_n_sigma", {"num_sigma": 3.0}),
+    ("abs_mean", {}),
+]
+ACT_DIMS = ["all", "none", (1,), (2, 3), (-1,), (0, 2)]
+WEIGHT_DIMS = ["all", "none", (1,), (1, 2, 3), (-3, -2, -1), (0,)]
+
+
+@pytest.mark.parametrize("name,options", STAT_CASES)
+@pytest.mark.parametrize("dims", ACT_DIMS)
+@pytest.mark.parametrize("abs_", [False, True])
+def test_activation_statistics_equal_numpy(name, options, dims, abs_):
+    xs = batches((8, 3, 5, 4))
+    state = make_state(spec(name, dims, abs_, **options))
+    for x in xs:
+        state.update(x)
+    x32 = torch.cat(xs).numpy()
+    check(name, state.result(), reference(name, x32, dims, True, abs_, **options), x32)
+
+
+@pytest.mark.parametrize("name,options", STAT_CASES)
+@pytest.mark.parametrize("dims", WEIGHT_DIMS)
+@pytest.mark.parametrize("abs_", [False, True])
+def test_weight_statistics_equal_numpy(name, options, dims, abs_):
+    w = batches((6, 4, 3, 3), count=1, seed=1)[0]
+    state = make_state(spec(name, dims, abs_, **options), batched=False)
+    state.update(w)
+    x32 = w.numpy()
+    check(name, state.result(), reference(name, x32, dims, False, abs_, **options), x32)
+
+
+@pytest.mark.parametrize("dims", ["all", "none", (1,), (0,)])
+def test_weight_matrix_per_row_shape(dims):
+    w = torch.randn(5, 7)
+    r = make_state(spec("range_min_max", dims), batched=False)
+    r.update(w)
+    got = r.result()
+    want = {"all": None, "none": (5, 7), (1,): (5, 1), (0,): (1, 7)}[dims]
+    assert (np.shape(got["max"]) if want else None) == want
+    if dims == (1,):
+        assert got["max"] == w.amax(1, keepdim=True).tolist()  # broadcasts against the weight
+
+
+def test_result_shapes_follow_the_lead_examples():
+    """weight [out,in] dims [1] -> [out,1]; conv2d input dims [2,3] -> [C,1,1]; linear input none -> [100]."""
+    cases = [
+        (torch.randn(10, 4), (1,), False, [10, 1]),
+        (torch.randn(8, 3, 6, 6), (2, 3), True, [3, 1, 1]),
+        (torch.randn(8, 100), "none", True, [100]),
+    ]
+    for x, dims, batched, shape in cases:
+        state = make_state(spec("abs_mean", dims), batched=batched)
+        state.update(x)
+        assert list(np.shape(state.result()["abs_mean"])) == shape
+
+
+def test_empty_batches_change_nothing():
+    for name, options in STAT_CASES:
+        state = make_state(spec(name, (1,), **options))
+        state.update(torch.ones(0, 3))
+        state.update(torch.full((2, 3), 2.0))
+        assert state.result()["count"] == 6
+
+
+def test_count_is_elements_seen():
+    state = make_state(spec("range_min_max"))
+    state.update(torch.randn(128, 4))
+    assert state.result()["count"] == 512
+
+
+def test_results_are_python_values():
+    state = make_state(spec("variance_precise"))
+    state.update(torch.randn(16, 4))
+    r = state.result()
+    assert type(r["mean"]) is float and type(r["variance"]) is float and type(r["count"]) is int
+    state = make_state(spec("range_min_max", (1,)))
+    state.update(torch.randn(16, 4, 2))
+    r = state.result()
+    assert isinstance(r["min"], list) and all(isinstance(v, float) for row in r["min"] for v in row)
+
+
+def test_variance_online_equals_precise():
+    xs = batches((16, 10), count=5)
+    results = []
+    for name in ("variance_precise", "variance_online"):
+        state = make_state(spec(name, (1,)))
+        for x in xs:
+            state.update(x)
+        results.append(state.result())
+    assert results[0] == results[1]
+
+
+def test_many_batches_fold_and_stay_exact():
+    """More batches than the fold interval: sums are folded in float64, min/max stay exact."""
+    xs = [torch.randn(4, 3) * 10 + 100 for _ in range(150)]
+    x32 = torch.cat(xs).numpy()
+    for name, options in STAT_CASES:
+        state = make_state(spec(name, "none", **options))
+        for x in xs:
+            state.update(x)
+        check(name, state.result(), reference(name, x32, "none", True, False, **options), x32)
+
+
+def test_variance_is_accurate_with_a_large_mean():
+    """A mean 1e3 times the std: per-batch centring keeps the variance at 1e-6 relative."""
+    xs = [torch.randn(256, 64) + 1000.0 for _ in range(8)]
+    state = make_state(spec("variance_precise"))
+    for x in xs:
+        state.update(x)
+    x64 = torch.cat(xs).double().numpy()
+    np.testing.assert_allclose(state.result()["variance"], np.var(x64, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(state.result()["mean"], np.mean(x64), rtol=1e-6)
+
+
+# --- merge and serialisation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,options", STAT_CASES + [("threshold_abs_mean", {})])
+@pytest.mark.parametrize("dims", ["all", "none", (2, 3)])
+def test_merge_equals_updating_one_state(name, options, dims):
+    xs = batches((8, 3, 5, 4), count=4)
+    threshold = 1.0 if name == "threshold_abs_mean" else None
+    s = spec(name, dims, **options)
+    one = make_state(s, threshold=threshold)
+    a = make_state(s, threshold=threshold)
+    b = make_state(s, threshold=threshold)
+    for i, x in enumerate(xs):
+        one.update(x)
+        (a if i < 2 else b).update(x)
+    a.merge(b)
+    got, want = a.result(), one.result()
+    assert got.keys() == want.keys()
+    for field in want:
+        np.testing.assert_allclose(np.asarray(got[field]), np.asarray(want[field]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name,options", STAT_CASES + [("threshold_abs_mean", {})])
+def test_to_tensors_round_trip_and_merge(name, options):
+    xs = batches((8, 3, 5, 4), count=2)
+    threshold = 0.5 if name == "threshold_abs_mean" else None
+    s = spec(name, (2, 3), **options)
+    a, b, both = (make_state(s, threshold=threshold) for _ in range(3))
+    a.update(xs[0])
+    b.update(xs[1])
+    both.update(xs[0])
+    both.update(xs[1])
+    tensors = a.to_tensors()
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    rebuilt = from_tensors(s, tensors, threshold=threshold)
+    assert rebuilt.result() == a.result()
+    rebuilt.merge(from_tensors(s, b.to_tensors(), threshold=threshold))
+    for field, want in both.result().items():
+        np.testing.assert_allclose(np.asarray(rebuilt.result()[field]), np.asarray(want), rtol=1e-12)
+
+
+def test_empty_state_serialises():
+    s = spec("range_min_max")
+    state = from_tensors(s, make_state(s).to_tensors())
+    state.update(torch.ones(2, 2))
+    assert state.result()["max"] == 1.0
+
+
+# --- threshold_abs_mean -----------------------------------------------------------------------------------
+
+
+def test_threshold_abs_mean_scalar_threshold():
+    xs = batches((16, 10), count=3)
+    state = make_state(spec("threshold_abs_mean"), threshold=1.2)
+    for x in xs:
+        state.update(x)
+    a = np.abs(torch.cat(xs).double().numpy())
+    sel = a > np.float32(1.2)
+    r = state.result()
+    assert r["count"] == int(sel.sum())
+    np.testing.assert_allclose(r["abs_mean"], a[sel].mean(), rtol=1e-6)
+
+
+def test_threshold_abs_mean_per_channel_threshold():
+    """A per-channel Δ (shape [C,1,1], as a per-channel statistic gives) with per-channel results."""
+    xs = batches((8, 3, 5, 4), count=2)
+    delta = torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1)
+    state = make_state(spec("threshold_abs_mean", (2, 3)), threshold=delta)
+    for x in xs:
+        state.update(x)
+    a = np.abs(torch.cat(xs).double().numpy())
+    sel = a > delta.double().numpy()
+    want = [[[a[:, c][sel[:, c]].mean()]] for c in range(3)]
+    r = state.result()
+    np.testing.assert_allclose(r["abs_mean"], want, rtol=1e-6)
+    assert r["count"] == int(sel.sum())
+
+
+# --- NaN and Inf ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,options", STAT_CASES)
+@pytest.mark.parametrize("dims", ["all", (2, 3)])
+def test_nonfinite_values_are_left_out_and_counted(name, options, dims):
+    xs = batches((8, 3, 5, 4), count=2)
+    xs[0][0, 0, 0, 0] = float("nan")
+    xs[0][1, 2, 1, 1] = float("inf")
+    xs[1][3, 1, 4, 3] = -float("inf")
+    state = make_state(spec(name, dims, **options))
+    for x in xs:
+        state.update(x)
+    r = state.result()
+    assert r.pop("nonfinite") == 3
+    x64 = torch.cat(xs).double().numpy()
+    finite = np.isfinite(x64)
+    # per position (channel) reference over finite values only
+    groups = [x64[finite]] if dims == "all" else [x64[:, c][finite[:, c]] for c in range(3)]
+    want = []
+    for g in groups:
+        want.append(reference(name, g.astype(np.float32).reshape(-1, 1), "all", True, False, **options))
+    assert r["count"] == sum(w["count"] for w in want)
+    for field in r:
+        if field == "count":
+            continue
+        expected = [w[field] for w in want]
+        expected = expected[0] if dims == "all" else np.reshape(expected, (3, 1, 1))
+        np.testing.assert_allclose(np.asarray(r[field]), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_tensor_stats_counts_nonfinite_once_and_feeds_abs():
+    x = torch.randn(32, 6)
+    x[0, 0] = float("nan")
+    x[5, 2] = float("inf")
+    ts = TensorStats([spec("range_min_max"), spec("range_min_max", abs=True), spec("abs_mean")])
+    ts.update(x)
+    assert ts.nonfinite == 2
+    res = ts.results()
+    a = np.abs(x.numpy())
+    a = a[np.isfinite(a)]
+    assert res[spec("range_min_max", abs=True)]["min"] == float(a.min())
+    np.testing.assert_allclose(res[spec("abs_mean")]["abs_mean"], a.astype(np.float64).mean(), rtol=1e-6)
+    assert all(r["nonfinite"] == 2 for r in res.values())
+
+
+def test_no_nonfinite_field_when_all_finite():
+    state = make_state(spec("abs_mean"))
+    state.update(torch.randn(4, 4))
+    assert "nonfinite" not in state.result() and "exact" not in state.result()
+
+
+def test_position_without_finite_values_is_nan():
+    x = torch.randn(4, 3)
+    x[:, 1] = float("nan")
+    for name, options in STAT_CASES:
+        state = make_state(spec(name, "none", **options))
+        state.update(x)
+        r = state.result()
+        for field, value in r.items():
+            if isinstance(value, list):
+                assert math.isnan(value[1]), (name, field)
+                assert not math.isnan(value[0]), (name, field)
+
+
+# --- user errors ------------------------------------------------------------------------------------------
+
+
+def test_dims_out_of_range_is_a_user_error():
+    state = make_state(spec("range_min_max", (4,)))
+    with pytest.raises(UserError, match=r"dims=\[4\].*shape \[2, 3\]"):
+        state.update(torch.randn(2, 3))
+
+
+def test_per_channel_shape_change_is_a_user_error():
+    state = make_state(spec("range_min_max", "none"))
+    state.update(torch.randn(2, 3))
+    with pytest.raises(UserError, match="same per-sample shape"):
+        state.update(torch.randn(2, 4))
+
+
+def test_dims_all_accepts_changing_shapes():
+    state = make_state(spec("range_quantile", quantile=0.5))
+    a, b = torch.randn(2, 3), torch.randn(5, 7, 2)
+    state.update(a)
+    state.update(b)
+    values = np.concatenate([a.numpy().ravel(), b.numpy().ravel()]).astype(np.float64)
+    np.testing.assert_allclose(state.result()["max"], np.quantile(values, 0.5), atol=4 * EPS32 * 4)
