@@ -3,8 +3,9 @@
 In: a `Plan` (compiled elsewhere; the runtime never parses rules), a model and dataset spec, calibration
 settings. Out: `ProfileResult` (the statistics) or `ApplyResult` (statistics, parameters per node, the
 ternary configs, float and ternary accuracy, a per-node report), and `write_apply_outputs` puts
-`stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` in a folder, each written atomically and
-only after the whole run succeeded (a failed run leaves no half-written file).
+`stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` in a folder, only after the whole run
+succeeded and all or nothing: a failed run, or a failure to write any one of the four, leaves no half-written
+file and every previous output as it was.
 
 The activation scale α (mean |x| over |x| > Δ) needs Δ, which needs the statistics: it is gathered in a
 second pass over the same calibration batches once Δ is known (the plan lists it as a derived statistic).
@@ -12,8 +13,10 @@ second pass over the same calibration batches once Δ is known (the plan lists i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from typing import Any, Callable
 
 import attrs
@@ -21,16 +24,16 @@ import torch
 from attrs import frozen
 from torch import nn
 
-from ternqc.plan import Plan, StatSpec
+from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
 from ternqc.runtime import calibrate as calib
 from ternqc.runtime import profile as prof
-from ternqc.runtime.atomic import atomic_write_text
+from ternqc.runtime.atomic import atomic_path, atomic_write_text
 from ternqc.runtime.checkpoints import load_checkpoint_
 from ternqc.runtime.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.data import build_dataset
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.evaluate import accuracy
-from ternqc.runtime.mapping import MappingResult, map_params
+from ternqc.runtime.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.mase_io import write_quant_config_toml, write_stats_toml
 from ternqc.runtime.models import build_model
 from ternqc.runtime.modules import TernaryModule
@@ -92,8 +95,11 @@ def _check_positive(name: str, value: int) -> int:
 def profile(model: nn.Module, plan: Plan, settings: RunSettings) -> ProfileResult:
     """Calibrate `model` on the plan's split and collect the plan's (non-derived) statistics."""
     cal = plan.calibration
-    samples = _check_positive("samples", settings.samples or cal.samples)
-    batch_size = _check_positive("batch size", settings.batch_size or cal.batch_size)
+    # `is None`, not `or`: an explicit --samples 0 is an error, not "use the plan's value"
+    samples = _check_positive("samples", cal.samples if settings.samples is None else settings.samples)
+    batch_size = _check_positive(
+        "batch size", cal.batch_size if settings.batch_size is None else settings.batch_size
+    )
     dataset = build_dataset(settings.dataset, cal.split)
     batches = calib.calibration_batches(dataset, samples, batch_size, settings.seed)
     resolved = prof.resolve_profile(plan.profile, model)
@@ -110,10 +116,40 @@ def profile(model: nn.Module, plan: Plan, settings: RunSettings) -> ProfileResul
 
 
 def build_configs(mapping: MappingResult, *, rules: str) -> dict[str, ModuleQuant]:
-    """Turn each node's parameters into its ternary config (Δ, α, scaling) by the quantiser's rules."""
-    return {
-        path: module_quant_from_params(m.op, m.node, m.params, rules=rules) for path, m in mapping.modules.items()
-    }
+    """Turn each node's parameters into its ternary config (Δ, α, scaling) by the quantiser's rules.
+
+    Raises:
+        UserError: a node's parameters do not make a ternary config (e.g. a quantised tensor whose threshold
+            cannot be resolved); the message names the node, the tensor, the rules file and the location of
+            each rule that set that tensor's parameters.
+    """
+    configs = {}
+    for path, m in mapping.modules.items():
+        try:
+            configs[path] = module_quant_from_params(m.op, m.node, m.params, rules=rules)
+        except UserError as exc:
+            msg = f"{exc}{_rules_behind(m, rules)}"
+            raise UserError(msg) from exc
+    return configs
+
+
+def _rules_behind(m: MappedModule, rules: str) -> str:
+    """Where the rules set the parameters of the tensors of `m` whose config fails on its own (all of them,
+    and `name`, when none fails alone), as " (set by the rules: weight_width at r.tq:3:5, ...)"."""
+    tensors = QUANTISABLE[m.op]
+
+    def own(t: str) -> dict[str, Any]:
+        return {k: v for k, v in m.params.items() if k == "name" or (split_param(k) or ("",))[0] == t}
+
+    failing = []
+    for t in tensors:
+        try:
+            module_quant_from_params(m.op, m.node, own(t), rules=rules)
+        except UserError:
+            failing.append(t)
+    wanted = {k for t in (failing or tensors) for k in own(t) if k != "name" or not failing}
+    places = [f"{param} at {rp.binding.origin}" for param, rp in m.explain.items() if param in wanted]
+    return f" (set by the rules: {', '.join(places)})" if places else ""
 
 
 def calibrate_activation_scales(
@@ -246,22 +282,29 @@ def build_report(
 
 
 def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings, plan: Plan) -> list[str]:
-    """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`; return the
-    paths written."""
-    import os
+    """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`, all or
+    nothing; return the paths written.
 
-    paths = {name: os.path.join(out_dir, name) for name in ("stats.toml", "quant_config.toml", "ternary.ckpt",
-                                                            "report.json")}
-    write_stats_toml(paths["stats.toml"], result.profile.table)
-    write_quant_config_toml(paths["quant_config.toml"], result.mapping)
-    save_ternary_checkpoint(
-        paths["ternary.ckpt"],
-        result.model,
-        result.configs,
-        model_spec=settings.model,
-        extra={"float_accuracy": result.float_accuracy, "ternary_accuracy": result.ternary_accuracy},
-    )
-    atomic_write_text(paths["report.json"], json.dumps(_finite(result.report), indent=2) + "\n")
+    Raises:
+        UserError: one of the files cannot be written (named); then none of the four was replaced.
+    """
+    names = ("stats.toml", "quant_config.toml", "ternary.ckpt", "report.json")
+    paths = {name: os.path.join(out_dir, name) for name in names}
+    # All or nothing: each file is first written to a temporary file next to its target; the targets are
+    # replaced only once all four are written. A failure on any of them (a folder in the way, disk full)
+    # removes the temporary files and leaves every previous output as it was.
+    with contextlib.ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_path(path)) for name, path in paths.items()}
+        write_stats_toml(tmp["stats.toml"], result.profile.table)
+        write_quant_config_toml(tmp["quant_config.toml"], result.mapping)
+        save_ternary_checkpoint(
+            tmp["ternary.ckpt"],
+            result.model,
+            result.configs,
+            model_spec=settings.model,
+            extra={"float_accuracy": result.float_accuracy, "ternary_accuracy": result.ternary_accuracy},
+        )
+        atomic_write_text(tmp["report.json"], json.dumps(_finite(result.report), indent=2) + "\n")
     return list(paths.values())
 
 
