@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stats", help="statistics TOML in MASE's node-meta layout")
     p.add_argument("--rules", help="rules file (.tq); default: the built-in configs/toy_ternary.tq")
     p.add_argument("-o", "--output", default="quant_config.toml")
+    p.add_argument("--base", help="a MASE config whose model and dataset the output keeps (stat-to-conf.py's --base)")
     p.add_argument("--explain", action="store_true")
 
     p = sub.add_parser("demo", help="the whole flow on the built-in defaults: train toy, apply the default recipe")

@@ -121,14 +121,15 @@ def apply(args: argparse.Namespace) -> int:
 
 def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
     from ternqc.runtime.mapping import map_params, render_explain
-    from ternqc.runtime.mase_io import read_stats_toml, write_quant_config_toml
+    from ternqc.runtime.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
 
     plan, source = load_plan(args.rules, None)
     table = read_stats_toml(args.stats)
     mapping = map_params(
         plan, table, rules=source, by_node_name=True, stats_source=f"the statistics file {args.stats}"
     )
-    write_quant_config_toml(args.output, mapping)
+    base = read_config_toml(args.base) if args.base else None
+    write_quant_config_toml(args.output, mapping, base=base)
     if args.explain:
         print(render_explain(mapping))
     print(f"mapped {len(mapping.modules)} nodes with rules {source}; wrote {args.output}")

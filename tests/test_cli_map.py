@@ -216,3 +216,24 @@ def test_map_without_rules_uses_the_built_in_recipe(tmp_path, mapped) -> None:
     run = run_cli("map", DOC_STATS, "-o", out)
     assert run.rc == 0, run
     assert toml.load(out)["passes"] == mapped[1]["passes"]
+
+
+def test_base_config_keeps_model_and_dataset_like_stat_to_conf(tmp_path: Path) -> None:
+    # stat-to-conf.py's --base: the user's base file (the document's toy_ternary_scaled.toml) names the model
+    # and dataset; the written config keeps them and still gives every node its own parameters.
+    base = MASE_DATA / "toy_ternary_scaled_base.toml"
+    out = tmp_path / "q.toml"
+    run = run_cli("map", DOC_STATS, "--rules", RECIPE, "--base", base, "-o", out)
+    assert run.rc == 0, run.err
+    written, base_data = toml.load(out), toml.load(base)
+    assert (written["model"], written["dataset"]) == (base_data["model"], base_data["dataset"])
+    stats = toml.load(DOC_STATS)
+    for node in LINEARS:
+        expected = stats[node]["software"]["args"]["weight"]["stat"]["range_min_max"]["max"]
+        assert written["passes"]["quantize"][node]["config"]["weight_max"] == expected
+
+
+def test_missing_base_config_is_one_clean_error(tmp_path: Path) -> None:
+    run = run_cli("map", DOC_STATS, "--base", tmp_path / "nope.toml", "-o", tmp_path / "q.toml")
+    assert_one_clean_error(run, "nope.toml")
+    assert not (tmp_path / "q.toml").exists()
