@@ -7,7 +7,8 @@ a `StatsTable`.
 
 When the model's forward raises on a batch, the failure becomes a `UserError` that names the innermost
 module running when it failed and the input's shape (`forward_naming_failures` does the same for any
-forward, e.g. evaluation).
+forward, e.g. evaluation). Under `torch.distributed` (see `distributed.py`) each process calibrates its
+share of the batches and the statistics are merged, with the same result as one process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from ternqc.runtime import distributed
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.profile import ResolvedPoints, collect_stats
 from ternqc.runtime.progress import progress as progress_bar
@@ -80,38 +82,67 @@ def calibrate(
 ) -> StatsTable:
     """Run `batches` through `model` (in eval mode, without gradients) and collect `resolved`'s statistics.
 
+    Distributed: when `torch.distributed` is initialised with W > 1 processes, process r runs
+    `batches[r::W]` (every process must pass the same batches and hold the same model), the statistics are
+    merged across processes (`stats.sync`), and every process returns the same table: the same, bit for
+    bit, as one process would compute (a quantile sketch aside, which is within its rank error). A failure
+    in any process raises the same `UserError` in all of them. Only rank 0 draws the progress bar.
+
     Args:
         model: any `nn.Module`; put in eval mode.
         batches: `(inputs, labels)` pairs; `model(inputs)` is called for each.
         resolved: what to collect where (`profile.resolve_profile`).
-        quantile_budget: shared by every quantile statistic (default 256 MiB).
+        quantile_budget: shared by every quantile statistic (default 256 MiB); per process.
         thresholds: `(module_path, tensor) -> Δ` for `threshold_abs_mean` statistics.
         progress: draw a progress bar on stderr.
         desc: the progress bar's label.
 
     Raises:
         UserError: the model's forward raised (naming the module and the input shape), or a statistic cannot
-            be collected on a tensor (e.g. per-channel dims with a changing shape).
+            be collected on a tensor (e.g. per-channel dims with a changing shape), or the processes of a
+            distributed run hold different models.
     """
     model.eval()
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = range(rank, len(batches), world)
+    if world > 1:
+        distributed.check_same_model(model)
     failure: tuple[Any, BaseException] | None = None
     with collect_stats(
         model,
         resolved,
         quantile_budget=quantile_budget,
         thresholds=thresholds,
-        expected_batches=len(batches),
+        expected_batches=len(mine),
+        planned_batches=len(batches),
+        eager=world == 1,
     ) as collector:
-        for inputs, _ in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
+        for i in progress_bar(mine, total=len(mine), desc=desc, enabled=progress and rank == 0):
+            collector.batch = i
+            inputs = batches[i][0]
             try:
                 model(inputs)
-            except (UserError, KeyboardInterrupt):
+            except KeyboardInterrupt:
                 raise
+            except UserError as exc:
+                if world == 1:
+                    raise
+                failure = (inputs, exc)
+                break
             except Exception as exc:  # noqa: BLE001 - the model's own failure, explained below
                 failure = (inputs, exc)
                 break
+    error = None
     if failure is not None:
-        raise describe_failure(model, failure[0], failure[1]) from failure[1]
+        inputs, exc = failure
+        error = exc if isinstance(exc, UserError) else describe_failure(model, inputs, exc)
+    if world > 1:
+        message = distributed.first_failure(None if error is None else str(error))
+        if message is not None:
+            raise (error if error is not None and str(error) == message else UserError(message))
+        collector.sync(distributed.gather_objects)
+    elif error is not None:
+        raise error from failure[1]
     return collector.table()
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ternqc.plan import QUANTISABLE, Origin, ProfilePoint, StatSpec
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.stats import QuantileBudget, TensorStats
+from ternqc.runtime.stats import QuantileBudget, TensorStats, sync
 from ternqc.runtime.stats_table import ModuleStats, StatsTable
 
 PARAM_TENSORS = ("weight", "bias")
@@ -127,7 +127,11 @@ def _input_index(tensor: str) -> int | None:
 
 
 class Collector:
-    """The statistics being collected inside `collect_stats`; `table()` reads them out."""
+    """The statistics being collected inside `collect_stats`; `table()` reads them out.
+
+    `batch` is the index of the calibration batch being run (set by `calibrate`); `None` numbers the calls
+    instead. Batch indices make results independent of how batches are split between processes.
+    """
 
     def __init__(
         self,
@@ -136,10 +140,13 @@ class Collector:
         quantile_budget: QuantileBudget,
         thresholds: Mapping[tuple[str, str], Any],
         expected_batches: int | None,
+        planned_batches: int | None = None,
+        eager: bool = True,
     ) -> None:
         self.model = model
         self.resolved = resolved
         self.budget = quantile_budget
+        self.batch: int | None = None
         self.stats: dict[str, dict[str, TensorStats]] = {}
         self.types: dict[str, str] = {}
         for path, tensors in resolved.modules.items():
@@ -156,6 +163,8 @@ class Collector:
                     quantile_budget=quantile_budget,
                     threshold=thresholds.get((path, tensor)),
                     size_hint=None if tensor in PARAM_TENSORS else expected_batches,
+                    plan_hint=None if tensor in PARAM_TENSORS else (planned_batches or expected_batches),
+                    eager=eager,
                 )
                 for tensor, specs in tensors.items()
             }
@@ -169,7 +178,8 @@ class Collector:
                     if not isinstance(value, torch.Tensor):
                         msg = f"{path} ({type(module).__name__}) has no {tensor} to profile"
                         raise UserError(msg)
-                    _update(ts, value.detach(), path, tensor)
+                    _update(ts, value.detach(), path, tensor, None)
+                    ts.freeze()  # results now, buffers released: a parameter is read once
 
     def _hooks(self) -> list[Any]:
         handles = []
@@ -177,11 +187,20 @@ class Collector:
             module = self.model.get_submodule(path)
             inputs = [(_input_index(t), ts, t) for t, ts in tensors.items() if _input_index(t) is not None]
             if inputs:
-                handles.append(module.register_forward_pre_hook(_pre_hook(inputs, path)))
+                handles.append(module.register_forward_pre_hook(_pre_hook(self, inputs, path)))
             out = tensors.get("data_out_0")
             if out is not None:
-                handles.append(module.register_forward_hook(_post_hook(out, path)))
+                handles.append(module.register_forward_hook(_post_hook(self, out, path)))
         return handles
+
+    def activations(self) -> list[TensorStats]:
+        """The activation statistics, in resolution order (the same in every process)."""
+        return [ts for tensors in self.stats.values() for t, ts in tensors.items() if t not in PARAM_TENSORS]
+
+    def sync(self, gather) -> None:
+        """Merge the activation statistics with the other processes' (see `stats.sync`); parameters are the
+        same everywhere and were read locally."""
+        sync(self.activations(), gather)
 
     def table(self) -> StatsTable:
         """The collected statistics, one `ModuleStats` per resolved module, in resolution order."""
@@ -199,6 +218,7 @@ class Collector:
                     continue
                 shape = ts.shape if tensor in PARAM_TENSORS else ts.shape[1:]
                 shapes[tensor] = tuple(shape)
+                ts.freeze()  # results computed once; quantile buffers go back to the pool
                 values[tensor] = ts.results()
                 if ts.nonfinite:
                     notes.append(f"{tensor}: {ts.nonfinite} NaN/Inf values left out")
@@ -214,47 +234,47 @@ class Collector:
         return table
 
 
-def _update(ts: TensorStats, x: torch.Tensor, path: str, tensor: str) -> None:
+def _update(ts: TensorStats, x: torch.Tensor, path: str, tensor: str, batch: int | None) -> None:
     try:
-        ts.update(x)
+        ts.update(x, batch)
     except UserError as exc:
         msg = f"{path} {tensor}: {exc}"
         raise UserError(msg) from None
 
 
-def _pre_hook(inputs: list[tuple[int, TensorStats, str]], path: str):
+def _pre_hook(collector: Collector, inputs: list[tuple[int, TensorStats, str]], path: str):
     if len(inputs) == 1 and inputs[0][0] == 0:
         ((_, ts, name),) = inputs
 
         def hook(module, args):
             if args and isinstance(args[0], torch.Tensor):
-                _update(ts, args[0], path, name)
+                _update(ts, args[0], path, name, collector.batch)
             else:
-                _update_nth(args, inputs, path)
+                _update_nth(collector, args, inputs, path)
 
         return hook
 
     def hook_n(module, args):
-        _update_nth(args, inputs, path)
+        _update_nth(collector, args, inputs, path)
 
     return hook_n
 
 
-def _update_nth(args: tuple, inputs: list[tuple[int, TensorStats, str]], path: str) -> None:
+def _update_nth(collector: Collector, args: tuple, inputs: list[tuple[int, TensorStats, str]], path: str) -> None:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     for index, ts, name in inputs:
         if index < len(tensors):
-            _update(ts, tensors[index], path, name)
+            _update(ts, tensors[index], path, name, collector.batch)
 
 
-def _post_hook(ts: TensorStats, path: str):
+def _post_hook(collector: Collector, ts: TensorStats, path: str):
     def hook(module, args, output):
         if isinstance(output, torch.Tensor):
-            _update(ts, output, path, "data_out_0")
+            _update(ts, output, path, "data_out_0", collector.batch)
         elif isinstance(output, (tuple, list)):
             for item in output:
                 if isinstance(item, torch.Tensor):
-                    _update(ts, item, path, "data_out_0")
+                    _update(ts, item, path, "data_out_0", collector.batch)
                     break
 
     return hook
@@ -268,6 +288,8 @@ def collect_stats(
     quantile_budget: QuantileBudget | None = None,
     thresholds: Mapping[tuple[str, str], Any] | None = None,
     expected_batches: int | None = None,
+    planned_batches: int | None = None,
+    eager: bool = True,
 ) -> Iterator[Collector]:
     """Collect `resolved`'s statistics from every forward run inside the block.
 
@@ -285,10 +307,20 @@ def collect_stats(
         resolved: from `resolve_profile` or `ResolvedPoints.from_mapping`.
         quantile_budget: shared by every quantile statistic (a fresh 256 MiB budget when None).
         thresholds: `(module_path, tensor) -> Δ` for `threshold_abs_mean` statistics.
-        expected_batches: how many forwards will run (sizes the exact quantile buffers up front).
+        expected_batches: how many forwards will run here (sizes the exact quantile buffers up front).
+        planned_batches: how many forwards all processes run together (decides exact quantiles or a
+            sketch as one process would; default `expected_batches`).
+        eager: fold per-batch partials as they come; False in a process of a distributed run, which keeps
+            them until `collector.sync`.
     """
     collector = Collector(
-        model, resolved, quantile_budget or QuantileBudget(), dict(thresholds or {}), expected_batches
+        model,
+        resolved,
+        quantile_budget or QuantileBudget(),
+        dict(thresholds or {}),
+        expected_batches,
+        planned_batches,
+        eager,
     )
     handles: list[Any] = []
     try:

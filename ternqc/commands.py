@@ -83,14 +83,33 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
+    """Run a pipeline worker (`distributed.profile_worker` / `apply_worker`) here, in every process of a
+    torchrun job, or in `--workers N` local processes; return `(result, writes)`: rank 0's result, and
+    whether this process writes outputs (rank 0 only)."""
+    from ternqc.runtime import distributed
+
+    if distributed.init_from_env():  # under torchrun: this process is one rank
+        try:
+            return worker(*worker_args), distributed.is_main_process()
+        finally:
+            distributed.shutdown()
+    if args.workers < 1:
+        from ternqc.runtime.errors import UserError
+
+        msg = f"--workers must be at least 1, got {args.workers}"
+        raise UserError(msg)
+    return distributed.run_workers(args.workers, worker, *worker_args), True
+
+
 def profile(args: argparse.Namespace) -> int:
-    from ternqc.runtime import pipeline
+    from ternqc.runtime import distributed
     from ternqc.runtime.mase_io import write_stats_toml
 
     plan, _source = load_plan(args.rules, args.plan)
-    settings = _settings(args)
-    model = pipeline.load_model(settings)
-    result = pipeline.profile(model, plan, settings)
+    result, writes = _calibrate_in_processes(args, distributed.profile_worker, plan.to_dict(), _settings(args))
+    if not writes:
+        return 0
     _print_notes(result.notes)
     write_stats_toml(args.out, result.table)
     counts = sum(len(v) for ms in result.table.values() for v in ms.values.values())
@@ -102,10 +121,13 @@ def apply(args: argparse.Namespace) -> int:
     from ternqc.runtime import pipeline
     from ternqc.runtime.mapping import render_explain
 
+    from ternqc.runtime import distributed
+
     plan, source = load_plan(args.rules, args.plan)
     settings = _settings(args)
-    model = pipeline.load_model(settings)
-    result = pipeline.apply(model, plan, settings, rules=source)
+    result, writes = _calibrate_in_processes(args, distributed.apply_worker, plan.to_dict(), settings, source)
+    if not writes:
+        return 0
     _print_notes(result.profile.notes)
     written = pipeline.write_apply_outputs(args.out, result, settings, plan)
     if args.explain:

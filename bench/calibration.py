@@ -1,0 +1,113 @@
+"""Calibration time / plain forward time over the same batches, for toy, the MLP and the transformer.
+
+Calibration is `ternqc.runtime.calibrate.calibrate(model, batches, resolved)` as the pipeline calls it
+(hooks, statistics, results; no progress bar); the plain forward is `model(x)` for every batch under
+`torch.no_grad()` in eval mode. Both run in this process, interleaved; the ratio is the median of the
+per-repetition ratios. Targets: <= 1.15 for the MLP and the transformer, <= 3 for toy.
+
+    .venv/bin/python bench/calibration.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from timing import interleaved, table, verdict
+from workloads import WORKLOADS, build
+
+from ternqc.runtime.calibrate import calibrate
+from ternqc.runtime.stats import QuantileBudget
+
+TARGETS = {"toy": 3.0, "mlp": 1.15, "transformer": 1.15}
+REPS = {"toy": 21, "mlp": 7, "transformer": 3}
+QUICK_REPS = {"toy": 7, "mlp": 3, "transformer": 1}
+
+
+def forward(model, batches) -> None:
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+
+
+def with_empty_hooks(built) -> None:
+    """The forward with a no-op forward pre-hook on every profiled module: the floor of any hook-based
+    calibration (hooks also turn off fused fast paths such as TransformerEncoderLayer's)."""
+    modules = [built.model.get_submodule(p) for p in built.resolved.modules]
+    handles = [m.register_forward_pre_hook(lambda m, a: None) for m in modules]
+    try:
+        forward(built.model, built.batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def measure(name: str, reps: int, budget_mib: float = 256.0):
+    """Median ratios (calibration / forward, empty hooks / forward) and how the quantiles were kept."""
+    built = build(name)
+    budgets = []
+
+    def calib():
+        budget = QuantileBudget(int(budget_mib * 2**20))
+        budgets.append(budget)
+        return calibrate(built.model, built.batches, built.resolved, quantile_budget=budget, progress=False)
+
+    results = interleaved(
+        lambda: forward(built.model, built.batches),
+        {"calibrate": calib, "hooks": lambda: with_empty_hooks(built)},
+        reps,
+    )
+    table_ = calib()
+    quantiles = [
+        r.get("exact", True)
+        for ms in table_.values()
+        for tensor, stats in ms.values.items()
+        if tensor == "data_in_0"
+        for spec, r in stats.items()
+        if spec.name == "range_quantile"
+    ]
+    exact = f"{sum(quantiles)}/{len(quantiles)} exact"
+    return results["calibrate"], results["hooks"], exact, budgets[-1].peak / 2**20
+
+
+def run(quick: bool = False) -> str:
+    rows = []
+    for name, w in WORKLOADS.items():
+        reps = (QUICK_REPS if quick else REPS)[name]
+        result, hooks, exact, peak = measure(name, reps)
+        rows.append(
+            [
+                w.describe,
+                f"{result.base_median * 1e3:.0f}",
+                f"{result.variant_median * 1e3:.0f}",
+                f"{result.ratio:.2f}",
+                result.spread(),
+                f"{hooks.ratio:.2f}",
+                f"{exact}, {peak:.0f} MiB",
+                TARGETS[name],
+                verdict(result.ratio, TARGETS[name]),
+            ]
+        )
+    notes = [
+        "ratio = median over repetitions of calibrate()/forward on the same batches, same process, interleaved",
+        "empty hooks = the forward with a no-op hook on every profiled module: the floor of hook-based "
+        "calibration",
+        "statistics: range_min_max, range_quantile(0.5), abs_mean on every Linear data_in_0 and weight; "
+        "quantile budget 256 MiB",
+    ]
+    header = ["workload", "forward ms", "calibrate ms", "ratio", "spread", "empty hooks", "quantiles (data_in)",
+              "target", ""]
+    return table("Calibration / plain forward", header, rows, notes)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    print(run(args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

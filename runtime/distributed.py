@@ -1,0 +1,277 @@
+"""Calibration across processes with `torch.distributed`: process-group helpers, `--workers N`, worker entry
+points for the commands.
+
+In: the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), or a number of
+local workers. Out: an initialised default process group (gloo on CPU, NCCL when CUDA is available), and
+the helpers `calibrate.calibrate` uses when it finds one: its shard of the batches (`batches[rank::world]`),
+`gather_objects` (every process's object, rank order) for merging statistics, `first_failure` so that a
+failure in one process stops them all with the same message, and `check_same_model`.
+
+Two ways in:
+- `torchrun --nproc-per-node N -m ternqc apply ...`: the command calls `init_from_env()` first, runs the
+  pipeline in every process (calibration is sharded and merged inside), writes outputs only where
+  `is_main_process()`, and calls `shutdown()` at the end.
+- `--workers N`: `run_workers(N, fn, *args)` starts N local processes on 127.0.0.1 (torch.multiprocessing,
+  forkserver where available else spawn; gloo; a free port), each initialises the group and calls
+  `fn(*args)`; rank 0's return value comes back (pickled). `profile_worker`
+  and `apply_worker` are such functions for the two commands.
+
+Every process must hold the same model: built-in models without a checkpoint get a random initialisation
+per process, so the workers broadcast rank 0's weights (`broadcast_model_`), and `calibrate` checks.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import socket
+import tempfile
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ternqc.runtime.errors import UserError
+
+__all__ = [
+    "apply_worker",
+    "broadcast_model_",
+    "check_same_model",
+    "first_failure",
+    "gather_objects",
+    "init_from_env",
+    "is_distributed",
+    "is_main_process",
+    "profile_worker",
+    "rank",
+    "run_workers",
+    "shutdown",
+    "world_size",
+]
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+_TIMEOUT = timedelta(minutes=30)
+
+
+def is_distributed() -> bool:
+    """Whether a default process group with more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, the process that writes outputs and prints."""
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Initialise the default process group from torchrun's environment variables when they are set.
+
+    NCCL when CUDA is available (the device `LOCAL_RANK`), gloo otherwise. Returns whether a group is
+    initialised (False outside torchrun: a single process, nothing to do).
+
+    Raises:
+        UserError: the group cannot be initialised (e.g. the master address cannot be reached).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not all(name in os.environ for name in TORCHRUN_VARS):
+        return False
+    if not dist.is_available():
+        msg = "this build of PyTorch has no torch.distributed, so it cannot run under torchrun"
+        raise UserError(msg)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend, timeout=_TIMEOUT)
+    except (RuntimeError, ValueError) as exc:
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '?')}"
+        msg = f"cannot start torch.distributed ({backend}, rank {os.environ['RANK']}, master {where}): {exc}"
+        raise UserError(msg) from exc
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj`, in rank order (`all_gather_object`; `[obj]` without a group)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_failure(message: str | None) -> str | None:
+    """Agree on failure: every process passes its error message (None when it succeeded) and gets the
+    lowest rank's message, or None when every process succeeded."""
+    return next((m for m in gather_objects(message) if m is not None), None)
+
+
+def check_same_model(model: nn.Module) -> None:
+    """Raise a `UserError` in every process when the processes hold different weights (their statistics
+    could not be merged)."""
+    with torch.no_grad():
+        sums = [float(t.detach().double().sum()) for t in model.state_dict().values() if t.is_floating_point()]
+    everyone = gather_objects(sums)
+    if any(s != everyone[0] for s in everyone[1:]):
+        msg = (
+            "the processes of this distributed run hold different model weights, so their calibration "
+            "statistics cannot be merged; load the same checkpoint in every process (--ckpt), or seed and "
+            "build the model the same way"
+        )
+        raise UserError(msg)
+
+
+def broadcast_model_(model: nn.Module) -> nn.Module:
+    """Give every process rank 0's parameters and buffers (in place)."""
+    if is_distributed():
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --workers N: local processes on 127.0.0.1
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_workers(n: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` in `n` spawned processes that form a gloo process group on 127.0.0.1, and return
+    rank 0's return value. `fn` must be a module-level function and `args` picklable (pass plans as
+    `Plan.to_dict()`). Each process gets `torch.get_num_threads() // n` threads (at least 1).
+
+    With `n <= 1` it calls `fn(*args)` here.
+
+    Raises:
+        UserError: a worker raised one (same message).
+    """
+    if n <= 1:
+        return fn(*args)
+    import torch.multiprocessing as mp
+
+    outdir = tempfile.mkdtemp(prefix="ternqc-workers-")
+    threads = max(1, torch.get_num_threads() // n)
+    try:
+        try:
+            mp.start_processes(
+                _worker,
+                args=(n, _free_port(), threads, outdir, fn, args),
+                nprocs=n,
+                join=True,
+                start_method=_start_method(),
+            )
+        except mp.ProcessExitedException:
+            pass  # a worker's UserError: its message is in outdir (read below)
+        errors = sorted(f for f in os.listdir(outdir) if f.startswith("error-"))
+        if errors:
+            with open(os.path.join(outdir, errors[0]), encoding="utf-8") as f:
+                raise UserError(f.read())
+        path = os.path.join(outdir, "result.pkl")
+        if not os.path.exists(path):
+            msg = f"the {n} calibration workers stopped without a result (one was killed?)"
+            raise UserError(msg)
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    finally:
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
+def _start_method() -> str:
+    """`forkserver` where available: one server process imports torch once and forks the workers (about
+    2 s for two workers here, and a later call reuses it) instead of every worker importing torch itself
+    (`spawn`, 3.5 s). Plain `fork` is not safe once this process has used OpenMP threads."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet
+        multiprocessing.set_forkserver_preload(["torch", "ternqc.runtime.distributed", "ternqc.runtime.pipeline"])
+    return "forkserver"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callable, args: tuple) -> None:
+    """One spawned process: join the group, run `fn`, hand rank 0's result (or a UserError) to the parent."""
+    torch.set_num_threads(threads)
+    os.environ.update(
+        RANK=str(index), WORLD_SIZE=str(n), LOCAL_RANK=str(index), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=index, world_size=n, timeout=_TIMEOUT
+    )
+    try:
+        result = fn(*args)
+        if index == 0:
+            with open(os.path.join(outdir, "result.pkl.tmp"), "wb") as f:
+                pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(os.path.join(outdir, "result.pkl.tmp"), os.path.join(outdir, "result.pkl"))
+    except UserError as exc:
+        with open(os.path.join(outdir, f"error-{index:05d}"), "w", encoding="utf-8") as f:
+            f.write(str(exc))
+        raise SystemExit(1) from None  # the parent stops the other workers
+    finally:
+        shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker entry points for `ternqc profile --workers N` and `ternqc apply --workers N`
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _prepared(plan_dict: dict, settings):
+    from ternqc.plan import Plan
+    from ternqc.runtime import pipeline
+
+    model = broadcast_model_(pipeline.load_model(settings))
+    return Plan.from_dict(plan_dict), model
+
+
+def profile_worker(plan_dict: dict, settings) -> Any:
+    """`pipeline.profile` in every process (calibration sharded and merged); returns the `ProfileResult`
+    without its batches. For `run_workers(n, profile_worker, plan.to_dict(), settings)`."""
+    import attrs
+
+    from ternqc.runtime import pipeline
+
+    plan, model = _prepared(plan_dict, settings)
+    result = pipeline.profile(model, plan, settings)
+    return attrs.evolve(result, batches=())
+
+
+def apply_worker(plan_dict: dict, settings, rules: str) -> Any:
+    """`pipeline.apply` in every process (both calibration passes sharded and merged; evaluation runs in
+    every process); returns rank 0's `ApplyResult` (its model converted) without the batches. For
+    `run_workers(n, apply_worker, plan.to_dict(), settings, source)`."""
+    import attrs
+
+    from ternqc.runtime import pipeline
+
+    plan, model = _prepared(plan_dict, settings)
+    result = pipeline.apply(model, plan, settings, rules=rules)
+    return attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))

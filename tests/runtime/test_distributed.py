@@ -1,0 +1,120 @@
+"""Acceptance 1 of issue 5: two gloo processes on 127.0.0.1 give the single-process result, bit for bit.
+
+`run_workers(2, apply_worker, ...)` runs the whole apply flow in two spawned processes (each calibrates half
+of the batches, both calibration passes are merged, rank 0's result comes back); `apply_worker` called here
+runs it in this process. The statistics (exact quantiles, per-channel and element-wise results, abs_mean,
+variance, n-sigma, the second pass's threshold_abs_mean with per-feature thresholds), the mapped
+parameters, the ternary configs and the converted weights must be identical. The workers run with one
+thread each and this process with more, batches are uneven (200, 200, 112) and some activations exceed a
+summation chunk, so results that depended on threads or on the split would differ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ternqc.compiler import compile_source
+from ternqc.runtime import distributed, pipeline
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.models import ToyNet
+
+RULES = """
+calibrate {
+    samples = 512
+    batch_size = 200
+}
+profile linear.weight: range_min_max(dims = [1]), abs_mean
+profile linear.data_in, relu.data_in:
+    range_min_max(dims = none),
+    range_quantile(quantile = 0.5),
+    range_quantile(dims = none, quantile = 0.9),
+    abs_mean(dims = none),
+    variance_precise,
+    range_n_sigma(num_sigma = 3)
+default {
+    name = "ternary"
+    data_in_width = 2
+    data_in_scaling_factor = true
+}
+linear {
+    weight_width = 2
+    weight_scaling_factor = true
+    bias_width = 32
+}
+linear.data_in_threshold = 0.5 * stat.abs_mean.abs_mean
+linear.weight_threshold  = 0.7 * stat(weight).abs_mean.abs_mean
+relu.data_in_threshold   = abs(stat.range_quantile(quantile = 0.5).max) + 0.1 * stat.variance_precise.variance
+"""
+
+MODEL = """
+import torch
+from torch.utils.data import TensorDataset
+
+from ternqc.runtime.models import ToyNet
+
+
+def wide():
+    return ToyNet(hidden=300)
+
+
+def three_features(split):
+    return TensorDataset(torch.zeros(300, 3), torch.zeros(300))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    (folder / "wide.py").write_text(MODEL)
+    torch.manual_seed(3)
+    torch.save(ToyNet(hidden=300).state_dict(), folder / "wide.pt")
+    plan = compile_source(RULES, "rules.tq").plan
+    settings = pipeline.RunSettings(model=f"{folder / 'wide.py'}:wide", ckpt=str(folder / "wide.pt"), progress=False)
+    return plan, settings
+
+
+def test_two_processes_give_the_single_process_statistics_and_parameters(setup):
+    plan, settings = setup
+    single = distributed.apply_worker(plan.to_dict(), settings, "rules.tq")
+    two = distributed.run_workers(2, distributed.apply_worker, plan.to_dict(), settings, "rules.tq")
+
+    assert list(two.profile.table) == list(single.profile.table)
+    names = set()
+    for path, ms in single.profile.table.items():
+        other = two.profile.table[path]
+        assert other.shapes == ms.shapes and other.notes == ms.notes
+        for tensor, results in ms.values.items():
+            assert list(other.values[tensor]) == list(results)
+            for s, fields in results.items():
+                names.add(s.name)
+                got = other.values[tensor][s]
+                assert got == fields, (path, tensor, s.key())
+                assert not any(isinstance(v, float) and math.isnan(v) for v in fields.values())
+    assert {"range_quantile", "range_min_max", "abs_mean", "variance_precise", "threshold_abs_mean"} <= names
+    assert two.mapping == single.mapping
+    assert two.configs == single.configs
+    state, other = single.model.state_dict(), two.model.state_dict()
+    assert state.keys() == other.keys()
+    for k in state:
+        if k.endswith("_alpha") or k.split(".")[-1].startswith("q"):
+            # α of a weight is computed when converting, by quantizers.weight_alpha, from the weights (not
+            # from statistics): a torch sum to one value, whose bits depend on the thread count
+            torch.testing.assert_close(other[k], state[k], rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(other[k], state[k]), k
+
+
+def test_a_workers_user_error_reaches_the_parent_with_its_message(setup):
+    """Inputs the model rejects: the process that fails and the one that does not both stop with it."""
+    plan, settings = setup
+    data = settings.model.replace(":wide", ":three_features")
+    bad = pipeline.RunSettings(model=settings.model, ckpt=settings.ckpt, dataset=data, progress=False)
+    with pytest.raises(UserError) as info:
+        distributed.run_workers(2, distributed.profile_worker, plan.to_dict(), bad)
+    with pytest.raises(UserError) as here:
+        distributed.profile_worker(plan.to_dict(), bad)
+    assert str(info.value) == str(here.value)
+    assert "rejected the calibration inputs" in str(here.value)
