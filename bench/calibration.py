@@ -90,14 +90,17 @@ def run(quick: bool = False) -> str:
             ]
         )
     notes = [
-        "ratio = median over repetitions of calibrate()/forward on the same batches, same process, interleaved",
+        "ratio = median over repetitions of calibrate()/forward on the same batches, in this process, "
+        "interleaved",
         "empty hooks = the forward with a no-op hook on every profiled module: the floor of hook-based "
         "calibration",
         "statistics: range_min_max, range_quantile(0.5), abs_mean on every Linear data_in_0 and weight; "
         "quantile budget 256 MiB",
     ]
-    header = ["workload", "forward ms", "calibrate ms", "ratio", "spread", "empty hooks", "quantiles (data_in)",
-              "target", ""]
+    header = [
+        "workload", "forward ms", "calibrate ms", "ratio", "spread", "empty hooks", "quantiles (data_in)",
+        "target", "",
+    ]
     return table("Calibration / plain forward", header, rows, notes)
 
 

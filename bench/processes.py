@@ -45,7 +45,8 @@ def run(quick: bool = False) -> str:
     one, two = statistics.median(one_times), statistics.median(two_times)
     rows = [
         ["1 process", f"{one:.2f}", "-", "1.00", "-"],
-        ["2 processes (gloo, 127.0.0.1)", f"{two:.2f}", f"{startup:.1f}", f"{one / two:.2f}", one_table == two_table],
+        ["2 processes (gloo, 127.0.0.1)", f"{two:.2f}", f"{startup:.1f}", f"{one / two:.2f}",
+         one_table == two_table],
     ]
     notes = [
         "4 x Linear(1024) + ReLU, 64 batches of 256, the calibration statistics; times: median of "

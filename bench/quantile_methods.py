@@ -4,7 +4,8 @@ The same stream of batches (64 x [256, 1024] float32 = 2^24 values, a ReLU-like 
 drifting scale, the MLP's case) goes through each method; reported: time per batch (feeding, plus the
 final answer spread over the batches), peak memory the method allocates (numpy/torch memory measured by
 `tracemalloc` for numpy; sizes for torch), and the rank error of the 0.01 and 0.99 quantiles against the
-sorted values (0 when the answer lies between the two values the exact quantile interpolates). Targets: exact methods have rank error 0; the sketch <= 1e-4 within its budget.
+sorted values (0 when the answer lies between the two values the exact quantile interpolates). Targets: exact
+methods have rank error 0; the sketch <= 1e-4 within its budget.
 
     .venv/bin/python bench/quantile_methods.py [--quick]
 """

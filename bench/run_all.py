@@ -64,9 +64,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these tables")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    print(f"ternqc benchmarks{' (quick)' if args.quick else ''}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"python {platform.python_version()}\n", flush=True)
+    machine = platform.processor() or platform.machine()
+    versions = f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}"
+    title = f"ternqc benchmarks{' (quick)' if args.quick else ''}"
+    print(f"{title}: {machine}, {os.cpu_count()} cores, {versions}\n", flush=True)
     for name in args.only or SECTIONS:
         section = time.perf_counter()
         print(SECTIONS[name](args.quick), flush=True)

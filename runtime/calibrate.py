@@ -84,9 +84,10 @@ def calibrate(
 
     Distributed: when `torch.distributed` is initialised with W > 1 processes, process r runs
     `batches[r::W]` (every process must pass the same batches and hold the same model), the statistics are
-    merged across processes (`stats.sync`), and every process returns the same table: the same, bit for
-    bit, as one process would compute (a quantile sketch aside, which is within its rank error). A failure
-    in any process raises the same `UserError` in all of them. Only rank 0 draws the progress bar.
+    merged across processes (`distributed.sync_stats`), and every process returns the same table: the
+    same, bit for bit, as one process would compute (a quantile sketch aside, which is within its rank
+    error). A failure in any process raises the same `UserError` in all of them. Only rank 0 draws the
+    progress bar.
 
     Args:
         model: any `nn.Module`; put in eval mode.
@@ -140,7 +141,7 @@ def calibrate(
         message = distributed.first_failure(None if error is None else str(error))
         if message is not None:
             raise (error if error is not None and str(error) == message else UserError(message))
-        collector.sync(distributed.gather_objects)
+        collector.sync()
     elif error is not None:
         raise error from failure[1]
     return collector.table()

@@ -2,10 +2,11 @@
 points for the commands.
 
 In: the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), or a number of
-local workers. Out: an initialised default process group (gloo on CPU, NCCL when CUDA is available), and
+local workers. Out: an initialised default process group (gloo for CPU tensors, NCCL for CUDA ones), and
 the helpers `calibrate.calibrate` uses when it finds one: its shard of the batches (`batches[rank::world]`),
-`gather_objects` (every process's object, rank order) for merging statistics, `first_failure` so that a
-failure in one process stops them all with the same message, and `check_same_model`.
+`sync_stats` (the statistics' merge protocols, over `gather_objects`: every process's object, rank order),
+`first_failure` so that a failure in one process stops them all with the same message, and
+`check_same_model`.
 
 Two ways in:
 - `torchrun --nproc-per-node N -m ternqc apply ...`: the command calls `init_from_env()` first, runs the
@@ -28,7 +29,8 @@ import shutil
 import socket
 import tempfile
 from datetime import timedelta
-from typing import Any, Callable
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,8 +49,10 @@ __all__ = [
     "is_main_process",
     "profile_worker",
     "rank",
+    "run_protocols",
     "run_workers",
     "shutdown",
+    "sync_stats",
     "world_size",
 ]
 
@@ -79,7 +83,8 @@ def is_main_process() -> bool:
 def init_from_env() -> bool:
     """Initialise the default process group from torchrun's environment variables when they are set.
 
-    NCCL when CUDA is available (the device `LOCAL_RANK`), gloo otherwise. Returns whether a group is
+    gloo for CPU tensors, and NCCL for CUDA tensors when CUDA is available (`cpu:gloo,cuda:nccl`, the device
+    `LOCAL_RANK`), so collectives run on the device of their tensors. Returns whether a group is
     initialised (False outside torchrun: a single process, nothing to do).
 
     Raises:
@@ -92,8 +97,8 @@ def init_from_env() -> bool:
     if not dist.is_available():
         msg = "this build of PyTorch has no torch.distributed, so it cannot run under torchrun"
         raise UserError(msg)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group(backend, timeout=_TIMEOUT)
@@ -129,7 +134,8 @@ def check_same_model(model: nn.Module) -> None:
     """Raise a `UserError` in every process when the processes hold different weights (their statistics
     could not be merged)."""
     with torch.no_grad():
-        sums = [float(t.detach().double().sum()) for t in model.state_dict().values() if t.is_floating_point()]
+        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+        sums = [float(t.detach().double().sum()) for t in tensors]
     everyone = gather_objects(sums)
     if any(s != everyone[0] for s in everyone[1:]):
         msg = (
@@ -147,6 +153,49 @@ def broadcast_model_(model: nn.Module) -> nn.Module:
             for t in model.state_dict().values():
                 dist.broadcast(t, src=0)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merging statistics: protocols advanced in lockstep
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sync_stats(tensor_stats: Sequence[Any], gather: Callable[[Any], list[Any]] = gather_objects) -> None:
+    """Merge `tensor_stats` (`stats.TensorStats`, the same list in the same order in every process) with every
+    other process's, so that every process then holds the same results.
+
+    `gather(obj)` returns the list of every process's `obj` in process order (`all_gather_object` by
+    default). Each statistic runs a small protocol (`StatState.sync`: a generator that yields what it sends
+    and is sent what everybody sent); the protocols of all statistics advance together, one `gather` per
+    round (two or three rounds).
+    """
+    gens = {}
+    for i, ts in enumerate(tensor_stats):
+        gens.update(((i, k), g) for k, g in ts.sync().items())
+    run_protocols(gens, gather)
+
+
+def run_protocols(gens: dict[Any, Generator], gather: Callable[[Any], list[Any]]) -> dict[Any, Any]:
+    """Advance protocol generators in lockstep: each round one `gather` of every active generator's message;
+    returns each generator's return value. Every process must run the same generators with the same keys
+    (their decisions depend only on gathered data, so they stay in step)."""
+    results: dict[Any, Any] = {}
+    active: dict[Any, tuple[Generator, Any]] = {}
+    for key, gen in gens.items():
+        try:
+            active[key] = (gen, next(gen))
+        except StopIteration as stop:
+            results[key] = stop.value
+    while active:
+        everyone = gather({key: message for key, (_, message) in active.items()})
+        advanced = {}
+        for key, (gen, _) in active.items():
+            try:
+                advanced[key] = (gen, gen.send([part[key] for part in everyone]))
+            except StopIteration as stop:
+                results[key] = stop.value
+        active = advanced
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,7 +255,9 @@ def _start_method() -> str:
     from multiprocessing import forkserver
 
     if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet
-        multiprocessing.set_forkserver_preload(["torch", "ternqc.runtime.distributed", "ternqc.runtime.pipeline"])
+        multiprocessing.set_forkserver_preload(
+            ["torch", "ternqc.runtime.distributed", "ternqc.runtime.pipeline"]
+        )
     return "forkserver"
 
 
@@ -220,7 +271,11 @@ def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callab
     """One spawned process: join the group, run `fn`, hand rank 0's result (or a UserError) to the parent."""
     torch.set_num_threads(threads)
     os.environ.update(
-        RANK=str(index), WORLD_SIZE=str(n), LOCAL_RANK=str(index), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(index),
+        WORLD_SIZE=str(n),
+        LOCAL_RANK=str(index),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=index, world_size=n, timeout=_TIMEOUT

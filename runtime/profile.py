@@ -24,10 +24,12 @@ from torch import nn
 
 from ternqc.plan import QUANTISABLE, Origin, ProfilePoint, StatSpec
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.stats import QuantileBudget, TensorStats, sync
+from ternqc.runtime.stats import STAGE_BYTES, QuantileBudget, TensorStats
 from ternqc.runtime.stats_table import ModuleStats, StatsTable
 
 PARAM_TENSORS = ("weight", "bias")
+#: Staging memory for small activations, all tensors together (each gets at most `stats.STAGE_BYTES`).
+STAGING_BYTES = 64 * 2**20
 
 
 def module_type(module: nn.Module) -> str:
@@ -149,6 +151,8 @@ class Collector:
         self.batch: int | None = None
         self.stats: dict[str, dict[str, TensorStats]] = {}
         self.types: dict[str, str] = {}
+        activations = sum(t not in PARAM_TENSORS for tensors in resolved.modules.values() for t in tensors)
+        stage_bytes = max(2**18, min(STAGE_BYTES, STAGING_BYTES // max(1, activations)))
         for path, tensors in resolved.modules.items():
             try:
                 module = model.get_submodule(path)
@@ -165,6 +169,7 @@ class Collector:
                     size_hint=None if tensor in PARAM_TENSORS else expected_batches,
                     plan_hint=None if tensor in PARAM_TENSORS else (planned_batches or expected_batches),
                     eager=eager,
+                    stage_bytes=stage_bytes,
                 )
                 for tensor, specs in tensors.items()
             }
@@ -197,10 +202,12 @@ class Collector:
         """The activation statistics, in resolution order (the same in every process)."""
         return [ts for tensors in self.stats.values() for t, ts in tensors.items() if t not in PARAM_TENSORS]
 
-    def sync(self, gather) -> None:
-        """Merge the activation statistics with the other processes' (see `stats.sync`); parameters are the
-        same everywhere and were read locally."""
-        sync(self.activations(), gather)
+    def sync(self, gather=None) -> None:
+        """Merge the activation statistics with the other processes' (`distributed.sync_stats`, over
+        `gather`, default `all_gather_object`); parameters are the same everywhere and were read locally."""
+        from ternqc.runtime import distributed
+
+        distributed.sync_stats(self.activations(), gather or distributed.gather_objects)
 
     def table(self) -> StatsTable:
         """The collected statistics, one `ModuleStats` per resolved module, in resolution order."""
@@ -260,7 +267,9 @@ def _pre_hook(collector: Collector, inputs: list[tuple[int, TensorStats, str]], 
     return hook_n
 
 
-def _update_nth(collector: Collector, args: tuple, inputs: list[tuple[int, TensorStats, str]], path: str) -> None:
+def _update_nth(
+    collector: Collector, args: tuple, inputs: list[tuple[int, TensorStats, str]], path: str
+) -> None:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     for index, ts, name in inputs:
         if index < len(tensors):

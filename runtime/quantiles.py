@@ -9,8 +9,8 @@ a rank, linearly interpolated as `torch.quantile` does (rank `q·(n-1)`, `torch.
   the values below the bracket and extracts those inside it, and only those few are partitioned (about 1.2 ns
   a value, 8x faster than partitioning everything; a bracket that misses falls back to a full partition, so
   the answer is always exact). The same protocol runs across processes: only counts, samples and the values
-  inside the brackets travel (`torch.distributed` merging, see `stats.sync`). Many rows (per-channel
-  quantiles) are partitioned in place. No sort of everything, no size limit.
+  inside the brackets travel (`torch.distributed` merging, see `distributed.sync_stats`). Many rows
+  (per-channel quantiles) are partitioned in place. No sort of everything, no size limit.
 - `CompactorSketch` is a KLL-style compactor sketch (Karnin, Lang, Liberty 2016): a stack of levels, level
   `h` holding sorted samples of weight `2^h`; a full level is sorted and every other item (random offset)
   moves up. It is mergeable, handles repeated values (ReLU zeros) exactly like any other value, and its
@@ -44,7 +44,8 @@ class QuantileBudget:
 
     Every quantile state `promise`s the size of the sketch it would switch to (as soon as it knows its number
     of rows; for many rows at most an eighth of the limit), so exact buffers never take the room a later
-    sketch needs: `available` is what is left for exact buffers. A state grows its buffer only within `available`; when it cannot, it switches to a sketch
+    sketch needs: `available` is what is left for exact buffers. A state grows its buffer only within
+    `available`; when it cannot, it switches to a sketch
     and `claim`s its promise. `used` and `peak` count bytes held, for reports and tests. The limit holds
     exactly when every promise is made before the buffers fill it (always for dims=all, whose one row is
     known up front); a per-channel state first seen after that may exceed it by its sketch.
@@ -61,7 +62,8 @@ class QuantileBudget:
 
     @property
     def available(self) -> int:
-        """Bytes exact buffers may still take (the limit less what is held and what sketches were promised)."""
+        """Bytes exact buffers may still take (the limit less what is held and what sketches were
+        promised)."""
         return max(0, self.limit - self.used - self.promised)
 
     def promise(self, nbytes: int) -> None:
@@ -93,7 +95,10 @@ class QuantileBudget:
         self.used = max(0, self.used - int(nbytes))
 
     def __repr__(self) -> str:
-        return f"QuantileBudget(limit={self.limit}, used={self.used}, promised={self.promised}, peak={self.peak})"
+        return (
+            f"QuantileBudget(limit={self.limit}, used={self.used}, promised={self.promised}, "
+            f"peak={self.peak})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +157,8 @@ class ExactValues:
         return view
 
     def reserve(self, total: int) -> bool:
-        """Allocate room for `total` values per row at once (taken from the budget); False if it does not fit."""
+        """Allocate room for `total` values per row at once (taken from the budget); False if it does not
+        fit."""
         return total <= self._buf.shape[1] or self._grow(total, total)
 
     def _grow(self, need: int, hint: int | None) -> bool:
@@ -206,13 +212,16 @@ class ExactValues:
 # Fresh memory is slow here (page faults; on this VM up to ~2 ms/MiB once the host has reclaimed freed
 # pages), so released buffers are kept for the next calibration in the process, up to `POOL_BYTES`.
 POOL_BYTES = 512 * 2**20
+_POOL_MIN = 2**16  # smaller arrays come from the heap, which reuses its memory anyway
 _FREE: list[np.ndarray] = []
 
 
 def take_buffer(size: int) -> np.ndarray:
     """A 1-D float32 array of `size` values (contents undefined): the smallest pooled one that is large
-    enough, else a new one."""
-    fits = [b for b in _FREE if b.size >= size]
+    enough (and at most 4x larger), else a new one."""
+    if size < _POOL_MIN:
+        return np.empty(size, dtype=np.float32)
+    fits = [b for b in _FREE if size <= b.size <= 4 * size]
     if not fits:
         return np.empty(size, dtype=np.float32)
     best = min(fits, key=lambda b: b.size)
@@ -225,7 +234,7 @@ def give_back(buf: np.ndarray) -> None:
     base = buf
     while base.base is not None and isinstance(base.base, np.ndarray):
         base = base.base
-    if base.size < 2**16 or base.dtype != np.float32 or base.ndim != 1 or any(b is base for b in _FREE):
+    if base.size < _POOL_MIN or base.dtype != np.float32 or base.ndim != 1 or any(b is base for b in _FREE):
         return
     _FREE.append(base)
     while sum(b.nbytes for b in _FREE) > POOL_BYTES:
@@ -250,7 +259,9 @@ def wanted_ranks(qs: tuple[float, ...], finite: np.ndarray) -> list[int]:
     return sorted(out)
 
 
-def quantiles_from_ranks(qs: tuple[float, ...], finite: np.ndarray, values: dict[int, float]) -> list[torch.Tensor]:
+def quantiles_from_ranks(
+    qs: tuple[float, ...], finite: np.ndarray, values: dict[int, float]
+) -> list[torch.Tensor]:
     """One row's quantiles from the values at its integer ranks (`select_protocol`'s answer), interpolated
     like `torch.quantile`; NaN when the row has no finite value."""
     if int(finite[0]) == 0:
@@ -300,16 +311,19 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
 
     Each process passes its own `values` (1-D float32, NaN = left out, only read) and their number of finite
     values. The generator yields what this process contributes to each round and is sent back the list of
-    every process's contribution (rank order): `run_local` drives it in one process, `stats.sync` across
-    processes with `all_gather_object`. It returns `{rank: float32 value}`, identical in every process.
+    every process's contribution (rank order): `run_local` drives it in one process,
+    `distributed.sync_stats` across processes with `all_gather_object`. It returns
+    `{rank: float32 value}`, identical in every process.
 
     Rounds: (1) counts and a strided sample (a prime stride, so it does not alias with a tensor's layout;
-    every value when there are few, which then answers at once); every process sorts the pooled sample and picks a bracket `[lo, hi]` around each wanted rank, 5 standard
-    deviations of the sample's rank error wide. (2) each process counts its values <= lo and < hi and
-    extracts those strictly between: a wanted rank between the counts is found by partitioning the few
-    pooled values between. (3) only for a rank outside: the values < lo and <= hi are counted, which answers
-    a rank that falls on lo or hi (an atom, e.g. a ReLU's zeros). (4) only when a bracket missed (never seen
-    in practice): every value is pooled and partitioned. The answer is exact whatever the sample.
+    every value when there are few, which then answers at once). Every process sorts the pooled sample and
+    picks a bracket `[lo, hi]` around each wanted rank, 5 standard deviations of the sample's rank error
+    wide; an edge the sample holds twice is probably an atom. (2) each process counts its values <= lo and
+    < hi (and < lo, <= hi at a likely atom) and extracts those strictly between: a rank between the counts
+    is found by partitioning the few pooled values between, a rank on an atom at lo or hi (e.g. a ReLU's
+    zeros) by the counts. (3) only for a rank still outside: the values < lo and <= hi are counted. (4) only
+    when a bracket missed (never seen in practice): every value is pooled and partitioned. The answer is
+    exact whatever the sample.
     """
     local = np.empty(0, dtype=np.float32) if values is None else values
     stride = _prime_at_least(max(1, local.size * parts // SAMPLE_SIZE))
@@ -367,7 +381,8 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
 
 
 def run_local(protocol) -> object:
-    """Drive a protocol generator (e.g. `select_protocol`) in one process: every round's pool is its own part."""
+    """Drive a protocol generator (e.g. `select_protocol`) in one process: every round's pool is its own
+    part."""
     try:
         message = next(protocol)
         while True:
@@ -377,7 +392,8 @@ def run_local(protocol) -> object:
 
 
 def _brackets(pooled: np.ndarray, n: int, ranks: list[int]) -> list[tuple[np.float32, np.float32, list[int]]]:
-    """`(lo, hi, ranks inside)` groups: each rank's bracket from the sorted sample, overlapping ones joined."""
+    """`(lo, hi, ranks inside)` groups: each rank's bracket from the sorted sample, overlapping ones
+    joined."""
     s = pooled.size
     inf = np.float32(np.inf)
     if s == 0:
@@ -420,17 +436,18 @@ def _scan(
         results = [_scan_part(values, brackets)]
     out = []
     for b in range(len(brackets)):
-        gt_lo, lt_hi, lt_lo, gt_hi = (sum(r[b][0][i] for r in results) for i in range(4))
+        gt_lo, between, lt_lo, gt_hi = (sum(r[b][0][i] for r in results) for i in range(4))
+        le_lo = finite - gt_lo
         le_hi = finite - gt_hi if brackets[b][3] else 0
-        out.append(((finite - gt_lo, lt_hi, lt_lo, le_hi), np.concatenate([r[b][1] for r in results])))
+        out.append(((le_lo, le_lo + between, lt_lo, le_hi), np.concatenate([r[b][1] for r in results])))
     return out
 
 
 def _scan_part(
     values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]]
 ) -> list[tuple[list[int], np.ndarray]]:
-    """Per bracket: counts of > lo, < hi, < lo (when asked) and > hi (when asked), and the values in
-    (lo, hi); chunk by chunk, so the chunk and its boolean masks stay in cache for every bracket."""
+    """Per bracket: counts of > lo, of lo < v < hi, of < lo (when asked) and of > hi (when asked), and the
+    values in (lo, hi); chunk by chunk, so the chunk and its boolean masks stay in cache for every bracket."""
     size = min(_SCAN_CHUNK, values.size)
     a, b = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
     counts = [[0, 0, 0, 0] for _ in brackets]
@@ -449,9 +466,9 @@ def _scan_part(
             np.greater(chunk, lo, out=x)
             c[0] += int(np.count_nonzero(x))
             np.less(chunk, hi, out=y)
-            c[1] += int(np.count_nonzero(y))
             np.logical_and(x, y, out=x)
             got.append(chunk[x])
+            c[1] += got[-1].size  # < hi: (> lo and < hi) here, <= lo added below
     empty = np.empty(0, dtype=np.float32)
     return [(c, np.concatenate(got) if got else empty) for c, got in zip(counts, mids)]
 
@@ -570,7 +587,11 @@ class CompactorSketch:
         starts = range(0, m, piece)
         for start0 in range(0, len(starts), threads):  # at most `threads` sorted pieces held at once
             group = [values[:, s : s + piece] for s in starts[start0 : start0 + threads]]
-            for srt in _pool().map(lambda v: np.sort(v, axis=1), group) if len(group) > 1 else [np.sort(group[0], 1)]:
+            if len(group) > 1:
+                sorted_group = list(_pool().map(lambda v: np.sort(v, axis=1), group))
+            else:
+                sorted_group = [np.sort(group[0], axis=1)]
+            for srt in sorted_group:
                 self._add_sorted(srt, True)
 
     def _add_sorted(self, values: np.ndarray, is_sorted: bool) -> None:

@@ -5,8 +5,9 @@ activation or once with the whole tensor for a parameter. Out: `result()`, a dic
 statistic (`plan.STATISTICS[name].fields`): python floats for scalars, nested lists for per-channel or
 element-wise results, `count` an int. `merge(other)` adds another state's data (exact, except a sketch,
 which merges within its stated rank error); `to_tensors()` / `from_tensors(spec, tensors)` turn a state into
-a dict of tensors and back; `sync(states, gather)` merges the states of every process of a
-`torch.distributed` job so that every process ends with the same results.
+a dict of tensors and back; `state.sync()` / `TensorStats.sync()` are the protocols with which
+`distributed.sync_stats` merges the states of every process of a `torch.distributed` job, so that every
+process ends with the same results.
 
 `dims` (the lead's decision):
 - `dims` index the tensor as the module sees it. For activations (`batched=True`) dim 0 is the batch and is
@@ -45,7 +46,10 @@ Speed: `TensorStats` feeds all statistics of one tensor together: per batch one 
 NaN/Inf probe and tells whether |x| = x), at most one |x|, one chunked sum per sum-like statistic and one
 copy into the exact quantile buffer. Tensors of at most 16384 values per batch are first copied into a
 staging buffer and processed 64 batches at a time (a small model's cost is Python work per call, not
-arithmetic). Parameters are read once and their results computed at once.
+arithmetic). Parameters are read once and their results computed at once. Memory: nothing small is kept
+per batch (per-batch partials go into preallocated arrays; small long-lived allocations between the
+forward's large ones fragment the heap), and large buffers (exact values, staging, |x|) come from
+`quantiles.take_buffer`'s pool, which keeps them for the next calibration (fresh memory costs page faults).
 """
 
 from __future__ import annotations
@@ -64,11 +68,13 @@ from ternqc.runtime.quantiles import (
     CompactorSketch,
     ExactValues,
     QuantileBudget,
+    give_back,
     quantiles_from_ranks,
     rank_error_bound,
     select_protocol,
     sketch_bytes,
     sketch_k_for,
+    take_buffer,
     wanted_ranks,
 )
 
@@ -82,7 +88,6 @@ __all__ = [
     "from_tensors",
     "make_layout",
     "make_state",
-    "sync",
 ]
 
 #: A batch's key is `batch index * KEY_CALLS + call within the batch` (a module called twice per forward).
@@ -90,7 +95,7 @@ KEY_CALLS = 2**20
 _FOLD_EVERY = 64  # partials and min/max are folded every this many batches
 _SUM_CHUNK = 16384  # values summed in float32 before the float64 total (below torch's parallel grain)
 _STAGE_MAX_NUMEL = 16384  # tensors of at most this many values per batch are staged
-_STAGE_BYTES = 2**20  # staging memory per tensor
+STAGE_BYTES = 4 * 2**20  # default staging memory of one tensor
 _STAGE_MAX_BATCHES = 64
 _INF = float("inf")
 _FLOATS = frozenset((torch.float32, torch.float64))
@@ -205,7 +210,9 @@ def _batch_sums(t: torch.Tensor, lay: Layout) -> torch.Tensor:
     return chunks.double().sum(1, keepdim=True)
 
 
-def fixed_order_sum(x: torch.Tensor, dims: Sequence[int] | None = None, keepdim: bool = False) -> torch.Tensor:
+def fixed_order_sum(
+    x: torch.Tensor, dims: Sequence[int] | None = None, keepdim: bool = False
+) -> torch.Tensor:
     """`x.sum(dims, keepdim)` in `x`'s dtype, with the same bits whatever the thread count.
 
     torch reduces a tensor to a single value with one partial per thread, so its bits depend on the number
@@ -219,7 +226,9 @@ def fixed_order_sum(x: torch.Tensor, dims: Sequence[int] | None = None, keepdim:
         return x.sum(dim=dims, keepdim=keepdim) if dims else x.clone()
     lay = Layout(tuple(range(x.dim())), (), (), True, ())
     total = _batch_sums(x.reshape(1, -1), lay).reshape(()).to(x.dtype)
-    return total.reshape(out_shape) if keepdim else total.reshape([s for d, s in enumerate(x.shape) if d not in dims])
+    if keepdim:
+        return total.reshape(out_shape)
+    return total.reshape([s for d, s in enumerate(x.shape) if d not in dims])
 
 
 def _batch_counts(mask: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -590,8 +599,8 @@ class StatState:
         return type(self)(self.spec, self.batched)
 
     def sync(self) -> Generator:
-        """A protocol generator (see `sync`): send `to_tensors()`, receive every process's, merge them in
-        process order. Afterwards this state holds everybody's data."""
+        """A protocol generator (see `distributed.run_protocols`): send `to_tensors()`, receive every
+        process's, merge them in process order. Afterwards this state holds everybody's data."""
         everyone = yield self.to_tensors()
         merged = self._blank()
         for tensors in everyone:
@@ -749,7 +758,8 @@ class _SumState(StatState):
             p.last = int(tensors["acc_last"])
         if "keys" in tensors:
             keys = tensors["keys"].numpy().astype(np.int64)
-            p.set_pending(keys, tuple(tensors[f"part_{k}"].double().numpy().reshape(-1, rows) for k in self._names))
+            cols = tuple(tensors[f"part_{k}"].double().numpy().reshape(-1, rows) for k in self._names)
+            p.set_pending(keys, cols)
         self._auto = max(p.last + 1, int(p.keys().max()) + 1 if len(p.keys()) else 0)
 
 
@@ -907,7 +917,8 @@ class QuantileState(StatState):
         self._promised = 0
 
     def _start(self, per_update: int) -> None:
-        """The first batch: exact buffer (sized from the hint) or, when the hint says it cannot fit, a sketch."""
+        """The first batch: an exact buffer (sized from the hint) or, when the hint says the values cannot
+        fit, a sketch."""
         rows = self.layout.rows
         self._promise(rows)
         self._exact = ExactValues(rows, self.budget)
@@ -1049,7 +1060,7 @@ class QuantileState(StatState):
             "left_out": self._left_out,
             "form": None if self.layout is None else _result_form(self.layout),
             "sketch": self._sketch.to_arrays() if mode == "sketch" else None,
-            "values": self._exact.values() if mode == "exact" and rows > 1 and self._exact is not None else None,
+            "values": self._exact.values() if rows > 1 and self._exact is not None else None,
         }
         everyone = yield message
         forms = [m["form"] for m in everyone if m["form"] is not None]
@@ -1164,6 +1175,13 @@ def from_tensors(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of `n` values; float32 on the CPU comes from the buffer pool (warm memory)."""
+    if dtype == torch.float32 and device.type == "cpu":
+        return torch.from_numpy(take_buffer(n))
+    return torch.empty(n, dtype=dtype, device=device)
+
+
 class _Stage:
     """Small batches copied into one preallocated `[K, *shape]` tensor until it is full."""
 
@@ -1185,6 +1203,7 @@ class TensorStats:
     `results()` maps each `StatSpec` to its result; `nonfinite` counts the NaN/Inf values left out; `shape`
     is the first shape seen; `updates` counts the calls. `eager=False` keeps per-batch partials until
     `sync` (a process of a distributed run). `freeze()` computes the results and drops the buffers.
+    `stage_bytes` bounds the staging buffer of small batches.
     """
 
     def __init__(
@@ -1197,8 +1216,10 @@ class TensorStats:
         size_hint: int | None = None,
         plan_hint: int | None = None,
         eager: bool = True,
+        stage_bytes: int = STAGE_BYTES,
     ) -> None:
         self.batched = batched
+        self._stage_bytes = stage_bytes
         options = {"quantile_budget": quantile_budget, "threshold": threshold}
         self.states = {
             spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
@@ -1223,7 +1244,7 @@ class TensorStats:
         """A tensor shaped like `x` for |x|, reused across batches (fresh memory is slow to fault in)."""
         s = self._scratch
         if s is None or s.numel() < x.numel() or s.dtype != x.dtype or s.device != x.device:
-            s = self._scratch = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+            s = self._scratch = _empty(x.numel(), x.dtype, x.device)
         return s[: x.numel()].view(x.shape)
 
     def update(self, x: torch.Tensor, batch: int | None = None) -> None:
@@ -1270,14 +1291,15 @@ class TensorStats:
             self.flush()
 
     def _restage(self, x: torch.Tensor) -> None:
-        """Make the staging buffer take batches of `x`'s shape, dtype and device (processing what it holds)."""
+        """Make the staging buffer take batches of `x`'s shape, dtype and device (processing what it
+        holds)."""
         self.flush()
         st = self._stage
         per = x.numel()
-        kmax = max(2, min(_STAGE_MAX_BATCHES, _STAGE_BYTES // (per * x.element_size())))
+        kmax = max(2, min(_STAGE_MAX_BATCHES, self._stage_bytes // (per * x.element_size())))
         flat = st.flat
         if flat is None or flat.numel() < kmax * per or flat.dtype != x.dtype or flat.device != x.device:
-            flat = st.flat = torch.empty(kmax * per, dtype=x.dtype, device=x.device)
+            flat = st.flat = _empty(kmax * per, x.dtype, x.device)
         st.buf = flat[: kmax * per].view((kmax, *x.shape))
         st.rows = list(st.buf.unbind(0))
         st.shape, st.dtype = x.shape, x.dtype
@@ -1314,16 +1336,23 @@ class TensorStats:
         return {spec: state.result() for spec, state in self.states.items()}
 
     def freeze(self) -> None:
-        """Compute the results now and release the memory behind them (a parameter, read once)."""
+        """Compute the results now and release the memory behind them (buffers go back to the pool)."""
         self._frozen = self.results()
         for state in self.states.values():
             state.release()
+        for t in (self._scratch, self._stage.flat if self._stage is not None else None):
+            if t is not None and t.device.type == "cpu" and t.dtype == torch.float32:
+                give_back(t.numpy())
+        self._scratch = None
+        if self._stage is not None:
+            self._stage = _Stage()
 
     def notes(self) -> list[str]:
         return [n for n in (s.note() for s in self.states.values()) if n]
 
     def sync(self) -> dict[Any, Generator]:
-        """The protocol generators that merge this tensor's statistics with the other processes' (`sync`)."""
+        """The protocol generators that merge this tensor's statistics with the other processes'
+        (`distributed.sync_stats`)."""
         self.flush()
         gens: dict[Any, Generator] = {"meta": self._sync_meta()}
         gens.update((i, state.sync()) for i, state in enumerate(self.states.values()))
@@ -1334,45 +1363,3 @@ class TensorStats:
         self._nonfinite = sum(m[0] for m in everyone)
         self.updates = sum(m[1] for m in everyone)
         self.shape = next((m[2] for m in everyone if m[2] is not None), None)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Merging across processes
-# ---------------------------------------------------------------------------------------------------------
-
-
-def sync(tensor_stats: Sequence[TensorStats], gather: Callable[[Any], list[Any]]) -> None:
-    """Merge `tensor_stats` (the same list, in the same order, in every process) with every other process's,
-    so that every process then holds the same results.
-
-    `gather(obj)` must return the list of every process's `obj` in process order (`all_gather_object`).
-    Each state runs a small protocol (a generator that yields what it sends and is sent what everybody
-    sent); the protocols of all states advance together, one `gather` per round (two or three rounds).
-    """
-    gens = {}
-    for i, ts in enumerate(tensor_stats):
-        gens.update(((i, k), g) for k, g in ts.sync().items())
-    run_protocols(gens, gather)
-
-
-def run_protocols(gens: dict[Any, Generator], gather: Callable[[Any], list[Any]]) -> dict[Any, Any]:
-    """Advance protocol generators in lockstep: each round one `gather` of every active generator's message;
-    returns each generator's return value. Every process must run the same generators with the same keys
-    (their decisions depend only on gathered data, so they stay in step)."""
-    results: dict[Any, Any] = {}
-    active: dict[Any, tuple[Generator, Any]] = {}
-    for key, gen in gens.items():
-        try:
-            active[key] = (gen, next(gen))
-        except StopIteration as stop:
-            results[key] = stop.value
-    while active:
-        everyone = gather({key: message for key, (_, message) in active.items()})
-        advanced = {}
-        for key, (gen, _) in active.items():
-            try:
-                advanced[key] = (gen, gen.send([part[key] for part in everyone]))
-            except StopIteration as stop:
-                results[key] = stop.value
-        active = advanced
-    return results

@@ -72,7 +72,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(3)
     torch.save(ToyNet(hidden=300).state_dict(), folder / "wide.pt")
     plan = compile_source(RULES, "rules.tq").plan
-    settings = pipeline.RunSettings(model=f"{folder / 'wide.py'}:wide", ckpt=str(folder / "wide.pt"), progress=False)
+    model = f"{folder / 'wide.py'}:wide"
+    settings = pipeline.RunSettings(model=model, ckpt=str(folder / "wide.pt"), progress=False)
     return plan, settings
 
 
@@ -118,3 +119,14 @@ def test_a_workers_user_error_reaches_the_parent_with_its_message(setup):
         distributed.profile_worker(plan.to_dict(), bad)
     assert str(info.value) == str(here.value)
     assert "rejected the calibration inputs" in str(here.value)
+
+
+def test_without_a_process_group_everything_is_one_process(monkeypatch):
+    for name in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.init_from_env()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main_process()) == (0, 1, True)
+    assert not distributed.is_distributed()
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.first_failure(None) is None and distributed.first_failure("boom") == "boom"
+    assert distributed.run_workers(1, divmod, 7, 2) == (3, 1)  # one worker: called here

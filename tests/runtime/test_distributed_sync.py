@@ -1,5 +1,6 @@
 """Merging statistics across processes, simulated with threads: W "processes" each feed their share of the
-batches (`batches[r::W]`, keyed by batch index) and run `stats.sync` through a gather built on a barrier.
+batches (`batches[r::W]`, keyed by batch index) and run `distributed.sync_stats` through a gather built on a
+barrier.
 Every process must end with exactly the results of one process fed every batch (a sketch: within its rank
 error, and the same in every process). The real thing (torch.distributed, gloo, 2 processes) is in
 test_distributed.py."""
@@ -14,7 +15,8 @@ import torch
 
 from ternqc.plan import StatSpec
 from ternqc.runtime.quantiles import QuantileBudget, run_local, select_protocol
-from ternqc.runtime.stats import TensorStats, sync
+from ternqc.runtime.distributed import sync_stats
+from ternqc.runtime.stats import TensorStats
 
 
 def spec(name, dims="all", abs=False, **options):
@@ -52,7 +54,7 @@ def run_distributed(make, batches, world):
             ts = make(eager=False)
             for i in range(rank, len(batches), world):
                 ts.update(batches[i], i)
-            sync([ts], group.gather_for(rank))
+            sync_stats([ts], group.gather_for(rank))
             results[rank] = (ts.results(), ts.nonfinite, ts.updates)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -77,9 +79,8 @@ def run_single(make, batches):
 
 def same(a, b) -> bool:
     """Equal, NaN equal to NaN, and the same sign of zero (the bits)."""
-    return np.array_equal(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), equal_nan=True) and (
-        np.array_equal(np.signbit(np.asarray(a, dtype=np.float64)), np.signbit(np.asarray(b, dtype=np.float64)))
-    )
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
 
 
 SPECS = [
@@ -171,7 +172,7 @@ def test_an_exact_and_a_sketched_process_merge_into_a_sketch():
     def process(rank):
         ts = TensorStats([s], eager=False, quantile_budget=QuantileBudget(2**20 if rank == 0 else 2**28))
         ts.update(big if rank == 0 else small, rank)
-        sync([ts], group.gather_for(rank))
+        sync_stats([ts], group.gather_for(rank))
         out[rank] = ts.results()[s]
 
     threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]

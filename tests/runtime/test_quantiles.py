@@ -181,3 +181,36 @@ def test_budget_keeps_room_for_every_states_sketch():
     for state in states:
         assert state.result()["exact"] is False
         assert rank_error_bound(state._sketch.k) <= 1e-4
+
+
+# --- selection (select_protocol) ------------------------------------------------------------------------
+
+
+def test_a_rank_on_an_atom_the_sample_did_not_flag_is_found_by_counting_the_edges(monkeypatch):
+    """Ranks that land on lo or hi of their bracket (a big atom) without the sample flagging it: the extra
+    counting round answers them exactly."""
+    from ternqc.runtime import quantiles
+
+    monkeypatch.setattr(quantiles, "_repeated", lambda pooled, value: False)
+    rng = np.random.default_rng(8)
+    values = np.concatenate([rng.standard_normal(300_000), np.zeros(200_000), rng.random(100_000) + 5])
+    values = rng.permutation(values).astype(np.float32)
+    want = np.sort(values)
+    ranks = [0, 150_000, 250_000, 420_000, 499_999, 550_000, 599_999]
+    got = quantiles.run_local(quantiles.select_protocol(values, values.size, ranks))
+    assert {k: float(v) for k, v in got.items()} == {k: float(want[k]) for k in ranks}
+
+
+def test_released_buffers_are_reused_and_the_pool_is_bounded(monkeypatch):
+    from ternqc.runtime import quantiles
+
+    quantiles.clear_pool()
+    monkeypatch.setattr(quantiles, "POOL_BYTES", 3 * 2**20)
+    a = quantiles.take_buffer(2**18)  # 1 MiB
+    quantiles.give_back(a)
+    b = quantiles.take_buffer(2**17)
+    assert np.shares_memory(a, b)  # the smallest pooled buffer that is large enough
+    for _ in range(5):
+        quantiles.give_back(np.empty(2**18, dtype=np.float32))
+    assert sum(x.nbytes for x in quantiles._FREE) <= 3 * 2**20
+    quantiles.clear_pool()

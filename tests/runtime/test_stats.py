@@ -402,3 +402,46 @@ def test_dims_all_accepts_changing_shapes():
     state.update(b)
     values = np.concatenate([a.numpy().ravel(), b.numpy().ravel()]).astype(np.float64)
     np.testing.assert_allclose(state.result()["max"], np.quantile(values, 0.5), atol=4 * EPS32 * 4)
+
+
+# --- bits that do not depend on threads or on how batches are grouped -------------------------------------
+
+
+def test_fixed_order_sum_is_the_same_for_any_thread_count():
+    from ternqc.runtime.stats import fixed_order_sum
+
+    x = torch.randn(300, 301, generator=torch.Generator().manual_seed(9))
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            sums = [fixed_order_sum(x), fixed_order_sum(x, (0, 1), keepdim=True), fixed_order_sum(x, [1])]
+            got.append(sums)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for other in got[1:] for a, b in zip(got[0], other))
+    np.testing.assert_allclose(float(got[0][0]), x.double().sum().item(), rtol=1e-6)
+    assert got[0][1].shape == (1, 1) and torch.equal(got[0][2], x.sum(1))
+
+
+@pytest.mark.parametrize("dims", ["all", "none", (2, 3)])
+def test_staged_batches_give_the_bits_of_batches_fed_one_by_one(dims):
+    """`TensorStats` stages small batches and processes them 64 at a time; each state fed alone processes
+    one batch at a time. Both must give the same bits (the results may not depend on the grouping)."""
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(8, 3, 5, 4, generator=g) * 2 + 0.5 for _ in range(70)]  # one shape: staged 64 at a time
+    xs += [torch.randn(5, 3, 5, 4, generator=g) for _ in range(3)]
+    specs = [spec(n, dims, **o) for n, o in STAT_CASES]
+    ts = TensorStats(specs)
+    singles = {s: make_state(s) for s in specs}
+    for x in xs:
+        ts.update(x)
+        for state in singles.values():
+            state.update(x)
+    staged = ts.results()
+    for s, state in singles.items():
+        alone = state.result()
+        assert staged[s].keys() == alone.keys()
+        for field, value in alone.items():
+            np.testing.assert_array_equal(np.asarray(staged[s][field]), np.asarray(value), err_msg=s.key())
