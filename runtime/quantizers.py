@@ -414,8 +414,12 @@ def weight_alpha(w: torch.Tensor, delta: Any) -> torch.Tensor:
     mask = (a > d).to(a.dtype)
     if not dims:
         return (a * mask).reshape(d.shape)  # one Δ per element: α is |w| where it exceeds Δ
-    total = (a * mask).sum(dim=dims, keepdim=True)
-    count = mask.sum(dim=dims, keepdim=True)
+    # A fixed summation order: α must have the same bits in every process of a distributed run, whatever
+    # its thread count (torch's single-value sums split the work by thread).
+    from ternqc.runtime.stats import fixed_order_sum
+
+    total = fixed_order_sum(a * mask, dims, keepdim=True)
+    count = fixed_order_sum(mask, dims, keepdim=True)
     alpha = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
     return alpha.reshape(d.shape)
 
