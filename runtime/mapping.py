@@ -272,12 +272,11 @@ class _Context:
         what = f"statistic {ref.stat.key()}.{ref.field} of {ref.tensor}"
         result = self.stats.lookup(ref.tensor, ref.stat) if self.stats is not None else None
         if result is None:
-            raise self.fail(f"it reads the {what}, but {self.stats_source} hold no such statistic for this "
-                            f"node ({self._held()})")
+            raise self.fail(f"it reads the {what}, but there is no such statistic for this node in "
+                            f"{self.stats_source} ({self._held()})")
         if ref.field not in result:
             raise self.fail(f"it reads the {what}, but that result in {self.stats_source} has only the "
-                            f"fields "
-                            f"{', '.join(sorted(result)) or 'none'}")
+                            f"fields {', '.join(sorted(result)) or 'none'}")
         value = result[ref.field]
         try:
             arr = np.asarray(value, dtype=np.float64)

@@ -44,8 +44,12 @@ def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
 
 
 def _settings(args: argparse.Namespace):
+    from ternqc.runtime.errors import UserError
     from ternqc.runtime.pipeline import RunSettings
 
+    if not args.quantile_budget_mib >= 0:  # also refuses NaN
+        msg = f"--quantile-budget-mib must be a number >= 0, got {args.quantile_budget_mib}"
+        raise UserError(msg)
     return RunSettings(
         model=args.model,
         ckpt=args.ckpt,

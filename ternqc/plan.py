@@ -116,9 +116,9 @@ def all_params() -> tuple[str, ...]:
 class Origin:
     """Where a plan entry came from: a rules file and a 1-based line and column."""
 
-    file: str
-    line: int
-    col: int
+    file: str = field(validator=attrs.validators.instance_of(str))
+    line: int = field(validator=attrs.validators.instance_of(int))
+    col: int = field(validator=attrs.validators.instance_of(int))
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
@@ -147,7 +147,7 @@ class StatSpec:
 
     name: str = field(validator=attrs.validators.in_(tuple(STATISTICS) + tuple(DERIVED_STATISTICS)))
     dims: str | tuple[int, ...] = field(default="all", converter=_dims_converter, validator=_dims_validator)
-    abs: bool = False
+    abs: bool = field(default=False, validator=attrs.validators.instance_of(bool))
     options: tuple[tuple[str, float], ...] = field(
         default=(), converter=lambda opts: tuple(sorted((str(k), float(v)) for k, v in opts))
     )
@@ -197,7 +197,7 @@ class Selector:
     """
 
     kind: str = field(validator=attrs.validators.in_(SELECTOR_KINDS))
-    pattern: str = ""
+    pattern: str = field(default="", validator=attrs.validators.instance_of(str))
 
     @property
     def specificity(self) -> int:
@@ -241,7 +241,9 @@ class Selector:
 class Const:
     """A literal: a number, a string, a bool, or `None` for `na` (unset)."""
 
-    value: float | int | bool | str | None
+    value: float | int | bool | str | None = field(
+        validator=attrs.validators.optional(attrs.validators.instance_of((float, int, bool, str)))
+    )
 
 
 @frozen
@@ -252,9 +254,9 @@ class StatRef:
     collected on `tensor` of the module the binding is evaluated for.
     """
 
-    tensor: str
-    stat: StatSpec
-    field: str
+    tensor: str = field(validator=attrs.validators.instance_of(str))
+    stat: StatSpec = field(validator=attrs.validators.instance_of(StatSpec))
+    field: str = field(validator=attrs.validators.instance_of(str))
 
 
 @frozen
@@ -344,10 +346,12 @@ class ProfilePoint:
     quantiser, e.g. `threshold_abs_mean` for an activation scale α).
     """
 
-    selector: Selector
-    tensor: str
-    stats: tuple[StatSpec, ...] = field(converter=tuple)
-    origin: Origin
+    selector: Selector = field(validator=attrs.validators.instance_of(Selector))
+    tensor: str = field(validator=attrs.validators.instance_of(str))
+    stats: tuple[StatSpec, ...] = field(
+        converter=tuple, validator=attrs.validators.deep_iterable(attrs.validators.instance_of(StatSpec))
+    )
+    origin: Origin = field(validator=attrs.validators.instance_of(Origin))
     reason: str = field(default="profiled", validator=attrs.validators.in_(PROFILE_REASONS))
 
 
@@ -359,20 +363,20 @@ class Binding:
     statements come before the including file's); with `selector.specificity` it decides precedence.
     """
 
-    selector: Selector
-    param: str
-    value: Expr
-    origin: Origin
-    order: int
+    selector: Selector = field(validator=attrs.validators.instance_of(Selector))
+    param: str = field(validator=attrs.validators.instance_of(str))
+    value: Expr = field(validator=attrs.validators.instance_of((Const, StatRef, Unary, BinOp, Call)))
+    origin: Origin = field(validator=attrs.validators.instance_of(Origin))
+    order: int = field(validator=attrs.validators.instance_of(int))
 
 
 @frozen
 class Calibration:
     """The `calibrate { }` block: how many samples, in batches of what size, from which split."""
 
-    samples: int = 128
-    batch_size: int = 128
-    split: str = "train"
+    samples: int = field(default=128, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)])
+    batch_size: int = field(default=128, validator=[attrs.validators.instance_of(int), attrs.validators.gt(0)])
+    split: str = field(default="train", validator=attrs.validators.instance_of(str))
 
 
 @frozen
@@ -445,8 +449,13 @@ class Plan:
                     for b in d["bindings"]
                 ],
             )
-        except (KeyError, TypeError, AttributeError) as exc:
-            msg = f"malformed plan: {exc!r}"
+        except KeyError as exc:
+            msg = f"malformed plan: missing key {exc.args[0]!r}"
+            raise ValueError(msg) from exc
+        except (TypeError, AttributeError, ValueError) as exc:
+            # attrs validators put their sentence first in `args`, followed by internals
+            detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else repr(exc)
+            msg = f"malformed plan: {detail}"
             raise ValueError(msg) from exc
 
     def to_json(self) -> str:

@@ -234,3 +234,9 @@ def test_output_folder_that_is_a_file(tmp_path, trained_toy: Trained) -> None:
     out.write_text("a file, not a folder\n")
     assert_one_clean_error(_apply(out, "--ckpt", trained_toy.ckpt), str(out))
     assert out.read_text() == "a file, not a folder\n"
+
+
+def test_negative_quantile_budget_is_one_clean_error(tmp_path: Path) -> None:
+    run = run_cli("profile", "--quantile-budget-mib", "-1", "--out", tmp_path / "s.toml", "--no-progress")
+    assert_one_clean_error(run, "--quantile-budget-mib")
+    assert not (tmp_path / "s.toml").exists()
