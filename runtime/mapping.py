@@ -26,7 +26,7 @@ import difflib
 import functools
 import json
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 from attrs import field, frozen
@@ -111,6 +111,7 @@ def map_params(
     modules: Sequence[Module] | None = None,
     by_node_name: bool = False,
     stats_source: str = "the collected statistics",
+    absent_tensors: Collection[tuple[str, str]] = (),
 ) -> MappingResult:
     """Evaluate the plan's bindings for every quantisable module.
 
@@ -121,6 +122,8 @@ def map_params(
         modules: `(path, type)` of every module of the model; default: the table's modules and ops.
         by_node_name: compare name/glob selectors in MASE node form (for a table read from a MASE file).
         stats_source: how messages call the statistics (e.g. "the statistics file stats.toml").
+        absent_tensors: `(path, tensor)` pairs a module's type has but the module lacks, such as the `bias` of
+            a `Linear(..., bias=False)`: their parameters stay unset (the tensor has nothing to quantise).
 
     Returns:
         A `MappingResult` with one `MappedModule` per quantisable module.
@@ -143,8 +146,10 @@ def map_params(
         params: dict[str, Any] = {}
         for param in applicable_params(op):
             rp = winners.get(param)
-            if rp is None:
+            tensor = (split_param(param) or ("",))[0]
+            if rp is None or (path, tensor) in absent_tensors:
                 params[param] = None
+                winners.pop(param, None)
                 continue
             ctx = _Context(node, op, param, rp.binding, stats, stats_source)
             params[param] = ctx.finish(ctx.evaluate(rp.binding.value))

@@ -200,7 +200,7 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     """
     result = profile(model, plan, settings)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
-    mapping = map_params(plan, result.table, rules=rules, modules=modules)
+    mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=_absent_parameters(model))
     configs = build_configs(mapping, rules=rules)
     configs = calibrate_activation_scales(model, configs, result, settings)
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
@@ -210,6 +210,17 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     ternary_acc = accuracy(model, validation)
     report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
     return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
+
+
+def _absent_parameters(model: nn.Module) -> set[tuple[str, str]]:
+    """`(path, tensor)` for each weight or bias a quantisable module's type has but the module lacks
+    (`Linear(..., bias=False)`)."""
+    absent = set()
+    for path, module in model.named_modules():
+        for tensor in QUANTISABLE.get(type(module).__name__.lower(), ()):
+            if tensor in ("weight", "bias") and not isinstance(getattr(module, tensor, None), torch.Tensor):
+                absent.add((path, tensor))
+    return absent
 
 
 def _measure_activation_zeros(model: nn.Module, dataset) -> dict[str, float]:

@@ -69,8 +69,9 @@ def resolve_profile(
         points: the plan's profile points, in plan order.
         model: the model; module type = `type(m).__name__.lower()`, matched by `Selector.matches`.
         include_derived: also resolve points with reason `derived` (statistics gathered in a later pass).
-        missing_params: `"error"` (the default) or `"skip"`: what to do when a point asks for `weight` or
-            `bias` of a module that has no such tensor (or has it set to None). A `default` selector only
+        missing_params: `"error"` (the default) or `"skip"`: what to do when a name or glob point asks for
+            `weight` or `bias` of a module that has no such tensor (or has it set to None); type and `default`
+            points skip such modules (a `Linear(..., bias=False)` has no bias to profile). A `default` selector only
             matches modules whose type has the tensor at all (`plan.QUANTISABLE`: a ReLU has no weight).
 
     Returns:
@@ -95,7 +96,10 @@ def resolve_profile(
             hit = True
             has_param = isinstance(getattr(module, point.tensor, None), torch.Tensor)
             if point.tensor in PARAM_TENSORS and not has_param:
-                if missing_params == "skip":
+                # A type or `default` rule speaks of every module of a kind, some built without a bias
+                # (`Linear(..., bias=False)`): those simply have nothing to profile there. A rule that names
+                # the module asks for something it does not have.
+                if missing_params == "skip" or point.selector.kind in ("type", "default"):
                     continue
                 msg = (
                     f"profile rule at {point.origin} asks for the {point.tensor} of {path} "

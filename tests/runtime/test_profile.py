@@ -60,7 +60,10 @@ def test_resolve_missing_parameter_is_a_user_error_naming_module_and_rule():
         resolve_profile([point("glob", "seq_blocks.[01]", "weight", spec("range_min_max"))], ToyNet())
     model = nn.Sequential(nn.Linear(3, 3, bias=False))
     with pytest.raises(UserError, match=r"rules\.tq:7:1.*bias of 0 \(Linear\)"):
-        resolve_profile([point("type", "linear", "bias", spec("range_min_max"), line=7)], model)
+        resolve_profile([point("name", "0", "bias", spec("range_min_max"), line=7)], model)
+    # a type rule speaks of every Linear: one built without a bias has nothing to profile there
+    by_type = resolve_profile([point("type", "linear", "bias", spec("range_min_max"), line=7)], model)
+    assert by_type.modules == {}
     with pytest.raises(UserError, match="weight of 0"):
         resolve_profile([point("name", "0", "weight", spec("range_min_max"))], nn.Sequential(nn.ReLU()))
     skipped = resolve_profile(
