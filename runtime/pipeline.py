@@ -208,8 +208,7 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
     convert_(model, configs)
-    zero_fractions = _measure_activation_zeros(model, validation)
-    ternary_acc = accuracy(model, validation)
+    ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
     report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
     return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
 
@@ -225,8 +224,9 @@ def _absent_parameters(model: nn.Module) -> set[tuple[str, str]]:
     return absent
 
 
-def _measure_activation_zeros(model: nn.Module, dataset) -> dict[str, float]:
-    """Fraction of quantised activation values that become 0 (|x| <= Δ) over one pass of `dataset`."""
+def _accuracy_and_activation_zeros(model: nn.Module, dataset) -> tuple[float, dict[str, float]]:
+    """The converted model's accuracy on `dataset`, and per module the fraction of its quantised input values
+    that become 0 (|x| <= Δ), counted in the same pass."""
     zeros: dict[str, list[float]] = {}
     handles = []
 
@@ -244,11 +244,11 @@ def _measure_activation_zeros(model: nn.Module, dataset) -> dict[str, float]:
             delta = _as_tensor(module.config.tensor("data_in").delta)
             handles.append(module.register_forward_pre_hook(hook_for(path, delta)))
     try:
-        accuracy(model, dataset)
+        acc = accuracy(model, dataset)
     finally:
         for h in handles:
             h.remove()
-    return {path: z / n for path, (z, n) in zeros.items() if n}
+    return acc, {path: z / n for path, (z, n) in zeros.items() if n}
 
 
 def _summary(value: Any) -> Any:
