@@ -163,22 +163,22 @@ def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Train toy on toy-tiny, then apply the built-in recipe to the checkpoint."""
-    os.makedirs(args.out, exist_ok=True)
+    """Train toy on toy-tiny, then apply the built-in recipe to the checkpoint: the two commands a user would
+    type, parsed by the same parser, so the demo uses the commands' own defaults."""
+    from ternqc.cli import build_parser
+
     ckpt = os.path.join(args.out, "best.ckpt")
-    print(f"== ternqc train --model toy --dataset toy-tiny --out {ckpt}")
-    train_args = argparse.Namespace(
-        model="toy", dataset="toy-tiny", epochs=30, lr=1e-2, batch_size=64, seed=0, out=ckpt,
-        no_progress=args.no_progress,
+    quiet = ["--no-progress"] if args.no_progress else []
+    steps = (
+        (train, ["train", "--model", "toy", "--dataset", "toy-tiny", "--out", ckpt]),
+        (apply, ["apply", "--model", "toy", "--ckpt", ckpt, "--out", args.out]),
     )
-    train(train_args)
-    print(f"\n== ternqc apply --model toy --ckpt {ckpt} --out {args.out}")
-    apply_args = argparse.Namespace(
-        model="toy", ckpt=ckpt, dataset="toy-tiny", rules=None, plan=None, samples=None, batch_size=None,
-        seed=0, workers=1, quantile_budget_mib=256.0, no_progress=args.no_progress, out=args.out,
-        explain=False,
-    )
-    return apply(apply_args)
+    for number, (command, argv) in enumerate(steps):
+        print(("\n" if number else "") + "== ternqc " + " ".join(argv))
+        status = command(build_parser().parse_args(argv + quiet))
+        if status:
+            return status
+    return 0
 
 
 def _fmt(value: Any) -> str:
