@@ -10,11 +10,10 @@ per-repetition ratios. Targets: <= 1.15 for the MLP and the transformer, <= 3 fo
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
-from timing import interleaved, table, verdict
+from timing import interleaved, standalone, table, verdict
 from workloads import WORKLOADS, build
 
 from ternqc.runtime.calibrate import calibrate
@@ -105,11 +104,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(run(args.quick))
-    return 0
+    return standalone(run, __doc__, argv)
 
 
 if __name__ == "__main__":

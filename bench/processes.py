@@ -10,12 +10,11 @@ repetitions, the workers kept between them), the start-up, and whether the table
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
-from timing import table
+from timing import standalone, table
 from workloads import build
 
 from ternqc.runtime import distributed
@@ -59,10 +58,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    print(run(parser.parse_args(argv).quick))
-    return 0
+    return standalone(run, __doc__, argv)
 
 
 if __name__ == "__main__":

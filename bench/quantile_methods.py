@@ -12,14 +12,13 @@ methods have rank error 0; the sketch <= 1e-4 within its budget.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import tracemalloc
 
 import numpy as np
 import torch
-from timing import table, verdict
+from timing import standalone, table, verdict
 
 from ternqc.plan import StatSpec
 from ternqc.runtime import quantiles
@@ -118,10 +117,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    print(run(parser.parse_args(argv).quick))
-    return 0
+    return standalone(run, __doc__, argv)
 
 
 if __name__ == "__main__":

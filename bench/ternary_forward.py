@@ -11,12 +11,11 @@ Target: <= 1.1 x float with cached ternary weights.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
 import torch
-from timing import paired, table, verdict
+from timing import paired, standalone, table, verdict
 from torch import nn
 from workloads import build
 
@@ -81,10 +80,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    print(run(parser.parse_args(argv).quick))
-    return 0
+    return standalone(run, __doc__, argv)
 
 
 if __name__ == "__main__":

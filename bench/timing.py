@@ -112,3 +112,14 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+def standalone(run: Callable[[bool], str], doc: str | None, argv: list[str] | None = None) -> int:
+    """The command line of one benchmark module run on its own: `python bench/NAME.py [--quick]` prints its
+    table (`run(quick)`). `doc` is the module docstring, whose first line describes the command."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true")
+    print(run(parser.parse_args(argv).quick))
+    return 0
