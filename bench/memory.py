@@ -34,10 +34,9 @@ def status(field: str) -> int:
 
 def child(batches: int, budget_mib: float) -> None:
     import torch
+    from ternqc.runtime.calibrate.loop import calibrate
+    from ternqc.runtime.calibrate.stats.states import QuantileBudget
     from workloads import build
-
-    from ternqc.runtime.calibrate import calibrate
-    from ternqc.runtime.stats import QuantileBudget
 
     built = build("mlp", batches, lazy=True)
     with torch.no_grad():

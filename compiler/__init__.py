@@ -15,13 +15,13 @@ import os
 import pathlib
 
 from attrs import frozen
-
 from ternqc.compiler.ast import Span
 from ternqc.compiler.check import check
 from ternqc.compiler.errors import CompileError, Diagnostic, with_sources
 from ternqc.compiler.lower import lower
 from ternqc.compiler.parse import too_deep
 from ternqc.compiler.program import load_program, read_problem, read_text
+
 from ternqc.plan import Plan
 
 __all__ = [

@@ -22,8 +22,6 @@ import math
 from typing import Any, Iterable
 
 from attrs import frozen
-
-from ternqc import plan
 from ternqc.compiler import ast
 from ternqc.compiler.errors import Diagnostic, and_list, did_you_mean, one_of
 from ternqc.compiler.vocab import (
@@ -44,6 +42,8 @@ from ternqc.compiler.vocab import (
     type_tensors,
     written_options,
 )
+
+from ternqc import plan
 
 ALL_PARAMS = plan.all_params()
 

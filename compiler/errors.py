@@ -15,7 +15,6 @@ from typing import Iterable, Sequence
 
 import attrs
 from attrs import field, frozen
-
 from ternqc.compiler.ast import Span
 
 #: How many diagnostics `CompileError.render` shows before "… and N more".

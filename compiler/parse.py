@@ -12,10 +12,9 @@ import functools
 import re
 from typing import Any
 
+import ternqc.grammar
 from lark import Lark, Token, Transformer, UnexpectedInput, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
-
-import ternqc.grammar
 from ternqc.compiler import ast
 from ternqc.compiler.errors import CompileError, Diagnostic, one_of, with_sources
 

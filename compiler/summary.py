@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 
-from ternqc import plan
 from ternqc.compiler.vocab import number_text, spec_text, tensor_word
+
+from ternqc import plan
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from ternqc import plan
 from ternqc.compiler import ast
+
+from ternqc import plan
 
 #: Tensor names the language accepts besides `data_in_N` / `data_out_N`.
 TENSOR_WORDS: tuple[str, ...] = ("data_in", "data_out", "weight", "bias", "data_in_0", "data_out_0")

@@ -45,7 +45,7 @@ def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
 
 def _settings(args: argparse.Namespace):
     from ternqc.runtime.errors import UserError
-    from ternqc.runtime.pipeline import RunSettings
+    from ternqc.runtime.run.pipeline import RunSettings
 
     if not args.quantile_budget_mib >= 0:  # also refuses NaN
         msg = f"--quantile-budget-mib must be a number >= 0, got {args.quantile_budget_mib}"
@@ -68,7 +68,7 @@ def _print_notes(notes) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from ternqc.runtime.train import run_train
+    from ternqc.runtime.models.train import run_train
 
     result = run_train(
         args.model,
@@ -88,10 +88,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
-    """Run a pipeline worker (`distributed.profile_worker` / `apply_worker`) here, in every process of a
+    """Run a pipeline worker (`workers.profile_worker` / `apply_worker`) here, in every process of a
     torchrun job, or in `--workers N` local processes; return `(result, writes)`: rank 0's result, and
     whether this process writes outputs (rank 0 only)."""
-    from ternqc.runtime import distributed
+    from ternqc.runtime.run import collectives as distributed
+    from ternqc.runtime.run import workers
 
     if distributed.init_from_env():  # under torchrun: this process is one rank
         try:
@@ -103,15 +104,15 @@ def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
 
         msg = f"--workers must be at least 1, got {args.workers}"
         raise UserError(msg)
-    return distributed.run_workers(args.workers, worker, *worker_args), True
+    return workers.run_workers(args.workers, worker, *worker_args), True
 
 
 def profile(args: argparse.Namespace) -> int:
-    from ternqc.runtime import distributed
-    from ternqc.runtime.mase_io import write_stats_toml
+    from ternqc.runtime.io.mase_io import write_stats_toml
+    from ternqc.runtime.run import workers
 
     plan, _source = load_plan(args.rules, args.plan)
-    result, writes = _calibrate_in_processes(args, distributed.profile_worker, plan.to_dict(), _settings(args))
+    result, writes = _calibrate_in_processes(args, workers.profile_worker, plan.to_dict(), _settings(args))
     if not writes:
         return 0
     _print_notes(result.notes)
@@ -122,14 +123,12 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
-    from ternqc.runtime import pipeline
-    from ternqc.runtime.mapping import render_explain
-
-    from ternqc.runtime import distributed
+    from ternqc.runtime.quantize.mapping import render_explain
+    from ternqc.runtime.run import pipeline, workers
 
     plan, source = load_plan(args.rules, args.plan)
     settings = _settings(args)
-    result, writes = _calibrate_in_processes(args, distributed.apply_worker, plan.to_dict(), settings, source)
+    result, writes = _calibrate_in_processes(args, workers.apply_worker, plan.to_dict(), settings, source)
     if not writes:
         return 0
     _print_notes(result.profile.notes)
@@ -146,8 +145,8 @@ def apply(args: argparse.Namespace) -> int:
 
 
 def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
-    from ternqc.runtime.mapping import map_params, render_explain
-    from ternqc.runtime.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
+    from ternqc.runtime.io.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
+    from ternqc.runtime.quantize.mapping import map_params, render_explain
 
     plan, source = load_plan(args.rules, None)
     table = read_stats_toml(args.stats)

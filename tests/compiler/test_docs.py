@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from ternqc.compiler import compile_source
 
 from .conftest import REPO

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
-
-from ternqc.runtime.data import build_dataset
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.models.data import build_dataset
+from torch.utils.data import Dataset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 USER_DATA = f"{FIXTURES / 'user_data.py'}:factory"

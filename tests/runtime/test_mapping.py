@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 
 import pytest
+from ternqc.runtime.calibrate.table import ModuleStats
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.mapping import map_params, render_explain
+from ternqc.runtime.quantize.resolve import applicable_params
 
 from ternqc.plan import (
-    BinOp,
     Binding,
-    Call,
+    BinOp,
     Calibration,
+    Call,
     Const,
     Origin,
     Plan,
@@ -19,10 +23,6 @@ from ternqc.plan import (
     StatSpec,
     Unary,
 )
-from ternqc.runtime.errors import UserError
-from ternqc.runtime.mapping import map_params, render_explain
-from ternqc.runtime.resolve import applicable_params
-from ternqc.runtime.stats_table import ModuleStats
 
 MMAX = StatSpec("range_min_max")
 PER_CH = StatSpec("range_min_max", dims=(0,))

@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.modules import (
+from ternqc.runtime.quantize.modules import (
     TERNARY_MODULES,
     TernaryConv1d,
     TernaryConv2d,
     TernaryLinear,
     TernaryReLU,
 )
-from ternqc.runtime.quantizers import ModuleQuant, TensorQuant
+from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
+from torch import nn
 
 # --- independent reference -----------------------------------------------------------------------------
 

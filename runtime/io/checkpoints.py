@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import nn
-
-from ternqc.runtime.atomic import atomic_path
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.io.atomic import atomic_path
+from torch import nn
 
 #: Lightning's prefix for the wrapped model's keys (MASE's `LightningModule` holds the model as `self.model`).
 LIGHTNING_PREFIX = "model."

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from attrs import frozen
-
 from ternqc.runtime.errors import UserError
 
 

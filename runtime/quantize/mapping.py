@@ -30,13 +30,24 @@ from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 from attrs import field, frozen
+from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.resolve import (
+    Module,
+    ResolvedParam,
+    applicable_params,
+    inapplicable_bindings,
+    resolve_bindings,
+    selector_matches,
+    unmatched_selectors,
+)
 
 from ternqc.plan import (
     PARAM_SUFFIXES,
     QUANTISABLE,
     QUANTISERS,
-    BinOp,
     Binding,
+    BinOp,
     Call,
     Const,
     Expr,
@@ -48,17 +59,6 @@ from ternqc.plan import (
     expr_stat_refs,
     split_param,
 )
-from ternqc.runtime.errors import UserError
-from ternqc.runtime.resolve import (
-    Module,
-    ResolvedParam,
-    applicable_params,
-    inapplicable_bindings,
-    resolve_bindings,
-    selector_matches,
-    unmatched_selectors,
-)
-from ternqc.runtime.stats_table import ModuleStats, StatsTable
 
 #: Parameters whose value must not be negative (the quantiser's Δ and α).
 NON_NEGATIVE_SUFFIXES = ("threshold", "scale")

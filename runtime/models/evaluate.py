@@ -13,11 +13,10 @@ import contextlib
 from typing import Iterator
 
 import torch
+from ternqc.runtime.errors import UserError
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
-
-from ternqc.runtime.errors import UserError
 
 
 def dataset_name(dataset: Dataset, name: str | None = None) -> str:

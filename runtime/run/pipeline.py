@@ -22,24 +22,24 @@ from typing import Any, Callable
 import attrs
 import torch
 from attrs import frozen
+from ternqc.runtime.calibrate import loop as calib
+from ternqc.runtime.calibrate import points as prof
+from ternqc.runtime.calibrate.stats.states import QuantileBudget
+from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.io.atomic import atomic_path, atomic_write_text
+from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
+from ternqc.runtime.models.builtin import build_model
+from ternqc.runtime.models.data import build_dataset
+from ternqc.runtime.models.evaluate import accuracy
+from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
+from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
+from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
-from ternqc.runtime import calibrate as calib
-from ternqc.runtime import profile as prof
-from ternqc.runtime.atomic import atomic_path, atomic_write_text
-from ternqc.runtime.checkpoints import load_checkpoint_
-from ternqc.runtime.convert import convert_, save_ternary_checkpoint
-from ternqc.runtime.data import build_dataset
-from ternqc.runtime.errors import UserError
-from ternqc.runtime.evaluate import accuracy
-from ternqc.runtime.mapping import MappedModule, MappingResult, map_params
-from ternqc.runtime.mase_io import write_quant_config_toml, write_stats_toml
-from ternqc.runtime.models import build_model
-from ternqc.runtime.modules import TernaryModule
-from ternqc.runtime.quantizers import ModuleQuant, module_quant_from_params
-from ternqc.runtime.stats import QuantileBudget
-from ternqc.runtime.stats_table import ModuleStats, StatsTable
 
 THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
 VALIDATION_SPLIT = "validation"

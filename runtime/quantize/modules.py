@@ -24,11 +24,18 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.quantizers import (
+    ModuleQuant,
+    TensorQuant,
+    as_tensor,
+    quantize,
+    ternarize,
+    weight_alpha,
+)
 from torch import nn
 
 from ternqc.plan import QUANTISABLE
-from ternqc.runtime.errors import UserError
-from ternqc.runtime.quantizers import ModuleQuant, TensorQuant, as_tensor, quantize, ternarize, weight_alpha
 
 PARAM_TENSORS = ("weight", "bias")
 

@@ -19,12 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
-
-from ternqc.runtime.atomic import atomic_path
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.modules import TERNARY_MODULES, TernaryModule
-from ternqc.runtime.quantizers import ModuleQuant
+from ternqc.runtime.io.atomic import atomic_path
+from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
+from ternqc.runtime.quantize.quantizers import ModuleQuant
+from torch import nn
 
 CHECKPOINT_FORMAT = "ternqc-ternary"
 CHECKPOINT_VERSION = 1
@@ -171,7 +170,7 @@ def load_ternary_checkpoint(
         msg = f"ternary checkpoint {target!r} is malformed: {exc!r}"
         raise UserError(msg) from exc
     if build_model is None:
-        from ternqc.runtime.models import build_model
+        from ternqc.runtime.models.builtin import build_model
     model = build_model(spec)
     try:
         convert_(model, configs)
