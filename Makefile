@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/ternqc demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed

@@ -34,9 +34,10 @@ def status(field: str) -> int:
 
 def child(batches: int, budget_mib: float) -> None:
     import torch
+    from workloads import build
+
     from ternqc.runtime.calibrate.loop import calibrate
     from ternqc.runtime.calibrate.stats.states import QuantileBudget
-    from workloads import build
 
     built = build("mlp", batches, lazy=True)
     with torch.no_grad():

@@ -14,10 +14,11 @@ import statistics
 import sys
 import time
 
-from ternqc.runtime.calibrate.loop import calibrate
-from ternqc.runtime.run import workers
 from timing import standalone, table
 from workloads import build
+
+from ternqc.runtime.calibrate.loop import calibrate
+from ternqc.runtime.run import workers
 
 
 def calibrate_mlp(reps: int) -> tuple[list[float], object]:

@@ -18,11 +18,11 @@ import tracemalloc
 
 import numpy as np
 import torch
-from ternqc.runtime.calibrate import buffers
-from ternqc.runtime.calibrate.stats.states import QuantileBudget, make_state
 from timing import standalone, table, verdict
 
 from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate import buffers
+from ternqc.runtime.calibrate.stats.states import QuantileBudget, make_state
 
 QS = (0.01, 0.99)  # one range_quantile(quantile=0.99) gives both: min and max
 

@@ -15,11 +15,12 @@ import copy
 import sys
 
 import torch
-from ternqc.runtime.quantize.convert import convert_
-from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
 from timing import paired, standalone, table, verdict
 from torch import nn
 from workloads import build
+
+from ternqc.runtime.quantize.convert import convert_
+from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
 
 TARGET = 1.1
 

@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from attrs import frozen
-from ternqc.runtime.calibrate.points import ResolvedPoints, resolve_profile
-from ternqc.runtime.models.builtin import ToyNet
 from torch import nn
 
 from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
+from ternqc.runtime.calibrate.points import ResolvedPoints, resolve_profile
+from ternqc.runtime.models.builtin import ToyNet
 
 SPECS = (
     StatSpec("range_min_max"),

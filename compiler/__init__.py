@@ -4,7 +4,7 @@
     check(program)                           # check.py: every error and warning, or CompileError
     plan = lower(program)                    # lower.py: ast → Plan
 
-`compile_source` / `compile_file` run the three passes; `cli_compile` is `ternqc compile`;
+`compile_source` / `compile_file` run the three passes (`ternqc compile` is `commands.compile_rules`);
 `builtin_recipe` finds the recipes shipped in `ternqc.configs`. This package never imports torch.
 """
 
@@ -15,13 +15,13 @@ import os
 import pathlib
 
 from attrs import frozen
+
 from ternqc.compiler.ast import Span
 from ternqc.compiler.check import check
 from ternqc.compiler.errors import CompileError, Diagnostic, with_sources
 from ternqc.compiler.lower import lower
 from ternqc.compiler.parse import too_deep
 from ternqc.compiler.program import load_program, read_problem, read_text
-
 from ternqc.plan import Plan
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "Compiled",
     "Diagnostic",
     "builtin_recipe",
-    "cli_compile",
     "compile_file",
     "compile_source",
 ]
@@ -97,10 +96,3 @@ def builtin_recipe(name: str = "toy_ternary.tq") -> pathlib.Path:
         msg = f"no built-in recipe {name!r}; shipped recipes: {', '.join(shipped) or 'none'}"
         raise FileNotFoundError(msg)
     return pathlib.Path(str(found))
-
-
-def cli_compile(rules_path: str, output_path: str | None) -> int:
-    """`ternqc compile RULES [-o plan.json]`: see `ternqc.compiler.command`."""
-    from ternqc.compiler.command import run_compile
-
-    return run_compile(rules_path, output_path)

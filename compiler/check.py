@@ -19,9 +19,12 @@ for the same selector (and the same for `calibrate` keys).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from attrs import frozen
+
+from ternqc import plan
 from ternqc.compiler import ast
 from ternqc.compiler.errors import Diagnostic, and_list, did_you_mean, one_of
 from ternqc.compiler.vocab import (
@@ -42,8 +45,6 @@ from ternqc.compiler.vocab import (
     type_tensors,
     written_options,
 )
-
-from ternqc import plan
 
 ALL_PARAMS = plan.all_params()
 

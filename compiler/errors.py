@@ -11,10 +11,11 @@ every error. `render()` prints them like mypy, with the source line and a caret 
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 from attrs import field, frozen
+
 from ternqc.compiler.ast import Span
 
 #: How many diagnostics `CompileError.render` shows before "… and N more".

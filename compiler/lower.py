@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ternqc import plan
 from ternqc.compiler import ast
 from ternqc.compiler.vocab import (
     Profiled,
@@ -27,8 +28,6 @@ from ternqc.compiler.vocab import (
     spec_of,
     written_options,
 )
-
-from ternqc import plan
 
 #: The statistic the compiler adds for `data_in_scaling_factor = true` (see `plan.DERIVED_STATISTICS`).
 ACTIVATION_SCALE_STAT = plan.StatSpec("threshold_abs_mean")

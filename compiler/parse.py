@@ -12,14 +12,15 @@ import functools
 import re
 from typing import Any
 
-import ternqc.grammar
 from lark import Lark, Token, Transformer, UnexpectedInput, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
+
+import ternqc.grammar
 from ternqc.compiler import ast
 from ternqc.compiler.errors import CompileError, Diagnostic, one_of, with_sources
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parser() -> Lark:
     """The LALR parser, built once per process."""
     return Lark.open(

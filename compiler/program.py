@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from attrs import frozen
+
 from ternqc.compiler import ast
 from ternqc.compiler.errors import CompileError, Diagnostic
 from ternqc.compiler.parse import parse

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 
-from ternqc.compiler.vocab import number_text, spec_text, tensor_word
-
 from ternqc import plan
+from ternqc.compiler.vocab import number_text, spec_text, tensor_word
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 

@@ -9,11 +9,11 @@ says why).
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
-
-from ternqc.compiler import ast
+from collections.abc import Iterable
+from typing import Any
 
 from ternqc import plan
+from ternqc.compiler import ast
 
 #: Tensor names the language accepts besides `data_in_N` / `data_out_N`.
 TENSOR_WORDS: tuple[str, ...] = ("data_in", "data_out", "weight", "bias", "data_in_0", "data_out_0")

@@ -1,4 +1,5 @@
-"""Command handlers behind `ternqc train | profile | apply | map | demo`.
+"""Command handlers behind `ternqc compile | train | profile | apply | map | demo`, and `COMMANDS`, the table
+`cli.main` dispatches through.
 
 Each takes the parsed argparse namespace and returns an exit code. This is the one place where the two
 halves meet: a handler compiles the rules (`ternqc.compiler`, which never imports torch) and hands the plan
@@ -12,9 +13,40 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from ternqc.plan import Plan
+from ternqc.render import format_layer_table
+
+
+def compile_rules(args: argparse.Namespace) -> int:
+    """`ternqc compile RULES [-o plan.json]`: compile, print a summary (stdout), warnings or errors (stderr),
+    write the plan as JSON. Exit 0 when the rules compile, 1 when they do not or a file cannot be read or
+    written."""
+    from ternqc.compiler import CompileError, compile_file
+    from ternqc.compiler.summary import summarize
+
+    rules_path, output_path = args.rules, args.output
+    try:
+        compiled = compile_file(rules_path)
+    except CompileError as exc:
+        print(exc.render(), file=sys.stderr)
+        n = len(exc.diagnostics)
+        count = f"{n} {'error' if n == 1 else 'errors'}"
+        print(f"ternqc: {rules_path}: {count}, nothing compiled", file=sys.stderr)
+        return 1
+    for warning in compiled.warnings:
+        print(warning.render(), file=sys.stderr)
+    print(summarize(compiled.plan))
+    if output_path:
+        try:
+            with open(output_path, "w", encoding="utf-8") as f:
+                f.write(compiled.plan.to_json())
+        except OSError as exc:
+            msg = f"ternqc: error: cannot write plan to {output_path}: {exc.strerror or exc}"
+            print(msg, file=sys.stderr)
+            return 1
+        print(f"wrote plan to {os.fspath(output_path)}")
+    return 0
 
 
 def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
@@ -123,7 +155,7 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
-    from ternqc.runtime.quantize.mapping import render_explain
+    from ternqc.render import render_explain
     from ternqc.runtime.run import pipeline, workers
 
     plan, source = load_plan(args.rules, args.plan)
@@ -144,9 +176,10 @@ def apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
+def map_stats(args: argparse.Namespace) -> int:
+    from ternqc.render import render_explain
     from ternqc.runtime.io.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
-    from ternqc.runtime.quantize.mapping import map_params, render_explain
+    from ternqc.runtime.quantize.mapping import map_params
 
     plan, source = load_plan(args.rules, None)
     table = read_stats_toml(args.stats)
@@ -164,7 +197,7 @@ def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
 def demo(args: argparse.Namespace) -> int:
     """Train toy on toy-tiny, then apply the built-in recipe to the checkpoint: the two commands a user would
     type, parsed by the same parser, so the demo uses the commands' own defaults."""
-    from ternqc.cli import build_parser
+    from ternqc.parser import build_parser
 
     ckpt = os.path.join(args.out, "best.ckpt")
     quiet = ["--no-progress"] if args.no_progress else []
@@ -180,28 +213,12 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dict):
-        return f"[{value['values']}] ~{value['mean']:.4g}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_layer_table(report: dict[str, Any]) -> str:
-    """One line per quantised tensor: node, op, tensor, Δ, α and the fraction of zeros."""
-    rows = [("node", "op", "tensor", "delta", "alpha", "zeros")]
-    for node, entry in report["nodes"].items():
-        for tensor, t in entry["tensors"].items():
-            if not t.get("quantized"):
-                rows.append((node, entry["op"], tensor, "float", "", ""))
-                continue
-            zeros = t.get("zero_fraction")
-            alpha = t.get("alpha") if t.get("scaling") else "off"
-            rows.append(
-                (node, entry["op"], tensor, _fmt(t["delta"]), _fmt(alpha), "-" if zeros is None else f"{zeros:.1%}")
-            )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+#: `ternqc COMMAND`: the handler of each subcommand of `parser.build_parser`.
+COMMANDS = {
+    "compile": compile_rules,
+    "train": train,
+    "profile": profile,
+    "apply": apply,
+    "map": map_stats,
+    "demo": demo,
+}

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import toml
 import torch
+
 from ternqc.runtime.calibrate.loop import calibration_batches
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.quantize.convert import load_ternary_checkpoint
-
 from tests.test_cli_support import (
     APPLY_OUTPUTS,
     CONFIGS,
@@ -50,8 +50,8 @@ def _toy_params(ckpt: Path) -> dict[str, np.ndarray]:
 
 def _reload_without_calibrating(ckpt: Path, monkeypatch: pytest.MonkeyPatch):
     """`load_ternary_checkpoint` with calibration and data loading made to fail: it must need neither."""
-    import ternqc.runtime.calibrate.loop as calibrate_mod
     import ternqc.runtime.calibrate.hooks as profile_mod
+    import ternqc.runtime.calibrate.loop as calibrate_mod
     import ternqc.runtime.models.data as data_mod
 
     def refuse(*_a, **_k):
@@ -296,7 +296,6 @@ def test_apply_on_a_user_model_and_dataset_from_files(tmp_path, monkeypatch: pyt
     from ternqc.compiler import compile_file
     from ternqc.runtime.quantize.modules import TernaryConv2d, TernaryLinear
     from ternqc.runtime.run import pipeline
-
     from tests.fixtures import user_data
 
     rules = tmp_path / "user.tq"

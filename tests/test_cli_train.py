@@ -7,9 +7,9 @@ import re
 
 import pytest
 import torch
+
 from ternqc.runtime.io.checkpoints import load_checkpoint_
 from ternqc.runtime.models.builtin import build_model
-
 from tests.test_cli_support import (
     MaseToy,
     Trained,

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch import nn
+
 from ternqc.runtime.calibrate.points import (
     PARAM_TENSORS,
     STAGING_BYTES,
@@ -23,7 +25,6 @@ from ternqc.runtime.calibrate.stats.feeder import STAGE_BYTES, TensorStats
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
 from ternqc.runtime.errors import UserError
-from torch import nn
 
 
 class Collector:

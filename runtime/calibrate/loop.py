@@ -18,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
 from ternqc.runtime.calibrate.hooks import collect_stats
 from ternqc.runtime.calibrate.points import ResolvedPoints
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
@@ -25,8 +28,6 @@ from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.progress import progress as progress_bar
 from ternqc.runtime.run import collectives as distributed
-from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
 
 Batch = tuple[Any, Any]
 

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 
 import torch
 from attrs import field, frozen
-from ternqc.runtime.errors import UserError
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, Origin, ProfilePoint, StatSpec
+from ternqc.runtime.errors import UserError
 
 PARAM_TENSORS = ("weight", "bias")
 #: Staging memory for small activations, all tensors together (each gets at most `stats.STAGE_BYTES`).

@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 import torch
+
 from ternqc.runtime.calibrate.buffers import give_back, take_buffer
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20

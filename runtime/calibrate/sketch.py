@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import torch
+
 from ternqc.runtime.calibrate.quantiles import lerp, rank_of, select_pool, select_threads
 
 #: Top-level capacity of the sketch: the measured rank error stays below 3/k, so 2^16 gives <= 4.6e-5.

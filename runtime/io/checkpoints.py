@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
+from torch import nn
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.atomic import atomic_path
-from torch import nn
 
 #: Lightning's prefix for the wrapped model's keys (MASE's `LightningModule` holds the model as `self.model`).
 LIGHTNING_PREFIX = "model."

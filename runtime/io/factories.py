@@ -19,10 +19,12 @@ import importlib
 import importlib.util
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from attrs import frozen
+
 from ternqc.runtime.errors import UserError
 
 

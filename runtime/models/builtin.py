@@ -7,9 +7,10 @@ initialisation from the global RNG (seed it first for a reproducible model).
 
 from __future__ import annotations
 
+from torch import nn
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
-from torch import nn
 
 
 class ToyNet(nn.Module):

@@ -12,9 +12,10 @@ import difflib
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, IterableDataset
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
-from torch.utils.data import Dataset, IterableDataset
 
 TOY_TINY_SEEDS = {"train": 0, "validation": 1, "test": 2}
 TOY_TINY_SIZE = 512

@@ -10,13 +10,14 @@ labels. The model's train/eval mode is restored afterwards. The batch helpers `f
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
-from ternqc.runtime.errors import UserError
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from ternqc.runtime.errors import UserError
 
 
 def dataset_name(dataset: Dataset, name: str | None = None) -> str:

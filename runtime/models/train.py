@@ -20,14 +20,15 @@ import os
 
 import torch
 from attrs import frozen
+from torch import nn
+from torch.utils.data import Dataset
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.checkpoints import save_lightning_checkpoint
 from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import batch_loss, batches, dataset_name, loss_and_accuracy
 from ternqc.runtime.progress import progress as progress_bar
-from torch import nn
-from torch.utils.data import Dataset
 
 #: Defaults of `ternqc train`: they take the toy model to >= 0.98 validation accuracy on toy-tiny in about
 #: half a second here, for every seed tried (MASE's lr 1e-5 leaves it at 0.46; lr 1e-3 gives 0.973-0.988).

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.atomic import atomic_path
 from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant
-from torch import nn
 
 CHECKPOINT_FORMAT = "ternqc-ternary"
 CHECKPOINT_VERSION = 1

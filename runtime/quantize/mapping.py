@@ -25,22 +25,11 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import math
-from typing import Any, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from attrs import field, frozen
-from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
-from ternqc.runtime.errors import UserError
-from ternqc.runtime.quantize.resolve import (
-    Module,
-    ResolvedParam,
-    applicable_params,
-    inapplicable_bindings,
-    resolve_bindings,
-    selector_matches,
-    unmatched_selectors,
-)
 
 from ternqc.plan import (
     PARAM_SUFFIXES,
@@ -58,6 +47,18 @@ from ternqc.plan import (
     all_params,
     expr_stat_refs,
     split_param,
+)
+from ternqc.render import format_value
+from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.resolve import (
+    Module,
+    ResolvedParam,
+    applicable_params,
+    inapplicable_bindings,
+    resolve_bindings,
+    selector_matches,
+    unmatched_selectors,
 )
 
 #: Parameters whose value must not be negative (the quantiser's Δ and α).
@@ -290,7 +291,7 @@ class _Context:
             ok = False
         if not ok:
             raise self.fail(f"the {what} in {self.stats_source} is not a number or an array of numbers: "
-                            f"{_short(value)}")
+                            f"{format_value(value)}")
         return arr
 
     def _held(self) -> str:
@@ -349,20 +350,20 @@ class _Context:
         if kind == "name":
             if not isinstance(v, str) or v not in QUANTISERS:
                 raise self.fail(f"the quantiser must be one of {', '.join(map(json.dumps, QUANTISERS))}, "
-                                f"got {_short(v)}")
+                                f"got {format_value(v)}")
             return v
         if kind == "bool":
             if not isinstance(v, (bool, np.bool_)):
-                raise self.fail(f"expected true or false, got {_short(v)}")
+                raise self.fail(f"expected true or false, got {format_value(v)}")
             return bool(v)
         if isinstance(v, (bool, str, np.bool_)):
-            raise self.fail(f"expected {'a whole number' if kind == 'int' else 'a number'}, got {_short(v)}")
+            raise self.fail(f"expected {'a whole number' if kind == 'int' else 'a number'}, got {format_value(v)}")
         arr = np.asarray(v, dtype=np.float64)
         if not np.all(np.isfinite(arr)):
-            raise self.fail(f"the value is not finite: {_short(_plain(arr))}")
+            raise self.fail(f"the value is not finite: {format_value(_plain(arr))}")
         if kind == "int":
             if arr.ndim != 0 or not float(arr).is_integer():
-                raise self.fail(f"expected a whole number, got {_short(_plain(arr))}")
+                raise self.fail(f"expected a whole number, got {format_value(_plain(arr))}")
             n = int(arr)
             low = 0 if split[1] == "frac_width" else 1  # type: ignore[index]
             if n < low:
@@ -370,7 +371,7 @@ class _Context:
             return n
         suffix = split[1]  # type: ignore[index]
         if suffix in NON_NEGATIVE_SUFFIXES and np.any(arr < 0):
-            raise self.fail(f"a {suffix} must not be negative, got {_short(_plain(arr))}")
+            raise self.fail(f"a {suffix} must not be negative, got {format_value(_plain(arr))}")
         return _plain(arr)
 
 
@@ -385,61 +386,4 @@ def _plain(arr: np.ndarray) -> float | list:
     return float(arr) if arr.ndim == 0 else arr.tolist()
 
 
-def _short(v: Any, limit: int = 6) -> str:
-    """A value as the rules language would write it, long vectors abbreviated."""
-    if v is None:
-        return "na"
-    if isinstance(v, (bool, np.bool_)):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else str(v)
-    if isinstance(v, list):
-        flat = np.asarray(v, dtype=np.float64).ravel().tolist() if not _has_non_numbers(v) else None
-        if flat is not None and len(flat) > limit:
-            head = ", ".join(_short(x) for x in flat[:3])
-            return f"[{head}, ...] ({len(flat)} values, min {_short(min(flat))}, max {_short(max(flat))})"
-        return "[" + ", ".join(_short(x) for x in v) + "]"
-    return str(v)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Explain
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _where(b: Binding) -> str:
-    return f"{b.origin.file}:{b.origin.line}"
-
-
-def render_explain(result: MappingResult) -> str:
-    """Per node, every parameter some rule sets: its value, the winning rule (`file:line`) and the rules it
-    overrode (`overrides a.tq:12, b.tq:3`, best first). Parameters no rule sets are left out.
-
-    Returns:
-        The text, ending with a newline.
-    """
-    lines = [f"# parameters and the rules that set them{f' (rules: {result.rules})' if result.rules else ''}"]
-    for m in result.modules.values():
-        lines.append(f"{m.node} ({m.op})" if m.node == m.path else f"{m.node} ({m.op}, module {m.path})")
-        if not m.explain:
-            lines.append("  (no rule sets any parameter)")
-            continue
-        rows = []
-        for param in applicable_params(m.op):
-            rp = m.explain.get(param)
-            if rp is None:
-                continue
-            value = _short(m.params[param])
-            rule = f"{_where(rp.binding)} ({rp.binding.selector})"
-            over = f"  overrides {', '.join(_where(b) for b in rp.overridden)}" if rp.overridden else ""
-            rows.append((param, value, rule, over))
-        wp = max(len(r[0]) for r in rows)
-        wv = max(len(r[1]) for r in rows)
-        for param, value, rule, over in rows:
-            lines.append(f"  {param:<{wp}} = {value:<{wv}}  {rule}{over}")
-    return "\n".join(lines) + "\n"
-
-
-__all__ = ["MappedModule", "MappingResult", "map_params", "render_explain", "NON_NEGATIVE_SUFFIXES"]
+__all__ = ["MappedModule", "MappingResult", "map_params", "NON_NEGATIVE_SUFFIXES"]

@@ -24,6 +24,9 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ternqc.plan import QUANTISABLE
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.quantizers import (
     ModuleQuant,
@@ -33,9 +36,6 @@ from ternqc.runtime.quantize.quantizers import (
     ternarize,
     weight_alpha,
 )
-from torch import nn
-
-from ternqc.plan import QUANTISABLE
 
 PARAM_TENSORS = ("weight", "bias")
 

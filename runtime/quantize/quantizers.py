@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Union
 import attrs
 import numpy as np
 from attrs import field, frozen
-from ternqc.runtime.errors import UserError
 
 from ternqc.plan import (
     FLOAT_WIDTH,
@@ -49,6 +48,7 @@ from ternqc.plan import (
     all_params,
     split_param,
 )
+from ternqc.runtime.errors import UserError
 
 if TYPE_CHECKING:
     import torch

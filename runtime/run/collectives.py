@@ -1,5 +1,5 @@
-"""Calibration across processes with `torch.distributed`: process-group helpers, `--workers N`, worker entry
-points for the commands.
+"""Calibration across processes with `torch.distributed`: process-group helpers and the collectives the
+statistics merge with (`--workers N` and the commands' worker entry points are in `workers.py`).
 
 In: the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), or a number of
 local workers. Out: an initialised default process group (gloo for CPU tensors, NCCL for CUDA ones), and
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ternqc.runtime.errors import UserError
 from torch import nn
 
+from ternqc.runtime.errors import UserError
+
 __all__ = [
-    "apply_worker",
     "broadcast_model_",
     "check_same_model",
     "first_failure",
@@ -42,10 +42,8 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "is_main_process",
-    "profile_worker",
     "rank",
     "run_protocols",
-    "run_workers",
     "shutdown",
     "sync_stats",
     "world_size",

@@ -17,11 +17,15 @@ import contextlib
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import torch
 from attrs import frozen
+from torch import nn
+
+from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
 from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
@@ -37,9 +41,6 @@ from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.quantize.modules import TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
-from torch import nn
-
-from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
 
 THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
 VALIDATION_SPLIT = "validation"

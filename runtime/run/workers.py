@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.run.collectives import TIMEOUT, broadcast_model_, shutdown
 
@@ -121,9 +122,8 @@ def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callab
 
 
 def _prepared(plan_dict: dict, settings):
-    from ternqc.runtime.run import pipeline
-
     from ternqc.plan import Plan
+    from ternqc.runtime.run import pipeline
 
     model = broadcast_model_(pipeline.load_model(settings))
     return Plan.from_dict(plan_dict), model
@@ -133,6 +133,7 @@ def profile_worker(plan_dict: dict, settings) -> Any:
     """`pipeline.profile` in every process (calibration sharded and merged); returns the `ProfileResult`
     without its batches. For `run_workers(n, profile_worker, plan.to_dict(), settings)`."""
     import attrs
+
     from ternqc.runtime.run import pipeline
 
     plan, model = _prepared(plan_dict, settings)
@@ -145,6 +146,7 @@ def apply_worker(plan_dict: dict, settings, rules: str) -> Any:
     every process); returns rank 0's `ApplyResult` (its model converted) without the batches. For
     `run_workers(n, apply_worker, plan.to_dict(), settings, source)`."""
     import attrs
+
     from ternqc.runtime.run import pipeline
 
     plan, model = _prepared(plan_dict, settings)

@@ -6,9 +6,9 @@ import json
 import pathlib
 
 import pytest
-from ternqc.compiler import builtin_recipe, compile_file
 
 from ternqc.cli import main
+from ternqc.compiler import builtin_recipe, compile_file
 from ternqc.plan import Plan
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from ternqc.compiler import compile_source
 
 from .conftest import REPO

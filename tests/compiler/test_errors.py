@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from ternqc.compiler import CompileError, compile_file
 
 from ternqc.cli import main
+from ternqc.compiler import CompileError, compile_file
 
 from .conftest import ERRORS_DIR
 

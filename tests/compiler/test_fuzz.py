@@ -12,9 +12,9 @@ import re
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from ternqc.compiler import CompileError, compile_source
 
 from ternqc import plan
+from ternqc.compiler import CompileError, compile_source
 
 from .conftest import OK_DIR
 

@@ -11,8 +11,8 @@ import importlib.resources
 import json
 
 import pytest
-from ternqc.compiler import builtin_recipe, compile_file
 
+from ternqc.compiler import builtin_recipe, compile_file
 from ternqc.plan import Plan
 
 from .conftest import OK_DIR

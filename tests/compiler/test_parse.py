@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from ternqc.compiler import CompileError, ast
 from ternqc.compiler.parse import parse
 

@@ -7,9 +7,9 @@ import pathlib
 import re
 
 import pytest
-from ternqc.compiler import Compiled, CompileError, compile_file, compile_source
 
 from ternqc import plan
+from ternqc.compiler import Compiled, CompileError, compile_file, compile_source
 from ternqc.plan import BinOp, Call, Const, Selector, StatRef, StatSpec, Unary
 
 from .conftest import OK_DIR

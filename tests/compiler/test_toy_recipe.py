@@ -7,9 +7,9 @@ from __future__ import annotations
 import pathlib
 
 import toml
-from ternqc.compiler import builtin_recipe, compile_file
 
 from ternqc import plan
+from ternqc.compiler import builtin_recipe, compile_file
 from ternqc.plan import Const, StatSpec
 
 MASE = pathlib.Path(__file__).resolve().parent.parent / "data" / "mase"

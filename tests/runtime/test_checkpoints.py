@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.checkpoints import load_checkpoint_, save_lightning_checkpoint
 from ternqc.runtime.models.builtin import ToyNet
-from torch import nn
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

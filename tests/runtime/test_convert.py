@@ -10,13 +10,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.builtin import ToyNet
 from ternqc.runtime.quantize import convert as convert_mod
 from ternqc.runtime.quantize.convert import convert_, load_ternary_checkpoint, save_ternary_checkpoint
 from ternqc.runtime.quantize.modules import TernaryConv1d, TernaryConv2d, TernaryLinear, TernaryReLU
 from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
-from torch import nn
 
 # --- independent reference -------------------------------------------------------------------------------
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.data import build_dataset
-from torch.utils.data import Dataset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 USER_DATA = f"{FIXTURES / 'user_data.py'}:factory"

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+
 from ternqc.compiler import compile_source
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.builtin import ToyNet

@@ -12,11 +12,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+
+from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.quantiles import QuantileBudget, run_local, select_protocol
 from ternqc.runtime.calibrate.stats.feeder import TensorStats
 from ternqc.runtime.run.collectives import sync_stats
-
-from ternqc.plan import StatSpec
 
 
 def spec(name, dims="all", abs=False, **options):

@@ -17,13 +17,13 @@ import numpy
 import pytest
 import toml
 import torch
+from torch.utils.data import DataLoader
+
+from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
 from ternqc.runtime.calibrate.loop import calibrate
 from ternqc.runtime.calibrate.points import resolve_profile
 from ternqc.runtime.models.builtin import ToyNet
 from ternqc.runtime.models.data import ToyTiny
-from torch.utils.data import DataLoader
-
-from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "data" / "mase" / "stats_for_quantisation.toml"
 SPECS = {

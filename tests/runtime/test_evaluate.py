@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.builtin import ToyNet
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import accuracy, loss_and_accuracy
-from torch import nn
-from torch.utils.data import TensorDataset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from ternqc.runtime.calibrate.table import ModuleStats
-from ternqc.runtime.errors import UserError
-from ternqc.runtime.quantize.mapping import map_params, render_explain
-from ternqc.runtime.quantize.resolve import applicable_params
 
 from ternqc.plan import (
     Binding,
@@ -23,6 +19,11 @@ from ternqc.plan import (
     StatSpec,
     Unary,
 )
+from ternqc.render import render_explain
+from ternqc.runtime.calibrate.table import ModuleStats
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.mapping import map_params
+from ternqc.runtime.quantize.resolve import applicable_params
 
 MMAX = StatSpec("range_min_max")
 PER_CH = StatSpec("range_min_max", dims=(0,))

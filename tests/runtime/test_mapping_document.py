@@ -8,11 +8,12 @@ from pathlib import Path
 import attrs
 import pytest
 import toml
-from ternqc.runtime.io.mase_io import read_stats_toml, write_quant_config_toml
-from ternqc.runtime.quantize.mapping import map_params, render_explain
-from ternqc.runtime.quantize.resolve import applicable_params
 
 from ternqc.plan import QUANTISABLE, Plan
+from ternqc.render import render_explain
+from ternqc.runtime.io.mase_io import read_stats_toml, write_quant_config_toml
+from ternqc.runtime.quantize.mapping import map_params
+from ternqc.runtime.quantize.resolve import applicable_params
 
 from .test_mapping_toyplan import TOY_FILE, compiled_toy_plan, toy_plan
 

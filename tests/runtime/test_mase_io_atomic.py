@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from ternqc.runtime.calibrate.table import ModuleStats
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io import atomic

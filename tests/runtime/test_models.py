@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.builtin import ToyNet, build_model
-from torch import nn
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 USER_MODEL = f"{FIXTURES / 'user_model.py'}:factory"

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.modules import (
     TERNARY_MODULES,
@@ -19,7 +21,6 @@ from ternqc.runtime.quantize.modules import (
     TernaryReLU,
 )
 from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
-from torch import nn
 
 # --- independent reference -----------------------------------------------------------------------------
 

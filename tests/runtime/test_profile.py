@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
 from ternqc.runtime.calibrate.hooks import collect_stats
 from ternqc.runtime.calibrate.points import ResolvedPoints, resolve_profile
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.builtin import ToyNet
-from torch import nn
-
-from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
 from tests.runtime.test_stats import check, reference
 
 ORIGIN = Origin("rules.tq", 3, 1)

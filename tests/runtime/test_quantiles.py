@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.quantiles import ExactValues, QuantileBudget
 from ternqc.runtime.calibrate.sketch import CompactorSketch, rank_error_bound
 from ternqc.runtime.calibrate.stats.states import from_tensors, make_state
-
-from ternqc.plan import StatSpec
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.quantizers import (
     ModuleQuant,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ternqc.plan import Binding, Const, Origin, Selector
 from ternqc.runtime.quantize.resolve import (
     applicable_params,
     inapplicable_bindings,
     resolve_bindings,
     unmatched_selectors,
 )
-
-from ternqc.plan import Binding, Const, Origin, Selector
 
 # a toy-like model, with the containers named_modules() also yields
 MODULES = [

@@ -13,11 +13,11 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.stats.feeder import TensorStats
 from ternqc.runtime.calibrate.stats.states import from_tensors, make_state
 from ternqc.runtime.errors import UserError
-
-from ternqc.plan import StatSpec
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -10,21 +10,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from ternqc.runtime.calibrate.quantiles import (
-    QuantileBudget,
-    give_back,
-    take_buffer,
-)
 
 from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.buffers import give_back, take_buffer
+from ternqc.runtime.calibrate.quantiles import QuantileBudget
+from ternqc.runtime.calibrate.stats.states import SumState, make_state
+from ternqc.runtime.calibrate.stats.sums import FLOATS, Block, as_float
 
 #: A batch's key is `batch index * KEY_CALLS + call within the batch` (a module called twice per forward).
 KEY_CALLS = 2**20
 _STAGE_MAX_NUMEL = 16384  # tensors of at most this many values per batch are staged
 STAGE_BYTES = 4 * 2**20  # default staging memory of one tensor
 _STAGE_MAX_BATCHES = 64
-from ternqc.runtime.calibrate.stats.states import SumState, make_state
-from ternqc.runtime.calibrate.stats.sums import FLOATS, Block, as_float
 
 # ---------------------------------------------------------------------------------------------------------
 # A tensor's statistics, fed together

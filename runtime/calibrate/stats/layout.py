@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from attrs import field, frozen
+
 from ternqc.runtime.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
@@ -19,11 +21,6 @@ from ternqc.runtime.calibrate.quantiles import (
     wanted_ranks,
 )
 from ternqc.runtime.calibrate.sketch import CompactorSketch, rank_error_bound, sketch_bytes, sketch_k_for
-from ternqc.runtime.errors import UserError
-
-from ternqc.plan import StatSpec
-
-_INF = float("inf")
 from ternqc.runtime.calibrate.stats.layout import Layout, make_layout, pseudo_layout, result_form
 from ternqc.runtime.calibrate.stats.sums import (
     Block,
@@ -36,6 +33,9 @@ from ternqc.runtime.calibrate.stats.sums import (
     rows_view,
     write_rows,
 )
+from ternqc.runtime.errors import UserError
+
+_INF = float("inf")
 
 # ---------------------------------------------------------------------------------------------------------
 # States

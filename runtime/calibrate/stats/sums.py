@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
 from ternqc.runtime.calibrate.stats.layout import Layout
 
 FOLD_EVERY = 64  # partials and min/max are folded every this many batches
