@@ -1,4 +1,4 @@
-"""Command handlers behind `ternqc compile | train | profile | apply | map | demo`, and `COMMANDS`, the table
+"""Command handlers behind `ternqc compile | train | profile | apply | map | report | sweep | demo`, and `COMMANDS`, the table
 `cli.main` dispatches through.
 
 Each takes the parsed argparse namespace and returns an exit code. This is the one place where the two
@@ -158,6 +158,10 @@ def apply(args: argparse.Namespace) -> int:
     from ternqc.render import render_explain
     from ternqc.runtime.run import pipeline, workers
 
+    if args.report:
+        from ternqc.runtime.report.plots import require_matplotlib
+
+        require_matplotlib()  # before the run, not after it
     plan, source = load_plan(args.rules, args.plan)
     settings = _settings(args)
     result, writes = _calibrate_in_processes(args, workers.apply_worker, plan.to_dict(), settings, source)
@@ -165,6 +169,10 @@ def apply(args: argparse.Namespace) -> int:
         return 0
     _print_notes(result.profile.notes)
     written = pipeline.write_apply_outputs(args.out, result, settings, plan)
+    if args.report:
+        from ternqc.runtime.report.write import write_report
+
+        written.append(write_report(args.out))
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))
@@ -174,6 +182,21 @@ def apply(args: argparse.Namespace) -> int:
     )
     print("wrote " + ", ".join(written))
     return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """`ternqc report DIR [-o FILE]`: the HTML report of the run whose report.json is in DIR."""
+    from ternqc.runtime.report.write import write_report
+
+    print(f"wrote {write_report(args.dir, args.output)}")
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """`ternqc sweep`: see `ternqc.sweep`."""
+    from ternqc.sweep import run_sweep_command
+
+    return run_sweep_command(args)
 
 
 def map_stats(args: argparse.Namespace) -> int:
@@ -220,5 +243,7 @@ COMMANDS = {
     "profile": profile,
     "apply": apply,
     "map": map_stats,
+    "report": report,
+    "sweep": sweep,
     "demo": demo,
 }

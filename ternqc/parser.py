@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--out", default="ternqc-out", help="output folder (default ternqc-out/)")
     p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
+    p.add_argument("--report", action="store_true", help="also write OUT/report.html (needs matplotlib)")
+
+    p = sub.add_parser("report", help="write DIR/report.html from the report.json that `apply` wrote in DIR")
+    p.add_argument("dir", help="an output folder of `ternqc apply` (or a report.json)")
+    p.add_argument("-o", "--output", help="the page to write (default DIR/report.html)")
+
+    p = sub.add_parser("sweep", help="calibrate once, then map, convert and evaluate every combination of --set values")
+    _add_run_options(p)
+    p.add_argument("--set", action="append", required=True, metavar="NAME=V1,V2,...",
+                   help="values of a `let` constant of the rules to try; repeat for more names (every combination)")
+    p.add_argument("--out", default="ternqc-sweep", help="output folder (default ternqc-sweep/)")
 
     p = sub.add_parser("map", help="MASE statistics file + rules -> MASE quantize config (stat-to-conf.py)")
     p.add_argument("stats", help="statistics TOML in MASE's node-meta layout")

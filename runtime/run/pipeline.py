@@ -41,6 +41,8 @@ from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.quantize.modules import TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
+from ternqc.runtime.report import details as report_details
+from ternqc.runtime.run import collectives as distributed
 
 THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
 VALIDATION_SPLIT = "validation"
@@ -58,6 +60,7 @@ class RunSettings:
     seed: int = 0
     quantile_budget_mib: float = 256.0
     progress: bool = True
+    report_histograms: bool = True  # histogram the calibrated inputs for the report (one more pass)
 
 
 @frozen
@@ -196,21 +199,33 @@ def _merge_into(table: StatsTable, extra: ModuleStats) -> None:
     table[extra.path] = attrs.evolve(have, values=values, shapes={**extra.shapes, **have.shapes})
 
 
-def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) -> ApplyResult:
+def apply(
+    model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str, profiled: ProfileResult | None = None
+) -> ApplyResult:
     """The whole flow: calibrate, map statistics to parameters, derive activation scales, convert, evaluate.
 
-    `model` is converted in place. `rules` names where the plan came from, for messages.
+    `model` is converted in place. `rules` names where the plan came from, for messages. `profiled`: the
+    statistics of an earlier calibration of the same model with the same profile points (a sweep calibrates
+    once); its table is copied, not changed.
     """
-    result = profile(model, plan, settings)
+    if profiled is None:
+        result = profile(model, plan, settings)
+    else:
+        result = attrs.evolve(profiled, table=dict(profiled.table))
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
     mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=_absent_parameters(model))
     configs = build_configs(mapping, rules=rules)
     configs = calibrate_activation_scales(model, configs, result, settings)
+    observed = None
+    if settings.report_histograms and distributed.is_main_process():  # only rank 0 writes the report
+        observed = report_details.observe_inputs(model, configs, result.batches)
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
     convert_(model, configs)
     ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
     report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
+    run = report_details.run_description(settings, rules, plan.sources, plan.calibration)
+    report_details.add_details(report, model, configs, mapping, observed, run, result.notes)
     return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
 
 

@@ -1,0 +1,132 @@
+"""What report.json holds beyond the accuracies and Δ/α/zeros per tensor, for `ternqc report`.
+
+In: the report `pipeline.build_report` made, the converted model, the mapping, the inputs the histogram pass
+observed, and a description of the run. Out: the same report with, added,
+- `run`: model, checkpoint, dataset, rules (paths and text), calibration settings;
+- per quantised tensor: `histogram` (of the float values: the weight or bias, or the calibrated inputs),
+  `rel_l2_error` (‖x - q(x)‖₂ / ‖x‖₂) and `rules` (`{parameter: "file:line"}` of the rule that set it);
+- per node `index` (its position among the model's modules) and `module` (its path);
+- `float_layers`: quantisable modules that stay float, and why; `notes`: the run's notes.
+The nodes are put in model order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ternqc.plan import QUANTISABLE, split_param
+from ternqc.runtime.quantize.mapping import MappingResult
+from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.quantizers import ModuleQuant
+from ternqc.runtime.report.histograms import ObservedInputs, observe_inputs, relative_l2, tensor_histogram
+
+#: Rules files larger than this are not copied into report.json.
+MAX_RULES_TEXT = 256 * 1024
+
+
+def run_description(settings: Any, rules: str, sources: Sequence[str], calibration: Any) -> dict[str, Any]:
+    """The run as report.json's `run`: where the model, weights, data and rules came from, how it calibrated.
+
+    `settings` is a `RunSettings`; `sources` the plan's rules files (their text is copied when readable).
+    """
+    texts = {}
+    for path in sources:
+        try:
+            if os.path.getsize(path) <= MAX_RULES_TEXT:
+                with open(path, encoding="utf-8") as f:
+                    texts[path] = f.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+    return {
+        "model": settings.model,
+        "ckpt": settings.ckpt,
+        "dataset": settings.dataset,
+        "rules": rules,
+        "rules_files": list(sources),
+        "rules_text": texts,
+        "calibration": {
+            "samples": calibration.samples if settings.samples is None else settings.samples,
+            "batch_size": calibration.batch_size if settings.batch_size is None else settings.batch_size,
+            "split": calibration.split,
+            "seed": settings.seed,
+        },
+    }
+
+
+def _rules_per_tensor(mapping: MappingResult, path: str) -> dict[str, dict[str, str]]:
+    """`{tensor: {parameter: "file:line"}}` of the rules that set a parameter of the module at `path`."""
+    m = mapping.modules.get(path)
+    out: dict[str, dict[str, str]] = {}
+    if m is None:
+        return out
+    for param, rp in m.explain.items():
+        split = split_param(param)
+        tensor = split[0] if split else "*"  # `name` applies to every tensor
+        origin = rp.binding.origin
+        out.setdefault(tensor, {})[param] = f"{origin.file}:{origin.line}"
+    return out
+
+
+def _param_details(module: nn.Module, tensor: str) -> dict[str, Any]:
+    """Histogram of a weight or bias and its relative L2 quantisation error (from the cached q(p))."""
+    p = getattr(module, tensor, None)
+    q = getattr(module, "q" + tensor, None)
+    if not isinstance(p, torch.Tensor) or not isinstance(q, torch.Tensor):
+        return {}
+    return {"histogram": tensor_histogram(p).to_dict(), "rel_l2_error": relative_l2(p, q)}
+
+
+def add_details(
+    report: dict[str, Any],
+    model: nn.Module,
+    configs: dict[str, ModuleQuant],
+    mapping: MappingResult,
+    observed: ObservedInputs | None,
+    run: dict[str, Any],
+    notes: Sequence[str],
+) -> dict[str, Any]:
+    """Add the report's details (see the module docstring) to `report` in place and return it."""
+    modules = dict(model.named_modules())
+    order = {path: i for i, path in enumerate(modules)}
+    for node, entry in report.get("nodes", {}).items():
+        path = entry.get("path", node)
+        entry["index"] = order.get(path, len(order))
+        rules = _rules_per_tensor(mapping, path)
+        module = modules.get(path)
+        for tensor, t in entry.get("tensors", {}).items():
+            t["rules"] = {**rules.get("*", {}), **rules.get(tensor, {})}
+            if not t.get("quantized"):
+                continue
+            if tensor == "data_in":
+                if observed is not None and path in observed.histograms:
+                    t["histogram"] = observed.histograms[path].to_dict()
+                    t["rel_l2_error"] = observed.errors.get(path)
+            elif isinstance(module, TernaryModule):
+                t.update(_param_details(module, tensor))
+    report["nodes"] = dict(sorted(report.get("nodes", {}).items(), key=lambda kv: kv[1]["index"]))
+    report["run"] = run
+    report["float_layers"] = _float_layers(modules, configs)
+    report["notes"] = list(notes)
+    return report
+
+
+def _float_layers(modules: dict[str, nn.Module], configs: dict[str, ModuleQuant]) -> list[dict[str, str]]:
+    """Quantisable modules (by type) that the run left in float, in model order, each with the reason."""
+    out = []
+    for path, module in modules.items():
+        op = type(module).__name__.lower()
+        if not path or op not in QUANTISABLE or isinstance(module, TernaryModule):
+            continue
+        mq = configs.get(path)
+        reason = "no rule quantises any of its tensors" if mq is None or not mq.quantises_anything else (
+            "it was not converted")
+        out.append({"path": path, "op": op, "reason": reason})
+    return out
+
+
+__all__ = ["add_details", "observe_inputs", "run_description"]

@@ -1,0 +1,155 @@
+"""`ternqc sweep`: one calibration, then map → convert → evaluate for every combination of swept values.
+
+In: the float model, one plan per combination (compiled elsewhere from the rules with that combination's
+`--set` values: the runtime never parses rules) and the run settings. Out: a `SweepResult` (per combination its
+values, accuracy, zero fractions) and `write_sweep` puts `sweep.csv`, `sweep.json` and `sweep.html` in a folder.
+
+Statistics depend on the profile points and the calibration settings, not on the constants the bindings
+use, so combinations whose plans profile the same statistics on the same batches share one calibration (a
+swept value the profile itself reads gets a calibration per distinct value). Each combination then runs
+exactly what `ternqc apply` runs after calibrating (`pipeline.apply(..., profiled=...)`) on a fresh copy of
+the float model, so its accuracy is the accuracy `apply` gives with that value written into the rules.
+Under `--workers N` / torchrun every process runs this; calibration and the activation-scale pass are sharded.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from attrs import frozen
+from torch import nn
+
+from ternqc.plan import Plan
+from ternqc.runtime.io.atomic import atomic_write_text
+from ternqc.runtime.run import pipeline
+
+
+@frozen
+class SweepRow:
+    """One combination: the swept values (`{name: value}`), its accuracy and the zero fraction of every
+    quantised tensor (`{"node.tensor": fraction}`) with their unweighted mean."""
+
+    values: dict[str, Any]
+    ternary_accuracy: float
+    mean_zero_fraction: float | None
+    zero_fractions: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@frozen
+class SweepResult:
+    float_accuracy: float
+    rows: tuple[SweepRow, ...]
+    calibrations: int  # how many calibrations the sweep ran (1 unless a swept value changes the profile)
+    notes: tuple[str, ...]
+
+
+def zero_fractions(report: dict[str, Any]) -> dict[str, float]:
+    """`{"node.tensor": zero fraction}` of every quantised tensor of a report.json that has one."""
+    out = {}
+    for node, entry in report["nodes"].items():
+        for tensor, t in entry["tensors"].items():
+            if t.get("quantized") and t.get("zero_fraction") is not None:
+                out[f"{node}.{tensor}"] = t["zero_fraction"]
+    return out
+
+
+def _profile_key(plan: Plan) -> str:
+    d = plan.to_dict()
+    return json.dumps([d["calibration"], d["profile"]], sort_keys=True)
+
+
+def run_sweep(
+    model: nn.Module, plans: Sequence[tuple[dict[str, Any], Plan]], settings: pipeline.RunSettings, *, rules: str
+) -> SweepResult:
+    """Calibrate `model` once per distinct profile, then apply each `(values, plan)` to a copy of it.
+
+    `model` itself stays in float. Raises what `pipeline.apply` raises (a `UserError` names the problem).
+    """
+    settings = attrs.evolve(settings, report_histograms=False)
+    profiled: dict[str, pipeline.ProfileResult] = {}
+    rows, notes, float_acc = [], [], None
+    for values, plan in plans:
+        key = _profile_key(plan)
+        if key not in profiled:
+            profiled[key] = pipeline.profile(model, plan, settings)
+            notes.extend(n for n in profiled[key].notes if n not in notes)
+        result = pipeline.apply(copy.deepcopy(model), plan, settings, rules=rules, profiled=profiled[key])
+        float_acc = result.float_accuracy
+        zeros = zero_fractions(result.report)
+        mean = sum(zeros.values()) / len(zeros) if zeros else None
+        rows.append(SweepRow(dict(values), result.ternary_accuracy, mean, zeros))
+    return SweepResult(float_acc, tuple(rows), len(profiled), tuple(notes))
+
+
+def sweep_worker(plans: list[tuple[dict[str, Any], dict]], settings: pipeline.RunSettings, rules: str) -> SweepResult:
+    """`run_sweep` in every process of a `--workers N` or torchrun job; plans as `(values, Plan.to_dict())`."""
+    from ternqc.runtime.run.collectives import broadcast_model_
+
+    model = broadcast_model_(pipeline.load_model(settings))
+    return run_sweep(model, [(v, Plan.from_dict(p)) for v, p in plans], settings, rules=rules)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sweep_document(result: SweepResult, swept: dict[str, list[Any]], settings: pipeline.RunSettings,
+                   rules: str) -> dict[str, Any]:
+    """sweep.json's content: the run, the swept names and values, the float accuracy and one row per
+    combination."""
+    return {
+        "rules": rules,
+        "model": settings.model,
+        "ckpt": settings.ckpt,
+        "dataset": settings.dataset,
+        "seed": settings.seed,
+        "swept": swept,
+        "float_accuracy": result.float_accuracy,
+        "calibrations": result.calibrations,
+        "notes": list(result.notes),
+        "rows": [r.to_dict() for r in result.rows],
+    }
+
+
+def sweep_table(doc: dict[str, Any]) -> list[list[str]]:
+    """The table printed and written to sweep.csv: one column per swept name, then the results."""
+    names = list(doc["swept"])
+    header = [*names, "ternary_accuracy", "vs_float", "mean_zero_fraction"]
+    rows = [header]
+    for r in doc["rows"]:
+        z = r["mean_zero_fraction"]
+        rows.append([*(str(r["values"][n]) for n in names), f"{r['ternary_accuracy']:.4f}",
+                     f"{r['ternary_accuracy'] - doc['float_accuracy']:+.4f}", "" if z is None else f"{z:.4f}"])
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def write_sweep(out_dir: str, doc: dict[str, Any]) -> list[str]:
+    """Write `sweep.csv`, `sweep.json` and `sweep.html` (when matplotlib is installed) into `out_dir`; return
+    the paths written."""
+    import os
+
+    from ternqc.runtime.report.sweep_page import render_sweep
+
+    os.makedirs(out_dir, exist_ok=True)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(sweep_table(doc))
+    paths = [os.path.join(out_dir, n) for n in ("sweep.csv", "sweep.json", "sweep.html")]
+    atomic_write_text(paths[0], buf.getvalue())
+    atomic_write_text(paths[1], json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(paths[2], render_sweep(doc))
+    return paths
