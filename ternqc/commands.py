@@ -219,20 +219,28 @@ def map_stats(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """Train toy on toy-tiny, then apply the built-in recipe to the checkpoint: the two commands a user would
-    type, parsed by the same parser, so the demo uses the commands' own defaults."""
+    type, parsed by the same parser, so the demo uses the commands' own defaults; ends with the path of the
+    run's HTML report (when matplotlib, the `report` extra, is installed)."""
+    import importlib.util
+
     from ternqc.parser import build_parser
 
     ckpt = os.path.join(args.out, "best.ckpt")
     quiet = ["--no-progress"] if args.no_progress else []
+    report = importlib.util.find_spec("matplotlib") is not None  # the `report` extra
     steps = (
         (train, ["train", "--model", "toy", "--dataset", "toy-tiny", "--out", ckpt]),
-        (apply, ["apply", "--model", "toy", "--ckpt", ckpt, "--out", args.out]),
+        (apply, ["apply", "--model", "toy", "--ckpt", ckpt, "--out", args.out] + (["--report"] if report else [])),
     )
     for number, (command, argv) in enumerate(steps):
         print(("\n" if number else "") + "== ternqc " + " ".join(argv))
         status = command(build_parser().parse_args(argv + quiet))
         if status:
             return status
+    if report:
+        print(f"\nthe report of this run: {os.path.abspath(os.path.join(args.out, 'report.html'))}")
+    else:
+        print("\nno HTML report: it needs matplotlib (pip install 'ternqc[report]')")
     return 0
 
 

@@ -344,7 +344,8 @@ def test_apply_on_a_user_model_and_dataset_from_files(tmp_path, monkeypatch: pyt
 def test_demo_trains_applies_and_prints_the_accuracies(tmp_path) -> None:
     run = run_cli("demo", "--out", tmp_path, "--no-progress")
     assert run.rc == 0, run
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(("best.ckpt",) + APPLY_OUTPUTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(("best.ckpt", "report.html") + APPLY_OUTPUTS)
+    assert run.out.rstrip().splitlines()[-1].endswith(str((tmp_path / "report.html").resolve()))
     printed = ACCURACY_LINE.search(run.out)
     assert printed, run.out
     report = json.loads((tmp_path / "report.json").read_text())

@@ -175,7 +175,7 @@ def sweep_lines(
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
     pos = list(xs) if numeric else list(range(len(xs)))
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        fig, ax = plt.subplots(figsize=(8.6, 3.4))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, (name, ys) in enumerate(series.items()):
             ax.plot(pos, ys, marker="o", color=colours[i % len(colours)], linewidth=1.8,
@@ -192,9 +192,10 @@ def sweep_lines(
         right = ax.twinx()
         right.spines["right"].set_visible(True)
         for i, (name, zs) in enumerate(zeros.items()):
+            # one series: the zeros in their own colour; several: each in its accuracy line's colour, dashed
+            colour = "#999999" if len(zeros) == 1 else colours[i % len(colours)]
             right.plot(pos, [100 * z if z is not None else math.nan for z in zs], marker="s", markersize=3,
-                       linestyle="--", color=colours[i % len(colours)], alpha=0.6,
-                       label=f"mean zeros{(' ' + name) if name else ''}")
+                       linestyle="--", color=colour, alpha=0.8, label=f"mean zeros{(' ' + name) if name else ''}")
         right.set_ylabel("mean zero fraction (%)")
         lines = ax.get_legend_handles_labels()
         extra = right.get_legend_handles_labels()

@@ -1,0 +1,152 @@
+"""`ternqc apply --report` and `ternqc report DIR` (issue 15): what report.json gains (histograms equal to
+numpy's over the layer inputs and weights computed independently, relative L2 errors, the rule line behind each
+parameter, model order), the page's numbers equal report.json's, the page stands alone (no script, no
+external reference), and the user errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from ternqc.runtime.calibrate.loop import calibration_batches
+from ternqc.runtime.models.data import build_dataset
+from tests.report.support import Reported, applied_with_report_fixture, number, parse_page  # noqa: F401
+from tests.test_cli_support import (
+    CONFIGS,
+    assert_one_clean_error,
+    load_like_mase,
+    np_ternarize,
+    run_cli,
+    toy_layer_inputs,
+    trained_toy_fixture,  # noqa: F401 - registers the session fixture trained_toy
+)
+
+RULES = CONFIGS / "toy_ternary.tq"
+
+
+def _report(r: Reported) -> dict:
+    return json.loads((r.out_dir / "report.json").read_text())
+
+
+def _trimmed_numpy(values: np.ndarray, bins: int) -> list[int]:
+    r = 2.0 ** int(np.ceil(np.log2(np.abs(values).max())))
+    counts, _ = np.histogram(values, bins=bins, range=(-r, r))
+    nz = np.nonzero(counts)[0]
+    return counts[nz[0] : nz[-1] + 1].tolist()
+
+
+def test_apply_report_writes_the_page_and_says_so(applied_with_report: Reported) -> None:
+    page = applied_with_report.out_dir / "report.html"
+    assert page.is_file()
+    assert str(page) in applied_with_report.run.out
+
+
+def test_histograms_equal_numpy_over_the_independently_computed_inputs_and_weights(
+    applied_with_report: Reported, trained_toy
+) -> None:
+    report = _report(applied_with_report)
+    model = load_like_mase(trained_toy.ckpt)
+    # the built-in recipe calibrates on 32 samples of the train split in batches of 128, seed 0
+    (batch,) = calibration_batches(build_dataset("toy-tiny", "train"), 32, 128, 0)
+    inputs = toy_layer_inputs(model, batch[0])
+    for node in ("seq_blocks_0", "seq_blocks_2", "seq_blocks_3"):
+        h = report["nodes"][node]["tensors"]["data_in"]["histogram"]
+        values = inputs[node].astype(np.float64).ravel()
+        assert h["counts"] == _trimmed_numpy(values, 128), node
+        assert (h["min"], h["max"]) == (pytest.approx(values.min()), pytest.approx(values.max()))
+    w = model.seq_blocks[2].weight.detach().numpy().astype(np.float64)
+    h = report["nodes"]["seq_blocks_2"]["tensors"]["weight"]["histogram"]
+    assert h["counts"] == np.histogram(w, bins=len(h["counts"]))[0].tolist()
+
+
+def test_relative_l2_error_equals_numpy(applied_with_report: Reported, trained_toy) -> None:
+    report = _report(applied_with_report)
+    model = load_like_mase(trained_toy.ckpt)
+    for i in (0, 2, 4):
+        t = report["nodes"][f"seq_blocks_{i}"]["tensors"]["weight"]
+        w = model.seq_blocks[i].weight.detach().numpy().astype(np.float64)
+        q = t["alpha"] * np_ternarize(w, t["delta"])
+        assert t["rel_l2_error"] == pytest.approx(np.linalg.norm(w - q) / np.linalg.norm(w), rel=1e-5)
+
+
+def test_each_parameter_names_the_line_of_its_rule(applied_with_report: Reported) -> None:
+    report = _report(applied_with_report)
+    lines = RULES.read_text().splitlines()
+    line_of = {p: next(i + 1 for i, t in enumerate(lines) if t.startswith(p)) for p in
+               ("linear.weight_max", "relu.data_in_median")}
+    rules = report["nodes"]["seq_blocks_2"]["tensors"]["weight"]["rules"]
+    assert rules["weight_max"].endswith(f"toy_ternary.tq:{line_of['linear.weight_max']}")
+    rules = report["nodes"]["seq_blocks_3"]["tensors"]["data_in"]["rules"]
+    assert rules["data_in_median"].endswith(f"toy_ternary.tq:{line_of['relu.data_in_median']}")
+
+
+def test_nodes_are_in_model_order_and_the_run_is_described(applied_with_report: Reported, trained_toy) -> None:
+    report = _report(applied_with_report)
+    assert list(report["nodes"]) == [f"seq_blocks_{i}" for i in range(5)]
+    run = report["run"]
+    assert (run["model"], run["ckpt"], run["dataset"]) == ("toy", str(trained_toy.ckpt), "toy-tiny")
+    (text,) = run["rules_text"].values()
+    assert text == RULES.read_text()
+    assert report["float_layers"] == [] and report["notes"] == []
+
+
+def test_the_page_shows_report_json_numbers(applied_with_report: Reported) -> None:
+    report = _report(applied_with_report)
+    page = parse_page((applied_with_report.out_dir / "report.html").read_text())
+    assert page.found[("float_accuracy", None, None, None)] == [f"{report['float_accuracy']:.4f}"]
+    assert page.found[("ternary_accuracy", None, None, None)] == [f"{report['ternary_accuracy']:.4f}"]
+    for node, tensor in (("seq_blocks_2", "weight"), ("seq_blocks_3", "data_in"), ("seq_blocks_4", "bias")):
+        t = report["nodes"][node]["tensors"][tensor]
+        cells = page.found[("delta", node, tensor, None)]
+        assert len(cells) == 2  # the overview table and the layer's panel
+        for cell in cells:
+            assert number(cell) == pytest.approx(t["delta"], rel=5e-4)
+        for cell in page.found[("zero_fraction", node, tensor, None)]:
+            assert number(cell) == pytest.approx(t["zero_fraction"], abs=5e-4)
+
+
+def test_the_page_stands_alone(applied_with_report: Reported) -> None:
+    text = (applied_with_report.out_dir / "report.html").read_text()
+    page = parse_page(text)
+    assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
+    assert len(page.images) == 2 + 5  # two per-layer charts, one histogram figure per node
+    assert all(str(img["src"]).startswith("data:image/svg+xml;base64,") for img in page.images)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)
+    assert "url(" not in text
+
+
+def test_report_command_writes_the_same_page(applied_with_report: Reported, tmp_path) -> None:
+    again = tmp_path / "again.html"
+    run = run_cli("report", applied_with_report.out_dir, "-o", again)
+    assert run.rc == 0, run
+    assert again.read_text() == (applied_with_report.out_dir / "report.html").read_text()
+
+
+def test_report_of_a_folder_without_report_json_is_one_clean_error(tmp_path, capsys) -> None:
+    assert_one_clean_error(run_cli("report", tmp_path), "no report.json", "ternqc apply")
+    (tmp_path / "report.json").write_text("[1, 2]")
+    assert_one_clean_error(run_cli("report", tmp_path), "is not a ternqc report")
+
+
+def test_without_matplotlib_report_and_apply_report_say_how_to_install(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    (tmp_path / "report.json").write_text('{"nodes": {}}')
+    assert_one_clean_error(run_cli("report", tmp_path), "pip install 'ternqc[report]'")
+    run = run_cli("apply", "--out", tmp_path / "out", "--report", "--no-progress")
+    assert_one_clean_error(run, "matplotlib")
+    assert not (tmp_path / "out").exists()  # refused before the run
+
+
+def test_histograms_are_not_collected_for_float_inputs(trained_toy, tmp_path) -> None:
+    run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", CONFIGS / "twn.tq", "--out", tmp_path, "--no-progress")
+    assert run.rc == 0, run
+    report = json.loads((tmp_path / "report.json").read_text())
+    for entry in report["nodes"].values():
+        assert "histogram" not in entry["tensors"]["data_in"]
+        assert entry["tensors"]["data_in"] == {"quantized": False, "rules": entry["tensors"]["data_in"]["rules"]}

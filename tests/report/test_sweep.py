@@ -1,0 +1,144 @@
+"""`ternqc sweep` (issue 15): each combination's accuracy and zero fractions equal a separate `ternqc apply`
+with that value written into the rules (same seed, same batches); one calibration for the whole sweep (one
+per value when the value changes the profile); every combination of several names; sweep.csv, sweep.json and
+the printed table agree; `--workers 2` gives the same rows; option errors.
+
+Until the language's `let`/`--set` (issue 11) is in this build, the seam `ternqc.sweep.compile_with_sets` is
+replaced here by a test-only one that writes each value into a placeholder `{{NAME}}` of the rules text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import ternqc.sweep as sweep_cli
+from ternqc.compiler import compile_source
+from ternqc.runtime.run import pipeline
+from tests.test_cli_support import (
+    CONFIGS,
+    assert_one_clean_error,
+    run_cli,
+    trained_toy_fixture,  # noqa: F401 - registers the session fixture trained_toy
+)
+
+
+def _substituting(rules: str, sets: dict[str, str]):
+    text = Path(rules).read_text()
+    for name, value in sets.items():
+        assert "{{" + name + "}}" in text, name
+        text = text.replace("{{" + name + "}}", value)
+    return compile_source(text, rules).plan
+
+
+@pytest.fixture(name="placeholder_seam")
+def placeholder_seam_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep_cli, "compile_with_sets", _substituting)
+
+
+def _twn_with(tmp_path: Path, factor: str, name: str = "twn_k.tq") -> Path:
+    """configs/twn.tq with its 0.7 threshold factor replaced by `factor` (a number or a placeholder)."""
+    text = (CONFIGS / "twn.tq").read_text()
+    assert text.count("0.7 * stat.abs_mean.abs_mean") == 3
+    path = tmp_path / name
+    path.write_text(text.replace("0.7 * stat.abs_mean.abs_mean", f"{factor} * stat.abs_mean.abs_mean"))
+    return path
+
+
+def _sweep(*args) -> tuple:
+    run = run_cli("sweep", *args, "--no-progress")
+    assert run.rc == 0, run
+    return run
+
+
+def test_each_value_gives_what_apply_gives_with_that_value_in_the_rules(
+    placeholder_seam, trained_toy, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_profile = pipeline.profile
+    monkeypatch.setattr(pipeline, "profile", lambda *a, **k: calls.append(1) or real_profile(*a, **k))
+    rules = _twn_with(tmp_path, "{{k}}")
+    out = tmp_path / "sweep"
+    run = _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.4,0.9", "--out", out)
+    assert len(calls) == 1  # one calibration for both values
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["calibrations"] == 1 and doc["swept"] == {"k": [0.4, 0.9]}
+    for row, k in zip(doc["rows"], ("0.4", "0.9")):
+        applied = tmp_path / f"apply-{k}"
+        plain = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", _twn_with(tmp_path, k, f"twn_{k}.tq"),
+                        "--out", applied, "--no-progress")
+        assert plain.rc == 0, plain
+        report = json.loads((applied / "report.json").read_text())
+        zeros = {f"{n}.{t}": v["zero_fraction"] for n, e in report["nodes"].items()
+                 for t, v in e["tensors"].items() if v.get("quantized")}
+        assert row["values"] == {"k": float(k)}
+        assert row["ternary_accuracy"] == report["ternary_accuracy"]
+        assert doc["float_accuracy"] == report["float_accuracy"]
+        assert row["zero_fractions"] == zeros
+        assert row["mean_zero_fraction"] == pytest.approx(sum(zeros.values()) / len(zeros), rel=1e-12)
+    # the two values really differ (a larger threshold zeroes more weights)
+    assert doc["rows"][1]["mean_zero_fraction"] > doc["rows"][0]["mean_zero_fraction"]
+    # the table, the csv and the json agree
+    with open(out / "sweep.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["k", "ternary_accuracy", "vs_float", "mean_zero_fraction"]
+    assert [float(r[1]) for r in table[1:]] == [round(r["ternary_accuracy"], 4) for r in doc["rows"]]
+    printed = [" ".join(line.split()) for line in run.out.splitlines()]
+    for line in table:
+        assert " ".join(line) in printed, (line, run.out)
+
+
+def test_every_combination_of_two_names(placeholder_seam, trained_toy, tmp_path) -> None:
+    text = _twn_with(tmp_path, "{{k}}").read_text().replace("samples = 128", "samples = {{n}}")
+    rules = tmp_path / "twn_kn.tq"
+    rules.write_text(text)
+    out = tmp_path / "sweep"
+    _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.5,0.7,0.9", "--set", "n=64,128", "--out", out)
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [r["values"] for r in doc["rows"]] == [{"k": k, "n": n} for k in (0.5, 0.7, 0.9) for n in (64, 128)]
+    assert doc["calibrations"] == 2  # the sample count changes the calibration; k does not
+    html = (out / "sweep.html").read_text()
+    assert html.count("<img") == 1 and "<script" not in html
+
+
+def test_workers_give_the_same_rows(placeholder_seam, trained_toy, tmp_path) -> None:
+    rules = _twn_with(tmp_path, "{{k}}")
+    docs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.6,0.8", "--out", out, "--workers", workers)
+        docs.append(json.loads((out / "sweep.json").read_text()))
+    assert docs[0]["rows"] == docs[1]["rows"]
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [("k", "expected NAME=VALUE"), ("k=", "expected NAME=VALUE"), ("k=0.5,,0.6", "expected NAME=VALUE"),
+     ("2k=1", "expected NAME=VALUE")],
+)
+def test_bad_set_options_are_one_clean_error(placeholder_seam, option, needle, tmp_path) -> None:
+    rules = _twn_with(tmp_path, "{{k}}")
+    assert_one_clean_error(run_cli("sweep", "--rules", rules, "--set", option, "--out", tmp_path), needle)
+
+
+def test_a_name_twice_and_a_missing_rules_file_option(placeholder_seam, tmp_path) -> None:
+    rules = _twn_with(tmp_path, "{{k}}")
+    assert_one_clean_error(run_cli("sweep", "--rules", rules, "--set", "k=1", "--set", "k=2"), "given twice")
+    assert_one_clean_error(run_cli("sweep", "--set", "k=1"), "needs --rules")
+
+
+def test_values_split_on_top_level_commas_only() -> None:
+    assert sweep_cli.split_values('0.5, 0.6,"a,b",min(1, 2)') == ["0.5", "0.6", '"a,b"', "min(1, 2)"]
+    assert sweep_cli.parse_set_options(["k=1,2", "m=x"]) == {"k": ["1", "2"], "m": ["x"]}
+    assert [sweep_cli.display_value(v) for v in ("1", "0.5", '"x"')] == [1, 0.5, '"x"']
+
+
+def test_the_seam_refuses_a_compiler_without_let_overrides(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ternqc.compiler as compiler
+
+    monkeypatch.setattr(compiler, "compile_file", lambda path: None)
+    rules = _twn_with(tmp_path, "0.7")
+    assert_one_clean_error(run_cli("sweep", "--rules", rules, "--set", "k=1"), "`let`")
