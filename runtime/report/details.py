@@ -4,6 +4,7 @@ In: the report `pipeline.build_report` made, the converted model, the mapping, t
 observed, and a description of the run. Out: the same report with, added,
 - `run`: model, checkpoint, dataset, rules (paths and text), calibration settings;
 - per quantised tensor: `histogram` (of the float values: the weight or bias, or the calibrated inputs),
+  for a weight or bias with a per-channel Δ also `histogram_over_delta` (each value divided by its own Δ),
   `rel_l2_error` (‖x - q(x)‖₂ / ‖x‖₂) and `rules` (`{parameter: "file:line"}` of the rule that set it);
 - per node `index` (its position among the model's modules) and `module` (its path);
 - `float_layers`: quantisable modules that stay float, and why; `notes`: the run's notes.
@@ -78,7 +79,14 @@ def _param_details(module: nn.Module, tensor: str) -> dict[str, Any]:
     q = getattr(module, "q" + tensor, None)
     if not isinstance(p, torch.Tensor) or not isinstance(q, torch.Tensor):
         return {}
-    return {"histogram": tensor_histogram(p).to_dict(), "rel_l2_error": relative_l2(p, q)}
+    out = {"histogram": tensor_histogram(p).to_dict(), "rel_l2_error": relative_l2(p, q)}
+    delta = getattr(module, f"{tensor}_delta", None)
+    if isinstance(delta, torch.Tensor) and delta.numel() > 1:
+        # per channel, one picture for every channel: each value over its own Δ, so ±1 is the threshold
+        with torch.no_grad():
+            ratio = p.detach().double() / delta.double()
+        out["histogram_over_delta"] = tensor_histogram(ratio).to_dict()
+    return out
 
 
 def add_details(

@@ -29,7 +29,8 @@ def _num(value: Any, digits: int = 4) -> str:
 def _summary_value(v: Any) -> str:
     """Δ or α as shown in a table: a scalar with 4 significant digits, a per-channel summary as its mean."""
     if isinstance(v, dict):
-        return f"{_num(v['mean'])} <span class='rules'>mean of {v['values']}, {_num(v['min'], 3)}…{_num(v['max'], 3)}</span>"
+        return (f"{_num(v['mean'])}<span class='rules' style='display:block'>mean of {v['values']}, "
+                f"{_num(v['min'], 3)}…{_num(v['max'], 3)}</span>")
     return _num(v)
 
 
@@ -258,8 +259,8 @@ def render_report(report: dict[str, Any]) -> str:
         '<p class="rules">Histograms of the float values each quantiser sees (weights and biases whole, inputs over '
         "the calibration batches): values inside the grey band become 0, the rest ±α. "
         "<span style='color:#c44e52'>Dashed red: ±Δ</span>, <span style='color:#8172b3'>dotted violet: ±α</span>; "
-        "a per-channel Δ or α shows its mean, Δ's range shaded. Counts on a log scale where one bin towers over "
-        "the rest.</p>",
+        "a weight with one Δ per channel is shown divided by its channel's Δ (the threshold at ±1). Counts on a log "
+        "scale where one bin towers over the rest.</p>",
         *(_layer(n, e) for n, e in nodes.items()),
         _run_section(report),
         "<footer>Written by <code>ternqc report</code> from report.json.</footer>",

@@ -81,6 +81,8 @@ def _fmt(v: Any) -> str:
 
 
 def _histogram_panel(ax: Any, tensor: str, t: dict[str, Any]) -> None:
+    if t.get("histogram_over_delta"):  # per-channel Δ: each value over its own Δ, the threshold at ±1
+        t = {**t, "histogram": t["histogram_over_delta"], "delta": 1.0, "scaling": False, "per_channel": True}
     h = t["histogram"]
     counts = h["counts"]
     n = len(counts)
@@ -108,7 +110,7 @@ def _histogram_panel(ax: Any, tensor: str, t: dict[str, Any]) -> None:
         for sign in (-1, 1):
             ax.axvline(sign * a, color=ALPHA_COLOUR, linestyle=":", linewidth=1.4)
     zeros = t.get("zero_fraction")
-    title = f"{tensor}   Δ={_fmt(t.get('delta'))}"
+    title = f"{tensor} / Δ of its channel" if t.get("per_channel") else f"{tensor}   Δ={_fmt(t.get('delta'))}"
     if t.get("scaling"):
         title += f"   α={_fmt(t.get('alpha'))}"
     ax.set_title(title, loc="left")
