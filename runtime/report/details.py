@@ -5,8 +5,9 @@ observed, and a description of the run. Out: the same report with, added,
 - `run`: model, checkpoint, dataset, rules (paths and text), calibration settings;
 - per quantised tensor: `histogram` (of the float values: the weight or bias, or the calibrated inputs),
   for a weight or bias with a per-channel Δ also `histogram_over_delta` (each value divided by its own Δ),
-  `rel_l2_error` (‖x - q(x)‖₂ / ‖x‖₂) and `rules` (`{parameter: "file:line"}` of the rule that set it);
-- per node `index` (its position among the model's modules) and `module` (its path);
+  `rel_l2_error` (‖x - q(x)‖₂ / ‖x‖₂);
+- per node `index` (its position among the model's modules) and `rules` (`{parameter: "file:line"}` of the
+  rule that set each parameter some rule sets);
 - `float_layers`: quantisable modules that stay float, and why; `notes`: the run's notes.
 The nodes are put in model order.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ternqc.plan import QUANTISABLE, split_param
+from ternqc.plan import QUANTISABLE
 from ternqc.runtime.quantize.mapping import MappingResult
 from ternqc.runtime.quantize.modules import TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant
@@ -59,18 +60,12 @@ def run_description(settings: Any, rules: str, sources: Sequence[str], calibrati
     }
 
 
-def _rules_per_tensor(mapping: MappingResult, path: str) -> dict[str, dict[str, str]]:
-    """`{tensor: {parameter: "file:line"}}` of the rules that set a parameter of the module at `path`."""
+def _rules_of(mapping: MappingResult, path: str) -> dict[str, str]:
+    """`{parameter: "file:line"}` of the rule that set each parameter of the module at `path` that a rule sets."""
     m = mapping.modules.get(path)
-    out: dict[str, dict[str, str]] = {}
     if m is None:
-        return out
-    for param, rp in m.explain.items():
-        split = split_param(param)
-        tensor = split[0] if split else "*"  # `name` applies to every tensor
-        origin = rp.binding.origin
-        out.setdefault(tensor, {})[param] = f"{origin.file}:{origin.line}"
-    return out
+        return {}
+    return {param: f"{rp.binding.origin.file}:{rp.binding.origin.line}" for param, rp in m.explain.items()}
 
 
 def _param_details(module: nn.Module, tensor: str) -> dict[str, Any]:
@@ -104,10 +99,9 @@ def add_details(
     for node, entry in report.get("nodes", {}).items():
         path = entry.get("path", node)
         entry["index"] = order.get(path, len(order))
-        rules = _rules_per_tensor(mapping, path)
+        entry["rules"] = _rules_of(mapping, path)
         module = modules.get(path)
         for tensor, t in entry.get("tensors", {}).items():
-            t["rules"] = {**rules.get("*", {}), **rules.get(tensor, {})}
             if not t.get("quantized"):
                 continue
             if tensor == "data_in":

@@ -169,7 +169,9 @@ def _tensor_names(entry: dict[str, Any]) -> list[str]:
     return sorted(names, key=lambda n: TENSOR_ORDER.index(n) if n in TENSOR_ORDER else len(TENSOR_ORDER))
 
 
-def _rules_cell(rules: dict[str, str]) -> str:
+def _rules_cell(entry: dict[str, Any], tensor: str) -> str:
+    """The rules that set `tensor`'s parameters (and the node's `name`), `param file:line` each."""
+    rules = {p: w for p, w in (entry.get("rules") or {}).items() if p == "name" or p.startswith(tensor + "_")}
     if not rules:
         return '<td class="rules">no rule</td>'
     parts = [f"{escape(p)}&nbsp;<code title='{escape(where)}'>{escape(_short_where(where))}</code>"
@@ -194,14 +196,14 @@ def _layer(node: str, entry: dict[str, Any]) -> str:
     for name in _tensor_names(entry):
         t = entry["tensors"][name]
         if not t.get("quantized"):
-            rows.append(f"<tr><td>{escape(name)}</td><td class='num' colspan='4'>float</td>{_rules_cell(t.get('rules', {}))}</tr>")
+            rows.append(f"<tr><td>{escape(name)}</td><td class='num' colspan='4'>float</td>{_rules_cell(entry, name)}</tr>")
             continue
         rows.append(f"<tr><td>{escape(name)}</td>"
                     + _cell(t.get("delta"), "delta", node, name, summary=True)
                     + _cell(t.get("alpha") if t.get("scaling") else None, "alpha", node, name, summary=True)
                     + _cell(t.get("zero_fraction"), "zero_fraction", node, name, percent=True)
                     + _cell(t.get("rel_l2_error"), "rel_l2_error", node, name)
-                    + _rules_cell(t.get("rules", {})) + "</tr>")
+                    + _rules_cell(entry, name) + "</tr>")
     table = ('<table><thead><tr><th>tensor</th><th class="num">Δ</th><th class="num">α</th><th class="num">zeros</th>'
              '<th class="num">rel. L2 error</th><th>set by</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
     uri = plots.node_histograms({n: entry["tensors"][n] for n in _tensor_names(entry)})

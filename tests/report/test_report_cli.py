@@ -78,9 +78,9 @@ def test_each_parameter_names_the_line_of_its_rule(applied_with_report: Reported
     lines = RULES.read_text().splitlines()
     line_of = {p: next(i + 1 for i, t in enumerate(lines) if t.startswith(p)) for p in
                ("linear.weight_max", "relu.data_in_median")}
-    rules = report["nodes"]["seq_blocks_2"]["tensors"]["weight"]["rules"]
+    rules = report["nodes"]["seq_blocks_2"]["rules"]
     assert rules["weight_max"].endswith(f"toy_ternary.tq:{line_of['linear.weight_max']}")
-    rules = report["nodes"]["seq_blocks_3"]["tensors"]["data_in"]["rules"]
+    rules = report["nodes"]["seq_blocks_3"]["rules"]
     assert rules["data_in_median"].endswith(f"toy_ternary.tq:{line_of['relu.data_in_median']}")
 
 
@@ -147,6 +147,9 @@ def test_histograms_are_not_collected_for_float_inputs(trained_toy, tmp_path) ->
     run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", CONFIGS / "twn.tq", "--out", tmp_path, "--no-progress")
     assert run.rc == 0, run
     report = json.loads((tmp_path / "report.json").read_text())
+    lines = (CONFIGS / "twn.tq").read_text().splitlines()
+    width_line = next(i + 1 for i, t in enumerate(lines) if t.strip().startswith("data_in_width"))
     for entry in report["nodes"].values():
         assert "histogram" not in entry["tensors"]["data_in"]
-        assert entry["tensors"]["data_in"] == {"quantized": False, "rules": entry["tensors"]["data_in"]["rules"]}
+        assert entry["tensors"]["data_in"] == {"quantized": False}
+        assert entry["rules"]["data_in_width"].endswith(f"twn.tq:{width_line}")  # the rule that keeps it float
