@@ -21,6 +21,7 @@ from tests.test_cli_support import (
     load_like_mase,
     np_ternarize,
     run_cli,
+    toy_apply_fixture,  # noqa: F401 - registers the session fixture toy_apply
     toy_layer_inputs,
     trained_toy_fixture,  # noqa: F401 - registers the session fixture trained_toy
 )
@@ -153,3 +154,26 @@ def test_histograms_are_not_collected_for_float_inputs(trained_toy, tmp_path) ->
         assert "histogram" not in entry["tensors"]["data_in"]
         assert entry["tensors"]["data_in"] == {"quantized": False}
         assert entry["rules"]["data_in_width"].endswith(f"twn.tq:{width_line}")  # the rule that keeps it float
+
+
+def test_per_channel_weights_are_also_histogrammed_over_their_own_delta(toy_apply, trained_toy) -> None:
+    """configs/weights_only.tq: Δ = 0.7·mean|W| per row; w / Δ_row histogrammed, so ±1 is every row's
+    threshold: the values inside (-1, 1) are exactly the zeros."""
+    report = json.loads((toy_apply("weights_only.tq").out_dir / "report.json").read_text())
+    model = load_like_mase(trained_toy.ckpt)
+    for i in (0, 2, 4):
+        t = report["nodes"][f"seq_blocks_{i}"]["tensors"]["weight"]
+        w = model.seq_blocks[i].weight.detach().numpy().astype(np.float64)
+        ratio = w / (0.7 * np.abs(w).mean(axis=1, keepdims=True))
+        h = t["histogram_over_delta"]
+        assert (h["min"], h["max"]) == (pytest.approx(ratio.min(), rel=1e-5), pytest.approx(ratio.max(), rel=1e-5))
+        expected = np.histogram(ratio, bins=len(h["counts"]), range=(h["lo"], h["hi"]))[0]
+        assert np.abs(np.array(h["counts"]) - expected).sum() <= 2  # float32 Δ vs float64: a value may cross an edge
+        assert np.mean(np.abs(ratio) <= 1) == pytest.approx(t["zero_fraction"], abs=1e-6)
+
+
+def test_workers_write_the_same_report(applied_with_report: Reported, trained_toy, tmp_path) -> None:
+    run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--out", tmp_path, "--report", "--workers", "2", "--no-progress")
+    assert run.rc == 0, run
+    assert _report(Reported(tmp_path, run)) == _report(applied_with_report)
+    assert (tmp_path / "report.html").read_text() == (applied_with_report.out_dir / "report.html").read_text()
