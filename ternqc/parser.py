@@ -62,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="calibrate once, then map, convert and evaluate every combination of --set values")
     _add_run_options(p)
-    p.add_argument("--set", action="append", required=True, metavar="NAME=V1,V2,...",
-                   help="values of a `let` constant of the rules to try; repeat for more names (every combination)")
+    try:
+        p.add_argument("--set", action="append", default=[], dest="sets", metavar="NAME=V1,V2,...",
+                       help="values of a `let` constant of the rules to try; repeat for more names (every combination)")
+    except argparse.ArgumentError:  # the run options already take --set NAME=VALUE (into `sets`): same option
+        pass
     p.add_argument("--out", default="ternqc-sweep", help="output folder (default ternqc-sweep/)")
 
     p = sub.add_parser("map", help="MASE statistics file + rules -> MASE quantize config (stat-to-conf.py)")

@@ -107,8 +107,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.plan or not args.rules:
         msg = "ternqc sweep needs --rules R.tq (the --set values override the rules' `let` constants)"
         raise UserError(msg)
+    if not args.sets:
+        msg = "ternqc sweep needs at least one --set NAME=V1,V2,... (the values of a `let` constant to try)"
+        raise UserError(msg)
     require_matplotlib()
-    swept = parse_set_options(args.set)
+    swept = parse_set_options(args.sets)
     combos = combinations(swept)
     plans = [({k: display_value(v) for k, v in c.items()}, compile_with_sets(args.rules, c).to_dict())
              for c in combos]

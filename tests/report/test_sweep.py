@@ -128,6 +128,7 @@ def test_a_name_twice_and_a_missing_rules_file_option(placeholder_seam, tmp_path
     rules = _twn_with(tmp_path, "{{k}}")
     assert_one_clean_error(run_cli("sweep", "--rules", rules, "--set", "k=1", "--set", "k=2"), "given twice")
     assert_one_clean_error(run_cli("sweep", "--set", "k=1"), "needs --rules")
+    assert_one_clean_error(run_cli("sweep", "--rules", rules), "needs at least one --set")
 
 
 def test_values_split_on_top_level_commas_only() -> None:
@@ -142,3 +143,30 @@ def test_the_seam_refuses_a_compiler_without_let_overrides(tmp_path, monkeypatch
     monkeypatch.setattr(compiler, "compile_file", lambda path: None)
     rules = _twn_with(tmp_path, "0.7")
     assert_one_clean_error(run_cli("sweep", "--rules", rules, "--set", "k=1"), "`let`")
+
+
+def _compiler_takes_overrides() -> bool:
+    import inspect
+
+    import ternqc.compiler as compiler
+
+    return "overrides" in inspect.signature(compiler.compile_file).parameters and hasattr(compiler, "parse_sets")
+
+
+@pytest.mark.skipif(not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build")
+def test_real_set_gives_what_apply_set_gives(trained_toy, tmp_path) -> None:
+    """With the language's own `--set` (configs/twn.tq has `let k`): sweep = `apply --set k=...`, and the
+    report shows the constant as set."""
+    out = tmp_path / "sweep"
+    _sweep("--ckpt", trained_toy.ckpt, "--rules", CONFIGS / "twn.tq", "--set", "k=0.5,0.9", "--out", out)
+    doc = json.loads((out / "sweep.json").read_text())
+    for row in doc["rows"]:
+        k = row["values"]["k"]
+        applied = tmp_path / f"apply-{k}"
+        run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", CONFIGS / "twn.tq", "--set", f"k={k}",
+                      "--out", applied, "--report", "--no-progress")
+        assert run.rc == 0, run
+        report = json.loads((applied / "report.json").read_text())
+        assert row["ternary_accuracy"] == report["ternary_accuracy"]
+        assert report["constants"]["k"]["value"] == k
+        assert f"k = {k}" in (applied / "report.html").read_text()
