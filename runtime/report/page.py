@@ -82,10 +82,13 @@ def _quantised(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 def _warnings(report: dict[str, Any]) -> list[str]:
     """Every note and warning of the run, as HTML list items."""
     items = [escape(n) for n in report.get("notes", [])]
+    left = report.get("left_in_float") or {}
     for layer in report.get("float_layers", []):
+        if layer["path"] in left:
+            continue  # said below, with the reason
         items.append(f"<code>{escape(layer['path'])}</code> ({escape(layer['op'])}) stays in float: "
                      f"{escape(layer['reason'])}")
-    for path, why in (report.get("left_in_float") or {}).items():
+    for path, why in left.items():
         items.append(f"<code>{escape(path)}</code> stays in float: {escape(str(why))}")
     asserts = report.get("assertions")
     if isinstance(asserts, dict):
@@ -244,7 +247,10 @@ def _run_section(report: dict[str, Any]) -> str:
 
 
 def render_report(report: dict[str, Any]) -> str:
-    """The whole page for `report` (report.json's content)."""
+    """The whole page for `report` (report.json's content); layers in model order (their `index`)."""
+    nodes = report.get("nodes", {})
+    order = sorted(nodes, key=lambda n: nodes[n].get("index", len(nodes)))  # stable: no index keeps file order
+    report = {**report, "nodes": {n: nodes[n] for n in order}}
     run = report.get("run") or {}
     subtitle = " · ".join(
         f"{label} <code>{escape(str(run[key]))}</code>"

@@ -69,5 +69,9 @@ def parse_page(text: str) -> _Numbers:
 
 def number(text: str) -> float:
     """The leading number of a cell: `0.3245`, `49.8%` (→ 0.498), `0.02345 mean of ...`."""
-    first = text.strip().split()[0]
-    return float(first[:-1]) / 100 if first.endswith("%") else float(first)
+    import re
+
+    match = re.match(r"\s*([-+]?[0-9.]+(?:e[-+]?[0-9]+)?)(%?)", text)
+    assert match, text
+    value = float(match.group(1))
+    return value / 100 if match.group(2) else value
