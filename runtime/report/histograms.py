@@ -145,8 +145,9 @@ def _input_hooks(model: nn.Module, configs: dict[str, ModuleQuant]) -> Iterator[
             entry[0].update(x)
             q = quantize(x, as_tensor(tq.delta, x), None if tq.alpha is None else as_tensor(tq.alpha, x),
                          tq.scaling and tq.alpha is not None)
-            entry[1] += float(((x - q).double() ** 2).sum())
-            entry[2] += float((x.double() ** 2).sum())
+            # float32 sums per batch into float64 totals (PITFALLS: upcasting whole tensors is slow)
+            entry[1] += float(torch.sum((x - q) ** 2, dtype=torch.float32))
+            entry[2] += float(torch.sum(x * x, dtype=torch.float32))
 
         return hook
 
