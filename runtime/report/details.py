@@ -131,4 +131,20 @@ def _float_layers(modules: dict[str, nn.Module], configs: dict[str, ModuleQuant]
     return out
 
 
-__all__ = ["add_details", "observe_inputs", "run_description"]
+def carry_inputs(report: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """Copy the input histograms of `earlier` (a report of the same model before its weights or Δ/α changed,
+    e.g. before fine-tuning) into `report`, in place: the calibrated inputs are the same values. Their
+    quantisation error is copied only where the input's Δ and α did not change. Returns `report`."""
+    for node, entry in report.get("nodes", {}).items():
+        before = earlier.get("nodes", {}).get(node, {}).get("tensors", {}).get("data_in", {})
+        now = entry.get("tensors", {}).get("data_in")
+        if not now or not now.get("quantized") or "histogram" not in before:
+            continue
+        now["histogram"] = before["histogram"]
+        same = all(now.get(k) == before.get(k) for k in ("delta", "alpha", "scaling"))
+        if same and "rel_l2_error" in before:
+            now["rel_l2_error"] = before["rel_l2_error"]
+    return report
+
+
+__all__ = ["add_details", "carry_inputs", "observe_inputs", "run_description"]
