@@ -209,3 +209,33 @@ def sweep_lines(
         ax.legend(lines[0] + extra[0], lines[1] + extra[1], frameon=False, fontsize=7, loc="best")
         fig.tight_layout()
         return _data_uri(fig)
+
+
+def zero_heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[Sequence[float | None]]) -> str:
+    """A heatmap of zero fractions: one row per quantised tensor (`node.tensor`), one column per swept
+    combination, each cell annotated in percent when the grid is small enough to read."""
+    plt = _pyplot()
+    import numpy as np
+
+    grid = np.array([[math.nan if v is None else 100 * v for v in row] for row in values], dtype=float)
+    with plt.rc_context(_STYLE):
+        height = 0.8 + 0.24 * len(rows)
+        width = 2.4 + 0.75 * len(columns)
+        fig, ax = plt.subplots(figsize=(max(5.0, width), height))
+        image = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=100)
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels(columns, rotation=30 if len(columns) > 6 else 0, ha="right" if len(columns) > 6 else "center")
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows, fontsize=7)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if grid.size <= 400:
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    if not math.isnan(grid[i, j]):
+                        ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6.5,
+                                color="white" if grid[i, j] > 55 else "#1f2430")
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="zeros (%)")
+        fig.tight_layout()
+        return _data_uri(fig)

@@ -35,6 +35,21 @@ def _key(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+def _heatmap(doc: dict[str, Any], names: list[str]) -> str:
+    """The zero fraction of every quantised tensor in every combination, as a heatmap panel."""
+    rows = doc["rows"]
+    tensors = list(dict.fromkeys(t for r in rows for t in r["zero_fractions"]))
+    if not tensors or not rows:
+        return ""
+    columns = [", ".join(str(r["values"][n]) for n in names) for r in rows]
+    values = [[r["zero_fractions"].get(t) for r in rows] for t in tensors]
+    uri = plots.zero_heatmap(tensors, columns, values)
+    label = ", ".join(names)
+    return (f'<h2>Zeros per tensor</h2><div class="panel"><p class="rules">Columns: {escape(label)}; the share '
+            f'of each quantised tensor that becomes 0.</p><img class="plot" alt="zero fraction per tensor and '
+            f'combination" src="{uri}"></div>')
+
+
 def render_sweep(doc: dict[str, Any]) -> str:
     """The whole page for `doc` (sweep.json's content)."""
     names = list(doc["swept"])
@@ -76,6 +91,7 @@ def render_sweep(doc: dict[str, Any]) -> str:
         f'<h2>Accuracy against {escape(names[0])}</h2><div class="panel"><img class="plot" '
         f'alt="accuracy and mean zero fraction against {escape(names[0])}" src="{uri}"></div>',
         f'<h2>Every combination</h2><div class="panel">{table}</div>',
+        _heatmap(doc, names),
         f'<h2>Notes</h2><div class="panel"><ul class="notes">{notes}</ul></div>' if notes else "",
         "<footer>Written by <code>ternqc sweep</code>; the numbers are in sweep.json and sweep.csv. The mean zero "
         "fraction is the unweighted mean over the quantised tensors.</footer>",

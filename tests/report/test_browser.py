@@ -40,4 +40,4 @@ def test_sweep_page_in_a_browser(chromium: str, trained_toy, tmp_path, monkeypat
     page = parse_page((out / "sweep.html").read_text())
     for i, row in enumerate(doc["rows"]):
         assert page.found[("ternary_accuracy", None, None, str(i))] == [f"{row['ternary_accuracy']:.4f}"]
-    _check(load_in_browser(chromium, out / "sweep.html", tmp_path), 1)
+    _check(load_in_browser(chromium, out / "sweep.html", tmp_path), 2)  # accuracy plot, zeros heatmap

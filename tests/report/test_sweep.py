@@ -101,7 +101,7 @@ def test_every_combination_of_two_names(placeholder_seam, trained_toy, tmp_path)
     assert [r["values"] for r in doc["rows"]] == [{"k": k, "n": n} for k in (0.5, 0.7, 0.9) for n in (64, 128)]
     assert doc["calibrations"] == 2  # the sample count changes the calibration; k does not
     html = (out / "sweep.html").read_text()
-    assert html.count("<img") == 1 and "<script" not in html
+    assert html.count("<img") == 2 and "<script" not in html  # accuracy plot, zeros heatmap
 
 
 def test_workers_give_the_same_rows(placeholder_seam, trained_toy, tmp_path) -> None:
