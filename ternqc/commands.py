@@ -91,6 +91,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         quantile_budget_mib=args.quantile_budget_mib,
         progress=not args.no_progress,
+        sensitivity=getattr(args, "sensitivity", False),
     )
 
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="ternqc-out", help="output folder (default ternqc-out/)")
     p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
     p.add_argument("--report", action="store_true", help="also write OUT/report.html (needs matplotlib)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="per quantised layer, also measure the accuracy with only that layer quantised "
+                        "(one evaluation per layer; in report.json and the report)")
 
     p = sub.add_parser("report", help="write DIR/report.html from the report.json that `apply` wrote in DIR")
     p.add_argument("dir", help="an output folder of `ternqc apply` (or a report.json)")

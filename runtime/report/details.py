@@ -6,8 +6,9 @@ observed, and a description of the run. Out: the same report with, added,
 - per quantised tensor: `histogram` (of the float values: the weight or bias, or the calibrated inputs),
   for a weight or bias with a per-channel Δ also `histogram_over_delta` (each value divided by its own Δ),
   `rel_l2_error` (‖x - q(x)‖₂ / ‖x‖₂);
-- per node `index` (its position among the model's modules) and `rules` (`{parameter: "file:line"}` of the
-  rule that set each parameter some rule sets);
+- per node `index` (its position among the model's modules), `rules` (`{parameter: "file:line"}` of the
+  rule that set each parameter some rule sets) and, with `apply --sensitivity`, `accuracy_alone` (the
+  accuracy with only this node quantised);
 - `float_layers`: quantisable modules that stay float, and why; `notes`: the run's notes.
 The nodes are put in model order.
 """
@@ -92,14 +93,19 @@ def add_details(
     observed: ObservedInputs | None,
     run: dict[str, Any],
     notes: Sequence[str],
+    *,
+    alone: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Add the report's details (see the module docstring) to `report` in place and return it."""
+    """Add the report's details (see the module docstring) to `report` in place and return it. `alone`:
+    per module path, the accuracy with only that module quantised (`apply --sensitivity`)."""
     modules = dict(model.named_modules())
     order = {path: i for i, path in enumerate(modules)}
     for node, entry in report.get("nodes", {}).items():
         path = entry.get("path", node)
         entry["index"] = order.get(path, len(order))
         entry["rules"] = _rules_of(mapping, path)
+        if alone is not None and path in alone:
+            entry["accuracy_alone"] = alone[path]
         module = modules.get(path)
         for tensor, t in entry.get("tensors", {}).items():
             if not t.get("quantized"):

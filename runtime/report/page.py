@@ -140,8 +140,14 @@ def _overview(report: dict[str, Any]) -> str:
     nodes = report.get("nodes", {})
     zeros = plots.layer_bars(nodes, "zero_fraction", "zero fraction (%)", percent=True)
     errors = plots.layer_bars(nodes, "rel_l2_error", "relative L2 error", percent=False)
+    alone = {n: e["accuracy_alone"] for n, e in nodes.items() if e.get("accuracy_alone") is not None}
+    lost = None
+    if alone and report.get("float_accuracy") is not None:
+        lost = plots.sensitivity_bars(list(alone), list(alone.values()), report["float_accuracy"],
+                                      report.get("ternary_accuracy"))
     figs = []
-    for title, uri, alt in (("Zero fraction per layer", zeros, "zero fraction per layer and tensor"),
+    for title, uri, alt in (("Accuracy lost with only this layer quantised", lost, "accuracy lost per layer alone"),
+                            ("Zero fraction per layer", zeros, "zero fraction per layer and tensor"),
                             ("Quantisation error per layer", errors, "relative L2 error per layer and tensor")):
         if uri:
             figs.append(f'<div class="panel"><h3>{title}</h3><img class="plot" alt="{alt}" src="{uri}"></div>')
@@ -188,11 +194,16 @@ def _short_where(where: str) -> str:
     return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}" if path else where
 
 
-def _layer(node: str, entry: dict[str, Any]) -> str:
+def _layer(node: str, entry: dict[str, Any], report_float: float | None = None) -> str:
     path = entry.get("path", node)
     where = "" if path == node else f' <span class="where">module <code>{escape(path)}</code></span>'
     head = (f'<article class="panel layer" id="node-{escape(node)}"><h3>{escape(node)}'
             f'<span class="tag">{escape(entry.get("op", ""))}</span></h3>{where}')
+    if entry.get("accuracy_alone") is not None:
+        a, f = entry["accuracy_alone"], report_float
+        vs = "" if f is None else f" ({a - f:+.4f} vs float)"
+        head += (f'<p class="where">accuracy with only this layer quantised: <span data-field="accuracy_alone" '
+                 f'data-node="{escape(node)}">{a:.4f}</span>{vs}</p>')
     if entry.get("left_in_float"):
         head += f'<p class="warn">stays in float: {escape(str(entry["left_in_float"]))}</p>'
     rows = []
@@ -269,7 +280,7 @@ def render_report(report: dict[str, Any]) -> str:
         "<span style='color:#c44e52'>Dashed red: ±Δ</span>, <span style='color:#8172b3'>dotted violet: ±α</span>; "
         "a weight with one Δ per channel is shown divided by its channel's Δ (the threshold at ±1). Counts on a log "
         "scale where one bin towers over the rest.</p>",
-        *(_layer(n, e) for n, e in nodes.items()),
+        *(_layer(n, e, report.get("float_accuracy")) for n, e in nodes.items()),
         _run_section(report),
         "<footer>Written by <code>ternqc report</code> from report.json.</footer>",
     ]

@@ -239,3 +239,24 @@ def zero_heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[S
         fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="zeros (%)")
         fig.tight_layout()
         return _data_uri(fig)
+
+
+def sensitivity_bars(names: Sequence[str], accuracies: Sequence[float], float_accuracy: float,
+                     ternary_accuracy: float | None) -> str:
+    """Per node, the accuracy lost (vs float) with only that node quantised; the whole model's loss dashed."""
+    plt = _pyplot()
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(9.0, 2.5))
+        drops = [100 * (float_accuracy - a) for a in accuracies]
+        ax.bar(range(len(names)), drops, width=0.6, color="#c44e52")
+        if ternary_accuracy is not None:
+            ax.axhline(100 * (float_accuracy - ternary_accuracy), color="#333333", linestyle="--", linewidth=1,
+                       label="every layer quantised")
+            ax.legend(frameon=False, fontsize=7, loc="lower right", bbox_to_anchor=(1, 1.0))
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+        ax.set_ylabel("accuracy lost (points)")
+        ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
+        ax.set_axisbelow(True)
+        fig.tight_layout()
+        return _data_uri(fig)

@@ -42,6 +42,7 @@ from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_par
 from ternqc.runtime.quantize.modules import TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
 from ternqc.runtime.report import details as report_details
+from ternqc.runtime.report.sensitivity import layer_sensitivity
 from ternqc.runtime.run import collectives as distributed
 
 THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
@@ -61,6 +62,7 @@ class RunSettings:
     quantile_budget_mib: float = 256.0
     progress: bool = True
     report_histograms: bool = True  # histogram the calibrated inputs for the report (one more pass)
+    sensitivity: bool = False  # per quantised layer, the accuracy with only that layer quantised
 
 
 @frozen
@@ -221,11 +223,14 @@ def apply(
         observed = report_details.observe_inputs(model, configs, result.batches)
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
+    alone = None
+    if settings.sensitivity and distributed.is_main_process():
+        alone = layer_sensitivity(model, configs, validation, progress=settings.progress)
     convert_(model, configs)
     ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
     report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
     run = report_details.run_description(settings, rules, plan.sources, plan.calibration)
-    report_details.add_details(report, model, configs, mapping, observed, run, result.notes)
+    report_details.add_details(report, model, configs, mapping, observed, run, result.notes, alone=alone)
     return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
 
 

@@ -23,6 +23,7 @@ from tests.test_cli_support import (
     run_cli,
     toy_apply_fixture,  # noqa: F401 - registers the session fixture toy_apply
     toy_layer_inputs,
+    toy_tiny,
     trained_toy_fixture,  # noqa: F401 - registers the session fixture trained_toy
 )
 
@@ -177,3 +178,43 @@ def test_workers_write_the_same_report(applied_with_report: Reported, trained_to
     assert run.rc == 0, run
     assert _report(Reported(tmp_path, run)) == _report(applied_with_report)
     assert (tmp_path / "report.html").read_text() == (applied_with_report.out_dir / "report.html").read_text()
+
+
+def _np_forward_with_only(params: dict, report: dict, only: int, x: np.ndarray) -> np.ndarray:
+    """The toy network in float64 numpy with block `only` quantised as report.json says, the rest float."""
+    h = x.reshape(len(x), -1).astype(np.float64)
+    for j in range(5):
+        tensors = report["nodes"][f"seq_blocks_{j}"]["tensors"] if j == only else {}
+
+        def q(v: np.ndarray, name: str, tensors=tensors) -> np.ndarray:
+            t = tensors.get(name)
+            if not t or not t["quantized"]:
+                return v
+            ternary = np_ternarize(v, t["delta"])
+            return t["alpha"] * ternary if t["scaling"] else ternary
+
+        if j % 2 == 0:
+            w, b = params[f"seq_blocks.{j}.weight"].astype(np.float64), params[f"seq_blocks.{j}.bias"].astype(np.float64)
+            h = q(h, "data_in") @ q(w, "weight").T + q(b, "bias")
+        else:
+            h = np.maximum(q(h, "data_in"), 0.0)
+    return h
+
+
+def test_sensitivity_is_the_accuracy_with_only_that_layer_quantised(trained_toy, tmp_path) -> None:
+    run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--out", tmp_path, "--sensitivity", "--no-progress")
+    assert run.rc == 0, run
+    report = json.loads((tmp_path / "report.json").read_text())
+    params = {k: v.numpy() for k, v in load_like_mase(trained_toy.ckpt).state_dict().items()}
+    inputs, labels = toy_tiny("validation")
+    for i in range(5):
+        expected = float((_np_forward_with_only(params, report, i, inputs.numpy()).argmax(1) == labels).mean())
+        # float32 (ternqc) vs float64 (here): one of the 512 samples may fall on the other side of a threshold
+        assert report["nodes"][f"seq_blocks_{i}"]["accuracy_alone"] == pytest.approx(expected, abs=1 / 512)
+    assert run_cli("report", tmp_path).rc == 0
+    page = parse_page((tmp_path / "report.html").read_text())
+    assert len(page.images) == 3 + 5  # the sensitivity chart too
+    for i in range(5):
+        node = f"seq_blocks_{i}"
+        (cell,) = page.found[("accuracy_alone", node, None, None)]
+        assert cell == f"{report['nodes'][node]['accuracy_alone']:.4f}"
