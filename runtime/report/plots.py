@@ -55,10 +55,12 @@ def _pyplot():
     return plt
 
 
-def _data_uri(fig: Any) -> str:
+def _data_uri(fig: Any, *, tight: bool = False) -> str:
+    """The figure as an SVG data URI; `tight` crops to what is drawn (a legend outside the axes), at the cost
+    of drawing twice."""
     plt = _pyplot()
     buf = io.BytesIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
+    fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -185,8 +187,9 @@ def sweep_lines(
         fig, ax = plt.subplots(figsize=(8.6, 3.4))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, (name, ys) in enumerate(series.items()):
-            ax.plot(pos, ys, marker="o", color=colours[i % len(colours)], linewidth=1.8,
-                    label=f"accuracy{(' ' + name) if name else ''}")
+            # later series thinner and smaller, so one that coincides with an earlier one leaves it visible
+            ax.plot(pos, ys, marker="o", color=colours[i % len(colours)], linewidth=max(0.8, 2.4 - 0.6 * i),
+                    markersize=max(2.5, 7 - 1.5 * i), label=f"accuracy{(' ' + name) if name else ''}")
         if float_accuracy is not None:
             ax.axhline(float_accuracy, color="#333333", linestyle=":", linewidth=1, label="float accuracy")
         ax.set_xlabel(xlabel)
@@ -206,9 +209,9 @@ def sweep_lines(
         right.set_ylabel("mean zero fraction (%)")
         lines = ax.get_legend_handles_labels()
         extra = right.get_legend_handles_labels()
-        ax.legend(lines[0] + extra[0], lines[1] + extra[1], frameon=False, fontsize=7, loc="best")
-        fig.tight_layout()
-        return _data_uri(fig)
+        ax.legend(lines[0] + extra[0], lines[1] + extra[1], frameon=False, fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.1, 1.0))
+        return _data_uri(fig, tight=True)
 
 
 def zero_heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[Sequence[float | None]]) -> str:
