@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="values of a `let` constant of the rules to try; repeat for more names (every combination)")
     except argparse.ArgumentError:  # the run options already take --set NAME=VALUE (into `sets`): same option
         pass
+    p.add_argument("--reports", action="store_true",
+                   help="also write every combination's report.json and report.html into OUT/NAME=VALUE,.../")
     p.add_argument("--out", default="ternqc-sweep", help="output folder (default ternqc-sweep/)")
 
     p = sub.add_parser("map", help="MASE statistics file + rules -> MASE quantize config (stat-to-conf.py)")

@@ -116,7 +116,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     plans = [({k: display_value(v) for k, v in c.items()}, compile_with_sets(args.rules, c).to_dict())
              for c in combos]
     settings = _settings(args)
-    result, writes = _calibrate_in_processes(args, sweep.sweep_worker, plans, settings, args.rules)
+    result, writes = _calibrate_in_processes(args, sweep.sweep_worker, plans, settings, args.rules, args.reports)
     if not writes:
         return 0
     _print_notes(result.notes)
@@ -125,5 +125,6 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     print(sweep.format_table(sweep.sweep_table(doc)))
     print(f"\nfloat accuracy {result.float_accuracy:.4f}; {len(combos)} combinations, "
           f"{result.calibrations} calibration(s)", file=sys.stdout)
-    print("wrote " + ", ".join(sweep.write_sweep(args.out, doc)))
+    written = sweep.write_sweep(args.out, doc, result)
+    print("wrote " + ", ".join(written[:3]) + (f" and {len(written) - 3} reports" if len(written) > 3 else ""))
     return 0

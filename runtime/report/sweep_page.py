@@ -67,12 +67,16 @@ def render_sweep(doc: dict[str, Any]) -> str:
                      f'<div class="value">{b["ternary_accuracy"]:.4f}</div><div class="detail">{escape(chosen)}</div></div>')
     cards.append(f'<div class="card"><div class="label">combinations</div><div class="value">{len(rows)}</div>'
                  f'<div class="detail">{doc.get("calibrations", 1)} calibration(s)</div></div>')
-    head = "".join(f"<th>{escape(n)}</th>" for n in names)
+    head = "".join(f"<th>{escape(n)}</th>" for n in names) + ("<th></th>" if any(r.get("report") for r in rows) else "")
     body = []
     for i, r in enumerate(rows):
         z = r["mean_zero_fraction"]
         cls = ' class="best"' if i == best else ""
         values = "".join(f"<td><code>{escape(str(r['values'][n]))}</code></td>" for n in names)
+        if r.get("report"):  # the combination's own report, next to sweep.html
+            values += f'<td><a href="{escape(r["report"])}">report</a></td>'
+        elif any(row.get("report") for row in rows):
+            values += "<td></td>"
         body.append(
             f"<tr{cls}>{values}"
             f'<td class="num" data-field="ternary_accuracy" data-row="{i}">{r["ternary_accuracy"]:.4f}</td>'

@@ -39,9 +39,11 @@ class SweepRow:
     ternary_accuracy: float
     mean_zero_fraction: float | None
     zero_fractions: dict[str, float]
+    report: dict[str, Any] | None = None  # the combination's report.json content (`--reports`)
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        """sweep.json's row (without the report, which goes to its own folder)."""
+        return attrs.asdict(self, filter=lambda a, _v: a.name != "report")
 
 
 @frozen
@@ -68,13 +70,19 @@ def _profile_key(plan: Plan) -> str:
 
 
 def run_sweep(
-    model: nn.Module, plans: Sequence[tuple[dict[str, Any], Plan]], settings: pipeline.RunSettings, *, rules: str
+    model: nn.Module,
+    plans: Sequence[tuple[dict[str, Any], Plan]],
+    settings: pipeline.RunSettings,
+    *,
+    rules: str,
+    reports: bool = False,
 ) -> SweepResult:
     """Calibrate `model` once per distinct profile, then apply each `(values, plan)` to a copy of it.
 
-    `model` itself stays in float. Raises what `pipeline.apply` raises (a `UserError` names the problem).
+    `model` itself stays in float. With `reports`, every row keeps its full report (with input histograms, one
+    more pass per combination). Raises what `pipeline.apply` raises (a `UserError` names the problem).
     """
-    settings = attrs.evolve(settings, report_histograms=False)
+    settings = attrs.evolve(settings, report_histograms=reports)
     profiled: dict[str, pipeline.ProfileResult] = {}
     rows, notes, float_acc = [], [], None
     for values, plan in plans:
@@ -86,16 +94,24 @@ def run_sweep(
         float_acc = result.float_accuracy
         zeros = zero_fractions(result.report)
         mean = sum(zeros.values()) / len(zeros) if zeros else None
-        rows.append(SweepRow(dict(values), result.ternary_accuracy, mean, zeros))
+        rows.append(SweepRow(dict(values), result.ternary_accuracy, mean, zeros, result.report if reports else None))
     return SweepResult(float_acc, tuple(rows), len(profiled), tuple(notes))
 
 
-def sweep_worker(plans: list[tuple[dict[str, Any], dict]], settings: pipeline.RunSettings, rules: str) -> SweepResult:
+def sweep_worker(
+    plans: list[tuple[dict[str, Any], dict]], settings: pipeline.RunSettings, rules: str, reports: bool = False
+) -> SweepResult:
     """`run_sweep` in every process of a `--workers N` or torchrun job; plans as `(values, Plan.to_dict())`."""
     from ternqc.runtime.run.collectives import broadcast_model_
 
     model = broadcast_model_(pipeline.load_model(settings))
-    return run_sweep(model, [(v, Plan.from_dict(p)) for v, p in plans], settings, rules=rules)
+    return run_sweep(model, [(v, Plan.from_dict(p)) for v, p in plans], settings, rules=rules, reports=reports)
+
+
+def folder_name(values: dict[str, Any]) -> str:
+    """The folder of a combination's report: `k=0.5,n=32`, characters a file name should not hold as `_`."""
+    text = ",".join(f"{k}={v}" for k, v in values.items())
+    return "".join(c if c.isalnum() or c in "._=,-+" else "_" for c in text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,7 +133,10 @@ def sweep_document(result: SweepResult, swept: dict[str, list[Any]], settings: p
         "float_accuracy": result.float_accuracy,
         "calibrations": result.calibrations,
         "notes": list(result.notes),
-        "rows": [r.to_dict() for r in result.rows],
+        "rows": [
+            {**r.to_dict(), **({"report": f"{folder_name(r.values)}/report.html"} if r.report is not None else {})}
+            for r in result.rows
+        ],
     }
 
 
@@ -138,18 +157,29 @@ def format_table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def write_sweep(out_dir: str, doc: dict[str, Any]) -> list[str]:
-    """Write `sweep.csv`, `sweep.json` and `sweep.html` (when matplotlib is installed) into `out_dir`; return
-    the paths written."""
+def write_sweep(out_dir: str, doc: dict[str, Any], result: SweepResult | None = None) -> list[str]:
+    """Write `sweep.csv`, `sweep.json` and `sweep.html` into `out_dir`, and for every row of `result` that kept
+    its report, `<folder_name>/report.json` and `report.html`; return the paths written."""
     import os
 
+    from ternqc.runtime.report.page import render_report
     from ternqc.runtime.report.sweep_page import render_sweep
 
     os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for row in result.rows if result is not None else ():
+        if row.report is None:
+            continue
+        folder = os.path.join(out_dir, folder_name(row.values))
+        os.makedirs(folder, exist_ok=True)
+        text = json.dumps(pipeline._finite(row.report), indent=2) + "\n"  # as `apply` writes it: NaN as null
+        atomic_write_text(os.path.join(folder, "report.json"), text)
+        atomic_write_text(os.path.join(folder, "report.html"), render_report(row.report))
+        written.append(os.path.join(folder, "report.html"))
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(sweep_table(doc))
     paths = [os.path.join(out_dir, n) for n in ("sweep.csv", "sweep.json", "sweep.html")]
     atomic_write_text(paths[0], buf.getvalue())
     atomic_write_text(paths[1], json.dumps(doc, indent=2) + "\n")
     atomic_write_text(paths[2], render_sweep(doc))
-    return paths
+    return paths + written

@@ -170,3 +170,26 @@ def test_real_set_gives_what_apply_set_gives(trained_toy, tmp_path) -> None:
         assert row["ternary_accuracy"] == report["ternary_accuracy"]
         assert report["constants"]["k"]["value"] == k
         assert f"k = {k}" in (applied / "report.html").read_text()
+
+
+def test_reports_of_each_combination_equal_apply_reports(placeholder_seam, trained_toy, tmp_path) -> None:
+    rules = _twn_with(tmp_path, "{{k}}")
+    out = tmp_path / "sweep"
+    _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.6", "--out", out, "--reports")
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["rows"][0]["report"] == "k=0.6/report.html"
+    assert (out / "k=0.6" / "report.html").is_file()
+    applied = tmp_path / "apply"
+    run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", _twn_with(tmp_path, "0.6", "twn_06.tq"),
+                  "--out", applied, "--no-progress")
+    assert run.rc == 0, run
+
+    def comparable(path: Path) -> dict:
+        report = json.loads(path.read_text())
+        del report["run"]  # the rules files differ in name (and here in text)
+        for entry in report["nodes"].values():
+            entry["rules"] = {p: where.rsplit(":", 1)[1] for p, where in entry["rules"].items()}  # line numbers
+        return report
+
+    assert comparable(out / "k=0.6" / "report.json") == comparable(applied / "report.json")
+    assert 'href="k=0.6/report.html"' in (out / "sweep.html").read_text()
