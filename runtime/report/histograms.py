@@ -21,7 +21,7 @@ import torch
 from attrs import frozen
 from torch import nn
 
-from ternqc.runtime.quantize.quantizers import ModuleQuant, as_tensor, quantize
+from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant, as_tensor, quantize
 
 #: Bins of a weight histogram (over the tensor's exact range).
 WEIGHT_BINS = 64
@@ -128,6 +128,12 @@ class ObservedInputs:
     errors: dict[str, float | None]  # module path -> ‖x - q(x)‖₂ / ‖x‖₂ over the calibration batches
 
 
+def quantize_input(x: torch.Tensor, tq: TensorQuant) -> torch.Tensor:
+    """q(x) as the converted module will compute it from its config: α·T(x) with scaling, T(x) without."""
+    alpha = None if tq.alpha is None else as_tensor(tq.alpha, x)
+    return quantize(x, as_tensor(tq.delta, x), alpha, tq.scaling and alpha is not None)
+
+
 @contextmanager
 def _input_hooks(model: nn.Module, configs: dict[str, ModuleQuant]) -> Iterator[dict[str, list]]:
     """Forward pre-hooks on every module whose `data_in` is quantised; yields path -> [histogram, Σ(x-q)², Σx²]."""
@@ -143,8 +149,7 @@ def _input_hooks(model: nn.Module, configs: dict[str, ModuleQuant]) -> Iterator[
                 return
             x = args[0].detach()
             entry[0].update(x)
-            q = quantize(x, as_tensor(tq.delta, x), None if tq.alpha is None else as_tensor(tq.alpha, x),
-                         tq.scaling and tq.alpha is not None)
+            q = quantize_input(x, tq)
             # float32 sums per batch into float64 totals (PITFALLS: upcasting whole tensors is slow)
             entry[1] += float(torch.sum((x - q) ** 2, dtype=torch.float32))
             entry[2] += float(torch.sum(x * x, dtype=torch.float32))
