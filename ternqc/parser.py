@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one evaluation per layer; in report.json and the report)")
 
     p = sub.add_parser("report", help="write DIR/report.html from the report.json that `apply` wrote in DIR")
-    p.add_argument("dir", help="an output folder of `ternqc apply` (or a report.json)")
+    p.add_argument("dir", help="an output folder of `ternqc apply` or `ternqc sweep` (or its .json)")
     p.add_argument("-o", "--output", help="the page to write (default DIR/report.html)")
 
     p = sub.add_parser("sweep", help="calibrate once, then map, convert and evaluate every combination of --set values")

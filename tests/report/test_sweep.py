@@ -193,3 +193,13 @@ def test_reports_of_each_combination_equal_apply_reports(placeholder_seam, train
 
     assert comparable(out / "k=0.6" / "report.json") == comparable(applied / "report.json")
     assert 'href="k=0.6/report.html"' in (out / "sweep.html").read_text()
+
+
+def test_report_command_redraws_a_sweep(placeholder_seam, trained_toy, tmp_path) -> None:
+    out = tmp_path / "sweep"
+    _sweep("--ckpt", trained_toy.ckpt, "--rules", _twn_with(tmp_path, "{{k}}"), "--set", "k=0.5", "--out", out)
+    again = tmp_path / "again.html"
+    assert run_cli("report", out, "-o", again).rc == 0
+    assert again.read_text() == (out / "sweep.html").read_text()
+    (out / "sweep.json").write_text('{"rows": 3}')
+    assert_one_clean_error(run_cli("report", out), "is not a ternqc sweep")
