@@ -266,6 +266,11 @@ def render_report(report: dict[str, Any]) -> str:
     subtitle = " · ".join(
         f"{label} <code>{escape(str(run[key]))}</code>"
         for label, key in (("model", "model"), ("rules", "rules"), ("dataset", "dataset")) if run.get(key))
+    constants = report.get("constants") or {}
+    if constants:
+        subtitle += " · " + ", ".join(
+            f"<code>{escape(k)} = {escape(str(c.get('value') if isinstance(c, dict) else c))}</code>"
+            for k, c in constants.items())
     nodes = report.get("nodes", {})
     toc = ('<nav class="toc">layers: ' + "".join(f'<a href="#node-{escape(n)}">{escape(n)}</a>' for n in nodes)
            + "</nav>") if nodes else ""
