@@ -9,7 +9,10 @@ import json
 from ternqc import plan
 from ternqc.compiler.vocab import number_text, spec_text, tensor_word
 
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_PRECEDENCE = {
+    "or": 1, "and": 2, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4, "+": 5, "-": 5, "*": 6, "/": 6, "**": 8,
+}
+_NOT, _NEG, _COND = 3, 7, 0
 
 
 def expr_text(e: plan.Expr, parent: int = 0) -> str:
@@ -24,15 +27,27 @@ def expr_text(e: plan.Expr, parent: int = 0) -> str:
             return json.dumps(v)
         return number_text(v) if isinstance(v, float) else str(v)
     if isinstance(e, plan.StatRef):
-        return f"stat({tensor_word(e.tensor)}).{spec_text(e.stat)}.{e.field}"
+        where = tensor_word(e.tensor) if e.module is None else f"{e.module}.{tensor_word(e.tensor)}"
+        return f"stat({where}).{spec_text(e.stat)}.{e.field}"
+    if isinstance(e, plan.Var):
+        return e.name
     if isinstance(e, plan.Unary):
-        return "-" + expr_text(e.operand, 3)
+        rank = _NEG if e.op == "neg" else _NOT
+        text = ("-" if e.op == "neg" else "not ") + expr_text(e.operand, rank)
+        return f"({text})" if rank < parent else text
     if isinstance(e, plan.Call):
         return f"{e.fn}({', '.join(expr_text(a) for a in e.args)})"
+    if isinstance(e, plan.Cond):
+        text = f"if {expr_text(e.test)} then {expr_text(e.then)} else {expr_text(e.orelse)}"
+        return f"({text})" if parent > _COND else text
     assert isinstance(e, plan.BinOp), e
     rank = _PRECEDENCE[e.op]
-    # left-associative: the right operand needs parentheses at equal rank
-    text = f"{expr_text(e.left, rank)} {e.op} {expr_text(e.right, rank + 1)}"
+    if e.op == "**":  # right-associative, and the left operand is an atom
+        text = f"{expr_text(e.left, rank + 1)} ** {expr_text(e.right, _NEG)}"
+    elif e.op in plan.COMPARISON_OPS:  # comparisons do not chain
+        text = f"{expr_text(e.left, rank + 1)} {e.op} {expr_text(e.right, rank + 1)}"
+    else:  # left-associative: the right operand needs parentheses at equal rank
+        text = f"{expr_text(e.left, rank)} {e.op} {expr_text(e.right, rank + 1)}"
     return f"({text})" if rank < parent else text
 
 
