@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
-from ternqc.compiler import CompileError, compile_file
+from ternqc.compiler import CompileError, compile_file, parse_sets
 from ternqc.compiler.summary import summarize
 
 
-def run_compile(rules_path: str, output_path: str | None) -> int:
-    """Compile `rules_path`; write the plan as JSON to `output_path` when given. Returns the exit code."""
+def run_compile(
+    rules_path: str,
+    output_path: str | None,
+    *,
+    sets: Sequence[str] = (),
+    model: str | None = None,
+    ckpt: str | None = None,
+    explain: bool = False,
+) -> int:
+    """Compile `rules_path` (with `--set` overrides); write the plan as JSON to `output_path` when given;
+    with `model`, check the rules against that model (`ternqc.runtime.rules_check`, which imports torch).
+    Returns the exit code."""
     try:
-        compiled = compile_file(rules_path)
+        compiled = compile_file(rules_path, parse_sets(sets))
     except CompileError as exc:
         print(exc.render(), file=sys.stderr)
         n = len(exc.diagnostics)
@@ -36,4 +47,19 @@ def run_compile(rules_path: str, output_path: str | None) -> int:
             print(msg, file=sys.stderr)
             return 1
         print(f"wrote plan to {os.fspath(output_path)}")
+    if model is not None:
+        from ternqc.runtime.errors import UserError
+        from ternqc.runtime.rules_check import check_against_model
+
+        try:
+            report = check_against_model(compiled.plan, model, ckpt=ckpt, explain=explain)
+        except UserError as exc:
+            print(f"ternqc: error: {exc}", file=sys.stderr)
+            return 1
+        print(report.text)
+        for line in report.warnings:
+            print(f"ternqc: warning: {line}", file=sys.stderr)
+        for line in report.errors:
+            print(f"ternqc: error: {line}", file=sys.stderr)
+        return 1 if report.errors else 0
     return 0

@@ -97,8 +97,11 @@ def load_program(
                 hint = did_you_mean(name, lets) or (
                     f"its constants are {', '.join(lets)}" if lets else "it has no let"
                 )
-                where = "the rules file" if via is None else f'"{via.path.value}"'
-                diagnostics.append(Diagnostic(span, f"{where} has no let '{name}' to override", hint))
+                if via is None:
+                    msg = f"--set {name}: the rules file has no top-level let '{name}' to override"
+                else:
+                    msg = f"\"{via.path.value}\" has no let '{name}' to override"
+                diagnostics.append(Diagnostic(span, msg, hint))
         if via is None:
             for name, let in lets.items():
                 if name in scope:

@@ -90,7 +90,8 @@ def summarize(p: plan.Plan) -> str:
             lines.append(f"    why: {rule} = true at {q.origin} scales activations by the mean |x|")
             lines.append("         over |x| > threshold, gathered in a second calibration pass")
 
-    lines.append("parameters (name > glob > type > default; the later rule wins at equal rank):")
+    lines.append("parameters (name, first/last > glob, regex > scoped type > type > default; "
+                 "the later rule wins at equal rank):")
     winners: dict[tuple[plan.Selector, str], list[plan.Binding]] = {}
     for b in p.bindings:
         winners.setdefault((b.selector, b.param), []).append(b)
@@ -107,7 +108,22 @@ def summarize(p: plan.Plan) -> str:
             if len(chain) > 1:
                 text += f"   (overrides {', '.join(str(b.origin) for b in chain[:-1])})"
             lines.append(text)
+    lines += _constants_and_asserts(p)
     return "\n".join(lines)
+
+
+def _constants_and_asserts(p: plan.Plan) -> list[str]:
+    lines = []
+    if p.constants:
+        lines.append("constants:")
+        lines += [f"  {c.name} = {expr_text(plan.Const(c.value))}" + ("   (--set)" if c.how == "set" else "")
+                  for c in p.constants]
+    if p.asserts:
+        lines.append("assertions (checked after conversion):")
+        for a in p.asserts:
+            msg = f", {json.dumps(a.message)}" if a.message else ""
+            lines.append(f"  assert {a.selector or 'model'}: {expr_text(a.test)}{msg}   ({a.origin})")
+    return lines
 
 
 def _first(p: plan.Plan, sel: plan.Selector) -> int:

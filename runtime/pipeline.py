@@ -25,6 +25,7 @@ from attrs import frozen
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
+from ternqc.runtime import asserts, uncalled
 from ternqc.runtime import calibrate as calib
 from ternqc.runtime import profile as prof
 from ternqc.runtime.atomic import atomic_path, atomic_write_text
@@ -75,6 +76,8 @@ class ApplyResult:
     float_accuracy: float
     ternary_accuracy: float
     report: dict[str, Any]
+    assert_failures: tuple = ()  # asserts.Failure: the plan's assertions that do not hold
+    warnings: tuple[str, ...] = ()  # e.g. modules the rules select that stay in float (uncalled.py)
 
 
 def load_model(settings: RunSettings) -> nn.Module:
@@ -204,13 +207,19 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
     mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=_absent_parameters(model))
     configs = build_configs(mapping, rules=rules)
+    configs, left_in_float = uncalled.keep_in_float(configs, uncalled.functional_only(model))
     configs = calibrate_activation_scales(model, configs, result, settings)
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
     convert_(model, configs)
     ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
     report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
-    return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
+    # language v2: the plan's assertions, its constants and modules left in float go into the report
+    failures = asserts.check_asserts(plan, mapping, asserts.applied_configs(model, configs), report, result.table,
+                                     modules)
+    asserts.annotate_report(report, plan, failures, left_in_float, mapping)
+    return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report, tuple(failures),
+                       tuple(uncalled.notes(left_in_float)))
 
 
 def _absent_parameters(model: nn.Module) -> set[tuple[str, str]]:

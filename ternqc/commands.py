@@ -17,13 +17,16 @@ from typing import Any
 from ternqc.plan import Plan
 
 
-def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
+def load_plan(rules: str | None, plan_path: str | None, sets: list[str] | None = None) -> tuple[Plan, str]:
     """The plan from `--plan P.json`, `--rules R.tq`, or the built-in default recipe; and its source name.
+    `sets` are the `--set NAME=VALUE` overrides of the rules' top-level `let`s.
 
     Compile warnings go to stderr.
     """
     from ternqc.runtime.errors import UserError
 
+    if plan_path and sets:
+        raise UserError("--set changes the rules, so it needs --rules; a compiled --plan has its values fixed")
     if plan_path:
         try:
             with open(plan_path, encoding="utf-8") as f:
@@ -34,10 +37,10 @@ def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
         except ValueError as exc:
             msg = f"{plan_path}: {exc}"
             raise UserError(msg) from exc
-    from ternqc.compiler import builtin_recipe, compile_file
+    from ternqc.compiler import builtin_recipe, compile_file, parse_sets
 
     path = rules or str(builtin_recipe())
-    compiled = compile_file(path)
+    compiled = compile_file(path, parse_sets(sets or []))
     for warning in compiled.warnings:
         print(warning.render() if hasattr(warning, "render") else str(warning), file=sys.stderr)
     return compiled.plan, (rules or "configs/toy_ternary.tq")
@@ -110,7 +113,7 @@ def profile(args: argparse.Namespace) -> int:
     from ternqc.runtime import distributed
     from ternqc.runtime.mase_io import write_stats_toml
 
-    plan, _source = load_plan(args.rules, args.plan)
+    plan, _source = load_plan(args.rules, args.plan, args.sets)
     result, writes = _calibrate_in_processes(args, distributed.profile_worker, plan.to_dict(), _settings(args))
     if not writes:
         return 0
@@ -127,7 +130,7 @@ def apply(args: argparse.Namespace) -> int:
 
     from ternqc.runtime import distributed
 
-    plan, source = load_plan(args.rules, args.plan)
+    plan, source = load_plan(args.rules, args.plan, args.sets)
     settings = _settings(args)
     result, writes = _calibrate_in_processes(args, distributed.apply_worker, plan.to_dict(), settings, source)
     if not writes:
@@ -142,14 +145,18 @@ def apply(args: argparse.Namespace) -> int:
         f"  ({settings.dataset}, rules {source})"
     )
     print("wrote " + ", ".join(written))
-    return 0
+    for warning in result.warnings:
+        print(f"ternqc: warning: {warning}", file=sys.stderr)
+    for failure in result.assert_failures:  # the outputs are written: nothing computed is lost
+        print(f"ternqc: error: {failure.render()}", file=sys.stderr)
+    return 1 if result.assert_failures else 0
 
 
 def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
     from ternqc.runtime.mapping import map_params, render_explain
     from ternqc.runtime.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
 
-    plan, source = load_plan(args.rules, None)
+    plan, source = load_plan(args.rules, None, args.sets)
     table = read_stats_toml(args.stats)
     mapping = map_params(
         plan, table, rules=source, by_node_name=True, stats_source=f"the statistics file {args.stats}"
@@ -197,7 +204,8 @@ def format_layer_table(report: dict[str, Any]) -> str:
     for node, entry in report["nodes"].items():
         for tensor, t in entry["tensors"].items():
             if not t.get("quantized"):
-                rows.append((node, entry["op"], tensor, "float", "", ""))
+                why = " (not called as a module)" if entry.get("left_in_float") else ""
+                rows.append((node, entry["op"], tensor, "float" + why, "", ""))
                 continue
             zeros = t.get("zero_fraction")
             alpha = t.get("alpha") if t.get("scaling") else "off"
