@@ -36,12 +36,12 @@ class Failure:
     origin: str
     selector: str
     module: str | None
-    values: tuple[tuple[str, str], ...]
+    values: tuple[tuple[str, Any], ...]  # (name or statistic, its value: a float or nested lists)
     message: str
 
     def render(self) -> str:
         where = self.module if self.module is not None else "the model"
-        read = ", ".join(f"{k} = {v}" for k, v in self.values)
+        read = ", ".join(f"{k} = {_short(v)}" for k, v in self.values)
         text = f"assertion at {self.origin} ({self.selector}) fails on {where}"
         if read:
             text += f": {read}"
@@ -166,7 +166,7 @@ def _check_one(a: Assert, node: str, op: str, path: str | None, variables: dict[
         raise UserError(msg) from exc
     if bool(np.all(np.asarray(result))):
         return None
-    read = tuple((_leaf_text(x), _short(_plain(np.asarray(ctx.evaluate(x), dtype=np.float64)))) for x in leaves)
+    read = tuple((_leaf_text(x), _plain(np.asarray(ctx.evaluate(x), dtype=np.float64))) for x in leaves)
     return Failure(str(a.origin), str(a.selector) if a.selector else "model", path, read, a.message)
 
 
