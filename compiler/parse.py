@@ -48,7 +48,8 @@ def parse(text: str, filename: str = "<string>") -> tuple[ast.Statement, ...]:
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
-        raise CompileError(with_sources([_syntax_error(exc, text, filename)], {filename: text})) from None
+        found = _syntax_errors(exc, text, filename)
+        raise CompileError(with_sources(found, {filename: text})) from None
     try:
         return _ToAst(filename).transform(tree)
     except VisitError as exc:
@@ -320,6 +321,71 @@ def _describe_token(tok: Token) -> str:
     if tok.type == "STRING":
         return f"string {tok}"
     return f"'{tok}'"
+
+
+def _tokens_before(text: str, pos: int) -> list[Token]:
+    """The tokens of `text` before offset `pos` (comments and spaces dropped); [] when they do not lex."""
+    try:
+        return [t for t in _parser().lex(text[:pos]) if t.type not in ("WS", "SH_COMMENT")]
+    except UnexpectedInput:
+        return []
+
+
+def _tok_span_of(tok: Token, filename: str) -> ast.Span:
+    return ast.Span(filename, tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+def _syntax_errors(exc: UnexpectedInput, text: str, filename: str) -> list[Diagnostic]:
+    """The syntax error, said in the user's words; with the two mistakes that lark reports far from where
+    they are made recognised: a trailing comma after the last statistic of a `profile` statement (the next
+    statement is read as one more statistic), and a `{` that is never closed."""
+    main = _syntax_error(exc, text, filename)
+    pos = getattr(exc, "pos_in_stream", None)
+    if isinstance(exc, UnexpectedToken) and exc.token.type != "$END":
+        pos = exc.token.start_pos
+    if pos is None:
+        pos = len(text)
+    before = _tokens_before(text, pos)
+    comma = _trailing_profile_comma(before)
+    if comma is not None:
+        msg = "a trailing comma after the last statistic"
+        hint = "the next statement is read as one more statistic; remove the ','"
+        return [Diagnostic(_tok_span_of(comma, filename), msg, hint)]
+    opened = _unclosed_brace(before)
+    if opened is not None and main.message.startswith(("unexpected '.'", "unexpected '{'", "unexpected end")):
+        note = Diagnostic(_tok_span_of(opened, filename), "this '{' is never closed",
+                          "a block ends with '}' before the next statement")
+        return [note, main]
+    return [main]
+
+
+def _trailing_profile_comma(tokens: list[Token]) -> Token | None:
+    """The comma in `profile T: stat, <next statement>`: the last tokens are `',' NAME` (the next statement's
+    selector read as a statistic) inside a profile statement's statistic list."""
+    if len(tokens) < 2 or tokens[-2].type != "COMMA" or tokens[-1].type != "NAME":
+        return None
+    depth = 0
+    for tok in reversed(tokens[:-2]):
+        if tok.type in ("RPAR", "RSQB"):
+            depth += 1
+        elif tok.type in ("LPAR", "LSQB"):
+            depth -= 1
+        elif depth == 0 and tok.value in ("profile", "assert"):
+            return tokens[-2] if tok.value == "profile" else None
+        elif depth == 0 and tok.type in ("LBRACE", "RBRACE", "EQUAL"):
+            return None
+    return None
+
+
+def _unclosed_brace(tokens: list[Token]) -> Token | None:
+    """The innermost `{` not closed before the error, if any."""
+    stack: list[Token] = []
+    for tok in tokens:
+        if tok.type == "LBRACE":
+            stack.append(tok)
+        elif tok.type == "RBRACE" and stack:
+            stack.pop()
+    return stack[-1] if stack else None
 
 
 def _syntax_error(exc: UnexpectedInput, text: str, filename: str) -> Diagnostic:
