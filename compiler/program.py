@@ -23,6 +23,10 @@ from ternqc.compiler.lets import NotConstant, bind_lets, fold, substitute
 from ternqc.compiler.parse import parse
 
 
+#: How a shipped recipe's path reads in origins and messages (`ternqc.configs/twn.tq`).
+RECIPE_PREFIX = "ternqc.configs/"
+
+
 def recipe_path(name: str) -> str | None:
     """The path of shipped recipe `name` (`twn` or `twn.tq`) in `ternqc.configs`, `None` when none is."""
     folder = importlib.resources.files("ternqc.configs")
@@ -82,6 +86,7 @@ def load_program(
     statements: list[ast.Statement] = []
     diagnostics: list[Diagnostic] = []
     done: set[str] = set()
+    folders: dict[str, str] = {}  # shown path -> the folder its includes are relative to
     root_lets: list[ast.LetValue] = []
 
     def expand(shown: str, body: str, stack: list[_Open], given: Overrides, via: ast.Include | None) -> None:
@@ -137,10 +142,13 @@ def load_program(
                 hint = did_you_mean(written.removesuffix(".tq"), shipped) or f"shipped: {', '.join(shipped)}"
                 diagnostics.append(Diagnostic(stmt.path.span, f"no shipped recipe '{written}'", hint))
                 return
-            shown = os.path.normpath(found)
+            on_disk = os.path.normpath(found)
+            shown = RECIPE_PREFIX + os.path.basename(on_disk)  # the same on every machine (goldens, messages)
         else:
-            shown = os.path.normpath(os.path.join(os.path.dirname(including), written))
-        real = os.path.realpath(shown)
+            on_disk = os.path.normpath(os.path.join(folders.get(including, os.path.dirname(including)), written))
+            shown = on_disk
+        folders[shown] = os.path.dirname(on_disk)
+        real = os.path.realpath(on_disk)
         reals = [o.real for o in stack]
         if real in reals:
             start = reals.index(real)
@@ -154,12 +162,12 @@ def load_program(
         if real in done:
             return
         try:
-            if os.path.exists(shown) and not os.path.isdir(shown) and not os.path.isfile(shown):
+            if os.path.exists(on_disk) and not os.path.isdir(on_disk) and not os.path.isfile(on_disk):
                 raise OSError("it is not a regular file")  # a device or a pipe: never read it
-            body = read_text(shown)
+            body = read_text(on_disk)
         except (OSError, UnicodeDecodeError) as exc:
             msg = f'cannot include "{written}": {read_problem(exc)}'
-            diagnostics.append(Diagnostic(stmt.path.span, msg, f"looked for {shown}"))
+            diagnostics.append(Diagnostic(stmt.path.span, msg, f"looked for {on_disk}"))
             return
         expand(shown, body, [*stack, _Open(real, shown, stmt)], given, stmt)
         done.add(real)
