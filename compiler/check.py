@@ -362,6 +362,9 @@ class _Checker:
         if kind == "int":
             return self.count(key, expr)
         if kind == "bool":
+            if isinstance(expr, (ast.BinOp, ast.Not, ast.Cond)):  # a condition evaluated per module
+                ctx = _RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written)
+                return self.typed(expr, ctx, "bool", key)
             return self.boolean(key, expr)
         value = literal(expr)
         if value is None:  # `na` on its own: unset

@@ -185,7 +185,8 @@ def _derived(bindings: list[plan.Binding]) -> list[plan.ProfilePoint]:
     """`threshold_abs_mean` on `data_in_0` for every selector that sets `data_in_scaling_factor = true`."""
     added: dict[plan.Selector, plan.ProfilePoint] = {}
     for b in bindings:
-        sets_true = isinstance(b.value, plan.Const) and b.value.value is True
+        # true, or a condition that may be true for some module
+        sets_true = not isinstance(b.value, plan.Const) or b.value.value is True
         if b.param == "data_in_scaling_factor" and sets_true and b.selector not in added:
             added[b.selector] = plan.ProfilePoint(
                 b.selector, "data_in_0", (ACTIVATION_SCALE_STAT,), b.origin, reason="derived"

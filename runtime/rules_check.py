@@ -79,7 +79,8 @@ def check_plan(
         hits = _hits(selector, modules, quantisable_only=not profile_only)
         origin, what = places[0]
         where = f"{origin}" + (f" (+{len(places) - 1})" if len(places) > 1 else "")
-        rows.append((f"{selector}", where, f"{len(hits)}: {_names(hits)}" if hits else "0"))
+        label = f"{selector}" + (" (profile)" if profile_only else "")
+        rows.append((label, where, f"{len(hits)}: {_names(hits)}" if hits else "0"))
         if hits:
             for path in hits:
                 if path in functional and any(w == "rule" for _, w in places):
