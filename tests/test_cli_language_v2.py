@@ -182,3 +182,34 @@ def test_linear_selects_out_proj_and_says_it_stays_float(tmp_path) -> None:
     outs = [p for p, m in _model("transformer").named_modules() if p.endswith("self_attn.out_proj")]
     assert set(report["left_in_float"]) == set(outs)
     assert all(p in run.err for p in outs) and "not called as a module" in run.out
+
+
+# --- map and profile take --set too ------------------------------------------------------------------------
+
+
+def test_map_with_set_overrides_a_let(tmp_path) -> None:
+    import toml
+
+    from tests.test_cli_support import CONFIGS, DOC_STATS
+
+    rules = tmp_path / "r.tq"
+    rules.write_text(f'include "{CONFIGS / "toy_ternary.tq"}"\nlet f = 1\n'
+                     "linear.weight_max = f * stat.range_min_max.max\n")
+    configs = {}
+    for f in ("1", "2.5"):
+        out = tmp_path / f"q{f}.toml"
+        run = run_cli("map", DOC_STATS, "--rules", rules, "-o", out, "--set", f"f={f}")
+        assert run.rc == 0, run.err
+        configs[f] = toml.load(out)["passes"]["quantize"]
+    stats = toml.load(DOC_STATS)
+    for node in ("seq_blocks_0", "seq_blocks_2", "seq_blocks_4"):
+        w_max = stats[node]["software"]["args"]["weight"]["stat"]["range_min_max"]["max"]
+        assert configs["1"][node]["config"]["weight_max"] == pytest.approx(w_max)
+        assert configs["2.5"][node]["config"]["weight_max"] == pytest.approx(2.5 * w_max)
+
+
+def test_set_with_a_compiled_plan_is_refused(tmp_path) -> None:
+    plan = tmp_path / "p.json"
+    assert run_cli("compile", OK / "task8_recipe_sweep.tq", "-o", plan).rc == 0
+    run = run_cli("apply", "--plan", plan, "--set", "k=0.5", "--out", tmp_path / "o", "--no-progress")
+    assert run.rc == 1 and "--set changes the rules" in run.err
