@@ -16,8 +16,8 @@ import torch
 from timing import interleaved, standalone, table, verdict
 from workloads import WORKLOADS, build
 
-from ternqc.runtime.calibrate import calibrate
-from ternqc.runtime.stats import QuantileBudget
+from ternqc.runtime.calibrate.loop import calibrate
+from ternqc.runtime.calibrate.stats.states import QuantileBudget
 
 TARGETS = {"toy": 3.0, "mlp": 1.15, "transformer": 1.15}
 REPS = {"toy": 21, "mlp": 7, "transformer": 3}

@@ -36,8 +36,8 @@ def child(batches: int, budget_mib: float) -> None:
     import torch
     from workloads import build
 
-    from ternqc.runtime.calibrate import calibrate
-    from ternqc.runtime.stats import QuantileBudget
+    from ternqc.runtime.calibrate.loop import calibrate
+    from ternqc.runtime.calibrate.stats.states import QuantileBudget
 
     built = build("mlp", batches, lazy=True)
     with torch.no_grad():

@@ -17,8 +17,8 @@ import time
 from timing import standalone, table
 from workloads import build
 
-from ternqc.runtime import distributed
-from ternqc.runtime.calibrate import calibrate
+from ternqc.runtime.calibrate.loop import calibrate
+from ternqc.runtime.run import workers
 
 
 def calibrate_mlp(reps: int) -> tuple[list[float], object]:
@@ -37,7 +37,7 @@ def run(quick: bool = False) -> str:
     one_times, one_table = calibrate_mlp(reps + 1)
     one_times = one_times[1:]  # the first calibration in a process pays for fresh memory
     start = time.perf_counter()
-    two_times, two_table = distributed.run_workers(2, calibrate_mlp, reps + 1)
+    two_times, two_table = workers.run_workers(2, calibrate_mlp, reps + 1)
     wall = time.perf_counter() - start
     startup = wall - sum(two_times)
     two_times = two_times[1:]

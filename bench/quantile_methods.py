@@ -21,8 +21,8 @@ import torch
 from timing import standalone, table, verdict
 
 from ternqc.plan import StatSpec
-from ternqc.runtime import quantiles
-from ternqc.runtime.stats import QuantileBudget, make_state
+from ternqc.runtime.calibrate import buffers
+from ternqc.runtime.calibrate.stats.states import QuantileBudget, make_state
 
 QS = (0.01, 0.99)  # one range_quantile(quantile=0.99) gives both: min and max
 
@@ -79,7 +79,7 @@ def torch_quantile(xs):
 
 
 def measure(name, fn, xs, srt):
-    quantiles.clear_pool()  # fresh buffers: the memory is counted
+    buffers.clear_pool()  # fresh buffers: the memory is counted
     tracemalloc.start()
     answers, feed, final, held, exact = fn(xs)
     _, peak = tracemalloc.get_traced_memory()

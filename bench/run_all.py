@@ -18,14 +18,13 @@ import statistics
 import sys
 import time
 
-import torch
-
 import calibration
 import compile_time
 import memory
 import processes
 import quantile_methods
 import ternary_forward
+import torch
 from timing import table, verdict
 
 COMPILE_TARGET_S = 0.4

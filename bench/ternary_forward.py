@@ -19,8 +19,8 @@ from timing import paired, standalone, table, verdict
 from torch import nn
 from workloads import build
 
-from ternqc.runtime.convert import convert_
-from ternqc.runtime.quantizers import ModuleQuant, TensorQuant
+from ternqc.runtime.quantize.convert import convert_
+from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
 
 TARGET = 1.1
 

@@ -21,8 +21,8 @@ from attrs import frozen
 from torch import nn
 
 from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
-from ternqc.runtime.models import ToyNet
-from ternqc.runtime.profile import ResolvedPoints, resolve_profile
+from ternqc.runtime.calibrate.points import ResolvedPoints, resolve_profile
+from ternqc.runtime.models.builtin import ToyNet
 
 SPECS = (
     StatSpec("range_min_max"),

@@ -4,7 +4,7 @@
     check(program)                           # check.py: every error and warning, or CompileError
     plan = lower(program)                    # lower.py: ast → Plan
 
-`compile_source` / `compile_file` run the three passes; `cli_compile` is `ternqc compile`;
+`compile_source` / `compile_file` run the three passes (`ternqc compile` is `commands.compile_rules`);
 `builtin_recipe` finds the recipes shipped in `ternqc.configs`. This package never imports torch.
 """
 
@@ -31,7 +31,6 @@ __all__ = [
     "Compiled",
     "Diagnostic",
     "builtin_recipe",
-    "cli_compile",
     "compile_file",
     "compile_source",
     "parse_sets",
@@ -135,11 +134,3 @@ def builtin_recipe(name: str = "toy_ternary.tq") -> pathlib.Path:
         msg = f"no built-in recipe {name!r}; shipped recipes: {', '.join(shipped) or 'none'}"
         raise FileNotFoundError(msg)
     return pathlib.Path(str(found))
-
-
-def cli_compile(rules_path: str, output_path: str | None, **options: Any) -> int:
-    """`ternqc compile RULES [-o plan.json] [--set k=v] [--model M [--ckpt C] [--explain]]`: see
-    `ternqc.compiler.command`."""
-    from ternqc.compiler.command import run_compile
-
-    return run_compile(rules_path, output_path, **options)

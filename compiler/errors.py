@@ -11,7 +11,7 @@ every error. `render()` prints them like mypy, with the source line and a caret 
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 from attrs import field, frozen

@@ -20,7 +20,7 @@ from ternqc.compiler import ast
 from ternqc.compiler.errors import CompileError, Diagnostic, one_of, with_sources
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parser() -> Lark:
     """The LALR parser, built once per process. lark caches the built tables in the temporary folder (keyed
     by the grammar's hash and lark's version), which keeps `ternqc compile` well under 0.4 s; without a

@@ -9,7 +9,8 @@ says why).
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ternqc import plan
 from ternqc.compiler import ast

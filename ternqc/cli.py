@@ -1,4 +1,4 @@
-"""The `ternqc` command line: argparse subcommands, flat dispatch.
+"""The `ternqc` command line: argparse subcommands, flat dispatch through `commands.COMMANDS`.
 
 `main(argv) -> int`: 0 success, 1 a user-facing failure (one message, no traceback), 2 usage errors,
 130 on Ctrl-C. `compile` imports only the compiler (never torch); the other commands import the runtime
@@ -7,106 +7,13 @@ inside their handlers.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+
+from ternqc.commands import COMMANDS
+from ternqc.parser import build_parser
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _add_run_options(p: argparse.ArgumentParser, *, rules: bool = True) -> None:
-    """Options shared by the commands that load a model and calibrate it."""
-    p.add_argument("--model", default="toy", help="built-in name (toy) or FILE.py:factory / pkg.mod:factory")
-    p.add_argument("--ckpt", help="Lightning checkpoint or plain state_dict to load into the model")
-    p.add_argument("--dataset", default="toy-tiny", help="built-in name (toy-tiny) or FILE.py:factory")
-    if rules:
-        src = p.add_mutually_exclusive_group()
-        src.add_argument("--rules", help="rules file (.tq); default: the built-in configs/toy_ternary.tq")
-        src.add_argument("--plan", help="a plan compiled by `ternqc compile -o plan.json`")
-    _add_set_option(p)
-    p.add_argument("--samples", type=int, help="calibration samples (rounded up to whole batches)")
-    p.add_argument("--batch-size", type=int, help="calibration batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration shuffle (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="calibrate in N local processes (torch.distributed)")
-    p.add_argument("--quantile-budget-mib", type=float, default=256.0,
-                   help="memory for exact quantile buffers before switching to a sketch (default 256)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _add_set_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="sets",
-                   help="override a top-level `let` of the rules (repeatable), e.g. --set k=0.6")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ternqc", description="Ternary quantisation from declarative rules.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = sub.add_parser("compile", help="check a rules file and lower it to a plan")
-    p.add_argument("rules", help="rules file (.tq)")
-    p.add_argument("-o", "--output", help="write the plan as JSON here")
-    _add_set_option(p)
-    p.add_argument("--model", help="check the rules against this model (built, not calibrated; imports torch)")
-    p.add_argument("--ckpt", help="with --model: a checkpoint to load into it")
-    p.add_argument("--explain", action="store_true", help="with --model: the rule that sets each parameter")
-
-    p = sub.add_parser("train", help="train a model and write a Lightning-layout checkpoint")
-    p.add_argument("--model", default="toy", help="built-in name (toy) or FILE.py:factory / pkg.mod:factory")
-    p.add_argument("--dataset", default="toy-tiny", help="built-in name (toy-tiny) or FILE.py:factory")
-    p.add_argument("--epochs", type=int, default=30, help="epochs (default 30); the best validation loss is kept")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default 0)")
-    p.add_argument("--out", default="best.ckpt", help="checkpoint to write, Lightning layout (default best.ckpt)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    p = sub.add_parser("profile", help="calibrate and write statistics in MASE's layout")
-    _add_run_options(p)
-    p.add_argument("--out", default="stats.toml")
-
-    p = sub.add_parser("apply", help="calibrate, map, convert to ternary, evaluate and write outputs")
-    _add_run_options(p)
-    p.add_argument("--out", default="ternqc-out", help="output folder (default ternqc-out/)")
-    p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
-
-    p = sub.add_parser("map", help="MASE statistics file + rules -> MASE quantize config (stat-to-conf.py)")
-    p.add_argument("stats", help="statistics TOML in MASE's node-meta layout")
-    p.add_argument("--rules", help="rules file (.tq); default: the built-in configs/toy_ternary.tq")
-    p.add_argument("-o", "--output", default="quant_config.toml")
-    p.add_argument("--base", help="a MASE config whose model and dataset the output keeps (stat-to-conf.py's --base)")
-    _add_set_option(p)
-    p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
-
-    p = sub.add_parser("demo", help="the whole flow on the built-in defaults: train toy, apply the default recipe")
-    p.add_argument("--out", default="ternqc-out")
-    p.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def _cmd_compile(args: argparse.Namespace) -> int:
-    from ternqc.compiler import cli_compile
-
-    if (args.ckpt or args.explain) and not args.model:
-        print("ternqc compile: error: --ckpt and --explain need --model", file=sys.stderr)
-        return EXIT_USAGE
-    return cli_compile(args.rules, args.output, sets=args.sets, model=args.model, ckpt=args.ckpt,
-                       explain=args.explain)
-
-
-def _cmd_runtime(args: argparse.Namespace) -> int:
-    from ternqc import commands
-    from ternqc.compiler import CompileError
-    from ternqc.runtime.errors import UserError
-
-    try:
-        return getattr(commands, args.command)(args)
-    except CompileError as exc:
-        print(exc.render(), file=sys.stderr)
-        return EXIT_FAILURE
-    except UserError as exc:
-        print(f"ternqc: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,10 +22,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+    from ternqc.compiler import CompileError
+    from ternqc.runtime.errors import UserError
+
     try:
-        if args.command == "compile":
-            return _cmd_compile(args)
-        return _cmd_runtime(args)
+        return COMMANDS[args.command](args)
+    except CompileError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_FAILURE
+    except UserError as exc:
+        print(f"ternqc: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("ternqc: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

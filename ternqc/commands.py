@@ -1,4 +1,5 @@
-"""Command handlers behind `ternqc train | profile | apply | map | demo`.
+"""Command handlers behind `ternqc compile | train | profile | apply | map | demo`, and `COMMANDS`, the table
+`cli.main` dispatches through.
 
 Each takes the parsed argparse namespace and returns an exit code. This is the one place where the two
 halves meet: a handler compiles the rules (`ternqc.compiler`, which never imports torch) and hands the plan
@@ -12,9 +13,59 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from ternqc.plan import Plan
+from ternqc.render import format_layer_table
+
+
+def compile_rules(args: argparse.Namespace) -> int:
+    """`ternqc compile RULES [-o plan.json] [--set k=v] [--model M [--ckpt C] [--explain]]`: compile, print a
+    summary (stdout), warnings or errors (stderr), write the plan as JSON; with `--model`, check the rules
+    against that model (`runtime/rules_check.py`, which imports torch). Exit 0 when the rules compile (and
+    every selector hits something), 1 when they do not or a file cannot be read or written, 2 for --ckpt or
+    --explain without --model."""
+    from ternqc.compiler import CompileError, compile_file, parse_sets
+    from ternqc.compiler.summary import summarize
+
+    rules_path, output_path = args.rules, args.output
+    if (args.ckpt or args.explain) and not args.model:
+        print("ternqc compile: error: --ckpt and --explain need --model", file=sys.stderr)
+        return 2
+    try:
+        compiled = compile_file(rules_path, parse_sets(args.sets))
+    except CompileError as exc:
+        print(exc.render(), file=sys.stderr)
+        n = len(exc.diagnostics)
+        count = f"{n} {'error' if n == 1 else 'errors'}"
+        print(f"ternqc: {rules_path}: {count}, nothing compiled", file=sys.stderr)
+        return 1
+    for warning in compiled.warnings:
+        print(warning.render(), file=sys.stderr)
+    print(summarize(compiled.plan))
+    if output_path:
+        try:
+            with open(output_path, "w", encoding="utf-8") as f:
+                f.write(compiled.plan.to_json())
+        except OSError as exc:
+            msg = f"ternqc: error: cannot write plan to {output_path}: {exc.strerror or exc}"
+            print(msg, file=sys.stderr)
+            return 1
+        print(f"wrote plan to {os.fspath(output_path)}")
+    if args.model:
+        return _check_against_model(compiled.plan, args)
+    return 0
+
+
+def _check_against_model(plan: Plan, args: argparse.Namespace) -> int:
+    from ternqc.runtime.run.rules_check import check_against_model
+
+    report = check_against_model(plan, args.model, ckpt=args.ckpt, explain=args.explain)
+    print(report.text)
+    for line in report.warnings:
+        print(f"ternqc: warning: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"ternqc: error: {line}", file=sys.stderr)
+    return 1 if report.errors else 0
 
 
 def load_plan(rules: str | None, plan_path: str | None, sets: list[str] | None = None) -> tuple[Plan, str]:
@@ -48,7 +99,7 @@ def load_plan(rules: str | None, plan_path: str | None, sets: list[str] | None =
 
 def _settings(args: argparse.Namespace):
     from ternqc.runtime.errors import UserError
-    from ternqc.runtime.pipeline import RunSettings
+    from ternqc.runtime.run.pipeline import RunSettings
 
     if not args.quantile_budget_mib >= 0:  # also refuses NaN
         msg = f"--quantile-budget-mib must be a number >= 0, got {args.quantile_budget_mib}"
@@ -71,7 +122,7 @@ def _print_notes(notes) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from ternqc.runtime.train import run_train
+    from ternqc.runtime.models.train import run_train
 
     result = run_train(
         args.model,
@@ -91,10 +142,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
-    """Run a pipeline worker (`distributed.profile_worker` / `apply_worker`) here, in every process of a
+    """Run a pipeline worker (`workers.profile_worker` / `apply_worker`) here, in every process of a
     torchrun job, or in `--workers N` local processes; return `(result, writes)`: rank 0's result, and
     whether this process writes outputs (rank 0 only)."""
-    from ternqc.runtime import distributed
+    from ternqc.runtime.run import collectives as distributed
+    from ternqc.runtime.run import workers
 
     if distributed.init_from_env():  # under torchrun: this process is one rank
         try:
@@ -106,15 +158,15 @@ def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
 
         msg = f"--workers must be at least 1, got {args.workers}"
         raise UserError(msg)
-    return distributed.run_workers(args.workers, worker, *worker_args), True
+    return workers.run_workers(args.workers, worker, *worker_args), True
 
 
 def profile(args: argparse.Namespace) -> int:
-    from ternqc.runtime import distributed
-    from ternqc.runtime.mase_io import write_stats_toml
+    from ternqc.runtime.io.mase_io import write_stats_toml
+    from ternqc.runtime.run import workers
 
     plan, _source = load_plan(args.rules, args.plan, args.sets)
-    result, writes = _calibrate_in_processes(args, distributed.profile_worker, plan.to_dict(), _settings(args))
+    result, writes = _calibrate_in_processes(args, workers.profile_worker, plan.to_dict(), _settings(args))
     if not writes:
         return 0
     _print_notes(result.notes)
@@ -125,18 +177,16 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
-    from ternqc.runtime import pipeline
-    from ternqc.runtime.mapping import render_explain
-
-    from ternqc.runtime import distributed
+    from ternqc.render import render_explain
+    from ternqc.runtime.run import pipeline, workers
 
     plan, source = load_plan(args.rules, args.plan, args.sets)
     settings = _settings(args)
-    result, writes = _calibrate_in_processes(args, distributed.apply_worker, plan.to_dict(), settings, source)
+    result, writes = _calibrate_in_processes(args, workers.apply_worker, plan.to_dict(), settings, source)
     if not writes:
         return 0
     _print_notes(result.profile.notes)
-    written = pipeline.write_apply_outputs(args.out, result, settings, plan)
+    written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))
@@ -152,9 +202,10 @@ def apply(args: argparse.Namespace) -> int:
     return 1 if result.assert_failures else 0
 
 
-def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
-    from ternqc.runtime.mapping import map_params, render_explain
-    from ternqc.runtime.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
+def map_stats(args: argparse.Namespace) -> int:
+    from ternqc.render import render_explain
+    from ternqc.runtime.io.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
+    from ternqc.runtime.quantize.mapping import map_params
 
     plan, source = load_plan(args.rules, None, args.sets)
     table = read_stats_toml(args.stats)
@@ -172,7 +223,7 @@ def map(args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
 def demo(args: argparse.Namespace) -> int:
     """Train toy on toy-tiny, then apply the built-in recipe to the checkpoint: the two commands a user would
     type, parsed by the same parser, so the demo uses the commands' own defaults."""
-    from ternqc.cli import build_parser
+    from ternqc.parser import build_parser
 
     ckpt = os.path.join(args.out, "best.ckpt")
     quiet = ["--no-progress"] if args.no_progress else []
@@ -188,29 +239,12 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dict):
-        return f"[{value['values']}] ~{value['mean']:.4g}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_layer_table(report: dict[str, Any]) -> str:
-    """One line per quantised tensor: node, op, tensor, Δ, α and the fraction of zeros."""
-    rows = [("node", "op", "tensor", "delta", "alpha", "zeros")]
-    for node, entry in report["nodes"].items():
-        for tensor, t in entry["tensors"].items():
-            if not t.get("quantized"):
-                why = " (not called as a module)" if entry.get("left_in_float") else ""
-                rows.append((node, entry["op"], tensor, "float" + why, "", ""))
-                continue
-            zeros = t.get("zero_fraction")
-            alpha = t.get("alpha") if t.get("scaling") else "off"
-            rows.append(
-                (node, entry["op"], tensor, _fmt(t["delta"]), _fmt(alpha), "-" if zeros is None else f"{zeros:.1%}")
-            )
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+#: `ternqc COMMAND`: the handler of each subcommand of `parser.build_parser`.
+COMMANDS = {
+    "compile": compile_rules,
+    "train": train,
+    "profile": profile,
+    "apply": apply,
+    "map": map_stats,
+    "demo": demo,
+}

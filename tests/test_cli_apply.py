@@ -14,9 +14,9 @@ import pytest
 import toml
 import torch
 
-from ternqc.runtime.calibrate import calibration_batches
-from ternqc.runtime.convert import load_ternary_checkpoint
-from ternqc.runtime.data import build_dataset
+from ternqc.runtime.calibrate.loop import calibration_batches
+from ternqc.runtime.models.data import build_dataset
+from ternqc.runtime.quantize.convert import load_ternary_checkpoint
 from tests.test_cli_support import (
     APPLY_OUTPUTS,
     CONFIGS,
@@ -50,9 +50,9 @@ def _toy_params(ckpt: Path) -> dict[str, np.ndarray]:
 
 def _reload_without_calibrating(ckpt: Path, monkeypatch: pytest.MonkeyPatch):
     """`load_ternary_checkpoint` with calibration and data loading made to fail: it must need neither."""
-    import ternqc.runtime.calibrate as calibrate_mod
-    import ternqc.runtime.data as data_mod
-    import ternqc.runtime.profile as profile_mod
+    import ternqc.runtime.calibrate.hooks as profile_mod
+    import ternqc.runtime.calibrate.loop as calibrate_mod
+    import ternqc.runtime.models.data as data_mod
 
     def refuse(*_a, **_k):
         raise AssertionError("reloading a ternary checkpoint calibrated or read data")
@@ -294,8 +294,8 @@ conv2d.data_in_threshold = 0.5 * stat(data_in).abs_mean.abs_mean
 
 def test_apply_on_a_user_model_and_dataset_from_files(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ternqc.compiler import compile_file
-    from ternqc.runtime import pipeline
-    from ternqc.runtime.modules import TernaryConv2d, TernaryLinear
+    from ternqc.runtime.quantize.modules import TernaryConv2d, TernaryLinear
+    from ternqc.runtime.run import pipeline
     from tests.fixtures import user_data
 
     rules = tmp_path / "user.tq"

@@ -151,7 +151,7 @@ def test_first_and_last_linear_stay_in_float(tmp_path) -> None:
 
 def test_wide_input_stays_in_float(tmp_path) -> None:
     from ternqc.compiler import compile_file
-    from ternqc.runtime import pipeline
+    from ternqc.runtime.run import pipeline
 
     plan = compile_file(OK / "task6_wide_input_float.tq").plan
     (bound,) = [c.value for c in plan.constants if c.name == "bound"]
@@ -167,7 +167,7 @@ def test_wide_input_stays_in_float(tmp_path) -> None:
 
 
 def _type_name_of_out_proj() -> str:
-    from ternqc.runtime.profile import module_type
+    from ternqc.runtime.calibrate.points import module_type
 
     return module_type(_model("transformer").encoder.layers[0].self_attn.out_proj)
 

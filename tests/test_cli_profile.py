@@ -10,8 +10,8 @@ import pytest
 import toml
 import torch
 
-from ternqc.runtime.calibrate import calibration_batches
-from ternqc.runtime.data import build_dataset
+from ternqc.runtime.calibrate.loop import calibration_batches
+from ternqc.runtime.models.data import build_dataset
 from tests.test_cli_support import (
     CONFIGS,
     Trained,

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from ternqc.runtime.checkpoints import load_checkpoint_
-from ternqc.runtime.models import build_model
+from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.models.builtin import build_model
 from tests.test_cli_support import (
     MaseToy,
     Trained,

@@ -8,11 +8,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
-from ternqc.runtime.calibrate import calibrate, calibration_batches, forward_naming_failures
-from ternqc.runtime.data import ToyTiny
+from ternqc.runtime.calibrate.loop import calibrate, calibration_batches, forward_naming_failures
+from ternqc.runtime.calibrate.points import resolve_profile
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.models import ToyNet
-from ternqc.runtime.profile import resolve_profile
+from ternqc.runtime.models.builtin import ToyNet
+from ternqc.runtime.models.data import ToyTiny
 
 MINMAX = StatSpec("range_min_max")
 

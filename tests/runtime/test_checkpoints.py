@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from ternqc.runtime.checkpoints import load_checkpoint_, save_lightning_checkpoint
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.models import ToyNet
+from ternqc.runtime.io.checkpoints import load_checkpoint_, save_lightning_checkpoint
+from ternqc.runtime.models.builtin import ToyNet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -204,7 +204,7 @@ def test_failed_load_leaves_the_model_unchanged(tmp_path):
 
 
 def test_user_model_round_trip(tmp_path):
-    from ternqc.runtime.models import build_model
+    from ternqc.runtime.models.builtin import build_model
 
     spec = f"{FIXTURES / 'user_model.py'}:factory"
     model = build_model(spec)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from ternqc.runtime import convert as convert_mod
-from ternqc.runtime.convert import convert_, load_ternary_checkpoint, save_ternary_checkpoint
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.models import ToyNet
-from ternqc.runtime.modules import TernaryConv1d, TernaryConv2d, TernaryLinear, TernaryReLU
-from ternqc.runtime.quantizers import ModuleQuant, TensorQuant
+from ternqc.runtime.models.builtin import ToyNet
+from ternqc.runtime.quantize import convert as convert_mod
+from ternqc.runtime.quantize.convert import convert_, load_ternary_checkpoint, save_ternary_checkpoint
+from ternqc.runtime.quantize.modules import TernaryConv1d, TernaryConv2d, TernaryLinear, TernaryReLU
+from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
 
 # --- independent reference -------------------------------------------------------------------------------
 

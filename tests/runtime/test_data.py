@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from ternqc.runtime.data import build_dataset
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.models.data import build_dataset
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 USER_DATA = f"{FIXTURES / 'user_data.py'}:factory"

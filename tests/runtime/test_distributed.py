@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from ternqc.compiler import compile_source
-from ternqc.runtime import distributed, pipeline
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.models import ToyNet
+from ternqc.runtime.models.builtin import ToyNet
+from ternqc.runtime.run import collectives as distributed
+from ternqc.runtime.run import pipeline, workers
 
 RULES = """
 calibrate {
@@ -53,7 +54,7 @@ MODEL = """
 import torch
 from torch.utils.data import TensorDataset
 
-from ternqc.runtime.models import ToyNet
+from ternqc.runtime.models.builtin import ToyNet
 
 
 def wide():
@@ -79,8 +80,8 @@ def setup(tmp_path_factory):
 
 def test_two_processes_give_the_single_process_statistics_and_parameters(setup):
     plan, settings = setup
-    single = distributed.apply_worker(plan.to_dict(), settings, "rules.tq")
-    two = distributed.run_workers(2, distributed.apply_worker, plan.to_dict(), settings, "rules.tq")
+    single = workers.apply_worker(plan.to_dict(), settings, "rules.tq")
+    two = workers.run_workers(2, workers.apply_worker, plan.to_dict(), settings, "rules.tq")
 
     assert list(two.profile.table) == list(single.profile.table)
     names = set()
@@ -109,9 +110,9 @@ def test_a_workers_user_error_reaches_the_parent_with_its_message(setup):
     data = settings.model.replace(":wide", ":three_features")
     bad = pipeline.RunSettings(model=settings.model, ckpt=settings.ckpt, dataset=data, progress=False)
     with pytest.raises(UserError) as info:
-        distributed.run_workers(2, distributed.profile_worker, plan.to_dict(), bad)
+        workers.run_workers(2, workers.profile_worker, plan.to_dict(), bad)
     with pytest.raises(UserError) as here:
-        distributed.profile_worker(plan.to_dict(), bad)
+        workers.profile_worker(plan.to_dict(), bad)
     assert str(info.value) == str(here.value)
     assert "rejected the calibration inputs" in str(here.value)
 
@@ -124,4 +125,4 @@ def test_without_a_process_group_everything_is_one_process(monkeypatch):
     assert not distributed.is_distributed()
     assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
     assert distributed.first_failure(None) is None and distributed.first_failure("boom") == "boom"
-    assert distributed.run_workers(1, divmod, 7, 2) == (3, 1)  # one worker: called here
+    assert workers.run_workers(1, divmod, 7, 2) == (3, 1)  # one worker: called here

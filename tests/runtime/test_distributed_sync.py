@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from ternqc.plan import StatSpec
-from ternqc.runtime.quantiles import QuantileBudget, run_local, select_protocol
-from ternqc.runtime.distributed import sync_stats
-from ternqc.runtime.stats import TensorStats
+from ternqc.runtime.calibrate.quantiles import QuantileBudget, run_local, select_protocol
+from ternqc.runtime.calibrate.stats.feeder import TensorStats
+from ternqc.runtime.run.collectives import sync_stats
 
 
 def spec(name, dims="all", abs=False, **options):

@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
-from ternqc.runtime.calibrate import calibrate
-from ternqc.runtime.data import ToyTiny
-from ternqc.runtime.models import ToyNet
-from ternqc.runtime.profile import resolve_profile
+from ternqc.runtime.calibrate.loop import calibrate
+from ternqc.runtime.calibrate.points import resolve_profile
+from ternqc.runtime.models.builtin import ToyNet
+from ternqc.runtime.models.data import ToyTiny
 
 DOCUMENT = Path(__file__).resolve().parents[1] / "data" / "mase" / "stats_for_quantisation.toml"
 SPECS = {

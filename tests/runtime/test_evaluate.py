@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ternqc.runtime.data import build_dataset
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.evaluate import accuracy, loss_and_accuracy
-from ternqc.runtime.models import ToyNet
+from ternqc.runtime.models.builtin import ToyNet
+from ternqc.runtime.models.data import build_dataset
+from ternqc.runtime.models.evaluate import accuracy, loss_and_accuracy
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

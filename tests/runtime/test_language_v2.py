@@ -27,13 +27,13 @@ from ternqc.plan import (
     Unary,
     Var,
 )
-from ternqc.runtime import uncalled
+from ternqc.runtime.quantize import uncalled
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.mapping import map_params
-from ternqc.runtime.resolve import resolve_bindings
-from ternqc.runtime.rules_check import check_plan
-from ternqc.runtime.stats import make_layout
-from ternqc.runtime.stats_table import ModuleStats
+from ternqc.runtime.calibrate.stats.layout import make_layout
+from ternqc.runtime.calibrate.table import ModuleStats
+from ternqc.runtime.quantize.mapping import map_params
+from ternqc.runtime.quantize.resolve import resolve_bindings
+from ternqc.runtime.run.rules_check import check_plan
 
 from .test_stats import make_state, spec
 
@@ -179,7 +179,7 @@ def test_precedence_first_beats_type_and_later_wins_at_equal_rank() -> None:
 
 
 def test_assertions_name_every_failing_module() -> None:
-    from ternqc.runtime.asserts import check_asserts
+    from ternqc.runtime.quantize.asserts import check_asserts
 
     a = Assert(LINEAR, BinOp("<=", Var("weight_zero_fraction"), Const(0.5)), "too many zeros", Origin("r.tq", 3, 1))
     m_assert = Assert(None, BinOp(">=", Var("quantised_accuracy"), BinOp("-", Var("float_accuracy"), Const(0.1))),

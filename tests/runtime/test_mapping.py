@@ -7,10 +7,10 @@ import math
 import pytest
 
 from ternqc.plan import (
-    BinOp,
     Binding,
-    Call,
+    BinOp,
     Calibration,
+    Call,
     Const,
     Origin,
     Plan,
@@ -19,10 +19,11 @@ from ternqc.plan import (
     StatSpec,
     Unary,
 )
+from ternqc.render import render_explain
+from ternqc.runtime.calibrate.table import ModuleStats
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.mapping import map_params, render_explain
-from ternqc.runtime.resolve import applicable_params
-from ternqc.runtime.stats_table import ModuleStats
+from ternqc.runtime.quantize.mapping import map_params
+from ternqc.runtime.quantize.resolve import applicable_params
 
 MMAX = StatSpec("range_min_max")
 PER_CH = StatSpec("range_min_max", dims=(0,))

@@ -22,17 +22,17 @@ from ternqc.plan import (
     StatRef,
     StatSpec,
 )
+from ternqc.runtime.calibrate.table import ModuleStats
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.mapping import map_params
-from ternqc.runtime.mase_io import (
+from ternqc.runtime.io.mase_io import (
     parse_spec_key,
     read_config_toml,
     read_stats_toml,
     write_quant_config_toml,
     write_stats_toml,
 )
-from ternqc.runtime.resolve import applicable_params
-from ternqc.runtime.stats_table import ModuleStats
+from ternqc.runtime.quantize.mapping import map_params
+from ternqc.runtime.quantize.resolve import applicable_params
 
 DOC_STATS = Path(__file__).resolve().parents[1] / "data" / "mase" / "stats_for_quantisation.toml"
 RMM = StatSpec("range_min_max")

@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from ternqc.runtime import atomic
-from ternqc.runtime.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from ternqc.runtime.calibrate.table import ModuleStats
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.mase_io import write_stats_toml
-from ternqc.runtime.stats_table import ModuleStats
+from ternqc.runtime.io import atomic
+from ternqc.runtime.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from ternqc.runtime.io.mase_io import write_stats_toml
 
 
 def files(folder):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.models import ToyNet, build_model
+from ternqc.runtime.models.builtin import ToyNet, build_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 USER_MODEL = f"{FIXTURES / 'user_model.py'}:factory"

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.modules import (
+from ternqc.runtime.quantize.modules import (
     TERNARY_MODULES,
     TernaryConv1d,
     TernaryConv2d,
     TernaryLinear,
     TernaryReLU,
 )
-from ternqc.runtime.quantizers import ModuleQuant, TensorQuant
+from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
 
 # --- independent reference -----------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ternqc.plan import Origin, ProfilePoint, Selector, StatSpec
+from ternqc.runtime.calibrate.hooks import collect_stats
+from ternqc.runtime.calibrate.points import ResolvedPoints, resolve_profile
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.models import ToyNet
-from ternqc.runtime.profile import ResolvedPoints, collect_stats, resolve_profile
+from ternqc.runtime.models.builtin import ToyNet
 from tests.runtime.test_stats import check, reference
 
 ORIGIN = Origin("rules.tq", 3, 1)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ternqc.plan import StatSpec
-from ternqc.runtime.quantiles import CompactorSketch, ExactValues, QuantileBudget, rank_error_bound
-from ternqc.runtime.stats import from_tensors, make_state
+from ternqc.runtime.calibrate.quantiles import ExactValues, QuantileBudget
+from ternqc.runtime.calibrate.sketch import CompactorSketch, rank_error_bound
+from ternqc.runtime.calibrate.stats.states import from_tensors, make_state
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -189,7 +190,7 @@ def test_budget_keeps_room_for_every_states_sketch():
 def test_a_rank_on_an_atom_the_sample_did_not_flag_is_found_by_counting_the_edges(monkeypatch):
     """Ranks that land on lo or hi of their bracket (a big atom) without the sample flagging it: the extra
     counting round answers them exactly."""
-    from ternqc.runtime import quantiles
+    from ternqc.runtime.calibrate import quantiles
 
     monkeypatch.setattr(quantiles, "_repeated", lambda pooled, value: False)
     rng = np.random.default_rng(8)
@@ -202,15 +203,15 @@ def test_a_rank_on_an_atom_the_sample_did_not_flag_is_found_by_counting_the_edge
 
 
 def test_released_buffers_are_reused_and_the_pool_is_bounded(monkeypatch):
-    from ternqc.runtime import quantiles
+    from ternqc.runtime.calibrate import buffers
 
-    quantiles.clear_pool()
-    monkeypatch.setattr(quantiles, "POOL_BYTES", 3 * 2**20)
-    a = quantiles.take_buffer(2**18)  # 1 MiB
-    quantiles.give_back(a)
-    b = quantiles.take_buffer(2**17)
+    buffers.clear_pool()
+    monkeypatch.setattr(buffers, "POOL_BYTES", 3 * 2**20)
+    a = buffers.take_buffer(2**18)  # 1 MiB
+    buffers.give_back(a)
+    b = buffers.take_buffer(2**17)
     assert np.shares_memory(a, b)  # the smallest pooled buffer that is large enough
     for _ in range(5):
-        quantiles.give_back(np.empty(2**18, dtype=np.float32))
-    assert sum(x.nbytes for x in quantiles._FREE) <= 3 * 2**20
-    quantiles.clear_pool()
+        buffers.give_back(np.empty(2**18, dtype=np.float32))
+    assert sum(x.nbytes for x in buffers._FREE) <= 3 * 2**20
+    buffers.clear_pool()

@@ -1,7 +1,7 @@
 """The ternary quantiser against an independent numpy implementation of the issue's rules.
 
 The reference functions below (`ref_*`) are written from the issue text, in numpy, and never call
-`ternqc.runtime.quantizers`; every test compares the two on the same values.
+`ternqc.runtime.quantize.quantizers`; every test compares the two on the same values.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.quantizers import (
+from ternqc.runtime.quantize.quantizers import (
     ModuleQuant,
     TensorQuant,
     module_quant_from_params,
@@ -389,7 +389,7 @@ def test_resolving_parameters_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from ternqc.runtime.quantizers import module_quant_from_params as m; "
+        "import sys; from ternqc.runtime.quantize.quantizers import module_quant_from_params as m; "
         "m('linear', 'n', {'name': 'ternary', 'weight_width': 2, 'weight_max': 1.0}, rules='r'); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )

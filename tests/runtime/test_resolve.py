@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ternqc.plan import Binding, Const, Origin, Selector
-from ternqc.runtime.resolve import (
+from ternqc.runtime.quantize.resolve import (
     applicable_params,
     inapplicable_bindings,
     resolve_bindings,

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.stats.feeder import TensorStats
+from ternqc.runtime.calibrate.stats.states import from_tensors, make_state
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.stats import TensorStats, from_tensors, make_state
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -408,7 +409,7 @@ def test_dims_all_accepts_changing_shapes():
 
 
 def test_fixed_order_sum_is_the_same_for_any_thread_count():
-    from ternqc.runtime.stats import fixed_order_sum
+    from ternqc.runtime.calibrate.stats.sums import fixed_order_sum
 
     x = torch.randn(300, 301, generator=torch.Generator().manual_seed(9))
     threads = torch.get_num_threads()

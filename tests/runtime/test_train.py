@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ternqc.runtime.checkpoints import load_checkpoint_
-from ternqc.runtime.data import build_dataset
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.evaluate import loss_and_accuracy
-from ternqc.runtime.models import ToyNet, build_model
-from ternqc.runtime.train import TrainResult, run_train, train_model
+from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.models.builtin import ToyNet, build_model
+from ternqc.runtime.models.data import build_dataset
+from ternqc.runtime.models.evaluate import loss_and_accuracy
+from ternqc.runtime.models.train import TrainResult, run_train, train_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from ternqc.runtime import distributed
+from ternqc.runtime.calibrate.hooks import collect_stats
+from ternqc.runtime.calibrate.points import ResolvedPoints
+from ternqc.runtime.calibrate.stats.states import QuantileBudget
+from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.profile import ResolvedPoints, collect_stats
 from ternqc.runtime.progress import progress as progress_bar
-from ternqc.runtime.stats import QuantileBudget
-from ternqc.runtime.stats_table import StatsTable
+from ternqc.runtime.run import collectives as distributed
 
 Batch = tuple[Any, Any]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
+from ternqc.runtime.io.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
 
 
 class ToyNet(nn.Module):

@@ -25,8 +25,8 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import math
-from typing import Any, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from attrs import field, frozen
@@ -36,8 +36,8 @@ from ternqc.plan import (
     QUANTISABLE,
     QUANTISERS,
     COMPARISON_OPS,
-    BinOp,
     Binding,
+    BinOp,
     Call,
     Cond,
     Const,
@@ -51,8 +51,10 @@ from ternqc.plan import (
     expr_stat_refs,
     split_param,
 )
+from ternqc.render import format_value
+from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.resolve import (
+from ternqc.runtime.quantize.resolve import (
     Module,
     ResolvedParam,
     applicable_params,
@@ -61,7 +63,6 @@ from ternqc.runtime.resolve import (
     selector_matches,
     unmatched_selectors,
 )
-from ternqc.runtime.stats_table import ModuleStats, StatsTable
 
 #: Parameters whose value must not be negative (the quantiser's Δ and α).
 NON_NEGATIVE_SUFFIXES = ("threshold", "scale")
@@ -309,7 +310,7 @@ class _Context:
     def _bool(self, v: Any, where: str) -> np.ndarray:
         if isinstance(v, (bool, np.bool_)) or (isinstance(v, np.ndarray) and v.dtype == np.bool_):
             return np.asarray(v)
-        raise self.fail(f"{_short(v if not isinstance(v, np.ndarray) else _plain(v))} is not true or false "
+        raise self.fail(f"{format_value(v if not isinstance(v, np.ndarray) else _plain(v))} is not true or false "
                         f"({where})")
 
     def _cond(self, e: Cond) -> Any:
@@ -345,7 +346,7 @@ class _Context:
             ok = False
         if not ok:
             raise self.fail(f"the {what} in {self.stats_source} is not a number or an array of numbers: "
-                            f"{_short(value)}")
+                            f"{format_value(value)}")
         return arr
 
     def _other_module(self, ref: StatRef) -> ModuleStats | None:
@@ -389,7 +390,7 @@ class _Context:
               "!=": np.not_equal}[e.op]
         result = self._broadcast(fn, left, right, e.op)
         if e.op == "**" and not np.all(np.isfinite(result)):
-            raise self.fail(f"** has no finite value here ({_short(_plain(left))} ** {_short(_plain(right))})")
+            raise self.fail(f"** has no finite value here ({format_value(_plain(left))} ** {format_value(_plain(right))})")
         return result if e.op not in COMPARISON_OPS else np.asarray(result, dtype=np.bool_)
 
     def _broadcast(self, fn: Any, left: np.ndarray, right: np.ndarray, where: str) -> np.ndarray:
@@ -409,16 +410,16 @@ class _Context:
                 raise self.fail(f"{e.fn}() takes one argument, got {len(args)}")
             x = args[0]
             if e.fn == "sqrt" and np.any(x < 0):
-                raise self.fail(f"sqrt() of a negative number: {_short(_plain(x))}")
+                raise self.fail(f"sqrt() of a negative number: {format_value(_plain(x))}")
             if e.fn == "log2" and np.any(x <= 0):
-                raise self.fail(f"log2() of a number that is not positive: {_short(_plain(x))}")
+                raise self.fail(f"log2() of a number that is not positive: {format_value(_plain(x))}")
             return {"abs": np.abs, "sqrt": np.sqrt, "log2": np.log2}[e.fn](x)
         if e.fn == "clamp":
             if len(args) != 3:
                 raise self.fail(f"clamp() takes three arguments (x, lo, hi), got {len(args)}")
             x, lo, hi = args
             if np.any(lo > hi):
-                raise self.fail(f"clamp() with lo > hi: {_short(_plain(lo))} > {_short(_plain(hi))}")
+                raise self.fail(f"clamp() with lo > hi: {format_value(_plain(lo))} > {format_value(_plain(hi))}")
             low = self._broadcast(np.maximum, x, lo, "clamp()")
             return self._broadcast(np.minimum, low, hi, "clamp()")
         if len(args) == 1:
@@ -439,22 +440,22 @@ class _Context:
         if kind == "name":
             if not isinstance(v, str) or v not in QUANTISERS:
                 raise self.fail(f"the quantiser must be one of {', '.join(map(json.dumps, QUANTISERS))}, "
-                                f"got {_short(v)}")
+                                f"got {format_value(v)}")
             return v
         if kind == "bool":
             if isinstance(v, np.ndarray) and v.dtype == np.bool_ and v.ndim == 0:
                 v = bool(v)
             if not isinstance(v, (bool, np.bool_)):
-                raise self.fail(f"expected true or false, got {_short(v)}")
+                raise self.fail(f"expected true or false, got {format_value(v)}")
             return bool(v)
         if isinstance(v, (bool, str, np.bool_)):
-            raise self.fail(f"expected {'a whole number' if kind == 'int' else 'a number'}, got {_short(v)}")
+            raise self.fail(f"expected {'a whole number' if kind == 'int' else 'a number'}, got {format_value(v)}")
         arr = np.asarray(v, dtype=np.float64)
         if not np.all(np.isfinite(arr)):
-            raise self.fail(f"the value is not finite: {_short(_plain(arr))}")
+            raise self.fail(f"the value is not finite: {format_value(_plain(arr))}")
         if kind == "int":
             if arr.ndim != 0 or not float(arr).is_integer():
-                raise self.fail(f"expected a whole number, got {_short(_plain(arr))}")
+                raise self.fail(f"expected a whole number, got {format_value(_plain(arr))}")
             n = int(arr)
             low = 0 if split[1] == "frac_width" else 1  # type: ignore[index]
             if n < low:
@@ -462,7 +463,7 @@ class _Context:
             return n
         suffix = split[1]  # type: ignore[index]
         if suffix in NON_NEGATIVE_SUFFIXES and np.any(arr < 0):
-            raise self.fail(f"a {suffix} must not be negative, got {_short(_plain(arr))}")
+            raise self.fail(f"a {suffix} must not be negative, got {format_value(_plain(arr))}")
         return _plain(arr)
 
 
@@ -477,61 +478,4 @@ def _plain(arr: np.ndarray) -> float | list:
     return float(arr) if arr.ndim == 0 else arr.tolist()
 
 
-def _short(v: Any, limit: int = 6) -> str:
-    """A value as the rules language would write it, long vectors abbreviated."""
-    if v is None:
-        return "na"
-    if isinstance(v, (bool, np.bool_)):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else str(v)
-    if isinstance(v, list):
-        flat = np.asarray(v, dtype=np.float64).ravel().tolist() if not _has_non_numbers(v) else None
-        if flat is not None and len(flat) > limit:
-            head = ", ".join(_short(x) for x in flat[:3])
-            return f"[{head}, ...] ({len(flat)} values, min {_short(min(flat))}, max {_short(max(flat))})"
-        return "[" + ", ".join(_short(x) for x in v) + "]"
-    return str(v)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Explain
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _where(b: Binding) -> str:
-    return f"{b.origin.file}:{b.origin.line}"
-
-
-def render_explain(result: MappingResult) -> str:
-    """Per node, every parameter some rule sets: its value, the winning rule (`file:line`) and the rules it
-    overrode (`overrides a.tq:12, b.tq:3`, best first). Parameters no rule sets are left out.
-
-    Returns:
-        The text, ending with a newline.
-    """
-    lines = [f"# parameters and the rules that set them{f' (rules: {result.rules})' if result.rules else ''}"]
-    for m in result.modules.values():
-        lines.append(f"{m.node} ({m.op})" if m.node == m.path else f"{m.node} ({m.op}, module {m.path})")
-        if not m.explain:
-            lines.append("  (no rule sets any parameter)")
-            continue
-        rows = []
-        for param in applicable_params(m.op):
-            rp = m.explain.get(param)
-            if rp is None:
-                continue
-            value = _short(m.params[param])
-            rule = f"{_where(rp.binding)} ({rp.binding.selector})"
-            over = f"  overrides {', '.join(_where(b) for b in rp.overridden)}" if rp.overridden else ""
-            rows.append((param, value, rule, over))
-        wp = max(len(r[0]) for r in rows)
-        wv = max(len(r[1]) for r in rows)
-        for param, value, rule, over in rows:
-            lines.append(f"  {param:<{wp}} = {value:<{wv}}  {rule}{over}")
-    return "\n".join(lines) + "\n"
-
-
-__all__ = ["MappedModule", "MappingResult", "map_params", "render_explain", "NON_NEGATIVE_SUFFIXES"]
+__all__ = ["MappedModule", "MappingResult", "map_params", "NON_NEGATIVE_SUFFIXES"]

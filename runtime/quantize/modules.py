@@ -28,7 +28,14 @@ from torch import nn
 
 from ternqc.plan import QUANTISABLE
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.quantizers import ModuleQuant, TensorQuant, as_tensor, quantize, ternarize, weight_alpha
+from ternqc.runtime.quantize.quantizers import (
+    ModuleQuant,
+    TensorQuant,
+    as_tensor,
+    quantize,
+    ternarize,
+    weight_alpha,
+)
 
 PARAM_TENSORS = ("weight", "bias")
 

@@ -23,11 +23,11 @@ from attrs import frozen
 from torch import nn
 from torch.utils.data import Dataset
 
-from ternqc.runtime.checkpoints import save_lightning_checkpoint
-from ternqc.runtime.data import build_dataset
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.evaluate import batch_loss, batches, dataset_name, loss_and_accuracy
-from ternqc.runtime.models import build_model
+from ternqc.runtime.io.checkpoints import save_lightning_checkpoint
+from ternqc.runtime.models.builtin import build_model
+from ternqc.runtime.models.data import build_dataset
+from ternqc.runtime.models.evaluate import batch_loss, batches, dataset_name, loss_and_accuracy
 from ternqc.runtime.progress import progress as progress_bar
 
 #: Defaults of `ternqc train`: they take the toy model to >= 0.98 validation accuracy on toy-tiny in about

@@ -25,7 +25,7 @@ written with a path (`"seq_blocks.1"`) must still find them.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from attrs import frozen
 

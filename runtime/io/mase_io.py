@@ -35,16 +35,17 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import toml
 
 from ternqc.plan import DERIVED_STATISTICS, STATISTICS, StatSpec
-from ternqc.runtime.atomic import atomic_write_text
+from ternqc.runtime.calibrate.table import ModuleStats, StatKey, StatsTable
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.mapping import MappingResult
-from ternqc.runtime.stats_table import ModuleStats, StatKey, StatsTable
+from ternqc.runtime.io.atomic import atomic_write_text
+from ternqc.runtime.quantize.mapping import MappingResult
 
 #: MASE's `mase_type` of the non-module nodes it writes; every module is a `module_related_func`.
 MASE_TYPES = {"placeholder": "placeholder", "output": "output", "get_attr": "get_attr",

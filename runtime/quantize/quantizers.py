@@ -416,7 +416,7 @@ def weight_alpha(w: torch.Tensor, delta: Any) -> torch.Tensor:
         return (a * mask).reshape(d.shape)  # one Δ per element: α is |w| where it exceeds Δ
     # A fixed summation order: α must have the same bits in every process of a distributed run, whatever
     # its thread count (torch's single-value sums split the work by thread).
-    from ternqc.runtime.stats import fixed_order_sum
+    from ternqc.runtime.calibrate.stats.sums import fixed_order_sum
 
     total = fixed_order_sum(a * mask, dims, keepdim=True)
     count = fixed_order_sum(mask, dims, keepdim=True)

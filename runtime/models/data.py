@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
+from ternqc.runtime.io.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
 
 TOY_TINY_SEEDS = {"train": 0, "validation": 1, "test": 2}
 TOY_TINY_SIZE = 512

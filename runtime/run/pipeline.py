@@ -17,7 +17,8 @@ import contextlib
 import json
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import torch
@@ -25,22 +26,22 @@ from attrs import frozen
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
-from ternqc.runtime import asserts, uncalled
-from ternqc.runtime import calibrate as calib
-from ternqc.runtime import profile as prof
-from ternqc.runtime.atomic import atomic_path, atomic_write_text
-from ternqc.runtime.checkpoints import load_checkpoint_
-from ternqc.runtime.convert import convert_, save_ternary_checkpoint
-from ternqc.runtime.data import build_dataset
+from ternqc.runtime.quantize import asserts, uncalled
+from ternqc.runtime.calibrate import loop as calib
+from ternqc.runtime.calibrate import points as prof
+from ternqc.runtime.calibrate.stats.states import QuantileBudget
+from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.evaluate import accuracy
-from ternqc.runtime.mapping import MappedModule, MappingResult, map_params
-from ternqc.runtime.mase_io import write_quant_config_toml, write_stats_toml
-from ternqc.runtime.models import build_model
-from ternqc.runtime.modules import TernaryModule
-from ternqc.runtime.quantizers import ModuleQuant, module_quant_from_params
-from ternqc.runtime.stats import QuantileBudget
-from ternqc.runtime.stats_table import ModuleStats, StatsTable
+from ternqc.runtime.io.atomic import atomic_path, atomic_write_text
+from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
+from ternqc.runtime.models.builtin import build_model
+from ternqc.runtime.models.data import build_dataset
+from ternqc.runtime.models.evaluate import accuracy
+from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
+from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
+from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
 
 THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
 VALIDATION_SPLIT = "validation"
@@ -303,7 +304,7 @@ def build_report(
     return {"float_accuracy": float_acc, "ternary_accuracy": ternary_acc, "nodes": nodes}
 
 
-def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings, plan: Plan) -> list[str]:
+def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings) -> list[str]:
     """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`, all or
     nothing; return the paths written.
 

@@ -23,10 +23,11 @@ from torch import nn
 
 from ternqc.plan import Assert, BinOp, Binding, Call, Cond, Expr, Plan, Selector, StatRef, Unary, Var
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.mapping import MappingResult, _Context, _plain, _short
-from ternqc.runtime.modules import TernaryModule
-from ternqc.runtime.resolve import Module, selector_matches
-from ternqc.runtime.stats_table import StatsTable
+from ternqc.render import format_value
+from ternqc.runtime.calibrate.table import StatsTable
+from ternqc.runtime.quantize.mapping import MappingResult, _Context, _plain
+from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.resolve import Module, selector_matches
 
 
 @frozen
@@ -41,7 +42,7 @@ class Failure:
 
     def render(self) -> str:
         where = self.module if self.module is not None else "the model"
-        read = ", ".join(f"{k} = {_short(v)}" for k, v in self.values)
+        read = ", ".join(f"{k} = {format_value(v)}" for k, v in self.values)
         text = f"assertion at {self.origin} ({self.selector}) fails on {where}"
         if read:
             text += f": {read}"

@@ -17,12 +17,12 @@ from attrs import frozen
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, Binding, Const, Plan, Selector
-from ternqc.runtime import uncalled
-from ternqc.runtime.checkpoints import load_checkpoint_
-from ternqc.runtime.mapping import _unmatched_message
-from ternqc.runtime.models import build_model
-from ternqc.runtime.profile import module_type
-from ternqc.runtime.resolve import Module, resolve_bindings, selector_matches
+from ternqc.runtime.calibrate.points import module_type
+from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.models.builtin import build_model
+from ternqc.runtime.quantize import uncalled
+from ternqc.runtime.quantize.mapping import _unmatched_message
+from ternqc.runtime.quantize.resolve import Module, resolve_bindings, selector_matches
 
 #: How many module names the table shows per selector.
 SHOWN = 4

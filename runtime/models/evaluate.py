@@ -10,7 +10,7 @@ labels. The model's train/eval mode is restored afterwards. The batch helpers `f
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

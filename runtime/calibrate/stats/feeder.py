@@ -1,0 +1,218 @@
+"""`TensorStats`: every statistic of one tensor fed together (one min/max probe, one |x|, one staged copy).
+
+In: the tensors a hook sees, batch by batch. Out: each state's `result()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.buffers import give_back, take_buffer
+from ternqc.runtime.calibrate.quantiles import QuantileBudget
+from ternqc.runtime.calibrate.stats.states import SumState, make_state
+from ternqc.runtime.calibrate.stats.sums import FLOATS, Block, as_float
+
+#: A batch's key is `batch index * KEY_CALLS + call within the batch` (a module called twice per forward).
+KEY_CALLS = 2**20
+_STAGE_MAX_NUMEL = 16384  # tensors of at most this many values per batch are staged
+STAGE_BYTES = 4 * 2**20  # default staging memory of one tensor
+_STAGE_MAX_BATCHES = 64
+
+# ---------------------------------------------------------------------------------------------------------
+# A tensor's statistics, fed together
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of `n` values; float32 on the CPU comes from the buffer pool (warm memory)."""
+    if dtype == torch.float32 and device.type == "cpu":
+        return torch.from_numpy(take_buffer(n))
+    return torch.empty(n, dtype=dtype, device=device)
+
+
+class _Stage:
+    """Small batches copied into one preallocated `[K, *shape]` tensor until it is full."""
+
+    def __init__(self) -> None:
+        self.flat: torch.Tensor | None = None
+        self.buf: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] = []  # buf[0], buf[1], ... (indexing costs a call per batch)
+        self.shape: tuple[int, ...] | None = None
+        self.dtype: torch.dtype | None = None
+        self.k = 0
+        self.keys: list[int] = []
+
+
+class TensorStats:
+    """Every statistic collected on one tensor, fed together (see the module docstring).
+
+    `update(x, batch)` feeds all states (`batch`: the calibration batch index, for results that do not
+    depend on how batches are split between processes; default: one more than the last call);
+    `results()` maps each `StatSpec` to its result; `nonfinite` counts the NaN/Inf values left out; `shape`
+    is the first shape seen; `updates` counts the calls. `eager=False` keeps per-batch partials until
+    `sync` (a process of a distributed run). `freeze()` computes the results and drops the buffers.
+    `stage_bytes` bounds the staging buffer of small batches.
+    """
+
+    def __init__(
+        self,
+        specs: Iterable[StatSpec],
+        *,
+        batched: bool = True,
+        quantile_budget: QuantileBudget | None = None,
+        threshold: Any = None,
+        size_hint: int | None = None,
+        plan_hint: int | None = None,
+        eager: bool = True,
+        stage_bytes: int = STAGE_BYTES,
+    ) -> None:
+        self.batched = batched
+        self._stage_bytes = stage_bytes
+        options = {"quantile_budget": quantile_budget, "threshold": threshold}
+        self.states = {
+            spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
+            for spec in specs
+        }
+        for state in self.states.values():
+            if isinstance(state, SumState):
+                state._partials.eager = eager
+        self._plain = [s for s in self.states.values() if not s.wants_abs]
+        self._abs = [s for s in self.states.values() if s.wants_abs]
+        self._nonfinite = 0
+        self.updates = 0
+        self.shape: tuple[int, ...] | None = None
+        self._last_shape: tuple[int, ...] | None = None
+        self._stage = _Stage() if batched else None
+        self._batch: int | None = None
+        self._call = 0
+        self._frozen: dict[StatSpec, dict[str, Any]] | None = None
+        self._scratch: torch.Tensor | None = None
+
+    def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like `x` for |x|, reused across batches (fresh memory is slow to fault in)."""
+        s = self._scratch
+        if s is None or s.numel() < x.numel() or s.dtype != x.dtype or s.device != x.device:
+            s = self._scratch = _empty(x.numel(), x.dtype, x.device)
+        return s[: x.numel()].view(x.shape)
+
+    def update(self, x: torch.Tensor, batch: int | None = None) -> None:
+        if x.requires_grad or x.dtype not in FLOATS or (self.batched and x.dim() == 0):
+            x = as_float(x, self.batched)
+        if batch is None:
+            key = self.updates
+        else:
+            self._call = self._call + 1 if batch == self._batch else 0
+            self._batch = batch
+            key = batch * KEY_CALLS + self._call
+        self.updates += 1
+        shape = x.shape
+        st = self._stage
+        if st is not None and shape == st.shape and x.dtype is st.dtype:  # the common case: stage it
+            st.rows[st.k].copy_(x)
+            st.keys.append(key)
+            st.k += 1
+            if st.k == len(st.rows):
+                self.flush()
+            return
+        shape = tuple(shape)
+        if self.shape is None:
+            self.shape = shape
+        if x.numel() == 0:
+            return
+        if shape != self._last_shape:
+            for state in self.states.values():  # a shape the statistics cannot take fails here, not later
+                state.adopt(shape)
+            self._last_shape = shape
+        if st is not None and x.numel() <= _STAGE_MAX_NUMEL:
+            self._restage(x)
+            self.update_staged(x, key)
+        else:
+            self.flush()
+            self._feed(x.unsqueeze(0), np.array([key], dtype=np.int64))
+
+    def update_staged(self, x: torch.Tensor, key: int) -> None:
+        st = self._stage
+        st.rows[st.k].copy_(x)
+        st.keys.append(key)
+        st.k += 1
+        if st.k == len(st.rows):
+            self.flush()
+
+    def _restage(self, x: torch.Tensor) -> None:
+        """Make the staging buffer take batches of `x`'s shape, dtype and device (processing what it
+        holds)."""
+        self.flush()
+        st = self._stage
+        per = x.numel()
+        kmax = max(2, min(_STAGE_MAX_BATCHES, self._stage_bytes // (per * x.element_size())))
+        flat = st.flat
+        if flat is None or flat.numel() < kmax * per or flat.dtype != x.dtype or flat.device != x.device:
+            flat = st.flat = _empty(kmax * per, x.dtype, x.device)
+        st.buf = flat[: kmax * per].view((kmax, *x.shape))
+        st.rows = list(st.buf.unbind(0))
+        st.shape, st.dtype = x.shape, x.dtype
+
+    def flush(self) -> None:
+        """Process the staged batches."""
+        st = self._stage
+        if st is None or st.k == 0:
+            return
+        block, keys = st.buf[: st.k], np.array(st.keys, dtype=np.int64)
+        st.k, st.keys = 0, []
+        self._feed(block, keys)
+
+    def _feed(self, x: torch.Tensor, keys: np.ndarray) -> None:
+        block = Block.prepare(x, keys)
+        block.scratch = self._scratch_for
+        self._nonfinite += block.bad
+        for state in self._plain:
+            state.observe(block)
+        if self._abs:
+            absolute = block.absolute()
+            for state in self._abs:
+                state.observe(absolute)
+
+    @property
+    def nonfinite(self) -> int:
+        self.flush()
+        return self._nonfinite
+
+    def results(self) -> dict[StatSpec, dict[str, Any]]:
+        if self._frozen is not None:
+            return self._frozen
+        self.flush()
+        return {spec: state.result() for spec, state in self.states.items()}
+
+    def freeze(self) -> None:
+        """Compute the results now and release the memory behind them (buffers go back to the pool)."""
+        self._frozen = self.results()
+        for state in self.states.values():
+            state.release()
+        for t in (self._scratch, self._stage.flat if self._stage is not None else None):
+            if t is not None and t.device.type == "cpu" and t.dtype == torch.float32:
+                give_back(t.numpy())
+        self._scratch = None
+        if self._stage is not None:
+            self._stage = _Stage()
+
+    def notes(self) -> list[str]:
+        return [n for n in (s.note() for s in self.states.values()) if n]
+
+    def sync(self) -> dict[Any, Generator]:
+        """The protocol generators that merge this tensor's statistics with the other processes'
+        (`distributed.sync_stats`)."""
+        self.flush()
+        gens: dict[Any, Generator] = {"meta": self._sync_meta()}
+        gens.update((i, state.sync()) for i, state in enumerate(self.states.values()))
+        return gens
+
+    def _sync_meta(self) -> Generator:
+        everyone = yield (self._nonfinite, self.updates, self.shape)
+        self._nonfinite = sum(m[0] for m in everyone)
+        self.updates = sum(m[1] for m in everyone)
+        self.shape = next((m[2] for m in everyone if m[2] is not None), None)

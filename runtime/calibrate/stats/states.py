@@ -1,0 +1,753 @@
+"""Statistic states: one mergeable accumulator class per statistic, registered by name.
+
+In: a `StatSpec` and tensors (`update`), other states (`merge`). Out: `result()`, MASE's fields.
+Add a statistic: its fields in `plan.STATISTICS`, a class here decorated `@register_stat("name")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.quantiles import (
+    ExactValues,
+    QuantileBudget,
+    quantiles_from_ranks,
+    select_protocol,
+    wanted_ranks,
+)
+from ternqc.runtime.calibrate.sketch import CompactorSketch, rank_error_bound, sketch_bytes, sketch_k_for
+from ternqc.runtime.calibrate.stats.layout import Layout, make_layout, pseudo_layout, result_form
+from ternqc.runtime.calibrate.stats.sums import (
+    Block,
+    Partials,
+    as_float,
+    batch_counts,
+    batch_sums,
+    fold_moments,
+    fold_sums,
+    rows_view,
+    write_rows,
+)
+from ternqc.runtime.errors import UserError
+
+_INF = float("inf")
+
+# ---------------------------------------------------------------------------------------------------------
+# States
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StatState:
+    """Base of every statistic state. Subclasses implement `_observe`, `_merge`, `_result`, `_tensors`,
+    `_load`. `count` is the number of finite elements used; `nonfinite` the number left out."""
+
+    takes_abs = False  # the statistic is defined on |x| whatever `spec.abs` says
+
+    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
+        self.spec = spec
+        self.batched = batched
+        self.wants_abs = spec.abs or self.takes_abs
+        self.count = 0
+        self.nonfinite = 0
+        self.layout: Layout | None = None
+        self._shape: tuple[int, ...] | None = None
+        self._auto = 0  # the key of the next `update` without one
+
+    # --- feeding ---
+
+    def update(self, x: torch.Tensor, key: int | None = None) -> None:
+        """Add a batch (activations, batch first) or a whole parameter tensor. `key` orders the batch among
+        others (default: one more than the last)."""
+        with torch.no_grad():
+            x = as_float(x, self.batched)
+            if x.numel() == 0:
+                return
+            if key is None:
+                key = self._auto
+            self._auto = key + 1
+            block = Block.prepare(x.unsqueeze(0), np.array([key], dtype=np.int64))
+            self.observe(block.absolute() if self.wants_abs else block)
+
+    def observe(self, block: Block) -> None:
+        """Add a prepared block of batches (|x| taken when `wants_abs`)."""
+        if block.x.numel() == 0:
+            return
+        shape = tuple(block.x.shape[1:])
+        if shape != self._shape:
+            self.adopt(shape)
+        self.count += block.x.numel() - block.bad
+        self.nonfinite += block.bad
+        self._observe(block)
+
+    def adopt(self, shape: tuple[int, ...]) -> None:
+        """Take the layout for batches of `shape` (raises when the result would change shape)."""
+        layout = make_layout(shape, self.spec.dims, self.batched)
+        old = self.layout
+        if old is not None and result_form(old) != result_form(layout):
+            per = "per-sample " if self.batched else ""
+            msg = (
+                f"{self.spec.key()} keeps dims of the tensor, so it needs the same {per}shape every time; "
+                f"it gave results of shape {list(old.result_shape)} before and now "
+                f"{list(layout.result_shape)} "
+                f"(tensor shape {list(shape)})"
+            )
+            raise UserError(msg)
+        self.layout = layout
+        self._shape = shape
+
+    def merge(self, other: StatState) -> None:
+        """Add `other`'s data (same statistic and result shape) into this state."""
+        if type(other) is not type(self) or other.spec != self.spec:
+            msg = f"cannot merge {other.spec.key()} into {self.spec.key()}"
+            raise ValueError(msg)
+        if other.layout is None:
+            return
+        if self.layout is None:
+            self.layout = other.layout
+        elif result_form(self.layout) != result_form(other.layout):
+            msg = (
+                f"cannot merge {self.spec.key()} results of shapes {list(other.layout.result_shape)} and "
+                f"{list(self.layout.result_shape)}"
+            )
+            raise ValueError(msg)
+        self.count += other.count
+        self.nonfinite += other.nonfinite
+        self._merge(other)
+
+    # --- reading ---
+
+    def result(self) -> dict[str, Any]:
+        """MASE's fields for this statistic, plus `nonfinite` (when > 0) and `exact = False` (sketch used)."""
+        out = {k: self._fmt(v) for k, v in self._result().items()}
+        out["count"] = int(self._count())
+        if self.nonfinite:
+            out["nonfinite"] = int(self.nonfinite)
+        if not self.exact:
+            out["exact"] = False
+        return out
+
+    @property
+    def exact(self) -> bool:
+        return True
+
+    def note(self) -> str | None:
+        """A line for the report when the result needs one (e.g. a sketch was used)."""
+        return None
+
+    def release(self) -> None:
+        """Drop memory no longer needed once `result()` has been read (e.g. quantile buffers)."""
+
+    def _count(self) -> int:
+        return self.count
+
+    def _fmt(self, t: torch.Tensor | np.ndarray) -> float | list:
+        if self.layout is None:
+            return float("nan")
+        a = np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t) + 0.0  # -0.0 -> +0.0
+        if self.layout.scalar:
+            return float(a.reshape(()))
+        return a.reshape(self.layout.result_shape).tolist()
+
+    # --- serialisation and merging across processes ---
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The state as a dict of tensors (for `torch.distributed`); `from_tensors` rebuilds it."""
+        out = {
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "nonfinite": torch.tensor(self.nonfinite, dtype=torch.int64),
+        }
+        if self.layout is not None:
+            out["scalar"] = torch.tensor(self.layout.scalar)
+            out["shape"] = torch.tensor(self.layout.result_shape, dtype=torch.int64)
+            out.update(self._tensors())
+        return out
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.count = int(tensors["count"])
+        self.nonfinite = int(tensors["nonfinite"])
+        if "shape" in tensors:
+            shape = tuple(int(s) for s in tensors["shape"].tolist())
+            self.layout = pseudo_layout(shape, bool(tensors["scalar"]))
+            self._load(tensors)
+
+    def _blank(self) -> StatState:
+        """An empty state with this one's configuration."""
+        return type(self)(self.spec, self.batched)
+
+    def sync(self) -> Generator:
+        """A protocol generator (see `distributed.run_protocols`): send `to_tensors()`, receive every
+        process's, merge them in process order. Afterwards this state holds everybody's data."""
+        everyone = yield self.to_tensors()
+        merged = self._blank()
+        for tensors in everyone:
+            part = self._blank()
+            part._load_tensors(tensors)
+            merged.merge(part)
+        self.__dict__.update(merged.__dict__)
+        self.__dict__["_auto"] = max(self._auto, merged._auto)
+
+    # subclass hooks
+    def _observe(self, block: Block) -> None:
+        raise NotImplementedError
+
+    def _merge(self, other: StatState) -> None:
+        raise NotImplementedError
+
+    def _result(self) -> dict[str, torch.Tensor | np.ndarray]:
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class MinMaxState(StatState):
+    """`range_min_max`: running min and max (exact, in the input's dtype; range in that dtype, as MASE).
+
+    One position: python floats (the block's probe already has them). Several: tensors updated in place.
+    Nothing small is kept per batch: small long-lived allocations between the forward's large short-lived
+    ones fragment the heap (measured: +1.5 MiB resident per batch).
+    """
+
+    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
+        super().__init__(spec, batched)
+        self._lo, self._hi = _INF, -_INF
+        self._mn: torch.Tensor | None = None
+        self._mx: torch.Tensor | None = None
+        self._dtype: torch.dtype | None = None
+
+    def _observe(self, block):
+        lay, x, mask = self.layout, block.x, block.mask
+        self._dtype = self._dtype or x.dtype
+        if lay.rows == 1:
+            if mask is None:
+                lo, hi = block.bounds()
+            else:
+                finite = x[mask]
+                if finite.numel() == 0:
+                    return
+                lo, hi = (t.item() for t in torch.aminmax(finite))
+            self._lo, self._hi = min(self._lo, lo), max(self._hi, hi)
+            return
+        dims = (0,) + lay.block_reduce
+        if mask is None:
+            mn, mx = x.amin(dim=dims), x.amax(dim=dims)  # 4-7x faster than aminmax with dims here
+        else:
+            mn, mx = torch.where(mask, x, _INF).amin(dim=dims), torch.where(mask, x, -_INF).amax(dim=dims)
+        self._fold(mn.reshape(lay.rows), mx.reshape(lay.rows))
+
+    def _fold(self, mn: torch.Tensor, mx: torch.Tensor) -> None:
+        if self._mn is None:
+            self._mn, self._mx = mn.clone(), mx.clone()
+        else:
+            torch.minimum(self._mn, mn.to(self._mn), out=self._mn)
+            torch.maximum(self._mx, mx.to(self._mx), out=self._mx)
+
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Min and max per position (`[rows]` tensors in the input's dtype), None before any value."""
+        if self._mn is not None:
+            return self._mn.cpu(), self._mx.cpu()
+        if self._lo == _INF and self._hi == -_INF:
+            return None
+        dtype = self._dtype or torch.float32
+        return torch.tensor([self._lo], dtype=dtype), torch.tensor([self._hi], dtype=dtype)
+
+    def _merge(self, other):
+        got = other._bounds()
+        if got is None:
+            return
+        self._dtype = self._dtype or other._dtype
+        if self.layout.rows == 1 and self._mn is None:
+            self._lo, self._hi = min(self._lo, float(got[0][0])), max(self._hi, float(got[1][0]))
+        else:
+            self._fold(*got)
+
+    def _result(self):
+        got = self._bounds()
+        if got is None:
+            nan = torch.full((self.layout.rows,), float("nan"))
+            return {"min": nan, "max": nan, "range": nan}
+        mn, mx = got
+        empty = torch.isinf(mn) & (mn > 0)  # a position that saw no finite value
+        mn = torch.where(empty, float("nan"), mn)
+        mx = torch.where(empty, float("nan"), mx)
+        return {"min": mn, "max": mx, "range": mx - mn}
+
+    def _tensors(self):
+        got = self._bounds()
+        return {} if got is None else {"min": got[0], "max": got[1]}
+
+    def _load(self, tensors):
+        if "min" in tensors:
+            mn, mx = tensors["min"].reshape(-1), tensors["max"].reshape(-1)
+            self._dtype = mn.dtype
+            if mn.numel() == 1:
+                self._lo, self._hi = float(mn[0]), float(mx[0])
+            else:
+                self._mn, self._mx = mn.clone(), mx.clone()
+
+
+class SumState(StatState):
+    """Sum-like statistics: per-batch partials (`Partials`), folded left in key order."""
+
+    _names: tuple[str, ...] = ()
+    _fold = staticmethod(fold_sums)
+
+    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
+        super().__init__(spec, batched)
+        self._partials = Partials(self._fold)
+
+    def _blank(self) -> StatState:
+        blank = super()._blank()
+        blank._partials.eager = False  # a merge target: fold once everybody's partials are in
+        return blank
+
+    def _rows(self) -> int:
+        return self.layout.rows
+
+    def _acc(self) -> tuple[np.ndarray, ...] | None:
+        """The folded fields, each `[rows]` float64 (None before any batch)."""
+        return self._partials.fold() if self.layout is not None else None
+
+    def _merge(self, other):
+        self._partials.merge(other._partials)
+
+    def _tensors(self):
+        out = {}
+        p = self._partials
+        if p.acc is not None:
+            out.update({f"acc_{k}": torch.from_numpy(v.copy()) for k, v in zip(self._names, p.acc)})
+            out["acc_last"] = torch.tensor(p.last, dtype=torch.int64)
+        keys, cols = p.pending()
+        if len(keys):
+            out["keys"] = torch.from_numpy(keys.copy())
+            out.update({f"part_{k}": torch.from_numpy(c) for k, c in zip(self._names, cols)})
+        return out
+
+    def _load(self, tensors):
+        rows = self._rows()
+        p = self._partials
+        if "acc_last" in tensors:
+            p.acc = tuple(tensors[f"acc_{k}"].double().numpy().reshape(rows).copy() for k in self._names)
+            p.last = int(tensors["acc_last"])
+        if "keys" in tensors:
+            keys = tensors["keys"].numpy().astype(np.int64)
+            cols = tuple(tensors[f"part_{k}"].double().numpy().reshape(-1, rows) for k in self._names)
+            p.set_pending(keys, cols)
+        self._auto = max(p.last + 1, int(p.keys().max()) + 1 if len(p.keys()) else 0)
+
+
+class MomentsState(SumState):
+    """`variance_precise`, `variance_online`, `range_n_sigma`: count, mean and the sum of squared deviations
+    per position. Each batch gives its mean (float64, from the chunked sum) and its sum of squared deviations
+    from that mean rounded to float32 (a float32 pass, corrected in float64 to the exact mean); batches are
+    merged with Chan et al.'s formula M2 = M2_a + M2_b + delta^2·n_a·n_b/n."""
+
+    _names = ("n", "mean", "m2")
+    _fold = staticmethod(fold_moments)
+
+    def _observe(self, block):
+        lay, x, mask = self.layout, block.x, block.mask
+        k = block.k
+        if mask is None:
+            n = x[0].numel() // lay.rows
+            mean = block.sums(lay) / n
+            centre = mean.to(x.dtype)
+            deviations = x - centre.reshape((k,) + lay.keep_shape)
+            m2 = batch_sums(deviations.square_(), lay)
+        else:
+            n = batch_counts(mask, lay)
+            sums = batch_sums(torch.where(mask, x, 0.0), lay)
+            mean = torch.where(n > 0, sums / n.clamp(min=1), 0.0)
+            centre = mean.to(x.dtype)
+            deviations = torch.where(mask, x - centre.reshape((k,) + lay.keep_shape), 0.0)
+            m2 = batch_sums(deviations.square_(), lay)
+        m2 = (m2 - n * (mean - centre.double()).square()).clamp(min=0.0)  # about the float64 mean
+        self._partials.add(block.keys, (n, mean, m2), lay.rows)
+
+    def _result(self):
+        n, mean, m2 = self._acc()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, mean, np.nan)
+            variance = np.where(n > 0, m2 / (n - 1), np.nan)
+        if self.spec.name != "range_n_sigma":
+            return {"mean": mean, "variance": variance}
+        k = self.spec.option("num_sigma")
+        std = np.sqrt(variance)
+        lo, hi = mean - k * std, mean + k * std
+        return {"min": lo, "max": hi, "range": hi - lo}
+
+
+class AbsMeanState(SumState):
+    """`abs_mean`: mean of |x| (chunked float32 sums per batch, float64 across chunks and batches)."""
+
+    takes_abs = True
+    _names = ("n", "sum")
+
+    def _observe(self, block):
+        lay, x, mask = self.layout, block.x, block.mask
+        if mask is None:
+            self._partials.add(block.keys, (x[0].numel() // lay.rows, block.sums(lay)), lay.rows)
+        else:
+            sums = batch_sums(torch.where(mask, x, 0.0), lay)
+            self._partials.add(block.keys, (batch_counts(mask, lay), sums), lay.rows)
+
+    def _result(self):
+        n, total = self._acc()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"abs_mean": np.where(n > 0, total / n, np.nan)}
+
+
+class ThresholdAbsMeanState(AbsMeanState):
+    """`threshold_abs_mean`: mean of |x| over the elements with |x| > threshold; count = how many."""
+
+    def __init__(self, spec: StatSpec, batched: bool = True, threshold: Any = None) -> None:
+        super().__init__(spec, batched)
+        if threshold is None:
+            msg = "threshold_abs_mean needs the threshold it is taken above"
+            raise ValueError(msg)
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
+
+    def _blank(self) -> StatState:
+        blank = type(self)(self.spec, self.batched, self.threshold)
+        blank._partials.eager = False
+        return blank
+
+    def _observe(self, block):
+        lay, x = self.layout, block.x
+        if self.threshold.device != x.device:
+            self.threshold = self.threshold.to(x.device)
+        above = x > self.threshold  # NaN compares False; +-Inf is removed by the mask
+        if block.mask is not None:
+            above &= block.mask
+        sums = batch_sums(torch.where(above, x, 0.0), lay)
+        self._partials.add(block.keys, (batch_counts(above, lay), sums), lay.rows)
+
+    def _count(self) -> int:
+        got = self._acc()
+        return 0 if got is None else round(float(got[0].sum()))
+
+
+class QuantileState(StatState):
+    """`range_quantile`: exact while the shared `QuantileBudget` allows, then a `CompactorSketch`.
+
+    With a size hint (the number of updates to expect) the choice is made at the first batch: exact when all
+    the values will fit, else a sketch straight away. `plan_hint` is the number of updates of all processes
+    together: the choice then is the one a single process would make, and the budget accounts for the
+    values of every process (this process allocates only its own).
+    """
+
+    def __init__(
+        self,
+        spec: StatSpec,
+        batched: bool = True,
+        budget: QuantileBudget | None = None,
+        size_hint: int | None = None,
+        plan_hint: int | None = None,
+    ) -> None:
+        super().__init__(spec, batched)
+        self.q = spec.option("quantile")
+        self.budget = budget if budget is not None else QuantileBudget()
+        self.size_hint = size_hint  # updates expected here: the first buffer is sized for all of them
+        self.plan_hint = plan_hint or size_hint  # updates expected by every process together
+        self._exact: ExactValues | None = None
+        self._sketch: CompactorSketch | None = None
+        self._final: dict[str, torch.Tensor] | None = None  # the result, after a merge across processes
+        self._seen = 0  # values per row so far, left-out ones included
+        self._left_out: np.ndarray | None = None  # per row, when any
+        self._promised = 0  # bytes promised to this state's sketch in the budget
+        if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
+            self._promise(1)
+
+    def _blank(self) -> StatState:
+        return type(self)(self.spec, self.batched, self.budget)
+
+    def _promise(self, rows: int) -> None:
+        # a default sketch (0.8 MB a row), but for many rows no more than an eighth of the budget: such a
+        # state then gets a smaller sketch (a larger rank error, which its note states), not all the room
+        want = min(sketch_bytes(rows), max(sketch_bytes(1), self.budget.limit // 8))
+        if self._sketch is None and want > self._promised:
+            self.budget.promise(want - self._promised)
+            self._promised = want
+
+    @property
+    def exact(self) -> bool:
+        return self._sketch is None
+
+    def note(self) -> str | None:
+        if self._sketch is None:
+            return None
+        return (
+            f"{self.spec.key()}: more values than the quantile memory budget holds "
+            f"({self.budget.limit / 2**20:g} MiB); used a sketch with rank error <= "
+            f"{rank_error_bound(self._sketch.k):.1e}"
+        )
+
+    def release(self) -> None:
+        if self._final is None and self.layout is not None:
+            self._final = self._compute()
+        self._release_exact()
+        self.budget.cancel(self._promised)  # no sketch will be needed any more
+        self._promised = 0
+
+    def _start(self, per_update: int) -> None:
+        """The first batch: an exact buffer (sized from the hint) or, when the hint says the values cannot
+        fit, a sketch."""
+        rows = self.layout.rows
+        self._promise(rows)
+        self._exact = ExactValues(rows, self.budget)
+        if not self.plan_hint:
+            return
+        planned = per_update * self.plan_hint
+        local = per_update * (self.size_hint or self.plan_hint)
+        if planned * rows * 4 > self.budget.available + self._promised:
+            self._exact = None
+            self._to_sketch()
+            return
+        self.budget.cancel(self._promised)
+        self._promised = 0
+        self.budget.force((planned - local) * rows * 4)  # the other processes' share of the values
+        self._exact.reserve(local)
+
+    def _observe(self, block):
+        self._final = None
+        lay, x, mask = self.layout, block.x, block.mask
+        if x.device.type != "cpu":
+            x = x.cpu()
+            mask = None if mask is None else mask.cpu()
+        if mask is not None:
+            self._add_left_out(batch_counts(~mask, lay).sum(0).numpy())
+            x = torch.where(mask, x, float("nan"))
+        m = x.numel() // lay.rows
+        self._seen += m
+        if self._sketch is None:
+            if self._exact is None:
+                self._start(m // block.k)
+            if self._sketch is None:
+                slot = self._exact.slot(m)
+                if slot is not None:
+                    write_rows(slot, x, lay)
+                    return
+                self._to_sketch()
+        self._sketch.add(rows_view(x, lay))
+
+    def _add_left_out(self, per_row: np.ndarray) -> None:
+        per_row = per_row.astype(np.int64)
+        self._left_out = per_row if self._left_out is None else self._left_out + per_row
+
+    def _to_sketch(self) -> None:
+        rows = self.layout.rows
+        self._promise(rows)
+        freed = self._exact.nbytes if self._exact is not None else 0
+        sketch = CompactorSketch(rows, sketch_k_for(rows, self.budget.available + freed + self._promised))
+        if self._exact is not None:
+            sketch.add(self._exact.values())
+            self._exact.release()
+            self._exact = None
+        self.budget.claim(self._promised, sketch.reserved_bytes())
+        self._promised = 0
+        self._sketch = sketch
+
+    def _merge(self, other):
+        self._final = None
+        self._seen += other._seen
+        if other._left_out is not None:
+            self._add_left_out(other._left_out)
+        if other._sketch is not None:
+            if self._sketch is None:
+                self._to_sketch()
+            self._sketch.merge(other._sketch)
+            return
+        if other._exact is None or other._exact.n == 0:
+            return
+        self._add_values(other._exact.values())
+
+    def _add_values(self, values: np.ndarray) -> None:
+        if self._sketch is None:
+            if self._exact is None:
+                self._promise(self.layout.rows)
+                self._exact = ExactValues(self.layout.rows, self.budget)
+            slot = self._exact.slot(values.shape[1])
+            if slot is not None:
+                slot[...] = values
+                return
+            self._to_sketch()
+        self._sketch.add(values)
+
+    def _finite_per_row(self) -> np.ndarray:
+        finite = np.full(self.layout.rows, self._seen, dtype=np.int64)
+        return finite if self._left_out is None else finite - self._left_out
+
+    def _compute(self) -> dict[str, torch.Tensor]:
+        rows = self.layout.rows
+        qs = (1.0 - self.q, self.q)
+        if self._sketch is not None:
+            lo, hi = self._sketch.quantiles(qs, self._finite_per_row())
+        elif self._exact is not None:
+            lo, hi = self._exact.quantiles(qs, self._finite_per_row())
+        else:
+            lo = hi = torch.full((rows,), float("nan"))
+        return {"min": lo, "max": hi, "range": hi - lo}
+
+    def _result(self):
+        if self._final is None:
+            self._final = self._compute()  # kept: selection is the expensive part
+        return self._final
+
+    def _tensors(self):
+        out = {"seen": torch.tensor(self._seen, dtype=torch.int64)}
+        if self._left_out is not None:
+            out["left_out"] = torch.from_numpy(self._left_out.copy())
+        if self._sketch is not None:
+            arrays = self._sketch.to_arrays()
+            out.update({f"sketch_{k}": torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        elif self._exact is not None:
+            out["values"] = torch.from_numpy(self._exact.values().copy())
+        return out
+
+    def _load(self, tensors):
+        self._final = None
+        rows = self.layout.rows
+        self._seen = int(tensors["seen"])
+        if "left_out" in tensors:
+            self._left_out = tensors["left_out"].numpy().astype(np.int64).copy()
+        if "sketch_k" in tensors:
+            arrays = {k[len("sketch_") :]: v.numpy() for k, v in tensors.items() if k.startswith("sketch_")}
+            self._sketch = CompactorSketch.from_arrays(arrays, rows)
+            self.budget.claim(self._promised, self._sketch.reserved_bytes())
+            self._promised = 0
+        elif "values" in tensors:
+            self._add_values(tensors["values"].numpy())
+
+    def sync(self) -> Generator:
+        """Merge across processes. Exact single-row states stay where they are: `select_protocol` finds the
+        wanted ranks from samples, counts and the few values inside its brackets. Sketches (and exact values
+        when some process has a sketch) are pooled and merged in process order; exact per-channel values are
+        pooled."""
+        rows = self.layout.rows if self.layout is not None else 0
+        mode = "empty" if self.layout is None else "sketch" if self._sketch is not None else "exact"
+        message = {
+            "mode": mode,
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+            "seen": self._seen,
+            "left_out": self._left_out,
+            "form": None if self.layout is None else result_form(self.layout),
+            "sketch": self._sketch.to_arrays() if mode == "sketch" else None,
+            "values": self._exact.values() if rows > 1 and self._exact is not None else None,
+        }
+        everyone = yield message
+        forms = [m["form"] for m in everyone if m["form"] is not None]
+        if not forms:
+            return
+        scalar, shape = forms[0]
+        if self.layout is None:
+            self.layout = pseudo_layout(shape, scalar)
+        rows = self.layout.rows
+        local = self._exact.values()[0] if mode == "exact" and rows == 1 and self._exact is not None else None
+        local_finite = int(self._finite_per_row()[0]) if self._seen else 0
+        self.count = sum(m["count"] for m in everyone)
+        self.nonfinite = sum(m["nonfinite"] for m in everyone)
+        self._seen = sum(m["seen"] for m in everyone)
+        lefts = [m["left_out"] for m in everyone if m["left_out"] is not None]
+        self._left_out = np.sum(lefts, axis=0).astype(np.int64) if lefts else None
+        modes = [m["mode"] for m in everyone]
+        if "sketch" in modes:
+            values = everyone
+            if rows == 1 and "exact" in modes:
+                values = yield local  # the exact processes' values join the sketch
+            sketch = CompactorSketch(rows, max(m["sketch"]["k"] for m in everyone if m["sketch"] is not None))
+            for m, v in zip(everyone, values):
+                if m["sketch"] is not None:
+                    sketch.merge(CompactorSketch.from_arrays(m["sketch"], rows))
+                elif m["mode"] == "exact":
+                    values_of = v if rows == 1 else m["values"]
+                    if values_of is not None:
+                        sketch.add(np.asarray(values_of).reshape(rows, -1))
+            self._release_exact()
+            self._sketch = sketch
+            self._final = None
+            return
+        if rows > 1:
+            pooled = np.concatenate([m["values"] for m in everyone if m["values"] is not None], axis=1)
+            self._release_exact()
+            self._exact = ExactValues.from_array(pooled)
+            self._final = None
+            return
+        finite = self._finite_per_row()
+        qs = (1.0 - self.q, self.q)
+        found = yield from select_protocol(local, local_finite, wanted_ranks(qs, finite), len(everyone))
+        lo, hi = quantiles_from_ranks(qs, finite, found)
+        self._final = {"min": lo, "max": hi, "range": hi - lo}
+        self._release_exact()
+
+    def _release_exact(self) -> None:
+        if self._exact is not None:
+            self._exact.release()
+            self._exact = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Construction
+# ---------------------------------------------------------------------------------------------------------
+
+_STATES = {
+    "range_min_max": MinMaxState,
+    "range_quantile": QuantileState,
+    "variance_precise": MomentsState,
+    "variance_online": MomentsState,
+    "range_n_sigma": MomentsState,
+    "abs_mean": AbsMeanState,
+    "threshold_abs_mean": ThresholdAbsMeanState,
+}
+
+
+def make_state(
+    spec: StatSpec,
+    *,
+    quantile_budget: QuantileBudget | None = None,
+    threshold: Any = None,
+    batched: bool = True,
+    size_hint: int | None = None,
+    plan_hint: int | None = None,
+) -> StatState:
+    """A fresh state for `spec`.
+
+    Args:
+        spec: the statistic and its options.
+        quantile_budget: shared by every quantile state of a run (a private 256 MiB one when None).
+        threshold: for `threshold_abs_mean` only: Δ, a float or a tensor that broadcasts against x.
+        batched: True for activations (dim 0 is the batch, always reduced), False for parameters.
+        size_hint: the number of `update` calls expected (quantile buffers are sized for all at once).
+        plan_hint: the number of `update` calls all processes expect together (decides exact or sketch).
+    """
+    cls = _STATES[spec.name]
+    if cls is QuantileState:
+        return QuantileState(spec, batched, quantile_budget, size_hint, plan_hint)
+    if cls is ThresholdAbsMeanState:
+        return ThresholdAbsMeanState(spec, batched, threshold)
+    return cls(spec, batched)
+
+
+def from_tensors(
+    spec: StatSpec,
+    tensors: dict[str, torch.Tensor],
+    *,
+    quantile_budget: QuantileBudget | None = None,
+    threshold: Any = None,
+    batched: bool = True,
+) -> StatState:
+    """Rebuild a state written by `state.to_tensors()` (e.g. received from another process) so that it can
+    be merged and read. A later `update` must bring tensors with the same result shape."""
+    state = make_state(spec, quantile_budget=quantile_budget, threshold=threshold, batched=batched)
+    state._load_tensors(tensors)
+    return state
+
+

@@ -1,0 +1,294 @@
+"""Per-batch reductions whose bits depend neither on the thread count nor on how batches are grouped, and the
+per-batch partials of sum-like statistics, folded left in key order.
+
+In: tensors and their `Layout`. Out: float64 partial sums keyed by batch, folded in a fixed order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ternqc.runtime.calibrate.stats.layout import Layout
+
+FOLD_EVERY = 64  # partials and min/max are folded every this many batches
+SUM_CHUNK = 16384  # values summed in float32 before the float64 total (below torch's parallel grain)
+FLOATS = frozenset((torch.float32, torch.float64))
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-batch reductions whose bits depend neither on the thread count nor on how batches are grouped
+# ---------------------------------------------------------------------------------------------------------
+
+
+def batch_sums(t: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Per batch of the block `t` (`[K, *shape]`) and per result position, the sum of the reduced values:
+    `[K, rows]` float64. One position per batch: float32 sums over chunks of `SUM_CHUNK` values (each
+    chunk reduced by one thread), added in float64. Several positions: torch's reduction, which gives each
+    output to one thread."""
+    k = t.shape[0]
+    if not lay.reduce:
+        return t.reshape(k, lay.rows).double()
+    if lay.rows > 1:
+        return t.sum(dim=lay.block_reduce).reshape(k, lay.rows).double()
+    flat = t.reshape(k, -1)
+    n = flat.shape[1]
+    if n <= SUM_CHUNK:
+        return flat.sum(1, keepdim=True).double()
+    full = n - n % SUM_CHUNK
+    chunks = flat[:, :full].view(k, full // SUM_CHUNK, SUM_CHUNK).sum(2)
+    if full < n:
+        chunks = torch.cat([chunks, flat[:, full:].sum(1, keepdim=True)], 1)
+    return chunks.double().sum(1, keepdim=True)
+
+
+def fixed_order_sum(
+    x: torch.Tensor, dims: Sequence[int] | None = None, keepdim: bool = False
+) -> torch.Tensor:
+    """`x.sum(dims, keepdim)` in `x`'s dtype, with the same bits whatever the thread count.
+
+    torch reduces a tensor to a single value with one partial per thread, so its bits depend on the number
+    of threads (a process of a distributed run may have fewer); a reduction to several values gives each
+    value to one thread and is stable. A single value is therefore summed here over fixed chunks of
+    16384 values (float32 chunk sums added in float64).
+    """
+    dims = tuple(range(x.dim())) if dims is None else tuple(d % max(x.dim(), 1) for d in dims)
+    out_shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
+    if math.prod(out_shape) > 1 or x.numel() <= SUM_CHUNK:
+        return x.sum(dim=dims, keepdim=keepdim) if dims else x.clone()
+    lay = Layout(tuple(range(x.dim())), (), (), True, ())
+    total = batch_sums(x.reshape(1, -1), lay).reshape(()).to(x.dtype)
+    if keepdim:
+        return total.reshape(out_shape)
+    return total.reshape([s for d, s in enumerate(x.shape) if d not in dims])
+
+
+def batch_counts(mask: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Per batch and position, how many elements of the boolean block `mask` are set: `[K, rows]` int64."""
+    k = mask.shape[0]
+    if not lay.reduce:
+        return mask.reshape(k, lay.rows).long()
+    if lay.rows > 1:
+        return mask.sum(dim=lay.block_reduce).reshape(k, lay.rows)
+    return mask.reshape(k, -1).sum(1, keepdim=True)
+
+
+def rows_view(x: torch.Tensor, lay: Layout) -> np.ndarray:
+    """The block `x` as a `[rows, values]` float32 numpy array (kept dims first)."""
+    if lay.rows == 1:
+        v = x.reshape(1, -1)
+    else:
+        v = x.permute(lay.block_perm).reshape(lay.rows, -1)
+    return v.numpy() if v.dtype == torch.float32 else v.float().numpy()
+
+
+def write_rows(slot: np.ndarray, x: torch.Tensor, lay: Layout) -> None:
+    """Copy the CPU block `x` into `slot` (a `[rows, values]` numpy view) in `rows_view` order."""
+    if lay.rows == 1:
+        slot[0, :] = x.reshape(-1).numpy()  # a numpy assignment: one memcpy (or cast)
+        return
+    v = x.permute(lay.block_perm)
+    torch.from_numpy(slot).view(v.shape).copy_(v)  # one strided copy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A block of batches, prepared once for every statistic of a tensor
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Block:
+    """`K` batches of one shape as `x` (`[K, *shape]`, floating point), their keys, the finite mask (None when
+    every value is finite), the number of NaN/Inf values, and the block's min/max when known."""
+
+    __slots__ = ("x", "keys", "mask", "bad", "lo", "hi", "nonneg", "_sums", "_abs", "scratch")
+
+    def __init__(self, x, keys, mask, bad, lo=None, hi=None, nonneg=False) -> None:
+        self.x = x
+        self.keys = keys
+        self.mask = mask
+        self.bad = bad
+        self.lo = lo
+        self.hi = hi
+        self.nonneg = nonneg
+        self._sums: dict[Layout, torch.Tensor] = {}
+        self._abs: Block | None = None
+        self.scratch: Callable[[torch.Tensor], torch.Tensor] | None = None  # memory for |x|, reused
+
+    @classmethod
+    def prepare(cls, x: torch.Tensor, keys: np.ndarray) -> Block:
+        """Probe `x` with one `aminmax`: finite min and max mean no NaN/Inf (NaN propagates), and a min >= 0
+        means |x| = x."""
+        lo, hi = (t.item() for t in torch.aminmax(x))
+        if math.isfinite(lo) and math.isfinite(hi):
+            return cls(x, keys, None, 0, lo, hi, lo >= 0)
+        mask = torch.isfinite(x)
+        return cls(x, keys, mask, x.numel() - int(mask.sum()))
+
+    @property
+    def k(self) -> int:
+        return self.x.shape[0]
+
+    def bounds(self) -> tuple[float, float]:
+        """Min and max of the whole block, as python floats (only when every value is finite)."""
+        if self.lo is None:
+            self.lo, self.hi = (t.item() for t in torch.aminmax(self.x))
+        return self.lo, self.hi
+
+    def sums(self, lay: Layout) -> torch.Tensor:
+        """`batch_sums(x, lay)`, computed once per layout (several statistics share it)."""
+        got = self._sums.get(lay)
+        if got is None:
+            got = self._sums[lay] = batch_sums(self.x, lay)
+        return got
+
+    def absolute(self) -> Block:
+        """The block of |x| (itself when every value is >= 0)."""
+        if self.nonneg:
+            return self
+        if self._abs is None:
+            out = self.scratch(self.x) if self.scratch is not None else None
+            xa = torch.abs(self.x, out=out) if out is not None else self.x.abs()
+            self._abs = Block(xa, self.keys, self.mask, self.bad, nonneg=True)
+        return self._abs
+
+
+def as_float(x: torch.Tensor, batched: bool) -> torch.Tensor:
+    if x.requires_grad:
+        x = x.detach()
+    if x.dtype not in FLOATS:
+        x = x.float()
+    if batched and x.dim() == 0:
+        x = x.reshape(1)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-batch partials, folded left in key order
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Partials:
+    """Per-batch partial results of a sum-like statistic: for each batch key a tuple of fields, each one
+    value per result position, kept in preallocated float64 arrays (per-batch small tensors kept between
+    the forward's large ones would fragment the heap). `eager` stores fold every `FOLD_EVERY` batches (one
+    process: keys arrive in order, so the memory stays small); otherwise partials are kept until merged with
+    other processes' (`sync`), then folded all at once. Either way the fold is the same left fold in key
+    order, so the bits are the same."""
+
+    def __init__(self, fold: Callable, eager: bool = True) -> None:
+        self.fold_fn = fold
+        self.eager = eager
+        self.acc: tuple[np.ndarray, ...] | None = None  # folded partials
+        self.last = -1  # the largest key folded into `acc`
+        self._keys = np.empty(0, dtype=np.int64)
+        self._cols: list[np.ndarray] = []
+        self._n = 0
+
+    def add(self, keys: np.ndarray, fields: tuple, rows: int) -> None:
+        """Partials of `len(keys)` batches: each field a `[K, rows]` tensor or one number for all."""
+        k, n = len(keys), self._n
+        self._reserve(n + k, rows, len(fields))
+        self._keys[n : n + k] = keys
+        for col, f in zip(self._cols, fields):
+            if isinstance(f, torch.Tensor):
+                col[n : n + k] = f.detach().cpu().numpy().reshape(k, rows)
+            else:
+                col[n : n + k] = f
+        self._n = n + k
+        if self.eager and self._n >= FOLD_EVERY:
+            self.fold()
+
+    def _reserve(self, need: int, rows: int, fields: int) -> None:
+        cap = len(self._keys)
+        if need <= cap and self._cols and self._cols[0].shape[1] == rows:
+            return
+        grown = max(need, 2 * cap, FOLD_EVERY)
+        keys = np.empty(grown, dtype=np.int64)
+        keys[: self._n] = self._keys[: self._n]
+        cols = [np.empty((grown, rows), dtype=np.float64) for _ in range(fields)]
+        for new, old in zip(cols, self._cols):
+            new[: self._n] = old[: self._n]
+        self._keys, self._cols = keys, cols
+
+    def pending(self) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """The unfolded keys (sorted) and fields (`[P, rows]` float64 each, in key order), as copies."""
+        keys = self._keys[: self._n]
+        order = np.argsort(keys, kind="stable")
+        return keys[order], tuple(c[: self._n][order] for c in self._cols)
+
+    def fold(self) -> tuple[np.ndarray, ...] | None:
+        """Fold every pending partial into `acc` (in key order) and return `acc`."""
+        if self._n:
+            keys, cols = self.pending()
+            self.acc = self.fold_fn(self.acc, cols)
+            self.last = max(self.last, int(keys[-1]))
+            self._n = 0
+        return self.acc
+
+    def set_pending(self, keys: np.ndarray, cols: tuple[np.ndarray, ...]) -> None:
+        self._keys = np.array(keys, dtype=np.int64)
+        self._cols = [np.array(c, dtype=np.float64) for c in cols]
+        self._n = len(keys)
+
+    def keys(self) -> np.ndarray:
+        return self._keys[: self._n]
+
+    def merge(self, other: Partials) -> None:
+        """Add `other`'s partials. Unfolded partials with keys disjoint from ours (other processes' batches)
+        join ours and are later folded in key order; otherwise (two independent runs) `other`'s data is
+        folded on its own and appended after ours."""
+        if self.acc is None and other.acc is None and not np.intersect1d(self.keys(), other.keys()).size:
+            if other._n:
+                keys, cols = other.pending()
+                rows = cols[0].shape[1]
+                self._reserve(self._n + len(keys), rows, len(cols))
+                self._keys[self._n : self._n + len(keys)] = keys
+                for col, c in zip(self._cols, cols):
+                    col[self._n : self._n + len(keys)] = c
+                self._n += len(keys)
+            if self.eager and self._n >= FOLD_EVERY:
+                self.fold()
+            return
+        mine = self.fold()
+        keys, cols = other.pending()
+        theirs = other.fold_fn(other.acc, cols) if len(keys) else other.acc
+        if theirs is None:
+            return
+        self.acc = theirs if mine is None else self.fold_fn(mine, tuple(c[None] for c in theirs))
+        self.last = max(self.last, other.last, int(keys[-1]) if len(keys) else -1)
+
+
+def fold_sums(acc, cols):
+    """Left fold of additive partials: `acc + p0 + p1 + ...` in order (`np.add.accumulate` is sequential)."""
+    out = []
+    for i, c in enumerate(cols):
+        stacked = c if acc is None else np.concatenate([acc[i][None], c])
+        out.append(np.add.accumulate(stacked, axis=0)[-1].copy())
+    return tuple(out)
+
+
+def fold_moments(acc, cols):
+    """Left fold of (count, mean, sum of squared deviations) with Chan et al.'s pairwise formula."""
+    ns, means, m2s = cols
+    start = 0
+    if acc is None:
+        n, mean, m2 = ns[0].copy(), means[0].copy(), m2s[0].copy()
+        start = 1
+    else:
+        n, mean, m2 = (a.copy() for a in acc)
+    for i in range(start, len(ns)):
+        nb = ns[i]
+        total = n + nb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(total > 0, nb / np.where(total > 0, total, 1.0), 0.0)
+        delta = means[i] - mean
+        mean = np.where(n == 0, means[i], mean + delta * share)
+        m2 = m2 + m2s[i] + delta * delta * n * share
+        n = total
+    return n, mean, m2
+
+
