@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.resources
 import os
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from attrs import frozen
 

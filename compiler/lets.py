@@ -10,7 +10,8 @@ constant expression (numbers, strings, `true`/`false`, earlier constants, arithm
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 

@@ -22,7 +22,6 @@ from ternqc.compiler.errors import CompileError, Diagnostic, did_you_mean
 from ternqc.compiler.lets import NotConstant, bind_lets, fold, substitute
 from ternqc.compiler.parse import parse
 
-
 #: How a shipped recipe's path reads in origins and messages (`ternqc.configs/twn.tq`).
 RECIPE_PREFIX = "ternqc.configs/"
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 import attrs
 from attrs import field, frozen

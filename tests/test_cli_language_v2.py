@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from torch import nn
 
 from ternqc.plan import StatSpec

@@ -14,17 +14,17 @@ evaluated by `mapping`'s evaluator, so they mean exactly what they mean in rules
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from attrs import frozen
-
 from torch import nn
 
-from ternqc.plan import Assert, BinOp, Binding, Call, Cond, Expr, Plan, Selector, StatRef, Unary, Var
-from ternqc.runtime.errors import UserError
+from ternqc.plan import Assert, Binding, BinOp, Call, Cond, Expr, Plan, Selector, StatRef, Unary, Var
 from ternqc.render import format_value
 from ternqc.runtime.calibrate.table import StatsTable
+from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.mapping import MappingResult, _Context, _plain
 from ternqc.runtime.quantize.modules import TernaryModule
 from ternqc.runtime.quantize.resolve import Module, selector_matches

@@ -32,10 +32,10 @@ import numpy as np
 from attrs import field, frozen
 
 from ternqc.plan import (
+    COMPARISON_OPS,
     PARAM_SUFFIXES,
     QUANTISABLE,
     QUANTISERS,
-    COMPARISON_OPS,
     Binding,
     BinOp,
     Call,

@@ -26,7 +26,6 @@ from attrs import frozen
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
-from ternqc.runtime.quantize import asserts, uncalled
 from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
@@ -38,6 +37,7 @@ from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
 from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import accuracy
+from ternqc.runtime.quantize import asserts, uncalled
 from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.quantize.modules import TernaryModule

@@ -13,8 +13,8 @@ import torch
 
 from ternqc.plan import (
     Assert,
-    BinOp,
     Binding,
+    BinOp,
     Calibration,
     Call,
     Cond,
@@ -27,10 +27,10 @@ from ternqc.plan import (
     Unary,
     Var,
 )
-from ternqc.runtime.quantize import uncalled
-from ternqc.runtime.errors import UserError
 from ternqc.runtime.calibrate.stats.layout import make_layout
 from ternqc.runtime.calibrate.table import ModuleStats
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize import uncalled
 from ternqc.runtime.quantize.mapping import map_params
 from ternqc.runtime.quantize.resolve import resolve_bindings
 from ternqc.runtime.run.rules_check import check_plan
