@@ -743,6 +743,10 @@ def _ambiguous(ref: _Ref, found: list[plan.StatSpec]) -> str:
     stat = ref.node.stat.name
     described = [_differences(spec, found) for spec in found]
     example_opts = dict(described[-1])
+    if ref.tensor in ("weight", "bias") and {k for d in described for k, _ in d} == {"dims"}:
+        # per-output-channel layouts of different types ([1] on a Linear, [1, 2, 3] on a Conv2d): one of
+        # them would fail on the other type; per_channel means the right one for each
+        example_opts["dims"] = "per_channel"
     for opt in ref.node.options or ():
         example_opts.setdefault(opt.name.name, _option_text(ref.written[opt.name.name]))
     head = f"stat({ref.node.tensor.name})" if ref.node.tensor is not None else "stat"
