@@ -299,6 +299,7 @@ class Program:
     sources: tuple[tuple[str, str], ...]
     statements: tuple[Statement, ...]
     lets: tuple[LetValue, ...] = ()  # the root file's constants, after `--set` overrides
+    let_names: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (file, its constants' names), for "did you mean"
 
 
 @frozen

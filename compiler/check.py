@@ -56,7 +56,7 @@ ALL_PARAMS = plan.all_params()
 
 def check(program: ast.Program) -> list[Diagnostic]:
     """Every error and warning in `program`, in no particular order (the driver sorts them)."""
-    return _Checker().run(program.statements)
+    return _Checker(dict(program.let_names)).run(program.statements)
 
 
 @frozen
@@ -107,7 +107,8 @@ def _kind_of(expr: ast.Expr) -> str:
 
 
 class _Checker:
-    def __init__(self) -> None:
+    def __init__(self, let_names: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.let_names = let_names or {}
         self.diagnostics: list[Diagnostic] = []
         self.profiled: Profiled = {}
         self.refs: list[_Ref] = []
@@ -453,7 +454,7 @@ class _Checker:
                 self.error(expr.span, f"unknown name '{expr.name}'", hint)
                 return None
             hint = "a value is a number, an expression, stat.STAT.FIELD or na"
-            self.unknown_name(expr, ("na", "stat", *FUNCTIONS), hint)
+            self.unknown_name(expr, ("na", "stat", *FUNCTIONS, *self.let_names.get(expr.span.file, ())), hint)
             return None
         if isinstance(expr, ast.Neg):
             return self.operand(expr.operand, ctx, "number", "-")

@@ -399,6 +399,10 @@ def _syntax_error(exc: UnexpectedInput, text: str, filename: str) -> Diagnostic:
         span = ast.Span(filename, tok.line, tok.column, tok.end_line, tok.end_column)
         expected = exc.accepts or exc.expected
         message = f"unexpected {_describe_token(tok)}"
+        if tok.type == "DOT" and "LBRACE" in expected and "DOT" not in expected:
+            # `linear, conv2d.weight_width = 2`: a union (or except) read as the start of a block
+            hint = "several selectors (a union) or except need the block form, e.g. linear, conv2d { weight_width = 2 }"
+            return Diagnostic(span, message, hint)
         if set(expected) - _AFTER_SELECTOR_MORE == {"DOT", "LBRACE"}:
             # after a selector: '.' for one rule, '{' for a block ('in', 'except', ',' are less likely meant)
             if tok.type == "NAME":

@@ -87,6 +87,7 @@ def load_program(
     done: set[str] = set()
     folders: dict[str, str] = {}  # shown path -> the folder its includes are relative to
     root_lets: list[ast.LetValue] = []
+    let_names: dict[str, tuple[str, ...]] = {}
 
     def expand(shown: str, body: str, stack: list[_Open], given: Overrides, via: ast.Include | None) -> None:
         sources.setdefault(shown, body)
@@ -96,6 +97,7 @@ def load_program(
             diagnostics.extend(exc.diagnostics)
             return
         scope, lets = bind_lets(parsed, given, diagnostics)
+        let_names[shown] = tuple(lets)
         for name, (_value, span) in given.items():
             if name not in lets:
                 hint = did_you_mean(name, lets) or (
@@ -174,4 +176,5 @@ def load_program(
     root = _Open(os.path.realpath(filename), filename, None)
     where = ast.Span.whole_file(filename)
     expand(filename, text, [root], {k: (v, where) for k, v in (overrides or {}).items()}, None)
-    return ast.Program(tuple(sources.items()), tuple(statements), tuple(root_lets)), diagnostics
+    program = ast.Program(tuple(sources.items()), tuple(statements), tuple(root_lets), tuple(let_names.items()))
+    return program, diagnostics
