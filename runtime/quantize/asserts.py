@@ -21,7 +21,20 @@ import numpy as np
 from attrs import frozen
 from torch import nn
 
-from ternqc.plan import QUANTISABLE, Assert, Binding, BinOp, Call, Cond, Expr, Plan, Selector, StatRef, Unary, Var
+from ternqc.plan import (
+    QUANTISABLE,
+    Assert,
+    Binding,
+    BinOp,
+    Call,
+    Cond,
+    Expr,
+    Plan,
+    Selector,
+    StatRef,
+    Unary,
+    Var,
+)
 from ternqc.render import format_value
 from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
