@@ -18,6 +18,7 @@ from typing import Any
 
 from attrs import frozen
 
+from ternqc.compiler import ast
 from ternqc.compiler.ast import Span
 from ternqc.compiler.check import check
 from ternqc.compiler.errors import CompileError, Diagnostic, with_sources
@@ -110,11 +111,15 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
             problems.append(Diagnostic(where, f"'{name}' is set twice"))
             continue
         try:
-            (let,) = parse(f"let {name} = {value}", f"--set {item}")
-            out[name] = fold(let.value, {})  # type: ignore[union-attr]
-        except (CompileError, ValueError) as exc:
-            detail = exc.diagnostics[0].message if isinstance(exc, CompileError) else str(exc)
-            problems.append(Diagnostic(where, f"the value is not a constant ({detail})"))
+            parsed = parse(f"let {name} = {value}", f"--set {item}")
+        except CompileError as exc:
+            problems.append(Diagnostic(where, f"the value is not a constant ({exc.diagnostics[0].message})"))
+            continue
+        if len(parsed) != 1 or not isinstance(parsed[0], ast.Let):
+            problems.append(Diagnostic(where, "the value is not one constant"))
+            continue
+        try:
+            out[name] = fold(parsed[0].value, {})
         except NotConstant as exc:
             problems.append(Diagnostic(where, exc.message))
     if problems:

@@ -300,6 +300,7 @@ class Program:
     statements: tuple[Statement, ...]
     lets: tuple[LetValue, ...] = ()  # the root file's constants, after `--set` overrides
     let_names: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (file, its constants' names), for "did you mean"
+    broken_lets: tuple[tuple[str, str], ...] = ()  # (file, name) of lets without a value: already reported
 
 
 @frozen

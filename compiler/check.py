@@ -56,7 +56,7 @@ ALL_PARAMS = plan.all_params()
 
 def check(program: ast.Program) -> list[Diagnostic]:
     """Every error and warning in `program`, in no particular order (the driver sorts them)."""
-    return _Checker(dict(program.let_names)).run(program.statements)
+    return _Checker(dict(program.let_names), set(program.broken_lets)).run(program.statements)
 
 
 @frozen
@@ -107,8 +107,11 @@ def _kind_of(expr: ast.Expr) -> str:
 
 
 class _Checker:
-    def __init__(self, let_names: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self, let_names: dict[str, tuple[str, ...]] | None = None, broken_lets: set[tuple[str, str]] | None = None
+    ) -> None:
         self.let_names = let_names or {}
+        self.broken_lets = broken_lets or set()
         self.diagnostics: list[Diagnostic] = []
         self.profiled: Profiled = {}
         self.refs: list[_Ref] = []
@@ -449,6 +452,8 @@ class _Checker:
                 return "bool"
             if expr.name in ctx.variables:
                 return ctx.variables[expr.name]
+            if (expr.span.file, expr.name) in self.broken_lets:
+                return None  # its let has no value, and says so
             if ctx.key == "assert":
                 hint = _assert_hint(expr.name, ctx)
                 self.error(expr.span, f"unknown name '{expr.name}'", hint)

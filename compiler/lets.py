@@ -52,7 +52,7 @@ def _bool(v: Value, span: ast.Span, what: str) -> bool:
 
 _ARITH: dict[str, Callable[[Any, Any], Any]] = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
-    "**": lambda a, b: a**b,
+    "**": lambda a, b: float(a) ** float(b),  # in floats: an integer power could take unbounded time
 }
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,

@@ -88,6 +88,7 @@ def load_program(
     folders: dict[str, str] = {}  # shown path -> the folder its includes are relative to
     root_lets: list[ast.LetValue] = []
     let_names: dict[str, tuple[str, ...]] = {}
+    broken: list[tuple[str, str]] = []
 
     def expand(shown: str, body: str, stack: list[_Open], given: Overrides, via: ast.Include | None) -> None:
         sources.setdefault(shown, body)
@@ -98,6 +99,7 @@ def load_program(
             return
         scope, lets = bind_lets(parsed, given, diagnostics)
         let_names[shown] = tuple(lets)
+        broken.extend((shown, name) for name in lets if name not in scope)
         for name, (_value, span) in given.items():
             if name not in lets:
                 hint = did_you_mean(name, lets) or (
@@ -176,5 +178,7 @@ def load_program(
     root = _Open(os.path.realpath(filename), filename, None)
     where = ast.Span.whole_file(filename)
     expand(filename, text, [root], {k: (v, where) for k, v in (overrides or {}).items()}, None)
-    program = ast.Program(tuple(sources.items()), tuple(statements), tuple(root_lets), tuple(let_names.items()))
+    program = ast.Program(
+        tuple(sources.items()), tuple(statements), tuple(root_lets), tuple(let_names.items()), tuple(broken)
+    )
     return program, diagnostics
