@@ -212,3 +212,23 @@ def test_set_with_a_compiled_plan_is_refused(tmp_path) -> None:
     assert run_cli("compile", OK / "task8_recipe_sweep.tq", "-o", plan).rc == 0
     run = run_cli("apply", "--plan", plan, "--set", "k=0.5", "--out", tmp_path / "o", "--no-progress")
     assert run.rc == 1 and "--set changes the rules" in run.err
+
+
+def test_per_channel_is_per_output_channel_for_linear_and_conv2d_alike() -> None:
+    import numpy as np
+
+    from ternqc.compiler import compile_file
+    from ternqc.runtime.run import pipeline
+
+    spec = f"{FIXTURES / 'user_model.py'}:factory"
+    settings = pipeline.RunSettings(model=spec, dataset=f"{FIXTURES / 'user_data.py'}:factory", progress=False)
+    float_model = pipeline.load_model(settings)
+    weights = {p: m.weight.detach().numpy() for p, m in float_model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert any(w.ndim == 4 for w in weights.values()) and any(w.ndim == 2 for w in weights.values())
+    plan = compile_file(OK / "task3_per_channel.tq").plan
+    result = pipeline.apply(pipeline.load_model(settings), plan, settings, rules="task3")
+    for path, w in weights.items():
+        expected = 0.7 * np.abs(w).mean(axis=tuple(range(1, w.ndim)), keepdims=True)  # one Δ per output channel
+        got = np.asarray(result.configs[path].tensor("weight").delta, dtype=np.float64)
+        np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-5)
