@@ -232,3 +232,14 @@ def test_per_channel_is_per_output_channel_for_linear_and_conv2d_alike() -> None
         expected = 0.7 * np.abs(w).mean(axis=tuple(range(1, w.ndim)), keepdims=True)  # one Δ per output channel
         got = np.asarray(result.configs[path].tensor("weight").delta, dtype=np.float64)
         np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/LANGUAGE.md"])
+def test_the_documented_bert_recipe_checks_against_the_bert_like_model(doc, tmp_path) -> None:
+    text = (REPO / doc).read_text(encoding="utf-8")
+    start = text.index("let k = 0.7\ninclude recipe")
+    rules = tmp_path / "bert.tq"
+    rules.write_text(text[start : text.index("```", start)], encoding="utf-8")
+    run = run_cli("compile", rules, "--model", BERT)
+    assert run.rc == 0, run.err
+    assert "first(linear)" in run.out and 'linear in "encoder.*" except "*.attn.out_proj"' in run.out
