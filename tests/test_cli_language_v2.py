@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import subprocess
 import sys
 
@@ -237,7 +238,7 @@ def test_per_channel_is_per_output_channel_for_linear_and_conv2d_alike() -> None
 @pytest.mark.parametrize("doc", ["README.md", "docs/LANGUAGE.md"])
 def test_the_documented_bert_recipe_checks_against_the_bert_like_model(doc, tmp_path) -> None:
     text = (REPO / doc).read_text(encoding="utf-8")
-    start = text.index("let k = 0.7\ninclude recipe")
+    start = re.search(r'let k = 0\.7[^\n]*\ninclude recipe "twn" with \{ k = k \}', text).start()
     rules = tmp_path / "bert.tq"
     rules.write_text(text[start : text.index("```", start)], encoding="utf-8")
     run = run_cli("compile", rules, "--model", BERT)
