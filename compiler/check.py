@@ -56,7 +56,8 @@ ALL_PARAMS = plan.all_params()
 
 def check(program: ast.Program) -> list[Diagnostic]:
     """Every error and warning in `program`, in no particular order (the driver sorts them)."""
-    return _Checker(dict(program.let_names), set(program.broken_lets)).run(program.statements)
+    found = _Checker(dict(program.let_names), set(program.broken_lets)).run(program.statements)
+    return list(dict.fromkeys(found))  # a union block checks its entries once per selector: report once
 
 
 @frozen
@@ -279,15 +280,14 @@ class _Checker:
     def block(self, stmt: ast.Block) -> None:
         for exclude in stmt.excludes:
             self.selector(exclude, binding=False)
-        seen: dict[plan.Selector, ast.Selector] = {}
+        seen: dict[tuple[str, bool, str, str], ast.Selector] = {}
         for written in stmt.selectors:
-            sel = selector_of(written) if written.text.strip() else None
-            if sel is not None and sel in seen:
-                msg = f"{_sel_text(written)} is listed twice in this block (first at column {seen[sel].span.col})"
+            key = (written.text, written.quoted, written.form, written.scope)
+            if key in seen:
+                msg = f"{_sel_text(written)} is listed twice in this block (first at column {seen[key].span.col})"
                 self.error(written.span, msg)
                 continue
-            if sel is not None:
-                seen[sel] = written
+            seen[key] = written
             self.rules(written, stmt.entries, in_block=True, excludes=stmt.excludes)
 
     def assertion(self, stmt: ast.Assert) -> None:
@@ -320,7 +320,8 @@ class _Checker:
     ) -> None:
         sel = self.selector(written, binding=True)
         if sel is not None and excludes:
-            sel = attrs.evolve(sel, exclude=tuple(selector_of(e) for e in excludes))
+            valid = [selector_of(e) for e in excludes if _valid_selector(e)]
+            sel = attrs.evolve(sel, exclude=tuple(valid)) if len(valid) == len(excludes) else None
         tensors = type_tensors(sel) if sel is not None else None
         seen: dict[str, ast.Entry] = {}
         for entry in entries:
@@ -737,6 +738,17 @@ def _mistaken_pattern(text: str) -> str:
 def _in_range(value: int | float) -> bool:
     """Whether a number converts to a finite float (`1e999` and 400-digit integers do not)."""
     return abs(value) <= 1e300 if isinstance(value, int) else math.isfinite(value)
+
+
+def _valid_selector(sel: ast.Selector) -> bool:
+    """Whether `selector_of(sel)` gives a valid plan selector (a regular expression compiles)."""
+    if sel.form != "regex":
+        return True
+    try:
+        re.compile(sel.text)
+    except re.error:
+        return False
+    return True
 
 
 def _sel_text(sel: ast.Selector) -> str:
