@@ -73,10 +73,14 @@ _EDIT = st.tuples(
 _TOKEN_RE = re.compile(r"\w+|\S")
 
 
+#: Seeds for mutation: the shipped recipe and the language-v2 tasks (unions, lets, asserts, regexes, ...).
+SEEDS = [TOY] + [p.read_text(encoding="utf-8") for p in sorted(OK_DIR.glob("task*.tq"))]
+
+
 @FUZZ
-@given(st.lists(_EDIT, min_size=1, max_size=6))
-def test_mutated_recipe(edits: list[tuple[str, float, int, str]]) -> None:
-    text = TOY
+@given(st.sampled_from(SEEDS), st.lists(_EDIT, min_size=1, max_size=6))
+def test_mutated_recipe(seed: str, edits: list[tuple[str, float, int, str]]) -> None:
+    text = seed
     for op, where, n, token in edits:
         at = int(where * len(text))
         if op == "delete":
