@@ -244,3 +244,10 @@ def test_the_documented_bert_recipe_checks_against_the_bert_like_model(doc, tmp_
     run = run_cli("compile", rules, "--model", BERT)
     assert run.rc == 0, run.err
     assert "first(linear)" in run.out and 'linear in "encoder.*" except "*.attn.out_proj"' in run.out
+
+
+def test_overriding_an_included_rule_is_not_a_shadowing_warning(tmp_path) -> None:
+    rules = tmp_path / "r.tq"
+    rules.write_text('include recipe "twn"\nlinear.weight_threshold = 0.5 * stat.abs_mean.abs_mean\n')
+    run = run_cli("compile", rules, "--model", BERT)
+    assert run.rc == 0 and "never takes effect" not in run.err, run.err

@@ -132,6 +132,8 @@ def _shadowed(plan: Plan, modules: list[Module]) -> list[str]:
         if i in won or i not in beaten_by:
             continue
         winner = beaten_by[i][0]
+        if winner.selector == b.selector:
+            continue  # the same selector set again: an include's rule overridden on purpose (or the compiler warned)
         if winner.selector.specificity == b.selector.specificity and hits(b.selector) < hits(winner.selector):
             out.append(f"{b.selector}.{b.param} at {b.origin} never takes effect: the later {winner.selector}."
                        f"{b.param} at {winner.origin} has the same rank and overrides it on every module it "
