@@ -239,3 +239,13 @@ def test_asserts_in_the_plan() -> None:
 def test_no_let_or_assert_leaks_into_a_v1_shaped_plan() -> None:
     p = compile_source("linear.weight_width = 2", "r.tq").plan
     assert p.asserts == () and p.constants == () and p.version == plan.PLAN_VERSION
+
+
+def test_string_and_bool_parameters_take_conditionals_of_their_kind() -> None:
+    p = compile_source(
+        'linear.name = if stat(data_in).range_min_max.max > 1 then "ternary" else "ternary"\n'
+        "linear.weight_scaling_factor = if stat(weight).abs_mean.abs_mean > 0.01 then true else false\n",
+        "r.tq",
+    ).plan
+    name, scaling = p.bindings
+    assert name.value.then == plan.Const("ternary") and scaling.value.orelse == plan.Const(False)
