@@ -76,14 +76,16 @@ def summarize(p: plan.Plan) -> str:
     added = [q for q in p.profile if q.reason != "profiled"]
     if added:
         lines.append("added by the compiler:")
-    by_origin = {}
+    by_origin: dict[plan.Origin, plan.Binding] = {}
     for b in p.bindings:
         by_origin.setdefault(b.origin, b)
+    by_place = {(b.origin, b.selector): b for b in reversed(p.bindings)}  # a union: one binding per selector
     for q in added:
         stats = ", ".join(map(spec_text, q.stats))
         lines.append(f"  {_where(q.selector, q.tensor):<{width}}  {stats}")
-        b = by_origin.get(q.origin)
-        rule = f"{b.selector}.{b.param}" if b is not None else "a rule"
+        b = by_place.get((q.origin, q.selector)) or by_origin.get(q.origin)
+        asserted = any(a.origin == q.origin for a in p.asserts)
+        rule = f"{b.selector}.{b.param}" if b is not None else "the assertion" if asserted else "a rule"
         if q.reason == "referenced":
             lines.append(f"    why: {rule} at {q.origin} reads it; no profile statement collects it there")
         else:
