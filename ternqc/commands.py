@@ -15,7 +15,6 @@ import os
 import sys
 
 from ternqc.plan import Plan
-from ternqc.render import format_layer_table
 
 
 def compile_rules(args: argparse.Namespace) -> int:
@@ -177,7 +176,7 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
-    from ternqc.render import render_explain
+    from ternqc.render import format_layer_table, render_explain
     from ternqc.runtime.run import pipeline, workers
 
     plan, source = load_plan(args.rules, args.plan, args.sets)
