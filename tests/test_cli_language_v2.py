@@ -253,3 +253,58 @@ def test_overriding_an_included_rule_is_not_a_shadowing_warning(tmp_path) -> Non
     rules.write_text('include recipe "twn"\nlinear.weight_threshold = 0.5 * stat.abs_mean.abs_mean\n')
     run = run_cli("compile", rules, "--model", BERT)
     assert run.rc == 0 and "never takes effect" not in run.err, run.err
+
+
+def _run_task(name: str, model: str = BERT):
+    from ternqc.compiler import compile_file
+    from ternqc.runtime.run import pipeline
+
+    settings = pipeline.RunSettings(model=model, progress=False)
+    float_model = pipeline.load_model(settings)
+    weights = {p: m.weight.detach().numpy() for p, m in float_model.named_modules() if isinstance(m, nn.Linear)}
+    plan = compile_file(OK / name).plan
+    return pipeline.apply(pipeline.load_model(settings), plan, settings, rules=name), weights
+
+
+def test_task2_quantises_exactly_the_selected_weights() -> None:
+    result, weights = _run_task("task2_selection.tq")
+    selected = {p for p in weights if fnmatch.fnmatchcase(p, "encoder.layers.*.linear1")
+                or (fnmatch.fnmatchcase(p, "*.attn.*") and not fnmatch.fnmatchcase(p, "*.attn.out_proj"))}
+    quantised = {p for p, c in result.configs.items() if c.tensor("weight").quantize}
+    assert quantised == selected and len(selected) == 8
+
+
+def test_task4_first_layer_factor_and_the_rest() -> None:
+    import numpy as np
+
+    result, weights = _run_task("task4_let_override.tq")
+    first = next(iter(weights))
+    for path, w in weights.items():
+        if path not in result.configs or not result.configs[path].tensor("weight").quantize:
+            continue
+        factor = 0.5 if path == first else 0.7
+        delta = float(np.asarray(result.configs[path].tensor("weight").delta))
+        assert delta == pytest.approx(factor * np.abs(w).mean(), rel=1e-5), path
+
+
+def test_task5_threshold_from_the_previous_layers_output() -> None:
+    result, _weights = _run_task("task5_expressions.tq")
+    mmax = StatSpec("range_min_max")
+    act_max = result.profile.table["encoder.layers.0.act"].lookup("data_out_0", mmax)["max"]
+    delta = result.configs["encoder.layers.0.linear2"].tensor("data_in").delta
+    assert float(delta) == pytest.approx(0.5 * act_max, rel=1e-6)
+    # and the others: Δ = max(mean + 2·sqrt(variance), 0) of their own input
+    var = StatSpec("variance_precise")
+    stats = result.profile.table["encoder.layers.0.linear1"].lookup("data_in_0", var)
+    expected = max(stats["mean"] + 2 * stats["variance"] ** 0.5, 0)
+    assert float(result.configs["encoder.layers.0.linear1"].tensor("data_in").delta) == pytest.approx(expected)
+
+
+def test_activation_threshold_above_every_input_gives_alpha_zero_not_a_crash(tmp_path) -> None:
+    rules = tmp_path / "r.tq"
+    rules.write_text('default { name = "ternary" }\n'
+                     "linear { data_in_width = 2  data_in_scaling_factor = true  data_in_threshold = 1e6 }\n")
+    run, _out, report = _apply(tmp_path, rules, model="toy")
+    assert run.rc == 0 and "Traceback" not in run.err, run.err
+    inputs = [n["tensors"]["data_in"] for n in report["nodes"].values() if n["op"] == "linear"]
+    assert inputs and all(t["alpha"] == 0.0 and t["zero_fraction"] == 1.0 for t in inputs)

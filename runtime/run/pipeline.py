@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from attrs import frozen
 from torch import nn
@@ -178,7 +179,9 @@ def calibrate_activation_scales(
     out = dict(configs)
     for path, mq in need.items():
         found = table[path].values["data_in_0"][THRESHOLD_ABS_MEAN]
-        out[path] = mq.with_alpha("data_in", found["abs_mean"])
+        # no |x| above Δ on the calibration data: every value becomes 0, and α is 0 (as for weights)
+        alpha = np.nan_to_num(np.asarray(found["abs_mean"], dtype=np.float64), nan=0.0).tolist()
+        out[path] = mq.with_alpha("data_in", alpha)
         _merge_into(result.table, table[path])
     return out
 
