@@ -308,3 +308,15 @@ def test_activation_threshold_above_every_input_gives_alpha_zero_not_a_crash(tmp
     assert run.rc == 0 and "Traceback" not in run.err, run.err
     inputs = [n["tensors"]["data_in"] for n in report["nodes"].values() if n["op"] == "linear"]
     assert inputs and all(t["alpha"] == 0.0 and t["zero_fraction"] == 1.0 for t in inputs)
+
+
+def test_compile_model_loads_a_checkpoint_and_reports_a_bad_one_cleanly(tmp_path) -> None:
+    import torch
+
+    good = tmp_path / "good.pt"
+    torch.save(_model("bert_like").state_dict(), good)
+    assert run_cli("compile", OK / "task1_first_last_float.tq", "--model", BERT, "--ckpt", good).rc == 0
+    bad = tmp_path / "bad.pt"
+    torch.save({"nothing": torch.zeros(1)}, bad)
+    run = run_cli("compile", OK / "task1_first_last_float.tq", "--model", BERT, "--ckpt", bad)
+    assert run.rc == 1 and "Traceback" not in run.err and "ternqc: error:" in run.err
