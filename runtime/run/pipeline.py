@@ -209,9 +209,12 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     """
     result = profile(model, plan, settings)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
-    mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=_absent_parameters(model))
+    functional = uncalled.functional_only(model)
+    # a module the model never calls has no input statistics: its data_in parameters stay unset
+    absent = _absent_parameters(model) | {(path, "data_in") for path in functional}
+    mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=absent)
     configs = build_configs(mapping, rules=rules)
-    configs, left_in_float = uncalled.keep_in_float(configs, uncalled.functional_only(model))
+    configs, left_in_float = uncalled.keep_in_float(configs, functional)
     configs = calibrate_activation_scales(model, configs, result, settings)
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
