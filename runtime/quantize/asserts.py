@@ -96,13 +96,16 @@ def _leaf_text(e: Expr) -> str:
     return f"stat({where}).{e.stat.name}.{e.field}"
 
 
-def measured(mapping: MappingResult, configs: dict[str, Any], report: dict[str, Any], path: str) -> dict[str, Any]:
+def measured(
+    mapping: MappingResult, configs: dict[str, Any], report: dict[str, Any], path: str
+) -> dict[str, Any]:
     """What an assertion on module `path` may read: its parameters and, per quantised tensor, Δ, α and the
     zero fraction (`None` for a tensor left in float)."""
     m = mapping.modules[path]
     values: dict[str, Any] = dict(m.params)
-    node = report.get("nodes", {}).get(m.node, {})
-    for tensor, entry in node.get("tensors", {}).items():
+    entries = report.get("nodes", {}).get(m.node, {}).get("tensors", {})
+    for tensor in QUANTISABLE.get(m.op, ()):
+        entry = entries.get(tensor, {})  # none for a module left in float as a whole
         quantised = entry.get("quantized")
         config = configs.get(path)
         tq = config.tensor(tensor) if config is not None and quantised else None
@@ -161,7 +164,8 @@ def check_asserts(
         for path in hits:
             m = mapping.modules[path]
             variables = measured(mapping, configs, report, path)
-            failure = _check_one(a, m.node, m.op, path, variables, table.get(path), table, modules, stats_source)
+            stats = table.get(path)
+            failure = _check_one(a, m.node, m.op, path, variables, stats, table, modules, stats_source)
             if failure is not None:
                 failures.append(failure)
     return failures
@@ -190,8 +194,10 @@ def _check_one(a: Assert, node: str, op: str, path: str | None, variables: dict[
 _MODEL = Selector("default")
 
 
-def annotate_report(report: dict[str, Any], plan: Plan, failures: list[Failure], left_in_float: dict[str, str],
-                    mapping: MappingResult) -> None:
+def annotate_report(
+    report: dict[str, Any], plan: Plan, failures: list[Failure], left_in_float: dict[str, str],
+    mapping: MappingResult,
+) -> None:
     """Add to report.json: the constants the plan was compiled with, the assertion failures, and the
     modules left in float because the model does not call them."""
     report["constants"] = {c.name: {"value": c.value, "how": c.how, "origin": str(c.origin)}
@@ -201,7 +207,7 @@ def annotate_report(report: dict[str, Any], plan: Plan, failures: list[Failure],
     for path, why in left_in_float.items():
         m = mapping.modules.get(path)
         node = m.node if m is not None else path.replace(".", "_")
-        tensors = {t: {"quantized": False} for t in (("weight", "bias", "data_in") if m is None else
-                                                      [k[: -len("_width")] for k in m.params if k.endswith("_width")])}
-        nodes[node] = {"path": path, "op": m.op if m else "linear", "tensors": tensors, "left_in_float": why}
+        op = m.op if m is not None else "linear"
+        tensors = {t: {"quantized": False} for t in QUANTISABLE.get(op, ())}
+        nodes[node] = {"path": path, "op": op, "tensors": tensors, "left_in_float": why}
     report["left_in_float"] = dict(left_in_float)

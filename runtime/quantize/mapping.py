@@ -310,8 +310,8 @@ class _Context:
     def _bool(self, v: Any, where: str) -> np.ndarray:
         if isinstance(v, (bool, np.bool_)) or (isinstance(v, np.ndarray) and v.dtype == np.bool_):
             return np.asarray(v)
-        raise self.fail(f"{format_value(v if not isinstance(v, np.ndarray) else _plain(v))} is not true or false "
-                        f"({where})")
+        shown = format_value(v if not isinstance(v, np.ndarray) else _plain(v))
+        raise self.fail(f"{shown} is not true or false ({where})")
 
     def _cond(self, e: Cond) -> Any:
         test = self._bool(self.evaluate(e.test), "if")

@@ -9,9 +9,12 @@ are quantised in place, a rule that selects one leaves it in float, and the user
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 from torch import nn
+
+from ternqc.plan import Binding
+from ternqc.runtime.quantize.resolve import resolve_bindings
 
 REASON = "nn.MultiheadAttention reads this weight without calling the module, so it is left in float"
 
@@ -25,11 +28,13 @@ def functional_only(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def keep_in_float(configs: dict[str, Any], uncalled: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """`configs` without the modules in `uncalled` (they stay float modules), and `{path: why}` of those
-    that a rule selected."""
-    left = {path: why for path, why in uncalled.items() if path in configs}
-    return {p: c for p, c in configs.items() if p not in left}, left
+def selected(
+    bindings: Sequence[Binding], modules: Sequence[tuple[str, str]], uncalled: dict[str, str]
+) -> dict[str, str]:
+    """`{path: why}` of the modules in `uncalled` that some binding reaches (`modules`: the model's
+    `(path, type)` in order)."""
+    reached = resolve_bindings(bindings, modules)  # the whole model: first(T) / last(T) need its order
+    return {path: uncalled[path] for path, params in reached.items() if params and path in uncalled}
 
 
 def notes(left: dict[str, str]) -> list[str]:

@@ -209,12 +209,14 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     """
     result = profile(model, plan, settings)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
-    functional = uncalled.functional_only(model)
-    # a module the model never calls has no input statistics: its data_in parameters stay unset
-    absent = _absent_parameters(model) | {(path, "data_in") for path in functional}
+    # a module the model never calls (MultiheadAttention.out_proj) has no input statistics and stays a float
+    # module: its parameters are not evaluated and no ternary config is built for it
+    left_in_float = uncalled.selected(plan.bindings, modules, uncalled.functional_only(model))
+    types = dict(modules)
+    absent = _absent_parameters(model) | {(p, t) for p in left_in_float for t in QUANTISABLE.get(types[p], ())}
     mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=absent)
-    configs = build_configs(mapping, rules=rules)
-    configs, left_in_float = uncalled.keep_in_float(configs, functional)
+    called = {p: m for p, m in mapping.modules.items() if p not in left_in_float}
+    configs = build_configs(attrs.evolve(mapping, modules=called), rules=rules)
     configs = calibrate_activation_scales(model, configs, result, settings)
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
@@ -222,8 +224,8 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
     report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
     # language v2: the plan's assertions, its constants and modules left in float go into the report
-    failures = asserts.check_asserts(plan, mapping, asserts.applied_configs(model, configs), report, result.table,
-                                     modules)
+    applied = asserts.applied_configs(model, configs)
+    failures = asserts.check_asserts(plan, mapping, applied, report, result.table, modules)
     asserts.annotate_report(report, plan, failures, left_in_float, mapping)
     return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report, tuple(failures),
                        tuple(uncalled.notes(left_in_float)))

@@ -204,8 +204,12 @@ def test_multihead_attention_out_proj_is_functional_only() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.MultiheadAttention(4, 2))
     assert list(uncalled.functional_only(model)) == ["1.out_proj"]
     assert isinstance(model[1].out_proj, torch.nn.Linear)  # why `linear` selects it
-    configs, left = uncalled.keep_in_float({"0": "c0", "1.out_proj": "c1"}, uncalled.functional_only(model))
-    assert configs == {"0": "c0"} and list(left) == ["1.out_proj"]
+    modules = [("0", "linear"), ("1", "multiheadattention"), ("1.out_proj", "linear")]
+    functional = uncalled.functional_only(model)
+    rules = [Binding(Selector("last", "linear"), "weight_width", Const(2), Origin("r.tq", 1, 1), 0)]
+    assert list(uncalled.selected(rules, modules, functional)) == ["1.out_proj"]
+    rules = [Binding(Selector("first", "linear"), "weight_width", Const(2), Origin("r.tq", 1, 1), 0)]
+    assert uncalled.selected(rules, modules, functional) == {}  # first(linear) is "0", not the out_proj
 
 
 # --- the model check of `ternqc compile --model` ---------------------------------------------------------------
