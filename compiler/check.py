@@ -3,14 +3,20 @@
 Nothing is raised here; the driver raises one `CompileError` when any diagnostic is an error. What is
 judged (docs/LANGUAGE.md has the rules):
 
-- selectors: a binding's bare selector must be `default` or a quantisable type; module types are lower case;
-  quoted names are not empty;
+- selectors: a binding's bare selector (also in `T in "glob"`, `first(T)`, `last(T)`) must be `default` or a
+  quantisable type; module types are lower case; quoted names are not empty and do not look like a mistaken
+  selector (`"linear[-1]"`, `"re:..."`); regular expressions compile; a union lists an item once;
 - tensors: known words, and only tensors the selected type has (`relu.weight_max`, `profile relu.weight`);
 - parameters, quantisers, statistics, their fields and options: known names, with "did you mean";
 - value types: `*_width` 2 or 32 (or `na`), `*_frac_width` an integer, `*_scaling_factor` a bool, the
   numeric parameters a number, `na` or an expression over statistics, `name` a quantiser in quotes;
   options `dims = all | none | [ints]`, `abs = true|false`, `quantile` in [0, 1], `num_sigma` > 0;
-- the same key twice in one block, and statistic references that could mean several collected statistics.
+- the same key twice in one block, and statistic references that could mean several collected statistics;
+- kinds of expressions (number, bool, string): arithmetic and comparisons on numbers, `and`/`or`/`not` and
+  `if` conditions on bools, `if` branches of one kind; integer, bool and string parameters take conditionals
+  whose branches are valid values; `per_channel` on an input needs the module type;
+- assertions: a bool over the names they may read (`assert_variables`, `MODEL_VARIABLES`) and statistics of
+  a written tensor.
 
 Warnings: a rule that can never take effect because a later rule in the same file sets the same parameter
 for the same selector (and the same for `calibrate` keys).

@@ -9,6 +9,12 @@ Runs only on programs `check.py` found no error in; it reports nothing. What it 
 - `data_in_scaling_factor = true` needs the activation scale α = mean |x| over |x| > Δ, so the selector gets
   `threshold_abs_mean` on `data_in_0` (`reason="derived"`), which the runtime gathers in a second pass.
 
+- a block with a union gets one binding per selector item, each with the block's `except` selectors as its
+  exclusions; `per_channel` / `per_tensor` become concrete dims for each rule's tensor and type;
+- assertions become `plan.Assert`s (the names they read `plan.Var`s), and the root file's constants (after
+  `--set`) `plan.Constant`s; statistics assertions read are collected like those rules read, and a reference
+  to another module's statistic is collected on that module.
+
 Binding order is the statement's index in the program (an included file's statements first).
 """
 
