@@ -103,7 +103,8 @@ def fold(e: ast.Expr, scope: dict[str, Value]) -> Value:
     if isinstance(e, ast.Call):
         fn = e.fn.name
         if fn not in FUNCTIONS:
-            raise NotConstant(e.fn.span, f"unknown function '{fn}'")
+            hint = did_you_mean(fn, FUNCTIONS) or f"the functions are {', '.join(FUNCTIONS)}"
+            raise NotConstant(e.fn.span, f"unknown function '{fn}'; {hint}")
         low, high = FUNCTIONS[fn]
         if len(e.args) < low or (high is not None and len(e.args) > high):
             raise NotConstant(e.span, f"{fn}() takes {low if low == high else f'at least {low}'} argument(s)")
