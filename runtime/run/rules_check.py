@@ -16,13 +16,13 @@ from typing import Any
 from attrs import frozen
 from torch import nn
 
-from ternqc.plan import QUANTISABLE, Binding, Const, Plan, Selector
+from ternqc.plan import QUANTISABLE, Binding, Const, Plan, Selector, split_param
 from ternqc.runtime.calibrate.points import module_type
 from ternqc.runtime.io.checkpoints import load_checkpoint_
 from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.quantize import uncalled
 from ternqc.runtime.quantize.mapping import _unmatched_message
-from ternqc.runtime.quantize.resolve import Module, resolve_bindings, selector_matches
+from ternqc.runtime.quantize.resolve import Module, inapplicable_bindings, resolve_bindings, selector_matches
 
 #: How many module names the table shows per selector.
 SHOWN = 4
@@ -90,6 +90,11 @@ def check_plan(
             continue  # a recipe's rules for a type this model lacks (conv2d on an MLP) are not a mistake
         fake = Binding(selector, "name", _NA, origin, 0)
         errors.append(_unmatched_message(selector, fake, modules, False).replace("rule at", f"{what} at", 1))
+    for b, hits in inapplicable_bindings(plan.bindings, modules):
+        tensor = (split_param(b.param) or ("",))[0]
+        which = ", ".join(f"{p} ({op})" for p, op in hits[:SHOWN])
+        errors.append(f"rule at {b.origin}: {b.selector} sets {b.param}, but none of the modules it matches has "
+                      f"a {tensor} tensor: {which}")
     warnings += _shadowed(plan, modules)
     lines = [f"selectors on {model} ({len(modules)} modules, "
              f"{sum(t in QUANTISABLE for _, t in modules)} quantisable):"]

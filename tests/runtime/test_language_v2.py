@@ -233,3 +233,10 @@ def test_check_plan_shadowing_names_both_rules() -> None:
     report = check_plan(_plan(*rows), modules, {})
     (warning,) = report.warnings
     assert "r.tq:1:1" in warning and "r.tq:2:1" in warning and "never takes effect" in warning
+
+
+def test_check_plan_reports_a_rule_for_a_tensor_its_modules_lack() -> None:
+    modules = [("fc", "linear"), ("act", "relu")]
+    report = check_plan(_plan((Selector("name", "act"), "weight_width", Const(2))), modules, {})
+    (error,) = report.errors
+    assert "r.tq:1:1" in error and "weight" in error and "act (relu)" in error
