@@ -24,6 +24,7 @@ for the same selector (and the same for `calibrate` keys).
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from collections.abc import Iterable
@@ -675,6 +676,25 @@ class _Checker:
                 msg = f"{s.text} is set again at line {later.span.line}, so this never takes effect"
                 self.diagnostics.append(Diagnostic(s.span, msg, severity="warning"))
             last[s.key] = s
+        self.shadowed_by_broader()
+
+    def shadowed_by_broader(self) -> None:
+        """Warn about a glob rule that a later glob rule of the same rank, same file and key overrides on every
+        module it can name: `"*.attn.out_proj".weight_width` then `"*.attn.*".weight_width`. (With a model,
+        `ternqc compile --model` finds the other cases.)"""
+        rules = [s for s in self.sets if s.key[0] == "rule"]
+        for i, s in enumerate(rules):
+            sel, key = s.key[1], s.key[2]
+            if sel.kind != "glob" or sel.exclude:
+                continue
+            for later in rules[i + 1 :]:
+                other = later.key[1]
+                if (later.key[2] == key and later.span.file == s.span.file and other.kind == "glob"
+                        and not other.exclude and other != sel and fnmatch.fnmatchcase(sel.pattern, other.pattern)):
+                    msg = (f"{s.text} never takes effect: the later {other}.{key} at line {later.span.line} has "
+                           f"the same rank and matches every module {sel} can name")
+                    self.diagnostics.append(Diagnostic(s.span, msg, severity="warning"))
+                    break
 
 
 @frozen

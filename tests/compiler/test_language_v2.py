@@ -249,3 +249,12 @@ def test_string_and_bool_parameters_take_conditionals_of_their_kind() -> None:
     ).plan
     name, scaling = p.bindings
     assert name.value.then == plan.Const("ternary") and scaling.value.orelse == plan.Const(False)
+
+
+def test_a_broader_later_glob_shadowing_a_narrower_one_is_a_warning_with_both_places() -> None:
+    text = '"*.attn.out_proj".weight_width = 32\n"*.attn.*".weight_width = 2\n"*.mlp.*".bias_width = 32\n'
+    (warning,) = compile_source(text, "r.tq").warnings
+    assert (warning.span.line, warning.severity) == (1, "warning")
+    assert "line 2" in warning.message and '"*.attn.*"' in warning.message
+    # the other order is the usual exception, no warning
+    assert compile_source('"*.attn.*".weight_width = 2\n"*.attn.out_proj".weight_width = 32\n', "r.tq").warnings == ()
