@@ -115,6 +115,14 @@ def measured(
     return values
 
 
+def _json_value(v: Any) -> Any:
+    """A value an assertion read, as report.json holds it: a string or bool as it is, numbers as floats or
+    nested lists of floats."""
+    if v is None or isinstance(v, (str, bool, np.bool_)):
+        return v if not isinstance(v, np.bool_) else bool(v)
+    return _plain(np.asarray(v, dtype=np.float64))
+
+
 def _array(v: Any) -> Any:
     if v is None or isinstance(v, dict):  # a report summary of a vector: not comparable element-wise
         return None
@@ -186,7 +194,7 @@ def _check_one(a: Assert, node: str, op: str, path: str | None, variables: dict[
         raise UserError(msg) from exc
     if bool(np.all(np.asarray(result))):
         return None
-    read = tuple((_leaf_text(x), _plain(np.asarray(ctx.evaluate(x), dtype=np.float64))) for x in leaves)
+    read = tuple((_leaf_text(x), _json_value(ctx.evaluate(x))) for x in leaves)
     return Failure(str(a.origin), str(a.selector) if a.selector else "model", path, read, a.message)
 
 

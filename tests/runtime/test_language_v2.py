@@ -240,3 +240,13 @@ def test_check_plan_reports_a_rule_for_a_tensor_its_modules_lack() -> None:
     report = check_plan(_plan((Selector("name", "act"), "weight_width", Const(2))), modules, {})
     (error,) = report.errors
     assert "r.tq:1:1" in error and "weight" in error and "act (relu)" in error
+
+
+def test_a_failing_assertion_on_a_string_parameter_reports_it() -> None:
+    from ternqc.runtime.quantize.asserts import check_asserts
+
+    a = Assert(LINEAR, BinOp("!=", Var("name"), Const("ternary")), "", Origin("r.tq", 2, 1))
+    p = _plan((LINEAR, "name", Const("ternary")), asserts=(a,))
+    mapping = map_params(p, _table(), rules="r.tq", modules=MODULES)
+    failures = check_asserts(p, mapping, {}, {"nodes": {}}, _table(), MODULES)
+    assert [dict(f.values) for f in failures] == [{"name": "ternary"}] * 3
