@@ -16,7 +16,7 @@ from typing import Any
 from attrs import frozen
 from torch import nn
 
-from ternqc.plan import QUANTISABLE, Binding, Const, Plan, Selector, split_param
+from ternqc.plan import QUANTISABLE, Binding, Const, Plan, Selector, expr_stat_refs, split_param
 from ternqc.runtime.calibrate.points import module_type
 from ternqc.runtime.io.checkpoints import load_checkpoint_
 from ternqc.runtime.models.builtin import build_model
@@ -95,6 +95,7 @@ def check_plan(
         which = ", ".join(f"{p} ({op})" for p, op in hits[:SHOWN])
         errors.append(f"rule at {b.origin}: {b.selector} sets {b.param}, but none of the modules it matches has "
                       f"a {tensor} tensor: {which}")
+    errors += _other_module_refs(plan, modules)
     warnings += _shadowed(plan, modules)
     lines = [f"selectors on {model} ({len(modules)} modules, "
              f"{sum(t in QUANTISABLE for _, t in modules)} quantisable):"]
@@ -111,6 +112,23 @@ def check_plan(
 
 
 _NA = Const(None)
+
+
+def _other_module_refs(plan: Plan, modules: list[Module]) -> list[str]:
+    """`stat("x".data_out)...` must name exactly one module of the model."""
+    out = []
+    readers = [(b.origin, b.value) for b in plan.bindings] + [(a.origin, a.test) for a in plan.asserts]
+    seen = set()
+    for origin, value in readers:
+        for ref in expr_stat_refs(value):
+            if ref.module is None or (origin, ref.module) in seen:
+                continue
+            seen.add((origin, ref.module))
+            hits = _hits(ref.module, modules, quantisable_only=False)
+            if len(hits) != 1:
+                which = "no module" if not hits else f"{len(hits)} modules ({_names(hits)})"
+                out.append(f"rule at {origin}: stat({ref.module}.…) must name one module, but it matches {which}")
+    return out
 
 
 def _shadowed(plan: Plan, modules: list[Module]) -> list[str]:

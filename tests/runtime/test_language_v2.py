@@ -250,3 +250,11 @@ def test_a_failing_assertion_on_a_string_parameter_reports_it() -> None:
     mapping = map_params(p, _table(), rules="r.tq", modules=MODULES)
     failures = check_asserts(p, mapping, {}, {"nodes": {}}, _table(), MODULES)
     assert [dict(f.values) for f in failures] == [{"name": "ternary"}] * 3
+
+
+def test_check_plan_another_modules_statistic_must_name_one_module() -> None:
+    modules = [("a.fc", "linear"), ("b.fc", "linear")]
+    ref = StatRef("data_out_0", MMAX, "max", module=Selector("glob", "*.fc"))
+    report = check_plan(_plan((LINEAR, "data_in_max", ref)), modules, {})
+    (error,) = report.errors
+    assert "r.tq:1:1" in error and "matches 2 modules (a.fc, b.fc)" in error
