@@ -256,6 +256,8 @@ def spec_text(spec: plan.StatSpec) -> str:
     parts = []
     if spec.dims != plan.COMMON_STAT_OPTIONS["dims"]:
         dims = spec.dims if isinstance(spec.dims, str) else f"[{', '.join(map(str, spec.dims))}]"
+        if plan.channel_axis(spec.dims) is not None:
+            dims = "per_channel"  # the plan's `channel:N`, N the channel axis of this rule's tensor and type
         parts.append(f"dims={dims}")
     if spec.abs != plan.COMMON_STAT_OPTIONS["abs"]:
         parts.append("abs=true")
