@@ -273,8 +273,9 @@ class Selector:
                 raise ValueError(f"{self} needs the model's module list")
             if module_type != self.pattern:
                 return False
-            of_type = [p for p, t in modules if t == self.pattern]
-            return bool(of_type) and module_path == of_type[0 if self.kind == "first" else -1]
+            # scan from the near end only: a model with thousands of modules is matched module by module
+            ordered = modules if self.kind == "first" else reversed(modules)
+            return next((p for p, t in ordered if t == self.pattern), None) == module_path
         if self.kind == "regex":
             return re.fullmatch(self.pattern, module_path) is not None
         node = module_path.replace(".", "_")
