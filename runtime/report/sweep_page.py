@@ -50,6 +50,13 @@ def _heatmap(doc: dict[str, Any], names: list[str]) -> str:
             f'combination" src="{uri}"></div>')
 
 
+def _assertions_cell(row: dict[str, Any]) -> str:
+    failed = row.get("failed_assertions") or []
+    if not failed:
+        return '<td class="good">hold</td>'
+    return (f'<td class="bad" title="{escape(chr(10).join(failed))}">{len(failed)} failed</td>')
+
+
 def render_sweep(doc: dict[str, Any]) -> str:
     """The whole page for `doc` (sweep.json's content)."""
     names = list(doc["swept"])
@@ -81,9 +88,11 @@ def render_sweep(doc: dict[str, Any]) -> str:
             f"<tr{cls}>{values}"
             f'<td class="num" data-field="ternary_accuracy" data-row="{i}">{r["ternary_accuracy"]:.4f}</td>'
             f'<td class="num">{r["ternary_accuracy"] - f:+.4f}</td>'
-            f'<td class="num" data-field="mean_zero_fraction" data-row="{i}">{"–" if z is None else f"{100 * z:.1f}%"}</td></tr>')
+            f'<td class="num" data-field="mean_zero_fraction" data-row="{i}">{"–" if z is None else f"{100 * z:.1f}%"}</td>'
+            + (_assertions_cell(r) if doc.get("assertions") else "") + "</tr>")
+    checked = "<th>assertions</th>" if doc.get("assertions") else ""
     table = (f'<table><thead><tr>{head}<th class="num">ternary accuracy</th><th class="num">vs float</th>'
-             f'<th class="num">mean zeros</th></tr></thead><tbody>{"".join(body)}</tbody></table>')
+             f'<th class="num">mean zeros</th>{checked}</tr></thead><tbody>{"".join(body)}</tbody></table>')
     run = " · ".join(f"{label} <code>{escape(str(doc[k]))}</code>" for label, k in
                      (("model", "model"), ("rules", "rules"), ("dataset", "dataset"), ("checkpoint", "ckpt")) if doc.get(k))
     notes = "".join(f"<li>{escape(n)}</li>" for n in doc.get("notes", []))

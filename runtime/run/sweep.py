@@ -39,6 +39,7 @@ class SweepRow:
     ternary_accuracy: float
     mean_zero_fraction: float | None
     zero_fractions: dict[str, float]
+    failed_assertions: tuple[str, ...] = ()  # the rules' assertions that do not hold, as messages
     report: dict[str, Any] | None = None  # the combination's report.json content (`--reports`)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +53,7 @@ class SweepResult:
     rows: tuple[SweepRow, ...]
     calibrations: int  # how many calibrations the sweep ran (1 unless a swept value changes the profile)
     notes: tuple[str, ...]
+    assertions: int = 0  # how many assertions the rules hold (checked in every combination)
 
 
 def zero_fractions(report: dict[str, Any]) -> dict[str, float]:
@@ -84,7 +86,7 @@ def run_sweep(
     """
     settings = attrs.evolve(settings, report_histograms=reports)
     profiled: dict[str, pipeline.ProfileResult] = {}
-    rows, notes, float_acc = [], [], None
+    rows, notes, float_acc, asserts = [], [], None, 0
     for values, plan in plans:
         key = _profile_key(plan)
         if key not in profiled:
@@ -94,8 +96,12 @@ def run_sweep(
         float_acc = result.float_accuracy
         zeros = zero_fractions(result.report)
         mean = sum(zeros.values()) / len(zeros) if zeros else None
-        rows.append(SweepRow(dict(values), result.ternary_accuracy, mean, zeros, result.report if reports else None))
-    return SweepResult(float_acc, tuple(rows), len(profiled), tuple(notes))
+        failed = tuple(f.render() for f in result.assert_failures)
+        notes.extend(w for w in result.warnings if w not in notes)
+        asserts = max(asserts, len(plan.asserts))
+        rows.append(SweepRow(dict(values), result.ternary_accuracy, mean, zeros, failed,
+                             result.report if reports else None))
+    return SweepResult(float_acc, tuple(rows), len(profiled), tuple(notes), asserts)
 
 
 def sweep_worker(
@@ -132,6 +138,7 @@ def sweep_document(result: SweepResult, swept: dict[str, list[Any]], settings: p
         "swept": swept,
         "float_accuracy": result.float_accuracy,
         "calibrations": result.calibrations,
+        "assertions": result.assertions,
         "notes": list(result.notes),
         "rows": [
             {**r.to_dict(), **({"report": f"{folder_name(r.values)}/report.html"} if r.report is not None else {})}
@@ -143,12 +150,15 @@ def sweep_document(result: SweepResult, swept: dict[str, list[Any]], settings: p
 def sweep_table(doc: dict[str, Any]) -> list[list[str]]:
     """The table printed and written to sweep.csv: one column per swept name, then the results."""
     names = list(doc["swept"])
-    header = [*names, "ternary_accuracy", "vs_float", "mean_zero_fraction"]
+    checked = doc.get("assertions", 0)
+    header = [*names, "ternary_accuracy", "vs_float", "mean_zero_fraction"] + (["assertions"] if checked else [])
     rows = [header]
     for r in doc["rows"]:
         z = r["mean_zero_fraction"]
+        held = [f"{len(r['failed_assertions'])} failed" if r["failed_assertions"] else "hold"] if checked else []
         rows.append([*(str(r["values"][n]) for n in names), f"{r['ternary_accuracy']:.4f}",
-                     f"{r['ternary_accuracy'] - doc['float_accuracy']:+.4f}", "" if z is None else f"{z:.4f}"])
+                     f"{r['ternary_accuracy'] - doc['float_accuracy']:+.4f}", "" if z is None else f"{z:.4f}",
+                     *held])
     return rows
 
 

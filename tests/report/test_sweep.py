@@ -205,3 +205,24 @@ def test_report_command_redraws_a_sweep(placeholder_seam, trained_toy, tmp_path)
     assert again.read_text() == (out / "sweep.html").read_text()
     (out / "sweep.json").write_text('{"rows": 3}')
     assert_one_clean_error(run_cli("report", out), "is not a ternqc sweep")
+
+
+@pytest.mark.skipif(not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build")
+def test_assertions_are_checked_in_every_combination_as_apply_checks_them(trained_toy, tmp_path) -> None:
+    rules = tmp_path / "twn_assert.tq"
+    rules.write_text((CONFIGS / "twn.tq").read_text() + '\nassert linear: weight_zero_fraction < 0.45, "too dense"\n')
+    out = tmp_path / "sweep"
+    _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.5,0.9", "--out", out)
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["assertions"] == 1
+    for row in doc["rows"]:
+        k = row["values"]["k"]
+        applied = tmp_path / f"apply-{k}"
+        run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", rules, "--set", f"k={k}", "--out", applied,
+                      "--no-progress")
+        failures = json.loads((applied / "report.json").read_text())["assertions"]["failures"]
+        assert run.rc == (1 if failures else 0)
+        assert len(row["failed_assertions"]) == len(failures)
+    assert [bool(r["failed_assertions"]) for r in doc["rows"]] == [False, True]  # k=0.9 zeroes more than 45%
+    with open(out / "sweep.csv", newline="") as f:
+        assert [line[-1] for line in csv.reader(f)] == ["assertions", "hold", f"{len(doc['rows'][1]['failed_assertions'])} failed"]
