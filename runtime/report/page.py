@@ -194,7 +194,8 @@ def _short_where(where: str) -> str:
     return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}" if path else where
 
 
-def _layer(node: str, entry: dict[str, Any], report_float: float | None = None) -> str:
+def _layer(node: str, entry: dict[str, Any], report_float: float | None = None,
+           failures: list[dict[str, Any]] | None = None) -> str:
     path = entry.get("path", node)
     where = "" if path == node else f' <span class="where">module <code>{escape(path)}</code></span>'
     head = (f'<article class="panel layer" id="node-{escape(node)}"><h3>{escape(node)}'
@@ -204,6 +205,10 @@ def _layer(node: str, entry: dict[str, Any], report_float: float | None = None) 
         vs = "" if f is None else f" ({a - f:+.4f} vs float)"
         head += (f'<p class="where">accuracy with only this layer quantised: <span data-field="accuracy_alone" '
                  f'data-node="{escape(node)}">{a:.4f}</span>{vs}</p>')
+    for f in failures or ():
+        values = ", ".join(f"{k} = {v}" for k, v in (f.get("values") or {}).items())
+        head += (f"<p class='bad'>assertion at <code>{escape(str(f.get('assert')))}</code> fails here"
+                 f"{': ' + escape(values) if values else ''}{' — ' + escape(str(f['message'])) if f.get('message') else ''}</p>")
     if entry.get("left_in_float"):
         head += f'<p class="warn">stays in float: {escape(str(entry["left_in_float"]))}</p>'
     rows = []
@@ -224,6 +229,13 @@ def _layer(node: str, entry: dict[str, Any], report_float: float | None = None) 
     figure = (f'<img class="plot" alt="histograms of {escape(node)}: calibrated values with ±Δ and ±α" src="{uri}">'
               if uri else "")
     return head + table + figure + "</article>"
+
+
+def _failures_on(report: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """The assertion failures report.json names for the module at `path`."""
+    asserts = report.get("assertions")
+    failures = asserts.get("failures", []) if isinstance(asserts, dict) else []
+    return [f for f in failures if f.get("module") == path]
 
 
 def _run_section(report: dict[str, Any]) -> str:
@@ -285,7 +297,7 @@ def render_report(report: dict[str, Any]) -> str:
         "<span style='color:#c44e52'>Dashed red: ±Δ</span>, <span style='color:#8172b3'>dotted violet: ±α</span>; "
         "a weight with one Δ per channel is shown divided by its channel's Δ (the threshold at ±1). Counts on a log "
         "scale where one bin towers over the rest.</p>",
-        *(_layer(n, e, report.get("float_accuracy")) for n, e in nodes.items()),
+        *(_layer(n, e, report.get("float_accuracy"), _failures_on(report, e.get("path", n))) for n, e in nodes.items()),
         _run_section(report),
         "<footer>Written by <code>ternqc report</code> from report.json.</footer>",
     ]

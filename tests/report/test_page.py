@@ -39,6 +39,8 @@ def test_notes_float_layers_assertions_constants_and_finetuning_reach_the_page()
     assert "<code>head</code> (linear) stays in float: no rule quantises any of its tensors" in text
     assert text.count("attn.out_proj") == 1  # said once, with the more specific reason
     assert "assertion at <code>r.tq:9:1</code> fails" in text and "too dense" in text
+    panel = text[text.index('id="node-a&lt;x&gt;"'):text.index('id="node-b"')]
+    assert "assertion at <code>r.tq:9:1</code> fails here" in panel  # on the module it failed on
     assert ">2/3<" in text  # assertions that hold
     assert "<code>k = 0.6</code> (--set)" in text
     page = parse_page(text)
