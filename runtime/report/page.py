@@ -94,11 +94,24 @@ def _warnings(report: dict[str, Any]) -> list[str]:
     if isinstance(asserts, dict):
         for f in asserts.get("failures", []):
             where = f.get("module") or "the model"
-            values = ", ".join(f"{k} = {v}" for k, v in (f.get("values") or {}).items())
+            values = _assert_values(f)
             items.append(f"<span class='bad'>assertion at <code>{escape(str(f.get('assert')))}</code> fails on "
                          f"{escape(str(where))}</span>{': ' + escape(values) if values else ''}"
                          f"{' — ' + escape(str(f['message'])) if f.get('message') else ''}")
     return items
+
+
+def _assert_values(failure: dict[str, Any]) -> str:
+    """`name = value, ...` of what a failed assertion read, numbers with 4 significant digits."""
+
+    def show(v: Any) -> str:
+        if isinstance(v, float):
+            return _num(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(show(x) for x in v[:6]) + (", …]" if len(v) > 6 else "]")
+        return str(v)
+
+    return ", ".join(f"{k} = {show(v)}" for k, v in (failure.get("values") or {}).items())
 
 
 def _summary(report: dict[str, Any]) -> str:
@@ -114,11 +127,13 @@ def _summary(report: dict[str, Any]) -> str:
                      f'<div class="detail">mean over {len(weights)} layers</div></div>')
     asserts = report.get("assertions")
     if isinstance(asserts, dict) and asserts.get("checked"):
-        failed = len(asserts.get("failures", []))
+        failures = asserts.get("failures", [])
+        failed = len({f.get("assert") for f in failures})  # one assertion may fail on several modules
         tone = "bad" if failed else "good"
+        detail = f"hold; {len(failures)} failure{'s' if len(failures) != 1 else ''}" if failures else "hold"
         cards.append(f'<div class="card"><div class="label">assertions</div>'
-                     f'<div class="value {tone}">{asserts["checked"] - failed}/{asserts["checked"]}</div>'
-                     f'<div class="detail">hold</div></div>')
+                     f'<div class="value {tone}">{max(asserts["checked"] - failed, 0)}/{asserts["checked"]}</div>'
+                     f'<div class="detail">{detail}</div></div>')
     n_warn = len(_warnings(report))
     cards.append(f'<div class="card"><div class="label">notes</div><div class="value {"warn" if n_warn else ""}">'
                  f'{n_warn}</div><div class="detail">{"see below" if n_warn else "nothing to report"}</div></div>')
@@ -206,7 +221,7 @@ def _layer(node: str, entry: dict[str, Any], report_float: float | None = None,
         head += (f'<p class="where">accuracy with only this layer quantised: <span data-field="accuracy_alone" '
                  f'data-node="{escape(node)}">{a:.4f}</span>{vs}</p>')
     for f in failures or ():
-        values = ", ".join(f"{k} = {v}" for k, v in (f.get("values") or {}).items())
+        values = _assert_values(f)
         head += (f"<p class='bad'>assertion at <code>{escape(str(f.get('assert')))}</code> fails here"
                  f"{': ' + escape(values) if values else ''}{' — ' + escape(str(f['message'])) if f.get('message') else ''}</p>")
     if entry.get("left_in_float"):

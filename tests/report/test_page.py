@@ -27,7 +27,9 @@ def _report() -> dict:
                          {"path": "attn.out_proj", "op": "linear", "reason": "no rule quantises any of its tensors"}],
         "left_in_float": {"attn.out_proj": "read without calling the module"},
         "assertions": {"checked": 3, "failures": [{"assert": "r.tq:9:1", "selector": "linear", "module": "a.x",
-                                                    "values": {"weight_zero_fraction": 0.0}, "message": "too dense"}]},
+                                                    "values": {"weight_zero_fraction": 0.123456789}, "message": "too dense"},
+                                                   {"assert": "r.tq:9:1", "selector": "linear", "module": "b",
+                                                    "values": {}, "message": "too dense"}]},
         "constants": {"k": {"value": 0.6, "how": "set", "origin": "r.tq:1:1"}},
         "finetune": {"epochs": 3, "lr": 0.001, "history": []},
     }
@@ -39,9 +41,10 @@ def test_notes_float_layers_assertions_constants_and_finetuning_reach_the_page()
     assert "<code>head</code> (linear) stays in float: no rule quantises any of its tensors" in text
     assert text.count("attn.out_proj") == 1  # said once, with the more specific reason
     assert "assertion at <code>r.tq:9:1</code> fails" in text and "too dense" in text
+    assert "weight_zero_fraction = 0.1235" in text
     panel = text[text.index('id="node-a&lt;x&gt;"'):text.index('id="node-b"')]
     assert "assertion at <code>r.tq:9:1</code> fails here" in panel  # on the module it failed on
-    assert ">2/3<" in text  # assertions that hold
+    assert ">2/3<" in text  # assertions that hold (one fails)
     assert "<code>k = 0.6</code> (--set)" in text
     page = parse_page(text)
     assert number(page.found[("post_training_accuracy", None, None, None)][0]) == 0.25
