@@ -24,8 +24,9 @@ from torch import nn
 
 from ternqc.plan import QUANTISABLE
 from ternqc.runtime.quantize.mapping import MappingResult
-from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant
+from ternqc.runtime.quantize.uncalled import functional_only
 from ternqc.runtime.report.histograms import ObservedInputs, observe_inputs, relative_l2, tensor_histogram
 
 #: Rules files larger than this are not copied into report.json.
@@ -118,21 +119,32 @@ def add_details(
                 t.update(_param_details(module, tensor))
     report["nodes"] = dict(sorted(report.get("nodes", {}).items(), key=lambda kv: kv[1]["index"]))
     report["run"] = run
-    report["float_layers"] = _float_layers(modules, configs)
+    report["float_layers"] = _float_layers(model, configs)
     report["notes"] = list(notes)
     return report
 
 
-def _float_layers(modules: dict[str, nn.Module], configs: dict[str, ModuleQuant]) -> list[dict[str, str]]:
-    """Quantisable modules (by type) that the run left in float, in model order, each with the reason."""
+def _float_layers(model: nn.Module, configs: dict[str, ModuleQuant]) -> list[dict[str, str]]:
+    """Modules of a type ternqc can quantise (subclasses included, e.g. MultiheadAttention's
+    `NonDynamicallyQuantizableLinear`) that the run left in float, in model order, each with the reason."""
+    float_types = tuple(t for t in TERNARY_MODULES if isinstance(t, type))
+    uncalled = functional_only(model)
     out = []
-    for path, module in modules.items():
+    for path, module in model.named_modules():
         op = type(module).__name__.lower()
-        if not path or op not in QUANTISABLE or isinstance(module, TernaryModule):
+        if not path or isinstance(module, TernaryModule):
+            continue
+        if op not in QUANTISABLE and not isinstance(module, float_types):
             continue
         mq = configs.get(path)
-        reason = "no rule quantises any of its tensors" if mq is None or not mq.quantises_anything else (
-            "it was not converted")
+        if path in uncalled:
+            reason = uncalled[path]
+        elif mq is None or not mq.quantises_anything:
+            reason = "no rule quantises any of its tensors"
+            if op not in QUANTISABLE:
+                reason += f" (its type is {type(module).__name__}, which type selectors do not name)"
+        else:
+            reason = "it was not converted"
         out.append({"path": path, "op": op, "reason": reason})
     return out
 

@@ -218,3 +218,23 @@ def test_sensitivity_is_the_accuracy_with_only_that_layer_quantised(trained_toy,
         node = f"seq_blocks_{i}"
         (cell,) = page.found[("accuracy_alone", node, None, None)]
         assert cell == f"{report['nodes'][node]['accuracy_alone']:.4f}"
+
+
+def test_layers_left_in_float_are_listed_with_the_reason(tmp_path) -> None:
+    """A TransformerEncoder's attention output projections (MultiheadAttention reads their weights without
+    calling them) and ReLUs no rule quantises are listed, in model order, and named on the page."""
+    from tests.test_cli_support import FIXTURES
+
+    run = run_cli("apply", "--model", f"{FIXTURES / 'bert_like.py'}:transformer", "--rules", CONFIGS / "twn.tq",
+                  "--out", tmp_path, "--report", "--no-progress")
+    assert run.rc == 0, run
+    report = json.loads((tmp_path / "report.json").read_text())
+    listed = {layer["path"]: layer["reason"] for layer in report["float_layers"]}
+    projections = [f"encoder.layers.{i}.self_attn.out_proj" for i in (0, 1)] + ["pooler.attn.out_proj"]
+    for path in projections:
+        assert "without calling the module" in listed[path]
+    assert listed["encoder.layers.0.activation"] == "no rule quantises any of its tensors"  # twn: ReLUs in float
+    converted = {e["path"] for e in report["nodes"].values() if any(t["quantized"] for t in e["tensors"].values())}
+    assert not converted & set(listed)
+    page = (tmp_path / "report.html").read_text()
+    assert all(f"<code>{p}</code>" in page for p in projections)
