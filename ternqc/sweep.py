@@ -71,10 +71,10 @@ def display_value(text: str) -> Any:
     return text
 
 
-def compile_with_sets(rules: str, sets: dict[str, str]) -> Plan:
+def compile_with_sets(rules: str, sets: dict[str, str]) -> tuple[Plan, tuple[str, ...]]:
     """The seam between the sweep and the language: compile the rules file `rules` with its top-level
     `let NAME = ...` constants overridden by `sets` (`{name: value as written after --set NAME=}`), exactly as
-    `--set name=value` does for `ternqc apply`.
+    `--set name=value` does for `ternqc apply`; return the plan and the compiler's warnings, rendered.
 
     Raises:
         CompileError: the rules or a value do not compile (e.g. no `let` of that name).
@@ -88,7 +88,8 @@ def compile_with_sets(rules: str, sets: dict[str, str]) -> Plan:
         msg = "ternqc sweep --set needs `let` constants and --set overrides in the rules language (issue 11)"
         raise UserError(msg)
     overrides = compiler.parse_sets([f"{k}={v}" for k, v in sets.items()])
-    return compiler.compile_file(rules, overrides=overrides).plan
+    compiled = compiler.compile_file(rules, overrides=overrides)
+    return compiled.plan, tuple(w.render() if hasattr(w, "render") else str(w) for w in compiled.warnings)
 
 
 def combinations(swept: dict[str, list[str]]) -> list[dict[str, str]]:
@@ -113,8 +114,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     require_matplotlib()
     swept = parse_set_options(args.sets)
     combos = combinations(swept)
-    plans = [({k: display_value(v) for k, v in c.items()}, compile_with_sets(args.rules, c).to_dict())
-             for c in combos]
+    plans, warned = [], []
+    for combo in combos:
+        plan, warnings = compile_with_sets(args.rules, combo)
+        for warning in warnings:  # the same rules give the same warnings: say each once
+            if warning not in warned:
+                warned.append(warning)
+                print(warning, file=sys.stderr)
+        plans.append(({k: display_value(v) for k, v in combo.items()}, plan.to_dict()))
     settings = _settings(args)
     result, writes = _calibrate_in_processes(args, sweep.sweep_worker, plans, settings, args.rules, args.reports)
     if not writes:

@@ -32,7 +32,7 @@ def _substituting(rules: str, sets: dict[str, str]):
     for name, value in sets.items():
         assert "{{" + name + "}}" in text, name
         text = text.replace("{{" + name + "}}", value)
-    return compile_source(text, rules).plan
+    return compile_source(text, rules).plan, ()
 
 
 @pytest.fixture(name="placeholder_seam")
@@ -226,3 +226,14 @@ def test_assertions_are_checked_in_every_combination_as_apply_checks_them(traine
     assert [bool(r["failed_assertions"]) for r in doc["rows"]] == [False, True]  # k=0.9 zeroes more than 45%
     with open(out / "sweep.csv", newline="") as f:
         assert [line[-1] for line in csv.reader(f)] == ["assertions", "hold", f"{len(doc['rows'][1]['failed_assertions'])} failed"]
+
+
+@pytest.mark.skipif(not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build")
+def test_compile_warnings_are_printed_once(trained_toy, tmp_path) -> None:
+    rules = tmp_path / "shadowed.tq"
+    rules.write_text((CONFIGS / "twn.tq").read_text() + "\n\"seq_blocks_0\".weight_width = 2\n\"seq_blocks_0\".weight_width = 2\n")
+    run = run_cli("sweep", "--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.5,0.9", "--out", tmp_path / "s",
+                  "--no-progress")
+    assert run.rc == 0, run
+    warnings = [ln for ln in run.err.splitlines() if ": warning:" in ln]
+    assert warnings and len(warnings) == len(set(warnings))
