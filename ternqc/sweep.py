@@ -123,15 +123,23 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                 print(warning, file=sys.stderr)
         plans.append(({k: display_value(v) for k, v in combo.items()}, plan.to_dict()))
     settings = _settings(args)
-    result, writes = _calibrate_in_processes(args, sweep.sweep_worker, plans, settings, args.rules, args.reports)
+    result, writes = _calibrate_in_processes(
+        args, sweep.sweep_worker, plans, settings, args.rules, args.reports
+    )
     if not writes:
         return 0
     _print_notes(result.notes)
-    doc = sweep.sweep_document(result, {k: [display_value(v) for v in vs] for k, vs in swept.items()}, settings,
-                               args.rules)
+    doc = sweep.sweep_document(
+        result, {k: [display_value(v) for v in vs] for k, vs in swept.items()}, settings, args.rules
+    )
     print(sweep.format_table(sweep.sweep_table(doc)))
-    print(f"\nfloat accuracy {result.float_accuracy:.4f}; {len(combos)} combinations, "
-          f"{result.calibrations} calibration(s)", file=sys.stdout)
+    print(
+        f"\nfloat accuracy {result.float_accuracy:.4f}; {len(combos)} combinations, "
+        f"{result.calibrations} calibration(s)",
+        file=sys.stdout,
+    )
     written = sweep.write_sweep(args.out, doc, result)
-    print("wrote " + ", ".join(written[:3]) + (f" and {len(written) - 3} reports" if len(written) > 3 else ""))
+    print(
+        "wrote " + ", ".join(written[:3]) + (f" and {len(written) - 3} reports" if len(written) > 3 else "")
+    )
     return 0

@@ -44,8 +44,13 @@ class Histogram:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Histogram:
-        return cls(float(d["lo"]), float(d["hi"]), tuple(int(c) for c in d["counts"]), float(d["min"]),
-                   float(d["max"]))
+        return cls(
+            float(d["lo"]),
+            float(d["hi"]),
+            tuple(int(c) for c in d["counts"]),
+            float(d["min"]),
+            float(d["max"]),
+        )
 
     @property
     def total(self) -> int:
@@ -167,7 +172,9 @@ def _input_hooks(model: nn.Module, configs: dict[str, ModuleQuant]) -> Iterator[
             h.remove()
 
 
-def observe_inputs(model: nn.Module, configs: dict[str, ModuleQuant], batches: Sequence[tuple[Any, Any]]) -> ObservedInputs:
+def observe_inputs(
+    model: nn.Module, configs: dict[str, ModuleQuant], batches: Sequence[tuple[Any, Any]]
+) -> ObservedInputs:
     """Run `batches` through the float `model` (eval, no grad) and histogram the input of every module whose
     `data_in` the configs quantise, with the relative L2 error of q(x) = α·T(x) (T(x) without scaling).
 

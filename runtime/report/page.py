@@ -29,13 +29,22 @@ def _num(value: Any, digits: int = 4) -> str:
 def _summary_value(v: Any) -> str:
     """Δ or α as shown in a table: a scalar with 4 significant digits, a per-channel summary as its mean."""
     if isinstance(v, dict):
-        return (f"{_num(v['mean'])}<span class='rules' style='display:block'>mean of {v['values']}, "
-                f"{_num(v['min'], 3)}…{_num(v['max'], 3)}</span>")
+        return (
+            f"{_num(v['mean'])}<span class='rules' style='display:block'>mean of {v['values']}, "
+            f"{_num(v['min'], 3)}…{_num(v['max'], 3)}</span>"
+        )
     return _num(v)
 
 
-def _cell(v: Any, field: str, node: str | None = None, tensor: str | None = None, *, percent: bool = False,
-          summary: bool = False) -> str:
+def _cell(
+    v: Any,
+    field: str,
+    node: str | None = None,
+    tensor: str | None = None,
+    *,
+    percent: bool = False,
+    summary: bool = False,
+) -> str:
     attrs = f' data-field="{escape(field)}"'
     if node is not None:
         attrs += f' data-node="{escape(node)}"'
@@ -53,20 +62,29 @@ def _cell(v: Any, field: str, node: str | None = None, tensor: str | None = None
 def _accuracy_cards(report: dict[str, Any]) -> list[str]:
     cards = []
     f, q = report.get("float_accuracy"), report.get("ternary_accuracy")
-    cards.append(f'<div class="card"><div class="label">float accuracy</div>'
-                 f'<div class="value" data-field="float_accuracy">{_num4(f)}</div>'
-                 f'<div class="detail">validation split</div></div>')
+    cards.append(
+        f'<div class="card"><div class="label">float accuracy</div>'
+        f'<div class="value" data-field="float_accuracy">{_num4(f)}</div>'
+        f'<div class="detail">validation split</div></div>'
+    )
     drop = "" if f is None or q is None else f"{q - f:+.4f} vs float"
     tone = "" if f is None or q is None else ("good" if q >= f - 0.01 else "bad")
-    cards.append(f'<div class="card"><div class="label">ternary accuracy</div>'
-                 f'<div class="value" data-field="ternary_accuracy">{_num4(q)}</div>'
-                 f'<div class="detail {tone}">{escape(drop)}</div></div>')
+    cards.append(
+        f'<div class="card"><div class="label">ternary accuracy</div>'
+        f'<div class="value" data-field="ternary_accuracy">{_num4(q)}</div>'
+        f'<div class="detail {tone}">{escape(drop)}</div></div>'
+    )
     for key, value in report.items():  # e.g. post_training_accuracy from fine-tuning
-        if key.endswith("_accuracy") and key not in ("float_accuracy", "ternary_accuracy") and isinstance(
-                value, (int, float)):
+        if (
+            key.endswith("_accuracy")
+            and key not in ("float_accuracy", "ternary_accuracy")
+            and isinstance(value, (int, float))
+        ):
             label = key[: -len("_accuracy")].replace("_", " ") + " accuracy"
-            cards.append(f'<div class="card"><div class="label">{escape(label)}</div>'
-                         f'<div class="value" data-field="{escape(key)}">{_num4(value)}</div></div>')
+            cards.append(
+                f'<div class="card"><div class="label">{escape(label)}</div>'
+                f'<div class="value" data-field="{escape(key)}">{_num4(value)}</div></div>'
+            )
     return cards
 
 
@@ -75,8 +93,12 @@ def _num4(v: Any) -> str:
 
 
 def _quantised(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [(node, name, t) for node, entry in report.get("nodes", {}).items()
-            for name, t in entry.get("tensors", {}).items() if t.get("quantized")]
+    return [
+        (node, name, t)
+        for node, entry in report.get("nodes", {}).items()
+        for name, t in entry.get("tensors", {}).items()
+        if t.get("quantized")
+    ]
 
 
 def _warnings(report: dict[str, Any]) -> list[str]:
@@ -86,8 +108,10 @@ def _warnings(report: dict[str, Any]) -> list[str]:
     for layer in report.get("float_layers", []):
         if layer["path"] in left:
             continue  # said below, with the reason
-        items.append(f"<code>{escape(layer['path'])}</code> ({escape(layer['op'])}) stays in float: "
-                     f"{escape(layer['reason'])}")
+        items.append(
+            f"<code>{escape(layer['path'])}</code> ({escape(layer['op'])}) stays in float: "
+            f"{escape(layer['reason'])}"
+        )
     for path, why in left.items():
         items.append(f"<code>{escape(path)}</code> stays in float: {escape(str(why))}")
     asserts = report.get("assertions")
@@ -95,9 +119,11 @@ def _warnings(report: dict[str, Any]) -> list[str]:
         for f in asserts.get("failures", []):
             where = f.get("module") or "the model"
             values = _assert_values(f)
-            items.append(f"<span class='bad'>assertion at <code>{escape(str(f.get('assert')))}</code> fails on "
-                         f"{escape(str(where))}</span>{': ' + escape(values) if values else ''}"
-                         f"{' — ' + escape(str(f['message'])) if f.get('message') else ''}")
+            items.append(
+                f"<span class='bad'>assertion at <code>{escape(str(f.get('assert')))}</code> fails on "
+                f"{escape(str(where))}</span>{': ' + escape(values) if values else ''}"
+                f"{' — ' + escape(str(f['message'])) if f.get('message') else ''}"
+            )
     return items
 
 
@@ -118,25 +144,37 @@ def _summary(report: dict[str, Any]) -> str:
     cards = _accuracy_cards(report)
     quantised = _quantised(report)
     nodes = {n for n, _, _ in quantised}
-    cards.append(f'<div class="card"><div class="label">quantised</div><div class="value">{len(quantised)}</div>'
-                 f'<div class="detail">tensors in {len(nodes)} of {len(report.get("nodes", {}))} nodes</div></div>')
-    weights = [t["zero_fraction"] for _, name, t in quantised if name == "weight" and t.get("zero_fraction") is not None]
+    cards.append(
+        f'<div class="card"><div class="label">quantised</div><div class="value">{len(quantised)}</div>'
+        f'<div class="detail">tensors in {len(nodes)} of {len(report.get("nodes", {}))} nodes</div></div>'
+    )
+    weights = [
+        t["zero_fraction"]
+        for _, name, t in quantised
+        if name == "weight" and t.get("zero_fraction") is not None
+    ]
     if weights:
-        cards.append(f'<div class="card"><div class="label">weight zeros</div>'
-                     f'<div class="value">{100 * sum(weights) / len(weights):.1f}%</div>'
-                     f'<div class="detail">mean over {len(weights)} layers</div></div>')
+        cards.append(
+            f'<div class="card"><div class="label">weight zeros</div>'
+            f'<div class="value">{100 * sum(weights) / len(weights):.1f}%</div>'
+            f'<div class="detail">mean over {len(weights)} layers</div></div>'
+        )
     asserts = report.get("assertions")
     if isinstance(asserts, dict) and asserts.get("checked"):
         failures = asserts.get("failures", [])
         failed = len({f.get("assert") for f in failures})  # one assertion may fail on several modules
         tone = "bad" if failed else "good"
         detail = f"hold; {len(failures)} failure{'s' if len(failures) != 1 else ''}" if failures else "hold"
-        cards.append(f'<div class="card"><div class="label">assertions</div>'
-                     f'<div class="value {tone}">{max(asserts["checked"] - failed, 0)}/{asserts["checked"]}</div>'
-                     f'<div class="detail">{detail}</div></div>')
+        cards.append(
+            f'<div class="card"><div class="label">assertions</div>'
+            f'<div class="value {tone}">{max(asserts["checked"] - failed, 0)}/{asserts["checked"]}</div>'
+            f'<div class="detail">{detail}</div></div>'
+        )
     n_warn = len(_warnings(report))
-    cards.append(f'<div class="card"><div class="label">notes</div><div class="value {"warn" if n_warn else ""}">'
-                 f'{n_warn}</div><div class="detail">{"see below" if n_warn else "nothing to report"}</div></div>')
+    cards.append(
+        f'<div class="card"><div class="label">notes</div><div class="value {"warn" if n_warn else ""}">'
+        f'{n_warn}</div><div class="detail">{"see below" if n_warn else "nothing to report"}</div></div>'
+    )
     return '<section class="cards">' + "".join(cards) + "</section>"
 
 
@@ -147,8 +185,11 @@ def _notes_section(report: dict[str, Any]) -> str:
         items.append(f"<span class='good'>all {asserts['checked']} assertions hold</span>")
     if not items:
         return ""
-    return ('<h2 id="notes">Notes and warnings</h2><div class="panel"><ul class="notes">'
-            + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>")
+    return (
+        '<h2 id="notes">Notes and warnings</h2><div class="panel"><ul class="notes">'
+        + "".join(f"<li>{i}</li>" for i in items)
+        + "</ul></div>"
+    )
 
 
 def _overview(report: dict[str, Any]) -> str:
@@ -158,21 +199,28 @@ def _overview(report: dict[str, Any]) -> str:
     alone = {n: e["accuracy_alone"] for n, e in nodes.items() if e.get("accuracy_alone") is not None}
     lost = None
     if alone and report.get("float_accuracy") is not None:
-        lost = plots.sensitivity_bars(list(alone), list(alone.values()), report["float_accuracy"],
-                                      report.get("ternary_accuracy"))
+        lost = plots.sensitivity_bars(
+            list(alone), list(alone.values()), report["float_accuracy"], report.get("ternary_accuracy")
+        )
     figs = []
-    for title, uri, alt in (("Accuracy lost with only this layer quantised", lost, "accuracy lost per layer alone"),
-                            ("Zero fraction per layer", zeros, "zero fraction per layer and tensor"),
-                            ("Quantisation error per layer", errors, "relative L2 error per layer and tensor")):
+    for title, uri, alt in (
+        ("Accuracy lost with only this layer quantised", lost, "accuracy lost per layer alone"),
+        ("Zero fraction per layer", zeros, "zero fraction per layer and tensor"),
+        ("Quantisation error per layer", errors, "relative L2 error per layer and tensor"),
+    ):
         if uri:
-            figs.append(f'<div class="panel"><h3>{title}</h3><img class="plot" alt="{alt}" src="{uri}"></div>')
+            figs.append(
+                f'<div class="panel"><h3>{title}</h3><img class="plot" alt="{alt}" src="{uri}"></div>'
+            )
     rows = []
     for node, entry in nodes.items():
         for name in _tensor_names(entry):
             t = entry["tensors"][name]
             if not t.get("quantized"):
-                rows.append(f'<tr><td><a href="#node-{escape(node)}">{escape(node)}</a></td><td>{escape(entry.get("op", ""))}</td>'
-                            f'<td>{escape(name)}</td><td class="num" colspan="4">float</td></tr>')
+                rows.append(
+                    f'<tr><td><a href="#node-{escape(node)}">{escape(node)}</a></td><td>{escape(entry.get("op", ""))}</td>'
+                    f'<td>{escape(name)}</td><td class="num" colspan="4">float</td></tr>'
+                )
                 continue
             rows.append(
                 f'<tr><td><a href="#node-{escape(node)}">{escape(node)}</a></td><td>{escape(entry.get("op", ""))}</td>'
@@ -181,10 +229,14 @@ def _overview(report: dict[str, Any]) -> str:
                 + _cell(t.get("alpha") if t.get("scaling") else None, "alpha", node, name, summary=True)
                 + _cell(t.get("zero_fraction"), "zero_fraction", node, name, percent=True)
                 + _cell(t.get("rel_l2_error"), "rel_l2_error", node, name)
-                + "</tr>")
-    table = ('<div class="panel"><table><thead><tr><th>node</th><th>op</th><th>tensor</th><th class="num">Δ</th>'
-             '<th class="num">α</th><th class="num">zeros</th><th class="num">rel. L2 error</th></tr></thead><tbody>'
-             + "".join(rows) + "</tbody></table></div>")
+                + "</tr>"
+            )
+    table = (
+        '<div class="panel"><table><thead><tr><th>node</th><th>op</th><th>tensor</th><th class="num">Δ</th>'
+        '<th class="num">α</th><th class="num">zeros</th><th class="num">rel. L2 error</th></tr></thead><tbody>'
+        + "".join(rows)
+        + "</tbody></table></div>"
+    )
     return '<h2 id="layers">Per layer</h2>' + "".join(figs) + table
 
 
@@ -198,8 +250,10 @@ def _rules_cell(entry: dict[str, Any], tensor: str) -> str:
     rules = {p: w for p, w in (entry.get("rules") or {}).items() if p == "name" or p.startswith(tensor + "_")}
     if not rules:
         return '<td class="rules">no rule</td>'
-    parts = [f"{escape(p)}&nbsp;<code title='{escape(where)}'>{escape(_short_where(where))}</code>"
-             for p, where in rules.items()]
+    parts = [
+        f"{escape(p)}&nbsp;<code title='{escape(where)}'>{escape(_short_where(where))}</code>"
+        for p, where in rules.items()
+    ]
     return '<td class="rules">' + " · ".join(parts) + "</td>"
 
 
@@ -209,40 +263,62 @@ def _short_where(where: str) -> str:
     return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}" if path else where
 
 
-def _layer(node: str, entry: dict[str, Any], report_float: float | None = None,
-           failures: list[dict[str, Any]] | None = None) -> str:
+def _layer(
+    node: str,
+    entry: dict[str, Any],
+    report_float: float | None = None,
+    failures: list[dict[str, Any]] | None = None,
+) -> str:
     path = entry.get("path", node)
     where = "" if path == node else f' <span class="where">module <code>{escape(path)}</code></span>'
-    head = (f'<article class="panel layer" id="node-{escape(node)}"><h3>{escape(node)}'
-            f'<span class="tag">{escape(entry.get("op", ""))}</span></h3>{where}')
+    head = (
+        f'<article class="panel layer" id="node-{escape(node)}"><h3>{escape(node)}'
+        f'<span class="tag">{escape(entry.get("op", ""))}</span></h3>{where}'
+    )
     if entry.get("accuracy_alone") is not None:
         a, f = entry["accuracy_alone"], report_float
         vs = "" if f is None else f" ({a - f:+.4f} vs float)"
-        head += (f'<p class="where">accuracy with only this layer quantised: <span data-field="accuracy_alone" '
-                 f'data-node="{escape(node)}">{a:.4f}</span>{vs}</p>')
+        head += (
+            f'<p class="where">accuracy with only this layer quantised: <span data-field="accuracy_alone" '
+            f'data-node="{escape(node)}">{a:.4f}</span>{vs}</p>'
+        )
     for f in failures or ():
         values = _assert_values(f)
-        head += (f"<p class='bad'>assertion at <code>{escape(str(f.get('assert')))}</code> fails here"
-                 f"{': ' + escape(values) if values else ''}{' — ' + escape(str(f['message'])) if f.get('message') else ''}</p>")
+        head += (
+            f"<p class='bad'>assertion at <code>{escape(str(f.get('assert')))}</code> fails here"
+            f"{': ' + escape(values) if values else ''}{' — ' + escape(str(f['message'])) if f.get('message') else ''}</p>"
+        )
     if entry.get("left_in_float"):
         head += f'<p class="warn">stays in float: {escape(str(entry["left_in_float"]))}</p>'
     rows = []
     for name in _tensor_names(entry):
         t = entry["tensors"][name]
         if not t.get("quantized"):
-            rows.append(f"<tr><td>{escape(name)}</td><td class='num' colspan='4'>float</td>{_rules_cell(entry, name)}</tr>")
+            rows.append(
+                f"<tr><td>{escape(name)}</td><td class='num' colspan='4'>float</td>{_rules_cell(entry, name)}</tr>"
+            )
             continue
-        rows.append(f"<tr><td>{escape(name)}</td>"
-                    + _cell(t.get("delta"), "delta", node, name, summary=True)
-                    + _cell(t.get("alpha") if t.get("scaling") else None, "alpha", node, name, summary=True)
-                    + _cell(t.get("zero_fraction"), "zero_fraction", node, name, percent=True)
-                    + _cell(t.get("rel_l2_error"), "rel_l2_error", node, name)
-                    + _rules_cell(entry, name) + "</tr>")
-    table = ('<table><thead><tr><th>tensor</th><th class="num">Δ</th><th class="num">α</th><th class="num">zeros</th>'
-             '<th class="num">rel. L2 error</th><th>set by</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+        rows.append(
+            f"<tr><td>{escape(name)}</td>"
+            + _cell(t.get("delta"), "delta", node, name, summary=True)
+            + _cell(t.get("alpha") if t.get("scaling") else None, "alpha", node, name, summary=True)
+            + _cell(t.get("zero_fraction"), "zero_fraction", node, name, percent=True)
+            + _cell(t.get("rel_l2_error"), "rel_l2_error", node, name)
+            + _rules_cell(entry, name)
+            + "</tr>"
+        )
+    table = (
+        '<table><thead><tr><th>tensor</th><th class="num">Δ</th><th class="num">α</th><th class="num">zeros</th>'
+        '<th class="num">rel. L2 error</th><th>set by</th></tr></thead><tbody>'
+        + "".join(rows)
+        + "</tbody></table>"
+    )
     uri = plots.node_histograms({n: entry["tensors"][n] for n in _tensor_names(entry)})
-    figure = (f'<img class="plot" alt="histograms of {escape(node)}: calibrated values with ±Δ and ±α" src="{uri}">'
-              if uri else "")
+    figure = (
+        f'<img class="plot" alt="histograms of {escape(node)}: calibrated values with ±Δ and ±α" src="{uri}">'
+        if uri
+        else ""
+    )
     return head + table + figure + "</article>"
 
 
@@ -256,51 +332,79 @@ def _failures_on(report: dict[str, Any], path: str) -> list[dict[str, Any]]:
 def _run_section(report: dict[str, Any]) -> str:
     run = report.get("run") or {}
     rows = []
-    for label, key in (("model", "model"), ("checkpoint", "ckpt"), ("dataset", "dataset"), ("rules", "rules")):
+    for label, key in (
+        ("model", "model"),
+        ("checkpoint", "ckpt"),
+        ("dataset", "dataset"),
+        ("rules", "rules"),
+    ):
         if key in run:
             value = run[key]
-            rows.append(f"<tr><th>{label}</th><td><code>{escape(str(value) if value else '(none)')}</code></td></tr>")
+            rows.append(
+                f"<tr><th>{label}</th><td><code>{escape(str(value) if value else '(none)')}</code></td></tr>"
+            )
     cal = run.get("calibration")
     if cal:
-        rows.append(f"<tr><th>calibration</th><td>{cal.get('samples')} samples in batches of {cal.get('batch_size')} "
-                    f"from the {escape(str(cal.get('split')))} split, seed {cal.get('seed')}</td></tr>")
+        rows.append(
+            f"<tr><th>calibration</th><td>{cal.get('samples')} samples in batches of {cal.get('batch_size')} "
+            f"from the {escape(str(cal.get('split')))} split, seed {cal.get('seed')}</td></tr>"
+        )
     constants = report.get("constants") or {}
     if constants:
         items = ", ".join(
             f"<code>{escape(k)} = {escape(str(c.get('value') if isinstance(c, dict) else c))}</code>"
             + (" (--set)" if isinstance(c, dict) and c.get("how") == "set" else "")
-            for k, c in constants.items())
+            for k, c in constants.items()
+        )
         rows.append(f"<tr><th>constants</th><td>{items}</td></tr>")
     texts = "".join(
         f"<details><summary>{escape(path)}</summary><pre>{escape(text)}</pre></details>"
-        for path, text in (run.get("rules_text") or {}).items())
+        for path, text in (run.get("rules_text") or {}).items()
+    )
     tune = report.get("finetune")
     if isinstance(tune, dict):
         shown = ", ".join(f"{escape(k)} {escape(str(v))}" for k, v in tune.items() if k != "history")
         rows.append(f"<tr><th>fine-tuning</th><td>{shown}</td></tr>")
     if not rows and not texts:
         return ""
-    return ('<h2 id="run">Run</h2><div class="panel"><table class="run">' + "".join(rows) + "</table>"
-            + texts + "</div>")
+    return (
+        '<h2 id="run">Run</h2><div class="panel"><table class="run">'
+        + "".join(rows)
+        + "</table>"
+        + texts
+        + "</div>"
+    )
 
 
 def render_report(report: dict[str, Any]) -> str:
     """The whole page for `report` (report.json's content); layers in model order (their `index`)."""
     nodes = report.get("nodes", {})
-    order = sorted(nodes, key=lambda n: nodes[n].get("index", len(nodes)))  # stable: no index keeps file order
+    order = sorted(
+        nodes, key=lambda n: nodes[n].get("index", len(nodes))
+    )  # stable: no index keeps file order
     report = {**report, "nodes": {n: nodes[n] for n in order}}
     run = report.get("run") or {}
     subtitle = " · ".join(
         f"{label} <code>{escape(str(run[key]))}</code>"
-        for label, key in (("model", "model"), ("rules", "rules"), ("dataset", "dataset")) if run.get(key))
+        for label, key in (("model", "model"), ("rules", "rules"), ("dataset", "dataset"))
+        if run.get(key)
+    )
     constants = report.get("constants") or {}
     if constants:
         subtitle += " · " + ", ".join(
             f"<code>{escape(k)} = {escape(str(c.get('value') if isinstance(c, dict) else c))}</code>"
-            for k, c in constants.items())
+            for k, c in constants.items()
+        )
     nodes = report.get("nodes", {})
-    toc = ('<nav class="toc">layers: ' + "".join(f'<a href="#node-{escape(n)}">{escape(n)}</a>' for n in nodes)
-           + "</nav>") if nodes else ""
+    toc = (
+        (
+            '<nav class="toc">layers: '
+            + "".join(f'<a href="#node-{escape(n)}">{escape(n)}</a>' for n in nodes)
+            + "</nav>"
+        )
+        if nodes
+        else ""
+    )
     body = [
         f'<header><h1>ternqc report</h1><p class="sub">{subtitle}</p>{toc}</header>',
         _summary(report),
@@ -312,12 +416,18 @@ def render_report(report: dict[str, Any]) -> str:
         "<span style='color:#c44e52'>Dashed red: ±Δ</span>, <span style='color:#8172b3'>dotted violet: ±α</span>; "
         "a weight with one Δ per channel is shown divided by its channel's Δ (the threshold at ±1). Counts on a log "
         "scale where one bin towers over the rest.</p>",
-        *(_layer(n, e, report.get("float_accuracy"), _failures_on(report, e.get("path", n))) for n, e in nodes.items()),
+        *(
+            _layer(n, e, report.get("float_accuracy"), _failures_on(report, e.get("path", n)))
+            for n, e in nodes.items()
+        ),
         _run_section(report),
         "<footer>Written by <code>ternqc report</code> from report.json.</footer>",
     ]
     title = f"ternqc report — {run.get('model', '')}".rstrip(" —")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
-            + "\n".join(part for part in body if part) + "\n</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body><main>\n"
+        + "\n".join(part for part in body if part)
+        + "\n</main></body></html>\n"
+    )

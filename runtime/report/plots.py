@@ -125,12 +125,18 @@ def _histogram_panel(ax: Any, tensor: str, t: dict[str, Any]) -> None:
     ax.set_xlabel("   ".join(sub) if sub else "value", color="#444444")
     ax.set_ylabel("count")
     span = max(abs(h["min"]), abs(h["max"]), *(d for d in deltas), *(a for a in alphas), 1e-12)
-    ax.set_xlim(min(h["min"], -max(deltas or [0])) - 0.03 * span, max(h["max"], max(deltas or [0])) + 0.03 * span)
+    ax.set_xlim(
+        min(h["min"], -max(deltas or [0])) - 0.03 * span, max(h["max"], max(deltas or [0])) + 0.03 * span
+    )
 
 
 def node_histograms(tensors: dict[str, dict[str, Any]]) -> str | None:
     """One panel per quantised tensor of a node that has a histogram; `None` when none has one."""
-    shown = [(name, t) for name, t in tensors.items() if t.get("quantized") and t.get("histogram", {}).get("counts")]
+    shown = [
+        (name, t)
+        for name, t in tensors.items()
+        if t.get("quantized") and t.get("histogram", {}).get("counts")
+    ]
     if not shown:
         return None
     plt = _pyplot()
@@ -138,7 +144,9 @@ def node_histograms(tensors: dict[str, dict[str, Any]]) -> str | None:
         width = 3.7 * len(shown)
         fig, axes = plt.subplots(1, len(shown), figsize=(width, 2.5), squeeze=False)
         # fixed margins (in inches) instead of tight_layout: laying out by measuring text doubles the cost
-        fig.subplots_adjust(left=0.62 / width, right=1 - 0.15 / width, bottom=0.5 / 2.5, top=1 - 0.3 / 2.5, wspace=0.32)
+        fig.subplots_adjust(
+            left=0.62 / width, right=1 - 0.15 / width, bottom=0.5 / 2.5, top=1 - 0.3 / 2.5, wspace=0.32
+        )
         for ax, (name, t) in zip(axes[0], shown):
             _histogram_panel(ax, name, t)
         return _data_uri(fig)
@@ -147,8 +155,11 @@ def node_histograms(tensors: dict[str, dict[str, Any]]) -> str | None:
 def layer_bars(nodes: dict[str, dict[str, Any]], field: str, label: str, *, percent: bool) -> str | None:
     """A grouped bar chart: one group per node (model order), one bar per quantised tensor, of `field`
     (`zero_fraction` or `rel_l2_error`); `None` when no tensor has the field."""
-    tensors = [t for t in TENSOR_COLOURS if any(
-        n["tensors"].get(t, {}).get(field) is not None for n in nodes.values())]
+    tensors = [
+        t
+        for t in TENSOR_COLOURS
+        if any(n["tensors"].get(t, {}).get(field) is not None for n in nodes.values())
+    ]
     if not tensors:
         return None
     names = list(nodes)
@@ -165,7 +176,9 @@ def layer_bars(nodes: dict[str, dict[str, Any]], field: str, label: str, *, perc
                     ys.append(100 * v if percent else v)
             ax.bar(xs, ys, width=width * 0.92, color=TENSOR_COLOURS[t], label=t)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+        ax.set_xticklabels(
+            names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
+        )
         ax.set_ylabel(label)
         ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
         ax.set_axisbelow(True)
@@ -175,8 +188,12 @@ def layer_bars(nodes: dict[str, dict[str, Any]], field: str, label: str, *, perc
 
 
 def sweep_lines(
-    xs: Sequence[Any], series: dict[str, Sequence[float]], zeros: dict[str, Sequence[float]], *,
-    xlabel: str, float_accuracy: float | None,
+    xs: Sequence[Any],
+    series: dict[str, Sequence[float]],
+    zeros: dict[str, Sequence[float]],
+    *,
+    xlabel: str,
+    float_accuracy: float | None,
 ) -> str:
     """Accuracy (left axis, one line per series) and mean zero fraction (right axis, dashed) against the swept
     values `xs`; numeric `xs` on a numeric axis, others as categories."""
@@ -188,8 +205,15 @@ def sweep_lines(
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for i, (name, ys) in enumerate(series.items()):
             # later series thinner and smaller, so one that coincides with an earlier one leaves it visible
-            ax.plot(pos, ys, marker="o", color=colours[i % len(colours)], linewidth=max(0.8, 2.4 - 0.6 * i),
-                    markersize=max(2.5, 7 - 1.5 * i), label=f"accuracy{(' ' + name) if name else ''}")
+            ax.plot(
+                pos,
+                ys,
+                marker="o",
+                color=colours[i % len(colours)],
+                linewidth=max(0.8, 2.4 - 0.6 * i),
+                markersize=max(2.5, 7 - 1.5 * i),
+                label=f"accuracy{(' ' + name) if name else ''}",
+            )
         if float_accuracy is not None:
             ax.axhline(float_accuracy, color="#333333", linestyle=":", linewidth=1, label="float accuracy")
         ax.set_xlabel(xlabel)
@@ -204,17 +228,33 @@ def sweep_lines(
         for i, (name, zs) in enumerate(zeros.items()):
             # one series: the zeros in their own colour; several: each in its accuracy line's colour, dashed
             colour = "#999999" if len(zeros) == 1 else colours[i % len(colours)]
-            right.plot(pos, [100 * z if z is not None else math.nan for z in zs], marker="s", markersize=3,
-                       linestyle="--", color=colour, alpha=0.8, label=f"mean zeros{(' ' + name) if name else ''}")
+            right.plot(
+                pos,
+                [100 * z if z is not None else math.nan for z in zs],
+                marker="s",
+                markersize=3,
+                linestyle="--",
+                color=colour,
+                alpha=0.8,
+                label=f"mean zeros{(' ' + name) if name else ''}",
+            )
         right.set_ylabel("mean zero fraction (%)")
         lines = ax.get_legend_handles_labels()
         extra = right.get_legend_handles_labels()
-        ax.legend(lines[0] + extra[0], lines[1] + extra[1], frameon=False, fontsize=7, loc="upper left",
-                  bbox_to_anchor=(1.1, 1.0))
+        ax.legend(
+            lines[0] + extra[0],
+            lines[1] + extra[1],
+            frameon=False,
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.1, 1.0),
+        )
         return _data_uri(fig, tight=True)
 
 
-def zero_heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[Sequence[float | None]]) -> str:
+def zero_heatmap(
+    rows: Sequence[str], columns: Sequence[str], values: Sequence[Sequence[float | None]]
+) -> str:
     """A heatmap of zero fractions: one row per quantised tensor (`node.tensor`), one column per swept
     combination, each cell annotated in percent when the grid is small enough to read."""
     plt = _pyplot()
@@ -227,7 +267,9 @@ def zero_heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[S
         fig, ax = plt.subplots(figsize=(max(5.0, width), height))
         image = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=100)
         ax.set_xticks(range(len(columns)))
-        ax.set_xticklabels(columns, rotation=30 if len(columns) > 6 else 0, ha="right" if len(columns) > 6 else "center")
+        ax.set_xticklabels(
+            columns, rotation=30 if len(columns) > 6 else 0, ha="right" if len(columns) > 6 else "center"
+        )
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(rows, fontsize=7)
         ax.tick_params(length=0)
@@ -237,15 +279,23 @@ def zero_heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[S
             for i in range(grid.shape[0]):
                 for j in range(grid.shape[1]):
                     if not math.isnan(grid[i, j]):
-                        ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=6.5,
-                                color="white" if grid[i, j] > 55 else "#1f2430")
+                        ax.text(
+                            j,
+                            i,
+                            f"{grid[i, j]:.0f}",
+                            ha="center",
+                            va="center",
+                            fontsize=6.5,
+                            color="white" if grid[i, j] > 55 else "#1f2430",
+                        )
         fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="zeros (%)")
         fig.tight_layout()
         return _data_uri(fig)
 
 
-def sensitivity_bars(names: Sequence[str], accuracies: Sequence[float], float_accuracy: float,
-                     ternary_accuracy: float | None) -> str:
+def sensitivity_bars(
+    names: Sequence[str], accuracies: Sequence[float], float_accuracy: float, ternary_accuracy: float | None
+) -> str:
     """Per node, the accuracy lost (vs float) with only that node quantised; the whole model's loss dashed."""
     plt = _pyplot()
     with plt.rc_context(_STYLE):
@@ -253,11 +303,18 @@ def sensitivity_bars(names: Sequence[str], accuracies: Sequence[float], float_ac
         drops = [100 * (float_accuracy - a) for a in accuracies]
         ax.bar(range(len(names)), drops, width=0.6, color="#c44e52")
         if ternary_accuracy is not None:
-            ax.axhline(100 * (float_accuracy - ternary_accuracy), color="#333333", linestyle="--", linewidth=1,
-                       label="every layer quantised")
+            ax.axhline(
+                100 * (float_accuracy - ternary_accuracy),
+                color="#333333",
+                linestyle="--",
+                linewidth=1,
+                label="every layer quantised",
+            )
             ax.legend(frameon=False, fontsize=7, loc="lower right", bbox_to_anchor=(1, 1.0))
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+        ax.set_xticklabels(
+            names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center"
+        )
         ax.set_ylabel("accuracy lost (points)")
         ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
         ax.set_axisbelow(True)

@@ -25,7 +25,9 @@ def _series(doc: dict[str, Any]) -> tuple[list[Any], dict[str, list[float]], dic
     others = list(dict.fromkeys(tuple(_key(r["values"][n]) for n in rest) for r in rows))
     for combo in others:
         label = ", ".join(f"{n}={v}" for n, v in zip(rest, combo))
-        by_x = {_key(r["values"][first]): r for r in rows if tuple(_key(r["values"][n]) for n in rest) == combo}
+        by_x = {
+            _key(r["values"][first]): r for r in rows if tuple(_key(r["values"][n]) for n in rest) == combo
+        }
         acc[label] = [by_x[x]["ternary_accuracy"] if x in by_x else float("nan") for x in xs]
         zeros[label] = [by_x[x]["mean_zero_fraction"] if x in by_x else None for x in xs]
     return xs, acc, zeros
@@ -45,16 +47,18 @@ def _heatmap(doc: dict[str, Any], names: list[str]) -> str:
     values = [[r["zero_fractions"].get(t) for r in rows] for t in tensors]
     uri = plots.zero_heatmap(tensors, columns, values)
     label = ", ".join(names)
-    return (f'<h2>Zeros per tensor</h2><div class="panel"><p class="rules">Columns: {escape(label)}; the share '
-            f'of each quantised tensor that becomes 0.</p><img class="plot" alt="zero fraction per tensor and '
-            f'combination" src="{uri}"></div>')
+    return (
+        f'<h2>Zeros per tensor</h2><div class="panel"><p class="rules">Columns: {escape(label)}; the share '
+        f'of each quantised tensor that becomes 0.</p><img class="plot" alt="zero fraction per tensor and '
+        f'combination" src="{uri}"></div>'
+    )
 
 
 def _assertions_cell(row: dict[str, Any]) -> str:
     failed = row.get("failed_assertions") or []
     if not failed:
         return '<td class="good">hold</td>'
-    return (f'<td class="bad" title="{escape(chr(10).join(failed))}">{len(failed)} failed</td>')
+    return f'<td class="bad" title="{escape(chr(10).join(failed))}">{len(failed)} failed</td>'
 
 
 def render_sweep(doc: dict[str, Any]) -> str:
@@ -65,16 +69,24 @@ def render_sweep(doc: dict[str, Any]) -> str:
     xs, acc, zeros = _series(doc)
     uri = plots.sweep_lines(xs, acc, zeros, xlabel=names[0], float_accuracy=doc.get("float_accuracy"))
     f = doc.get("float_accuracy")
-    cards = [f'<div class="card"><div class="label">float accuracy</div>'
-             f'<div class="value" data-field="float_accuracy">{f:.4f}</div></div>']
+    cards = [
+        f'<div class="card"><div class="label">float accuracy</div>'
+        f'<div class="value" data-field="float_accuracy">{f:.4f}</div></div>'
+    ]
     if best is not None:
         b = rows[best]
         chosen = ", ".join(f"{n} = {b['values'][n]}" for n in names)
-        cards.append(f'<div class="card"><div class="label">best ternary accuracy</div>'
-                     f'<div class="value">{b["ternary_accuracy"]:.4f}</div><div class="detail">{escape(chosen)}</div></div>')
-    cards.append(f'<div class="card"><div class="label">combinations</div><div class="value">{len(rows)}</div>'
-                 f'<div class="detail">{doc.get("calibrations", 1)} calibration(s)</div></div>')
-    head = "".join(f"<th>{escape(n)}</th>" for n in names) + ("<th></th>" if any(r.get("report") for r in rows) else "")
+        cards.append(
+            f'<div class="card"><div class="label">best ternary accuracy</div>'
+            f'<div class="value">{b["ternary_accuracy"]:.4f}</div><div class="detail">{escape(chosen)}</div></div>'
+        )
+    cards.append(
+        f'<div class="card"><div class="label">combinations</div><div class="value">{len(rows)}</div>'
+        f'<div class="detail">{doc.get("calibrations", 1)} calibration(s)</div></div>'
+    )
+    head = "".join(f"<th>{escape(n)}</th>" for n in names) + (
+        "<th></th>" if any(r.get("report") for r in rows) else ""
+    )
     body = []
     for i, r in enumerate(rows):
         z = r["mean_zero_fraction"]
@@ -89,12 +101,24 @@ def render_sweep(doc: dict[str, Any]) -> str:
             f'<td class="num" data-field="ternary_accuracy" data-row="{i}">{r["ternary_accuracy"]:.4f}</td>'
             f'<td class="num">{r["ternary_accuracy"] - f:+.4f}</td>'
             f'<td class="num" data-field="mean_zero_fraction" data-row="{i}">{"–" if z is None else f"{100 * z:.1f}%"}</td>'
-            + (_assertions_cell(r) if doc.get("assertions") else "") + "</tr>")
+            + (_assertions_cell(r) if doc.get("assertions") else "")
+            + "</tr>"
+        )
     checked = "<th>assertions</th>" if doc.get("assertions") else ""
-    table = (f'<table><thead><tr>{head}<th class="num">ternary accuracy</th><th class="num">vs float</th>'
-             f'<th class="num">mean zeros</th>{checked}</tr></thead><tbody>{"".join(body)}</tbody></table>')
-    run = " · ".join(f"{label} <code>{escape(str(doc[k]))}</code>" for label, k in
-                     (("model", "model"), ("rules", "rules"), ("dataset", "dataset"), ("checkpoint", "ckpt")) if doc.get(k))
+    table = (
+        f'<table><thead><tr>{head}<th class="num">ternary accuracy</th><th class="num">vs float</th>'
+        f'<th class="num">mean zeros</th>{checked}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    )
+    run = " · ".join(
+        f"{label} <code>{escape(str(doc[k]))}</code>"
+        for label, k in (
+            ("model", "model"),
+            ("rules", "rules"),
+            ("dataset", "dataset"),
+            ("checkpoint", "ckpt"),
+        )
+        if doc.get(k)
+    )
     notes = "".join(f"<li>{escape(n)}</li>" for n in doc.get("notes", []))
     swept = "; ".join(f"{escape(n)} ∈ {{{escape(', '.join(map(str, v)))}}}" for n, v in doc["swept"].items())
     parts = [
@@ -109,7 +133,10 @@ def render_sweep(doc: dict[str, Any]) -> str:
         "<footer>Written by <code>ternqc sweep</code>; the numbers are in sweep.json and sweep.csv. The mean zero "
         "fraction is the unweighted mean over the quantised tensors.</footer>",
     ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            '<meta name="viewport" content="width=device-width, initial-scale=1"><title>ternqc sweep</title>'
-            f"<style>{CSS}tr.best td {{ background: #eef6ee; }}</style></head>\n<body><main>\n"
-            + "\n".join(p for p in parts if p) + "\n</main></body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1"><title>ternqc sweep</title>'
+        f"<style>{CSS}tr.best td {{ background: #eef6ee; }}</style></head>\n<body><main>\n"
+        + "\n".join(p for p in parts if p)
+        + "\n</main></body></html>\n"
+    )

@@ -99,19 +99,27 @@ def run_sweep(
         failed = tuple(f.render() for f in result.assert_failures)
         notes.extend(w for w in result.warnings if w not in notes)
         asserts = max(asserts, len(plan.asserts))
-        rows.append(SweepRow(dict(values), result.ternary_accuracy, mean, zeros, failed,
-                             result.report if reports else None))
+        rows.append(
+            SweepRow(
+                dict(values), result.ternary_accuracy, mean, zeros, failed, result.report if reports else None
+            )
+        )
     return SweepResult(float_acc, tuple(rows), len(profiled), tuple(notes), asserts)
 
 
 def sweep_worker(
-    plans: list[tuple[dict[str, Any], dict]], settings: pipeline.RunSettings, rules: str, reports: bool = False
+    plans: list[tuple[dict[str, Any], dict]],
+    settings: pipeline.RunSettings,
+    rules: str,
+    reports: bool = False,
 ) -> SweepResult:
     """`run_sweep` in every process of a `--workers N` or torchrun job; plans as `(values, Plan.to_dict())`."""
     from ternqc.runtime.run.collectives import broadcast_model_
 
     model = broadcast_model_(pipeline.load_model(settings))
-    return run_sweep(model, [(v, Plan.from_dict(p)) for v, p in plans], settings, rules=rules, reports=reports)
+    return run_sweep(
+        model, [(v, Plan.from_dict(p)) for v, p in plans], settings, rules=rules, reports=reports
+    )
 
 
 def folder_name(values: dict[str, Any]) -> str:
@@ -125,8 +133,9 @@ def folder_name(values: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def sweep_document(result: SweepResult, swept: dict[str, list[Any]], settings: pipeline.RunSettings,
-                   rules: str) -> dict[str, Any]:
+def sweep_document(
+    result: SweepResult, swept: dict[str, list[Any]], settings: pipeline.RunSettings, rules: str
+) -> dict[str, Any]:
     """sweep.json's content: the run, the swept names and values, the float accuracy and one row per
     combination."""
     return {
@@ -141,7 +150,10 @@ def sweep_document(result: SweepResult, swept: dict[str, list[Any]], settings: p
         "assertions": result.assertions,
         "notes": list(result.notes),
         "rows": [
-            {**r.to_dict(), **({"report": f"{folder_name(r.values)}/report.html"} if r.report is not None else {})}
+            {
+                **r.to_dict(),
+                **({"report": f"{folder_name(r.values)}/report.html"} if r.report is not None else {}),
+            }
             for r in result.rows
         ],
     }
@@ -151,14 +163,24 @@ def sweep_table(doc: dict[str, Any]) -> list[list[str]]:
     """The table printed and written to sweep.csv: one column per swept name, then the results."""
     names = list(doc["swept"])
     checked = doc.get("assertions", 0)
-    header = [*names, "ternary_accuracy", "vs_float", "mean_zero_fraction"] + (["assertions"] if checked else [])
+    header = [*names, "ternary_accuracy", "vs_float", "mean_zero_fraction"] + (
+        ["assertions"] if checked else []
+    )
     rows = [header]
     for r in doc["rows"]:
         z = r["mean_zero_fraction"]
-        held = [f"{len(r['failed_assertions'])} failed" if r["failed_assertions"] else "hold"] if checked else []
-        rows.append([*(str(r["values"][n]) for n in names), f"{r['ternary_accuracy']:.4f}",
-                     f"{r['ternary_accuracy'] - doc['float_accuracy']:+.4f}", "" if z is None else f"{z:.4f}",
-                     *held])
+        held = (
+            [f"{len(r['failed_assertions'])} failed" if r["failed_assertions"] else "hold"] if checked else []
+        )
+        rows.append(
+            [
+                *(str(r["values"][n]) for n in names),
+                f"{r['ternary_accuracy']:.4f}",
+                f"{r['ternary_accuracy'] - doc['float_accuracy']:+.4f}",
+                "" if z is None else f"{z:.4f}",
+                *held,
+            ]
+        )
     return rows
 
 

@@ -75,7 +75,9 @@ def chromium_fixture() -> str:
         why = _install()
         found = _find()
         if found is None:
-            pytest.skip(f"no headless browser (chromium) and it could not be installed: {why or 'not found after install'}")
+            pytest.skip(
+                f"no headless browser (chromium) and it could not be installed: {why or 'not found after install'}"
+            )
     return found
 
 
@@ -86,9 +88,21 @@ def load_in_browser(chromium: str, page: Path, workdir: Path) -> dict[str, Any]:
     assert "</body>" in text
     probe = workdir / f"probe-{page.name}"
     probe.write_text(text.replace("</body>", _CHECK + "</body>"), encoding="utf-8")
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={workdir / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
-           "--window-size=1280,1000", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri()]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={workdir / 'chromium-profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,1000",
+        "--virtual-time-budget=15000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     match = re.search(r'<pre id="__ternqc_check">(.*?)</pre>', done.stdout, re.S)
@@ -96,14 +110,25 @@ def load_in_browser(chromium: str, page: Path, workdir: Path) -> dict[str, Any]:
     import html
 
     seen = json.loads(html.unescape(match.group(1)))
-    seen["console"] = [line for line in done.stderr.splitlines()
-                       if "CONSOLE" in line or "Uncaught" in line or "Failed to load" in line]
+    seen["console"] = [
+        line
+        for line in done.stderr.splitlines()
+        if "CONSOLE" in line or "Uncaught" in line or "Failed to load" in line
+    ]
     return seen
 
 
 def screenshot(chromium: str, page: Path, png: Path, *, width: int = 1280, height: int = 2000) -> None:
     """A PNG of the top of `page` (for looking at it, and for the README)."""
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-           f"--user-data-dir={png.parent / 'chromium-profile'}", f"--window-size={width},{height}",
-           f"--screenshot={png}", page.as_uri()]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={png.parent / 'chromium-profile'}",
+        f"--window-size={width},{height}",
+        f"--screenshot={png}",
+        page.as_uri(),
+    ]
     subprocess.run(cmd, capture_output=True, timeout=180, check=True)

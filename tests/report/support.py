@@ -23,7 +23,9 @@ def applied_with_report_fixture(tmp_path_factory: pytest.TempPathFactory, traine
 
     def make() -> Reported:
         out = tmp_path_factory.mktemp("apply-report")
-        run = run_cli("apply", "--model", "toy", "--ckpt", trained_toy.ckpt, "--out", out, "--report", "--no-progress")
+        run = run_cli(
+            "apply", "--model", "toy", "--ckpt", trained_toy.ckpt, "--out", out, "--report", "--no-progress"
+        )
         assert run.rc == 0, run
         return Reported(out, run)
 
@@ -46,7 +48,11 @@ class _Numbers(HTMLParser):
         if tag == "img":
             self.images.append(a)
             return
-        key = (a["data-field"], a.get("data-node"), a.get("data-tensor"), a.get("data-row")) if "data-field" in a else None
+        key = (
+            (a["data-field"], a.get("data-node"), a.get("data-tensor"), a.get("data-row"))
+            if "data-field" in a
+            else None
+        )
         self._open.append(key)
         if key is not None:
             self.found.setdefault(key, []).append("")

@@ -30,11 +30,23 @@ def test_report_page_in_a_browser(chromium: str, applied_with_report: Reported, 
     _check(load_in_browser(chromium, page, tmp_path), images)
 
 
-def test_sweep_page_in_a_browser(chromium: str, trained_toy, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_page_in_a_browser(
+    chromium: str, trained_toy, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sweep_cli, "compile_with_sets", _substituting)
     out = tmp_path / "sweep"
-    run = run_cli("sweep", "--ckpt", trained_toy.ckpt, "--rules", _twn_with(tmp_path, "{{k}}"),
-                  "--set", "k=0.5,0.7", "--out", out, "--no-progress")
+    run = run_cli(
+        "sweep",
+        "--ckpt",
+        trained_toy.ckpt,
+        "--rules",
+        _twn_with(tmp_path, "{{k}}"),
+        "--set",
+        "k=0.5,0.7",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert run.rc == 0, run
     doc = json.loads((out / "sweep.json").read_text())
     page = parse_page((out / "sweep.html").read_text())

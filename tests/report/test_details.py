@@ -9,16 +9,26 @@ from ternqc.runtime.report.details import carry_inputs
 
 
 def _node(delta: float, **extra) -> dict:
-    return {"tensors": {"data_in": {"quantized": True, "delta": delta, "alpha": 1.0, "scaling": True, **extra},
-                        "weight": {"quantized": True, "delta": 0.1}}}
+    return {
+        "tensors": {
+            "data_in": {"quantized": True, "delta": delta, "alpha": 1.0, "scaling": True, **extra},
+            "weight": {"quantized": True, "delta": 0.1},
+        }
+    }
 
 
 def test_histograms_carry_over_and_stale_errors_do_not() -> None:
     hist = {"lo": -1.0, "hi": 1.0, "counts": [1, 2], "min": -1.0, "max": 1.0}
-    earlier = {"nodes": {"a": _node(0.5, histogram=hist, rel_l2_error=0.3),
-                         "b": _node(0.5, histogram=hist, rel_l2_error=0.4),
-                         "c": {"tensors": {"data_in": {"quantized": False}}}}}
-    report = {"nodes": {"a": _node(0.5), "b": _node(0.7), "c": {"tensors": {"data_in": {"quantized": False}}}}}
+    earlier = {
+        "nodes": {
+            "a": _node(0.5, histogram=hist, rel_l2_error=0.3),
+            "b": _node(0.5, histogram=hist, rel_l2_error=0.4),
+            "c": {"tensors": {"data_in": {"quantized": False}}},
+        }
+    }
+    report = {
+        "nodes": {"a": _node(0.5), "b": _node(0.7), "c": {"tensors": {"data_in": {"quantized": False}}}}
+    }
     before = copy.deepcopy(earlier)
     carry_inputs(report, earlier)
     a, b = report["nodes"]["a"]["tensors"]["data_in"], report["nodes"]["b"]["tensors"]["data_in"]

@@ -78,15 +78,19 @@ def test_relative_l2_error_equals_numpy(applied_with_report: Reported, trained_t
 def test_each_parameter_names_the_line_of_its_rule(applied_with_report: Reported) -> None:
     report = _report(applied_with_report)
     lines = RULES.read_text().splitlines()
-    line_of = {p: next(i + 1 for i, t in enumerate(lines) if t.startswith(p)) for p in
-               ("linear.weight_max", "relu.data_in_median")}
+    line_of = {
+        p: next(i + 1 for i, t in enumerate(lines) if t.startswith(p))
+        for p in ("linear.weight_max", "relu.data_in_median")
+    }
     rules = report["nodes"]["seq_blocks_2"]["rules"]
     assert rules["weight_max"].endswith(f"toy_ternary.tq:{line_of['linear.weight_max']}")
     rules = report["nodes"]["seq_blocks_3"]["rules"]
     assert rules["data_in_median"].endswith(f"toy_ternary.tq:{line_of['relu.data_in_median']}")
 
 
-def test_nodes_are_in_model_order_and_the_run_is_described(applied_with_report: Reported, trained_toy) -> None:
+def test_nodes_are_in_model_order_and_the_run_is_described(
+    applied_with_report: Reported, trained_toy
+) -> None:
     report = _report(applied_with_report)
     assert list(report["nodes"]) == [f"seq_blocks_{i}" for i in range(5)]
     run = report["run"]
@@ -146,7 +150,9 @@ def test_without_matplotlib_report_and_apply_report_say_how_to_install(
 
 
 def test_histograms_are_not_collected_for_float_inputs(trained_toy, tmp_path) -> None:
-    run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", CONFIGS / "twn.tq", "--out", tmp_path, "--no-progress")
+    run = run_cli(
+        "apply", "--ckpt", trained_toy.ckpt, "--rules", CONFIGS / "twn.tq", "--out", tmp_path, "--no-progress"
+    )
     assert run.rc == 0, run
     report = json.loads((tmp_path / "report.json").read_text())
     lines = (CONFIGS / "twn.tq").read_text().splitlines()
@@ -154,7 +160,9 @@ def test_histograms_are_not_collected_for_float_inputs(trained_toy, tmp_path) ->
     for entry in report["nodes"].values():
         assert "histogram" not in entry["tensors"]["data_in"]
         assert entry["tensors"]["data_in"] == {"quantized": False}
-        assert entry["rules"]["data_in_width"].endswith(f"twn.tq:{width_line}")  # the rule that keeps it float
+        assert entry["rules"]["data_in_width"].endswith(
+            f"twn.tq:{width_line}"
+        )  # the rule that keeps it float
 
 
 def test_per_channel_weights_are_also_histogrammed_over_their_own_delta(toy_apply, trained_toy) -> None:
@@ -167,14 +175,21 @@ def test_per_channel_weights_are_also_histogrammed_over_their_own_delta(toy_appl
         w = model.seq_blocks[i].weight.detach().numpy().astype(np.float64)
         ratio = w / (0.7 * np.abs(w).mean(axis=1, keepdims=True))
         h = t["histogram_over_delta"]
-        assert (h["min"], h["max"]) == (pytest.approx(ratio.min(), rel=1e-5), pytest.approx(ratio.max(), rel=1e-5))
+        assert (h["min"], h["max"]) == (
+            pytest.approx(ratio.min(), rel=1e-5),
+            pytest.approx(ratio.max(), rel=1e-5),
+        )
         expected = np.histogram(ratio, bins=len(h["counts"]), range=(h["lo"], h["hi"]))[0]
-        assert np.abs(np.array(h["counts"]) - expected).sum() <= 2  # float32 Δ vs float64: a value may cross an edge
+        assert (
+            np.abs(np.array(h["counts"]) - expected).sum() <= 2
+        )  # float32 Δ vs float64: a value may cross an edge
         assert np.mean(np.abs(ratio) <= 1) == pytest.approx(t["zero_fraction"], abs=1e-6)
 
 
 def test_workers_write_the_same_report(applied_with_report: Reported, trained_toy, tmp_path) -> None:
-    run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--out", tmp_path, "--report", "--workers", "2", "--no-progress")
+    run = run_cli(
+        "apply", "--ckpt", trained_toy.ckpt, "--out", tmp_path, "--report", "--workers", "2", "--no-progress"
+    )
     assert run.rc == 0, run
     assert _report(Reported(tmp_path, run)) == _report(applied_with_report)
     assert (tmp_path / "report.html").read_text() == (applied_with_report.out_dir / "report.html").read_text()
@@ -194,7 +209,10 @@ def _np_forward_with_only(params: dict, report: dict, only: int, x: np.ndarray) 
             return t["alpha"] * ternary if t["scaling"] else ternary
 
         if j % 2 == 0:
-            w, b = params[f"seq_blocks.{j}.weight"].astype(np.float64), params[f"seq_blocks.{j}.bias"].astype(np.float64)
+            w, b = (
+                params[f"seq_blocks.{j}.weight"].astype(np.float64),
+                params[f"seq_blocks.{j}.bias"].astype(np.float64),
+            )
             h = q(h, "data_in") @ q(w, "weight").T + q(b, "bias")
         else:
             h = np.maximum(q(h, "data_in"), 0.0)
@@ -208,7 +226,9 @@ def test_sensitivity_is_the_accuracy_with_only_that_layer_quantised(trained_toy,
     params = {k: v.numpy() for k, v in load_like_mase(trained_toy.ckpt).state_dict().items()}
     inputs, labels = toy_tiny("validation")
     for i in range(5):
-        expected = float((_np_forward_with_only(params, report, i, inputs.numpy()).argmax(1) == labels).mean())
+        expected = float(
+            (_np_forward_with_only(params, report, i, inputs.numpy()).argmax(1) == labels).mean()
+        )
         # float32 (ternqc) vs float64 (here): one of the 512 samples may fall on the other side of a threshold
         assert report["nodes"][f"seq_blocks_{i}"]["accuracy_alone"] == pytest.approx(expected, abs=1 / 512)
     assert run_cli("report", tmp_path).rc == 0
@@ -225,16 +245,29 @@ def test_layers_left_in_float_are_listed_with_the_reason(tmp_path) -> None:
     calling them) and ReLUs no rule quantises are listed, in model order, and named on the page."""
     from tests.test_cli_support import FIXTURES
 
-    run = run_cli("apply", "--model", f"{FIXTURES / 'bert_like.py'}:transformer", "--rules", CONFIGS / "twn.tq",
-                  "--out", tmp_path, "--report", "--no-progress")
+    run = run_cli(
+        "apply",
+        "--model",
+        f"{FIXTURES / 'bert_like.py'}:transformer",
+        "--rules",
+        CONFIGS / "twn.tq",
+        "--out",
+        tmp_path,
+        "--report",
+        "--no-progress",
+    )
     assert run.rc == 0, run
     report = json.loads((tmp_path / "report.json").read_text())
     listed = {layer["path"]: layer["reason"] for layer in report["float_layers"]}
     projections = [f"encoder.layers.{i}.self_attn.out_proj" for i in (0, 1)] + ["pooler.attn.out_proj"]
     for path in projections:
         assert "without calling the module" in listed[path]
-    assert listed["encoder.layers.0.activation"] == "no rule quantises any of its tensors"  # twn: ReLUs in float
-    converted = {e["path"] for e in report["nodes"].values() if any(t["quantized"] for t in e["tensors"].values())}
+    assert (
+        listed["encoder.layers.0.activation"] == "no rule quantises any of its tensors"
+    )  # twn: ReLUs in float
+    converted = {
+        e["path"] for e in report["nodes"].values() if any(t["quantized"] for t in e["tensors"].values())
+    }
     assert not converted & set(listed)
     page = (tmp_path / "report.html").read_text()
     assert all(f"<code>{p}</code>" in page for p in projections)

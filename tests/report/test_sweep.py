@@ -72,12 +72,24 @@ def test_each_value_gives_what_apply_gives_with_that_value_in_the_rules(
     assert doc["calibrations"] == 1 and doc["swept"] == {"k": [0.4, 0.9]}
     for row, k in zip(doc["rows"], ("0.4", "0.9")):
         applied = tmp_path / f"apply-{k}"
-        plain = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", _twn_with(tmp_path, k, f"twn_{k}.tq"),
-                        "--out", applied, "--no-progress")
+        plain = run_cli(
+            "apply",
+            "--ckpt",
+            trained_toy.ckpt,
+            "--rules",
+            _twn_with(tmp_path, k, f"twn_{k}.tq"),
+            "--out",
+            applied,
+            "--no-progress",
+        )
         assert plain.rc == 0, plain
         report = json.loads((applied / "report.json").read_text())
-        zeros = {f"{n}.{t}": v["zero_fraction"] for n, e in report["nodes"].items()
-                 for t, v in e["tensors"].items() if v.get("quantized")}
+        zeros = {
+            f"{n}.{t}": v["zero_fraction"]
+            for n, e in report["nodes"].items()
+            for t, v in e["tensors"].items()
+            if v.get("quantized")
+        }
         assert row["values"] == {"k": float(k)}
         assert row["ternary_accuracy"] == report["ternary_accuracy"]
         assert doc["float_accuracy"] == report["float_accuracy"]
@@ -100,9 +112,22 @@ def test_every_combination_of_two_names(placeholder_seam, trained_toy, tmp_path)
     rules = tmp_path / "twn_kn.tq"
     rules.write_text(text)
     out = tmp_path / "sweep"
-    _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.5,0.7,0.9", "--set", "n=64,128", "--out", out)
+    _sweep(
+        "--ckpt",
+        trained_toy.ckpt,
+        "--rules",
+        rules,
+        "--set",
+        "k=0.5,0.7,0.9",
+        "--set",
+        "n=64,128",
+        "--out",
+        out,
+    )
     doc = json.loads((out / "sweep.json").read_text())
-    assert [r["values"] for r in doc["rows"]] == [{"k": k, "n": n} for k in (0.5, 0.7, 0.9) for n in (64, 128)]
+    assert [r["values"] for r in doc["rows"]] == [
+        {"k": k, "n": n} for k in (0.5, 0.7, 0.9) for n in (64, 128)
+    ]
     assert doc["calibrations"] == 2  # the sample count changes the calibration; k does not
     html = (out / "sweep.html").read_text()
     assert html.count("<img") == 2 and "<script" not in html  # accuracy plot, zeros heatmap
@@ -113,15 +138,30 @@ def test_workers_give_the_same_rows(placeholder_seam, trained_toy, tmp_path) -> 
     docs = []
     for workers in ("1", "2"):
         out = tmp_path / f"w{workers}"
-        _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.6,0.8", "--out", out, "--workers", workers)
+        _sweep(
+            "--ckpt",
+            trained_toy.ckpt,
+            "--rules",
+            rules,
+            "--set",
+            "k=0.6,0.8",
+            "--out",
+            out,
+            "--workers",
+            workers,
+        )
         docs.append(json.loads((out / "sweep.json").read_text()))
     assert docs[0]["rows"] == docs[1]["rows"]
 
 
 @pytest.mark.parametrize(
     ("option", "needle"),
-    [("k", "expected NAME=VALUE"), ("k=", "expected NAME=VALUE"), ("k=0.5,,0.6", "expected NAME=VALUE"),
-     ("2k=1", "expected NAME=VALUE")],
+    [
+        ("k", "expected NAME=VALUE"),
+        ("k=", "expected NAME=VALUE"),
+        ("k=0.5,,0.6", "expected NAME=VALUE"),
+        ("2k=1", "expected NAME=VALUE"),
+    ],
 )
 def test_bad_set_options_are_one_clean_error(placeholder_seam, option, needle, tmp_path) -> None:
     rules = _twn_with(tmp_path, "{{k}}")
@@ -154,10 +194,14 @@ def _compiler_takes_overrides() -> bool:
 
     import ternqc.compiler as compiler
 
-    return "overrides" in inspect.signature(compiler.compile_file).parameters and hasattr(compiler, "parse_sets")
+    return "overrides" in inspect.signature(compiler.compile_file).parameters and hasattr(
+        compiler, "parse_sets"
+    )
 
 
-@pytest.mark.skipif(not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build")
+@pytest.mark.skipif(
+    not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build"
+)
 def test_real_set_gives_what_apply_set_gives(trained_toy, tmp_path) -> None:
     """With the language's own `--set` (configs/twn.tq has `let k`): sweep = `apply --set k=...`, and the
     report shows the constant as set."""
@@ -167,8 +211,19 @@ def test_real_set_gives_what_apply_set_gives(trained_toy, tmp_path) -> None:
     for row in doc["rows"]:
         k = row["values"]["k"]
         applied = tmp_path / f"apply-{k}"
-        run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", CONFIGS / "twn.tq", "--set", f"k={k}",
-                      "--out", applied, "--report", "--no-progress")
+        run = run_cli(
+            "apply",
+            "--ckpt",
+            trained_toy.ckpt,
+            "--rules",
+            CONFIGS / "twn.tq",
+            "--set",
+            f"k={k}",
+            "--out",
+            applied,
+            "--report",
+            "--no-progress",
+        )
         assert run.rc == 0, run
         report = json.loads((applied / "report.json").read_text())
         assert row["ternary_accuracy"] == report["ternary_accuracy"]
@@ -199,7 +254,9 @@ def test_reports_of_each_combination_equal_apply_reports(placeholder_seam, train
 
 def test_report_command_redraws_a_sweep(placeholder_seam, trained_toy, tmp_path) -> None:
     out = tmp_path / "sweep"
-    _sweep("--ckpt", trained_toy.ckpt, "--rules", _twn_with(tmp_path, "{{k}}"), "--set", "k=0.5", "--out", out)
+    _sweep(
+        "--ckpt", trained_toy.ckpt, "--rules", _twn_with(tmp_path, "{{k}}"), "--set", "k=0.5", "--out", out
+    )
     again = tmp_path / "again.html"
     assert run_cli("report", out, "-o", again).rc == 0
     assert again.read_text() == (out / "sweep.html").read_text()
@@ -207,10 +264,14 @@ def test_report_command_redraws_a_sweep(placeholder_seam, trained_toy, tmp_path)
     assert_one_clean_error(run_cli("report", out), "is not a ternqc sweep")
 
 
-@pytest.mark.skipif(not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build")
+@pytest.mark.skipif(
+    not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build"
+)
 def test_assertions_are_checked_in_every_combination_as_apply_checks_them(trained_toy, tmp_path) -> None:
     rules = tmp_path / "twn_assert.tq"
-    rules.write_text((CONFIGS / "twn.tq").read_text() + '\nassert linear: weight_zero_fraction < 0.45, "too dense"\n')
+    rules.write_text(
+        (CONFIGS / "twn.tq").read_text() + '\nassert linear: weight_zero_fraction < 0.45, "too dense"\n'
+    )
     out = tmp_path / "sweep"
     _sweep("--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.5,0.9", "--out", out)
     doc = json.loads((out / "sweep.json").read_text())
@@ -218,22 +279,51 @@ def test_assertions_are_checked_in_every_combination_as_apply_checks_them(traine
     for row in doc["rows"]:
         k = row["values"]["k"]
         applied = tmp_path / f"apply-{k}"
-        run = run_cli("apply", "--ckpt", trained_toy.ckpt, "--rules", rules, "--set", f"k={k}", "--out", applied,
-                      "--no-progress")
+        run = run_cli(
+            "apply",
+            "--ckpt",
+            trained_toy.ckpt,
+            "--rules",
+            rules,
+            "--set",
+            f"k={k}",
+            "--out",
+            applied,
+            "--no-progress",
+        )
         failures = json.loads((applied / "report.json").read_text())["assertions"]["failures"]
         assert run.rc == (1 if failures else 0)
         assert len(row["failed_assertions"]) == len(failures)
     assert [bool(r["failed_assertions"]) for r in doc["rows"]] == [False, True]  # k=0.9 zeroes more than 45%
     with open(out / "sweep.csv", newline="") as f:
-        assert [line[-1] for line in csv.reader(f)] == ["assertions", "hold", f"{len(doc['rows'][1]['failed_assertions'])} failed"]
+        assert [line[-1] for line in csv.reader(f)] == [
+            "assertions",
+            "hold",
+            f"{len(doc['rows'][1]['failed_assertions'])} failed",
+        ]
 
 
-@pytest.mark.skipif(not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build")
+@pytest.mark.skipif(
+    not _compiler_takes_overrides(), reason="the language's let/--set (issue 11) is not in this build"
+)
 def test_compile_warnings_are_printed_once(trained_toy, tmp_path) -> None:
     rules = tmp_path / "shadowed.tq"
-    rules.write_text((CONFIGS / "twn.tq").read_text() + "\n\"seq_blocks_0\".weight_width = 2\n\"seq_blocks_0\".weight_width = 2\n")
-    run = run_cli("sweep", "--ckpt", trained_toy.ckpt, "--rules", rules, "--set", "k=0.5,0.9", "--out", tmp_path / "s",
-                  "--no-progress")
+    rules.write_text(
+        (CONFIGS / "twn.tq").read_text()
+        + '\n"seq_blocks_0".weight_width = 2\n"seq_blocks_0".weight_width = 2\n'
+    )
+    run = run_cli(
+        "sweep",
+        "--ckpt",
+        trained_toy.ckpt,
+        "--rules",
+        rules,
+        "--set",
+        "k=0.5,0.9",
+        "--out",
+        tmp_path / "s",
+        "--no-progress",
+    )
     assert run.rc == 0, run
     warnings = [ln for ln in run.err.splitlines() if ": warning:" in ln]
     assert warnings and len(warnings) == len(set(warnings))
