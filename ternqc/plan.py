@@ -71,6 +71,7 @@ QUANTISABLE: dict[str, tuple[str, ...]] = {
     "relu": ("data_in",),
     "conv1d": ("data_in", "weight", "bias"),
     "conv2d": ("data_in", "weight", "bias"),
+    "embedding": ("weight",),
 }
 
 #: Quantiser names.
@@ -193,7 +194,8 @@ class Selector:
 
     kind: `"default"` (every quantisable module), `"type"` (a module type, e.g. `linear`, or any module class
     name in lower case), `"glob"` (a quoted name with `*` or `?`), `"name"` (a quoted module path such as
-    `seq_blocks.0` or its MASE/FX node name `seq_blocks_0`). `pattern` is empty for `default`.
+    `seq_blocks.0` or its MASE/FX node name `seq_blocks_0`). `pattern` is empty for `default`. The runtime
+    decides a module's type by `isinstance` (`ternqc.runtime.quantize.types.module_type`), not by class name.
     """
 
     kind: str = field(validator=attrs.validators.in_(SELECTOR_KINDS))
