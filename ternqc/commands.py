@@ -15,7 +15,7 @@ import os
 import sys
 
 from ternqc.plan import Plan
-from ternqc.render import format_layer_table
+from ternqc.render import format_layer_table, format_metrics
 
 
 def compile_rules(args: argparse.Namespace) -> int:
@@ -91,6 +91,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         quantile_budget_mib=args.quantile_budget_mib,
         progress=not args.no_progress,
+        metric=getattr(args, "metric", None),
     )
 
 
@@ -164,14 +165,13 @@ def apply(args: argparse.Namespace) -> int:
     if not writes:
         return 0
     _print_notes(result.profile.notes)
+    for warning in result.warnings:
+        print(f"ternqc: warning: {warning}", file=sys.stderr)
     written = pipeline.write_apply_outputs(args.out, result, settings, plan)
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))
-    print(
-        f"\nvalidation accuracy: float {result.float_accuracy:.4f}  ternary {result.ternary_accuracy:.4f}"
-        f"  ({settings.dataset}, rules {source})"
-    )
+    print(f"\n{format_metrics(result.report)}  ({settings.dataset}, rules {source})")
     print("wrote " + ", ".join(written))
     return 0
 

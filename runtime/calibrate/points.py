@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from attrs import field, frozen
 from torch import nn
 
