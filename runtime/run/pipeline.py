@@ -319,7 +319,7 @@ def apply(
     notes += tuple(f"{path}: called {n} times per forward; its statistics count every call"
                    for path, n in effects.repeated_calls(check.calls).items() if path in configs)
     report = build_report(model, configs, float_metrics, ternary_metrics, zero_fractions,
-                          calls=check.calls, not_applied=idle, warnings=warnings, notes=notes,
+                          calls=check.calls, not_applied=idle, warnings=warnings, notes=result.notes + notes,
                           headline=None if check.task is None else check.task.headline)
     profile_result = attrs.evolve(result, notes=result.notes + notes)
     return ApplyResult(
