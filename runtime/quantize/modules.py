@@ -309,7 +309,7 @@ def resolved_quant(module: nn.Module) -> ModuleQuant:
     the ones derived from the weight and bias (float values or nested lists)."""
     mq: ModuleQuant = module.ternary_config
     tensors = {}
-    for t in mq.tensors:
+    for t in QUANTISABLE[mq.op]:
         if t == "data_in":
             q = getattr(module, "ternary_input", None)
             delta, alpha = (None, None) if q is None else (q.delta, q.alpha)
