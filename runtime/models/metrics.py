@@ -23,6 +23,7 @@ import torch
 from attrs import frozen
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.batches import batch_count, call_model, describe_output, model_logits, split_batch
@@ -113,7 +114,7 @@ def evaluate(model: nn.Module, batches: Iterable, task: Task, *, what: str = "th
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), parametrize.cached():  # a quantised weight is computed once per evaluation
             for batch in batches:
                 inputs, labels = split_batch(batch, where=what)
                 output = call_model(model, inputs)

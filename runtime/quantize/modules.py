@@ -92,13 +92,15 @@ class TernaryParam(nn.Module):
         return w.t() if self.transposed else w
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        alpha = self.alpha
-        key = (w._version, w.data_ptr(), w.dtype, w.device, self.delta._version, self.delta.data_ptr(),
-               None if alpha is None else (alpha._version, alpha.data_ptr()), torch.is_inference_mode_enabled())
-        if self._key != key or self._cache is None:
-            self._cache = self.quantize(w)
-            self._key = key
+        # Called on every read of `module.weight`: kept to a few attribute reads. A new dtype or device
+        # moves `data_ptr`; an in-place update (optimizer step, load_state_dict) moves `_version`.
+        buffers = self._buffers
+        delta, alpha = buffers["delta"], buffers["alpha"]
+        key = (w._version, w.data_ptr(), delta._version, None if alpha is None else alpha._version)
         q = self._cache
+        if q is None or key != self._key:
+            q = self._cache = self.quantize(w)
+            self._key = key
         if w.requires_grad and torch.is_grad_enabled():
             return q + (w - w.detach())  # straight-through: the value of q, the gradient of the identity
         return q
