@@ -140,6 +140,32 @@ def tensor_batches(shape: tuple[int, ...], classes: int, n: int = 4, batch: int 
             for _ in range(n)]
 
 
+class TokenDataset(torch.utils.data.Dataset):
+    """Dict items, as Hugging Face datasets give them: `input_ids`, `attention_mask` (no labels: a causal LM
+    predicts its input)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long)}
+
+
+def tokens(split: str) -> torch.utils.data.Dataset:
+    """Dataset factory for the CLI: 24 token sequences per split."""
+    return TokenDataset(24, {"train": 0, "validation": 1, "test": 2}[split])
+
+
+def sequences(split: str) -> torch.utils.data.Dataset:
+    """Dataset factory for the CLI: 24 `[5, 16]` sequences with 3 classes."""
+    g = torch.Generator().manual_seed({"train": 0, "validation": 1, "test": 2}[split])
+    return torch.utils.data.TensorDataset(torch.randn(24, 5, 16, generator=g), torch.randint(0, 3, (24,), generator=g))
+
+
 ARCHITECTURES = {
     "gpt2": (gpt2, lambda: token_batches()),
     "bert": (bert, lambda: token_batches(labels=True)),
