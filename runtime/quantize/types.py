@@ -11,7 +11,8 @@ Face's `transformers.pytorch_utils.Conv1D` is a linear layer (`y = x @ W + b`, `
 seen transposed (`[out, in]`, as `nn.Linear`'s), so per-channel statistics and thresholds are per output
 feature. It is never taken for `nn.Conv1d`. A module of no quantisable type has the type of its class name in
 lower case (the class behind a parametrization: `layernorm`, `multiheadattention`), which type selectors may
-still name.
+still name; a class that merely shares a quantisable type's name (a `Linear` that is no `nn.Linear`) gets its
+qualified name (`mylib.layers.linear`), so no type selector takes it for that type.
 
 | type        | torch classes                                      | tensors                 | weight as seen |
 |-------------|----------------------------------------------------|-------------------------|----------------|
@@ -81,7 +82,10 @@ def module_type(module: nn.Module) -> str:
     cls = type(module)
     if getattr(module, "parametrizations", None) is not None and cls.__name__.startswith("Parametrized"):
         cls = cls.__bases__[0]  # torch.nn.utils.parametrize's injected class
-    return cls.__name__.lower()
+    name = cls.__name__.lower()
+    if name in MODULE_TYPES:  # a class that only shares a quantisable type's name is not of that type
+        return f"{cls.__module__}.{cls.__name__}".lower()
+    return name
 
 
 def is_transposed(module: nn.Module) -> bool:
