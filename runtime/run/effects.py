@@ -12,6 +12,8 @@ cannot take effect, with the reason) and plain notes.
   inside it turns that off, so a child whose input is quantised (by a pre-hook) keeps the quantiser.
 - Tied parameters (GPT-2's `lm_head.weight` is `transformer.wte.weight`): each module that quantises the
   shared latent weight reads its own q(weight); a module that does not reads the float latent.
+- Weight matrices held by modules of no quantisable type (`MultiheadAttention.in_proj_weight`, a bare
+  Parameter) cannot be selected by any rule: one note lists them.
 """
 
 from __future__ import annotations
@@ -209,6 +211,22 @@ def _is_quantised(model: nn.Module, owner: str) -> bool:
     return is_converted(module) and latent_param(module, tensor) is not None
 
 
+def unreachable_weights(model: nn.Module) -> list[str]:
+    """One note for the weight matrices (2-D or more) that modules of no quantisable type hold themselves,
+    such as `MultiheadAttention.in_proj_weight`: no rule can select them, so they stay in float."""
+    found = []
+    for path, module in model.named_modules():
+        if module_type(module) in QUANTISABLE or getattr(module, "parametrizations", None) is not None:
+            continue
+        for name, p in module._parameters.items():
+            if p is not None and p.dim() >= 2 and p.is_floating_point():
+                found.append(f"{path}.{name} ({type(module).__name__}, {list(p.shape)})" if path else name)
+    if not found:
+        return []
+    shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+    return [f"weights held by modules of no quantisable type stay in float (no rule can select them): {shown}"]
+
+
 def repeated_calls(calls: dict[str, int]) -> dict[str, int]:
     """The modules that run more than once per forward, with their count."""
     return {path: n for path, n in calls.items() if n > 1}
@@ -223,4 +241,5 @@ __all__ = [
     "parameter_owners",
     "repeated_calls",
     "tied_notes",
+    "unreachable_weights",
 ]

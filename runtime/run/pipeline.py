@@ -316,6 +316,7 @@ def apply(
     ternary_metrics, zero_fractions = _metrics_and_activation_zeros(model, data.evaluation, check.task)
     warnings = tuple(str(e) for e in idle)
     notes = tuple(effects.fast_path_notes(model)) + tuple(dict.fromkeys(effects.tied_notes(model, owners)))
+    notes += tuple(effects.unreachable_weights(model)) if any(mq.quantises_anything for mq in configs.values()) else ()
     notes += tuple(f"{path}: called {n} times per forward; its statistics count every call"
                    for path, n in effects.repeated_calls(check.calls).items() if path in configs)
     report = build_report(model, configs, float_metrics, ternary_metrics, zero_fractions,

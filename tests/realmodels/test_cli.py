@@ -38,3 +38,19 @@ def test_apply_encoder_names_what_cannot_take_effect_and_says_when_samples_run_o
     assert "ternqc: warning: encoder.layers.0.self_attn.out_proj: data_in stays in float" in run.err
     assert "not applied: encoder_layers_0_self_attn_out_proj data_in" in run.out
     assert "asked for 1000 calibration samples" in run.err and "holds only 24" in run.err
+
+
+def test_apply_with_a_user_metric_from_a_file(tmp_path):
+    from ternqc.compiler import builtin_recipe
+
+    (tmp_path / "metric.py").write_text(
+        "def confidence(output, labels):\n"
+        "    return float(output.logits.softmax(-1).max(-1).values.mean())\n"
+    )
+    run = run_cli("apply", "--model", f"{MODELS}:gpt2", "--dataset", f"{MODELS}:tokens", "--rules",
+                  builtin_recipe("weights_only.tq"), "--samples", "8", "--metric", f"{tmp_path / 'metric.py'}:confidence",
+                  "--out", tmp_path / "out", "--no-progress")
+    assert run.rc == 0, run.err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["metric"] == "confidence" and 0 < report["ternary_accuracy"] <= 1
+    assert "validation confidence: float" in run.out

@@ -47,6 +47,9 @@ def test_out_proj_input_is_named_not_silently_float_and_encoder_quantisers_run(t
         assert any(path in str(c.message) for c in caught)
         assert f"not applied: {path.replace('.', '_')} data_in" in format_layer_table(report.to_dict())
     assert sum("fused fast path off" in n for n in report.notes) == 2  # said once per layer
+    unreachable = [n for n in report.notes if "no rule can select them" in n]
+    assert len(unreachable) == 1 and "encoder.layers.1.self_attn.in_proj_weight (MultiheadAttention, [48, 16])" \
+        in unreachable[0]
 
     # the reference: numpy-ternarised weights and inputs (with the calibrated Δ, α the report holds), unfused
     ref = float_model
