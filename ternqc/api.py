@@ -195,7 +195,7 @@ def quantize_(model: Any, rules: Any, calibration_data: Any, *, eval_data: Any =
     result = pipeline.apply(model, plan, run, rules=source, data=data,
                             metric=metric if callable(metric) else None)
     if options["out"] is not None:
-        pipeline.write_apply_outputs(os.fspath(options["out"]), result, run, plan)
+        pipeline.write_apply_outputs(os.fspath(options["out"]), result, run)
     for warning in result.warnings:
         warnings.warn(warning, stacklevel=2)
     return Report.from_dict(result.report)

@@ -167,7 +167,7 @@ def apply(args: argparse.Namespace) -> int:
     _print_notes(result.profile.notes)
     for warning in result.warnings:
         print(f"ternqc: warning: {warning}", file=sys.stderr)
-    written = pipeline.write_apply_outputs(args.out, result, settings, plan)
+    written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))

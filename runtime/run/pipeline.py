@@ -444,7 +444,7 @@ def build_report(
     }
 
 
-def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings, plan: Plan) -> list[str]:
+def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings) -> list[str]:
     """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`, all or
     nothing; return the paths written.
 
