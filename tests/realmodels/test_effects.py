@@ -136,3 +136,26 @@ def test_every_recipe_runs_on_gpt2_and_bert(recipe):
         report = ternqc.quantize_(model, recipe, data(), eval_data=data())
         assert report.ternary_accuracy is not None
         assert any(t.get("quantized") for n in report.nodes.values() for t in n["tensors"].values())
+
+
+def test_statistics_of_a_module_called_twice_pool_both_calls_exactly():
+    from ternqc.compiler import compile_source
+
+    rules = """
+calibrate { samples = 32  batch_size = 8 }
+profile relu.data_in: range_quantile(dims = all, quantile = 0.5), range_min_max(dims = all)
+"""
+    model, batches = models.block(), models.tensor_batches((3, 6, 6), 2)
+    seen = []
+    handle = model.block.relu.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().clone().reshape(-1)))
+    models.run(model, batches)
+    handle.remove()
+    values = torch.cat(seen).numpy()
+    plan = compile_source(rules, "r.tq").plan
+    result = pipeline.profile(model, plan, pipeline.RunSettings(progress=False),
+                              pipeline.RunData(calibration=tuple(batches)))
+    got = result.table["block.relu"].values["data_in_0"]
+    median = got[StatSpec("range_quantile", options=(("quantile", 0.5),))]
+    assert median["count"] == values.size and median["max"] == pytest.approx(float(np.quantile(values, 0.5)))
+    minmax = got[StatSpec("range_min_max")]
+    assert (minmax["min"], minmax["max"]) == (float(values.min()), float(values.max()))
