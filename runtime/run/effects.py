@@ -232,10 +232,22 @@ def repeated_calls(calls: dict[str, int]) -> dict[str, int]:
     return {path: n for path, n in calls.items() if n > 1}
 
 
+def conversion_notes(model: nn.Module, owners: dict[int, list[str]], calls: dict[str, int]) -> tuple[str, ...]:
+    """Every note about a converted model: fast paths turned off, tied weights, weights no rule can select
+    (when anything was converted), modules called several times per forward (among `calls`)."""
+    notes = fast_path_notes(model) + list(dict.fromkeys(tied_notes(model, owners)))
+    if any(is_converted(m) for m in model.modules()):
+        notes += unreachable_weights(model)
+    notes += [f"{path}: called {n} times per forward; its statistics count every call"
+              for path, n in repeated_calls(calls).items()]
+    return tuple(notes)
+
+
 __all__ = [
     "Effect",
     "ModelCheck",
     "check_model",
+    "conversion_notes",
     "fast_path_notes",
     "never_called_inputs",
     "parameter_owners",

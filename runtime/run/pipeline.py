@@ -303,7 +303,10 @@ def apply(
     check = effects.check_model(model, data.calibration[0], data.evaluation, metric)
     result = profile(model, plan, settings, data)
     types = {name: prof.module_type(m) for name, m in model.named_modules() if name}
-    idle = effects.never_called_inputs(plan, check.calls, types)
+    # a module the checked batch did not reach but calibration did (a data-dependent branch) is not idle
+    reached = {path for path, ms in result.table.items() if "data_in_0" in ms.values}
+    calls = {path: n or int(path in reached) for path, n in check.calls.items()}
+    idle = effects.never_called_inputs(plan, calls, types)
     absent = _absent_parameters(model) | {(e.path, e.tensor) for e in idle}
     mapping = map_params(plan, result.table, rules=rules, modules=list(types.items()), absent_tensors=absent)
     configs = build_configs(mapping, rules=rules)
@@ -315,12 +318,9 @@ def apply(
     convert_(model, configs)
     ternary_metrics, zero_fractions = _metrics_and_activation_zeros(model, data.evaluation, check.task)
     warnings = tuple(str(e) for e in idle)
-    notes = tuple(effects.fast_path_notes(model)) + tuple(dict.fromkeys(effects.tied_notes(model, owners)))
-    notes += tuple(effects.unreachable_weights(model)) if any(mq.quantises_anything for mq in configs.values()) else ()
-    notes += tuple(f"{path}: called {n} times per forward; its statistics count every call"
-                   for path, n in effects.repeated_calls(check.calls).items() if path in configs)
+    notes = effects.conversion_notes(model, owners, {p: n for p, n in calls.items() if p in configs})
     report = build_report(model, configs, float_metrics, ternary_metrics, zero_fractions,
-                          calls=check.calls, not_applied=idle, warnings=warnings, notes=result.notes + notes,
+                          calls=calls, not_applied=idle, warnings=warnings, notes=result.notes + notes,
                           headline=None if check.task is None else check.task.headline)
     profile_result = attrs.evolve(result, notes=result.notes + notes)
     return ApplyResult(
