@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from attrs import frozen
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ternqc.plan import QUANTISABLE, Binding, Const, Plan
 from ternqc.runtime.calibrate.loop import describe_failure
@@ -216,11 +217,12 @@ def unreachable_weights(model: nn.Module) -> list[str]:
     such as `MultiheadAttention.in_proj_weight`: no rule can select them, so they stay in float."""
     found = []
     for path, module in model.named_modules():
-        if module_type(module) in QUANTISABLE or getattr(module, "parametrizations", None) is not None:
+        if module_type(module) in QUANTISABLE or isinstance(module, parametrize.ParametrizationList):
             continue
         for name, p in module._parameters.items():
             if p is not None and p.dim() >= 2 and p.is_floating_point():
-                found.append(f"{path}.{name} ({type(module).__name__}, {list(p.shape)})" if path else name)
+                where = f"{path}.{name}" if path else name
+                found.append(f"{where} ({type(module).__name__}, {list(p.shape)})")
     if not found:
         return []
     shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")

@@ -159,3 +159,25 @@ profile relu.data_in: range_quantile(dims = all, quantile = 0.5), range_min_max(
     assert median["count"] == values.size and median["max"] == pytest.approx(float(np.quantile(values, 0.5)))
     minmax = got[StatSpec("range_min_max")]
     assert (minmax["min"], minmax["max"]) == (float(values.min()), float(values.max()))
+
+
+class BareAttention(nn.Module):
+    """A custom module holding its projection as a bare Parameter: of no quantisable type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Parameter(torch.randn(12, 4))
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(x @ self.qkv.t())
+
+
+def test_weights_no_rule_can_select_are_listed_once():
+    torch.manual_seed(0)
+    model = BareAttention().eval()
+    batches = models.tensor_batches((4,), 2)
+    report = ternqc.quantize_(model, "weights_only", batches)
+    unreachable = [n for n in report.notes if "no rule can select them" in n]
+    assert len(unreachable) == 1 and "qkv" in unreachable[0] and "[12, 4]" in unreachable[0]
+    assert is_converted(model.fc)
