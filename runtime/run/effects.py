@@ -26,7 +26,7 @@ from attrs import frozen
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ternqc.plan import QUANTISABLE, Binding, Const, Plan
+from ternqc.plan import FLOAT_WIDTH, QUANTISABLE, Binding, Const, Plan, expr_stat_refs, split_param
 from ternqc.runtime.calibrate.loop import describe_failure
 from ternqc.runtime.calibrate.points import module_type
 from ternqc.runtime.errors import UserError
@@ -128,24 +128,62 @@ def _task(model: nn.Module, evaluation: Any, metric: Callable | None) -> Task:
         raise UserError(msg) from exc
 
 
-def never_called_inputs(plan: Plan, calls: dict[str, int], types: dict[str, str]) -> list[Effect]:
-    """The modules whose input a rule quantises (`data_in_width = 2` wins) but which never run as modules."""
-    idle = [(path, types[path]) for path, n in calls.items() if n == 0 and "data_in" in QUANTISABLE[types[path]]]
+def never_called(
+    plan: Plan, calls: dict[str, int], modules: list[tuple[str, str]]
+) -> tuple[set[tuple[str, str]], list[Effect]]:
+    """What cannot be evaluated or take effect on modules that never run as modules (`calls[path] == 0`):
+
+    - their input: no hook sees it (always left unset; an `Effect` when a rule quantises it, i.e. the winning
+      `data_in_width` is not a plain 32 or unset);
+    - a weight or bias whose parameters read the module's own input or output statistics (there are none; an
+      `Effect` when its width is not a plain 32 or unset).
+    Their weights otherwise are quantised as the rules say (a parametrization needs no call).
+
+    Args:
+        modules: the model's `(path, type)` in order (first(T) / last(T) need the whole model).
+
+    Returns:
+        `(path, tensor)` pairs whose parameters stay unset, and the effects to name.
+    """
+    types = dict(modules)
+    idle = {path for path, n in calls.items() if n == 0}
+    absent: set[tuple[str, str]] = set()
     effects = []
-    for path, winners in resolve_bindings(plan.bindings, idle).items():
-        width = winners.get("data_in_width")
-        if width is not None and _is_ternary_width(width.binding):
-            reason = (
-                "the module is never called during the forward (its parent uses its weight directly, as "
-                "MultiheadAttention does with out_proj), so no quantiser can see its input; its weight and "
-                f"bias are quantised as the rules say (rule at {width.binding.origin})"
-            )
-            effects.append(Effect(path, "data_in", reason))
-    return effects
+    for path, winners in resolve_bindings(plan.bindings, modules).items():
+        if path not in idle:
+            continue
+        for tensor in QUANTISABLE[types[path]]:
+            own = {p: rp for p, rp in winners.items() if (split_param(p) or ("",))[0] == tensor}
+            width = own.get(f"{tensor}_width")
+            wanted = width is not None and not _is_float_width(width.binding)
+            if tensor == "data_in":
+                absent.add((path, tensor))
+                if wanted:
+                    reason = (
+                        "the module is never called during the forward (its parent uses its weight directly, as "
+                        "MultiheadAttention does with out_proj), so no quantiser can see its input (rule at "
+                        f"{width.binding.origin}); its weight and bias are still quantised in place"
+                    )
+                    effects.append(Effect(path, tensor, reason))
+                continue
+            reading = [rp.binding for rp in own.values() if _reads_own_activations(rp.binding)]
+            if reading:
+                absent.add((path, tensor))
+                if wanted:
+                    reason = (
+                        f"its rules read the module's input or output statistics (rule at {reading[0].origin}), "
+                        "but the module is never called during the forward, so there are none"
+                    )
+                    effects.append(Effect(path, tensor, reason))
+    return absent, effects
 
 
-def _is_ternary_width(b: Binding) -> bool:
-    return isinstance(b.value, Const) and b.value.value == 2
+def _is_float_width(b: Binding) -> bool:
+    return isinstance(b.value, Const) and b.value.value in (None, FLOAT_WIDTH)
+
+
+def _reads_own_activations(b: Binding) -> bool:
+    return any(r.module is None and r.tensor.startswith("data_") for r in expr_stat_refs(b.value))
 
 
 def fast_path_notes(model: nn.Module) -> list[str]:
@@ -251,7 +289,7 @@ __all__ = [
     "check_model",
     "conversion_notes",
     "fast_path_notes",
-    "never_called_inputs",
+    "never_called",
     "parameter_owners",
     "repeated_calls",
     "tied_notes",

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from attrs import field, frozen
 from torch import nn
@@ -39,6 +40,7 @@ from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
 from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.metrics import evaluate
+from ternqc.runtime.quantize import asserts
 from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.quantize.modules import is_converted, quantized_param, resolved_quant
@@ -124,6 +126,7 @@ class ApplyResult:
     float_metrics: dict[str, float] | None = None
     ternary_metrics: dict[str, float] | None = None
     warnings: tuple[str, ...] = ()
+    assert_failures: tuple = ()  # asserts.Failure: the plan's assertions that do not hold
 
 
 def load_model(settings: RunSettings) -> nn.Module:
@@ -254,7 +257,9 @@ def calibrate_activation_scales(
     out = dict(configs)
     for path, mq in need.items():
         found = table[path].values["data_in_0"][THRESHOLD_ABS_MEAN]
-        out[path] = mq.with_alpha("data_in", found["abs_mean"])
+        # no |x| above Δ on the calibration data: every value becomes 0, and α is 0 (as for weights)
+        alpha = np.nan_to_num(np.asarray(found["abs_mean"], dtype=np.float64), nan=0.0).tolist()
+        out[path] = mq.with_alpha("data_in", alpha)
         _merge_into(result.table, table[path])
     return out
 
@@ -306,8 +311,8 @@ def apply(
     # a module the checked batch did not reach but calibration did (a data-dependent branch) is not idle
     reached = {path for path, ms in result.table.items() if "data_in_0" in ms.values}
     calls = {path: n or int(path in reached) for path, n in check.calls.items()}
-    idle = effects.never_called_inputs(plan, calls, types)
-    absent = _absent_parameters(model) | {(e.path, e.tensor) for e in idle}
+    unset, idle = effects.never_called(plan, calls, list(types.items()))
+    absent = _absent_parameters(model) | unset
     mapping = map_params(plan, result.table, rules=rules, modules=list(types.items()), absent_tensors=absent)
     configs = build_configs(mapping, rules=rules)
     configs = calibrate_activation_scales(model, configs, result, settings)
@@ -322,11 +327,17 @@ def apply(
     report = build_report(model, configs, float_metrics, ternary_metrics, zero_fractions,
                           calls=calls, not_applied=idle, warnings=warnings, notes=result.notes + notes,
                           headline=None if check.task is None else check.task.headline)
+    # language v2: the plan's assertions and its constants go into the report; no module is left in float as
+    # a whole any more (a module that is never called has its weights quantised in place, its input named)
+    applied = asserts.applied_configs(model, configs)
+    modules = list(types.items())
+    failures = asserts.check_asserts(plan, mapping, applied, report, result.table, modules)
+    asserts.annotate_report(report, plan, failures, {}, mapping)
     profile_result = attrs.evolve(result, notes=result.notes + notes)
     return ApplyResult(
         profile_result, mapping, configs, model,
         report["float_accuracy"], report["ternary_accuracy"], report,
-        float_metrics, ternary_metrics, warnings,
+        float_metrics, ternary_metrics, warnings, tuple(failures),
     )
 
 
