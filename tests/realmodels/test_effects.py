@@ -181,3 +181,23 @@ def test_weights_no_rule_can_select_are_listed_once():
     unreachable = [n for n in report.notes if "no rule can select them" in n]
     assert len(unreachable) == 1 and "qkv" in unreachable[0] and "[12, 4]" in unreachable[0]
     assert is_converted(model.fc)
+
+
+ACTIVATION_THRESHOLD = """
+calibrate { samples = 32  batch_size = 8 }
+profile linear.data_in: range_min_max(dims = all)
+default { name = "ternary" }
+linear { weight_width = 2  weight_scaling_factor = true }
+linear.weight_threshold = 0.001 * stat(data_in).range_min_max.range
+"""
+
+
+def test_a_weight_rule_reading_input_statistics_of_a_never_called_module_is_named():
+    model, batches = models.encoder(), models.tensor_batches((5, 16), 3)
+    report = ternqc.quantize_(model, ACTIVATION_THRESHOLD, batches)
+    for i in range(2):
+        node = report.nodes[f"encoder_layers_{i}_self_attn_out_proj"]
+        assert node["tensors"]["weight"]["quantized"] is False
+        assert "never called" in node["tensors"]["weight"]["not_applied"]
+        assert any(f"encoder.layers.{i}.self_attn.out_proj: weight stays in float" in w for w in report.warnings)
+        assert report.nodes[f"encoder_layers_{i}_linear1"]["tensors"]["weight"]["quantized"] is True
