@@ -21,7 +21,6 @@ from ternqc.compiler import ast
 from ternqc.compiler.vocab import (
     Profiled,
     canonical_tensor,
-    covers,
     literal,
     resolve,
     selector_of,
@@ -130,20 +129,41 @@ def _expr(e: ast.Expr, sel: plan.Selector, tensor: str | None, profiled: Profile
     return plan.StatRef(tensor=ref_tensor, stat=spec, field=e.field.name)
 
 
-def _covered(points: list[plan.ProfilePoint], sel: plan.Selector, tensor: str, spec: plan.StatSpec) -> bool:
-    """Whether some point collects `spec` on `tensor` for every module `sel` can pick."""
-    return any(p.tensor == tensor and spec in p.stats and covers(p.selector, sel) for p in points)
+class _Coverage:
+    """What the profile points collect, indexed so that each question is one lookup (a program with 10,000
+    rules would otherwise cost 10,000 × 10,000 comparisons). Same answers as `vocab.covers`: a point covers a
+    binding's selector when it is the same selector, or `default` for a `default` or type selector."""
+
+    def __init__(self, points: list[plan.ProfilePoint]) -> None:
+        self.exact: set[tuple[plan.Selector, str, plan.StatSpec]] = set()
+        self.by_default: set[tuple[str, plan.StatSpec]] = set()
+        for p in points:
+            self.add(p)
+
+    def add(self, p: plan.ProfilePoint) -> None:
+        for spec in p.stats:
+            self.exact.add((p.selector, p.tensor, spec))
+            if p.selector.kind == "default":
+                self.by_default.add((p.tensor, spec))
+
+    def covers(self, sel: plan.Selector, tensor: str, spec: plan.StatSpec) -> bool:
+        """Whether some point collects `spec` on `tensor` for every module `sel` can pick."""
+        if (sel, tensor, spec) in self.exact:
+            return True
+        return sel.kind in ("default", "type") and (tensor, spec) in self.by_default
 
 
 def _referenced(points: list[plan.ProfilePoint], bindings: list[plan.Binding]) -> list[plan.ProfilePoint]:
     """Points for statistics that bindings read but nothing collects for their selector."""
     added: list[plan.ProfilePoint] = []
+    coverage = _Coverage(points)
     for b in bindings:
         for ref in plan.expr_stat_refs(b.value):
-            if _covered(points + added, b.selector, ref.tensor, ref.stat):
+            if coverage.covers(b.selector, ref.tensor, ref.stat):
                 continue
             point = plan.ProfilePoint(b.selector, ref.tensor, (ref.stat,), b.origin, reason="referenced")
             added.append(point)
+            coverage.add(point)
     return added
 
 

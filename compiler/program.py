@@ -13,15 +13,16 @@ import os
 
 from attrs import frozen
 
+from ternqc import inputs
 from ternqc.compiler import ast
 from ternqc.compiler.errors import CompileError, Diagnostic
 from ternqc.compiler.parse import parse
 
 
 def read_text(path: str) -> str:
-    """A rules file's text (UTF-8, a byte-order mark dropped). Raises `OSError` or `UnicodeDecodeError`."""
-    with open(path, encoding="utf-8-sig") as f:
-        return f.read()
+    """A rules file's text (UTF-8, a byte-order mark dropped). Raises `OSError` or `UnicodeDecodeError`;
+    a FIFO, a device or a file over `inputs.MAX_RULES_BYTES` is refused before reading (`InputError`)."""
+    return inputs.read_text(path, "rules file", inputs.MAX_RULES_BYTES)
 
 
 def read_problem(exc: Exception) -> str:

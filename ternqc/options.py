@@ -1,0 +1,73 @@
+"""Range checks on the numbers and paths of the command line, before any work starts.
+
+In: the parsed argparse namespace. Out: nothing, or a `UserError` naming the option and the value (exit 1,
+like every other bad value), so no option reaches torch as a number it cannot hold
+(`--seed 99999999999999999999999`, `--quantile-budget-mib inf`) or as a path that means something else
+(`--out ""` is the current folder). `notes(args)` lists what is allowed but probably not meant
+(`--workers 64` on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from ternqc.runtime.errors import UserError
+
+#: torch.manual_seed takes any value that fits 64 bits; ternqc's seeds are the non-negative ones.
+MAX_SEED = 2**64 - 1
+#: Counts beyond 2**53 are no longer exact as floats; no dataset or run needs more.
+MAX_COUNT = 2**53
+#: More local worker processes than this is a typing mistake, not a plan.
+MAX_WORKERS = 256
+#: The largest quantile budget: 1 TiB, in MiB.
+MAX_BUDGET_MIB = 2.0**20
+
+_COUNTS = (("samples", "--samples"), ("batch_size", "--batch-size"), ("epochs", "--epochs"))
+_PATHS = (("out", "--out"), ("output", "--output"))
+
+
+def _shown(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} digits)"
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers and empty output paths in `args`.
+
+    Raises:
+        UserError: the first bad option, e.g. "--seed must be an integer from 0 to 2**64-1, got 1e+22".
+    """
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be an integer from 0 to 2**64-1, got {_shown(seed)}")
+    for name, option in _COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and not 1 <= value <= MAX_COUNT:
+            raise UserError(f"{option} must be a positive integer (at most 2**53), got {_shown(value)}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a positive finite number, got {lr}")
+    budget = getattr(args, "quantile_budget_mib", None)
+    if budget is not None and not 0 <= budget <= MAX_BUDGET_MIB:  # also refuses NaN and inf
+        raise UserError(f"--quantile-budget-mib must be a number from 0 to {MAX_BUDGET_MIB:.0f}, got {budget}")
+    workers = getattr(args, "workers", None)
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise UserError(f"--workers must be from 1 to {MAX_WORKERS}, got {_shown(workers)}")
+    for name, option in _PATHS:
+        value = getattr(args, name, None)
+        if value is not None and not str(value).strip():
+            raise UserError(f"{option} must name a file or folder, got an empty string")
+
+
+def notes(args: argparse.Namespace) -> list[str]:
+    """Options that are allowed but probably not meant, as sentences."""
+    found = []
+    workers, cores = getattr(args, "workers", None), os.cpu_count() or 1
+    if workers is not None and workers > cores:
+        found.append(
+            f"--workers {workers} starts more processes than this machine's {cores} CPU cores; each gets one "
+            "thread and they share the cores, so calibration is slower, not faster"
+        )
+    return found
