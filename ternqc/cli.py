@@ -36,11 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     from ternqc.compiler import CompileError
-    from ternqc.options import check_options, notes
+    from ternqc.options import check_options, check_outputs, notes
     from ternqc.runtime.errors import UserError
 
     try:
         check_options(args)
+        check_outputs(args)
         for note in notes(args):
             print(f"ternqc: note: {note}", file=sys.stderr)
         status = COMMANDS[args.command](args)

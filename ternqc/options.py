@@ -4,7 +4,8 @@ In: the parsed argparse namespace. Out: nothing, or a `UserError` naming the opt
 like every other bad value), so no option reaches torch as a number it cannot hold
 (`--seed 99999999999999999999999`, `--quantile-budget-mib inf`) or as a path that means something else
 (`--out ""` is the current folder). `notes(args)` lists what is allowed but probably not meant
-(`--workers 64` on 2 cores).
+(`--workers 64` on 2 cores). `check_outputs(args)` refuses an output path that is one of the command's
+input files.
 """
 
 from __future__ import annotations
@@ -71,3 +72,54 @@ def notes(args: argparse.Namespace) -> list[str]:
             "thread and they share the cores, so calibration is slower, not faster"
         )
     return found
+
+
+def _factory_file(spec: str | None) -> str | None:
+    """The file of a `FILE.py:factory` spec, else None."""
+    if not spec or ":" not in spec:
+        return None
+    target = spec.rpartition(":")[0]
+    return target if target.endswith(".py") or "/" in target or "\\" in target else None
+
+
+def input_files(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """`(what, path)` of every file the command in `args` reads."""
+    found = [
+        ("the rules file", getattr(args, "rules", None)),
+        ("the plan", getattr(args, "plan", None)),
+        ("the checkpoint", getattr(args, "ckpt", None)),
+        ("the statistics file", getattr(args, "stats", None)),
+        ("the base config", getattr(args, "base", None)),
+        ("the model file", _factory_file(getattr(args, "model", None))),
+        ("the dataset file", _factory_file(getattr(args, "dataset", None))),
+    ]
+    return [(what, path) for what, path in found if path]
+
+
+def output_files(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """`(option, path)` of every file the command in `args` writes."""
+    from ternqc.runtime.io.outputs import APPLY_OUTPUTS
+
+    if args.command in ("apply", "demo"):
+        return [("--out", os.path.join(args.out, name)) for name in APPLY_OUTPUTS]
+    for name, option in _PATHS:
+        value = getattr(args, name, None)
+        if value:
+            return [(option, value)]
+    return []
+
+
+def check_outputs(args: argparse.Namespace, extra_inputs: tuple[str, ...] = ()) -> None:
+    """Refuse an output path that is one of the command's input files (`ternqc compile r.tq -o r.tq`).
+
+    Args:
+        args: the parsed command line.
+        extra_inputs: more files read (e.g. the files a rules file includes).
+
+    Raises:
+        UserError: naming the option, the path and which input it is.
+    """
+    from ternqc.runtime.io.outputs import refuse_overwriting_inputs
+
+    inputs = input_files(args) + [("a file the rules include", p) for p in extra_inputs]
+    refuse_overwriting_inputs(output_files(args), inputs)

@@ -38,6 +38,8 @@ _TMP_SUFFIX = ".ternqc-tmp"
 _OLD_SUFFIX = ".ternqc-old"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+#: What `ternqc apply` writes into its output folder.
+APPLY_OUTPUTS = ("stats.toml", "quant_config.toml", "ternary.ckpt", "report.json")
 #: At most this many files of someone else are carried into a new output set.
 MAX_FOREIGN_FILES = 64
 
