@@ -82,7 +82,8 @@ def read_bytes(path: str | os.PathLike[str], what: str = "file", limit: int = MA
         OSError: as `open` (missing file, permission denied).
         InputError: not a regular file, or larger than `limit`.
     """
-    check_regular(path, what)
+    if check_regular(path, what).st_size > limit:
+        raise InputError(f"it is larger than the {_human(limit)} ternqc reads for a {what}", errno.EFBIG)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         kind = _kind(os.fstat(fd).st_mode)

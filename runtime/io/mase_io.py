@@ -303,6 +303,9 @@ def stats_from_dict(data: Mapping[str, Any], source: str = "the statistics file"
                     full = specs.get(tensor, {}).get(name) if isinstance(specs.get(tensor), dict) else None
                     spec = parse_spec_key(full if isinstance(full, str) else name)
                     values.setdefault(tensor, {})[spec if spec is not None else name] = dict(fields)
+        if path in table:
+            msg = f"{where}: its module path {path!r} is also that of node [{table[path].node}]; each node needs its own"
+            raise UserError(msg)
         notes = extra.get("notes", [])
         table[path] = ModuleStats(path=path, node=node, op=op, shapes=shapes, values=values,
                                   notes=tuple(str(n) for n in notes) if isinstance(notes, list) else ())
