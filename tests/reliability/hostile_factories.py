@@ -70,3 +70,28 @@ class _StringOut(nn.Module):
 
 def returns_string() -> nn.Module:
     return _StringOut()
+
+
+def toy_killed_in_rank_1() -> nn.Module:
+    """The toy model, except that the process of rank 1 of a `--workers` run dies of SIGKILL building it."""
+    import os
+    import signal
+
+    from ternqc.runtime.models.builtin import ToyNet
+
+    if os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ToyNet()
+
+
+def toy_bug_in_rank_1() -> nn.Module:
+    """The toy model, except that rank 1 hits a bug outside the factory's own call: an attribute error raised
+    from a forward pre-hook on the first module (not a UserError, not the model's forward)."""
+    import os
+
+    from ternqc.runtime.models.builtin import ToyNet
+
+    model = ToyNet()
+    if os.environ.get("RANK") == "1":
+        model.seq_blocks[0].register_forward_pre_hook(lambda m, a: m.no_such_attribute)
+    return model
