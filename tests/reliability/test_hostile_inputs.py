@@ -190,6 +190,10 @@ CASES = [
                                         "--out", str(t / "o.toml")], ("calibration batch", "sample 7 is corrupt")),
     Case("data-lying-len", lambda t: ["profile", "--dataset", f"{FACTORIES}:lying_len", *QUICK, "--out",
                                       str(t / "o.toml")], ("calibration batch", "IndexError", "1000 items")),
+    Case("train-nan-data", lambda t: ["train", "--dataset", f"{FACTORIES}:nan_data", "--epochs", "1", "--no-progress",
+                                      "--out", str(t / "o.ckpt")], ("non-finite", "NaN"), ),
+    Case("forward-returns-string", lambda t: ["apply", "--model", f"{FACTORIES}:returns_string", *QUICK, "--out",
+                                              str(t / "out")], ("returned a str",)),
     # --- statistics TOML (map) ------------------------------------------------------------------------------
     Case("stats-fifo", lambda t: ["map", fifo(t, "s.toml"), "-o", str(t / "o.toml")], ("FIFO",)),
     Case("stats-dev-zero", lambda t: ["map", "/dev/zero", "-o", str(t / "o.toml")], ("character device",)),
