@@ -198,6 +198,9 @@ def _check_values(model: nn.Module, expected: dict[str, Any], state: dict[str, A
         if got.is_complex() and not want.is_complex():
             msg = f"{where} holds complex numbers ({got.dtype}); the model's {key} is real ({want.dtype})"
             raise UserError(msg)
+        if want.is_floating_point() and not (got.is_floating_point() or got.is_complex()):
+            msg = f"{where} holds {str(got.dtype).replace('torch.', '')} values; the model's {key} is {want.dtype} (was it saved from another model or cast by mistake?)"
+            raise UserError(msg)
         if got.is_floating_point() or got.is_complex():
             nan, inf = int(torch.isnan(got).sum()), int(torch.isinf(got).sum())
             if nan or inf:

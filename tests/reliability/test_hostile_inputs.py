@@ -174,6 +174,9 @@ CASES = [
     Case("ckpt-complex", lambda t: ["profile", "--ckpt", ckpt(t, toy_state(**{
         "seq_blocks.0.bias": torch.zeros(100, dtype=torch.complex64)})), "--out", str(t / "o.toml")],
          ("seq_blocks.0.bias", "complex")),
+    Case("ckpt-int64", lambda t: ["apply", "--ckpt", ckpt(t, toy_state(**{
+        "seq_blocks.0.weight": torch.zeros(100, 4, dtype=torch.int64)})), "--out", str(t / "out")],
+         ("seq_blocks.0.weight", "int64", "torch.float32")),
     Case("ckpt-sparse", lambda t: ["profile", "--ckpt", ckpt(t, toy_state(**{
         "seq_blocks.0.weight": torch.zeros(100, 4).to_sparse()})), "--out", str(t / "o.toml")],
          ("seq_blocks.0.weight", "sparse")),
