@@ -208,6 +208,24 @@ def _check_values(model: nn.Module, expected: dict[str, Any], state: dict[str, A
                 raise UserError(msg)
 
 
+def check_finite_parameters(model: nn.Module, source: str) -> None:
+    """Refuse a model whose floating-point parameters hold NaN or infinity, naming the first such tensor and
+    the counts (they would otherwise surface later as a threshold that cannot be resolved, blamed on a
+    statistic of some downstream module).
+
+    Raises:
+        UserError: "the model 'net.py:make': seq_blocks.0.weight holds 3 NaN and 1 infinite values of 400".
+    """
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            msg = (
+                f"{source}: {name} holds {nan} NaN and {inf} infinite values of {tensor.numel()}; ternqc "
+                "quantises finite weights only"
+            )
+            raise UserError(msg)
+
+
 def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load the weights in `path` into `model`, in place and strictly.
 

@@ -30,7 +30,7 @@ from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.atomic import atomic_write_text
-from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.io.checkpoints import check_finite_parameters, load_checkpoint_
 from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
 from ternqc.runtime.io.outputs import APPLY_OUTPUTS, write_output_set
 from ternqc.runtime.models.builtin import build_model
@@ -78,10 +78,11 @@ class ApplyResult:
 
 
 def load_model(settings: RunSettings) -> nn.Module:
-    """Build the float model and load its checkpoint, if any."""
+    """Build the float model and load its checkpoint, if any; refuse NaN or infinite weights."""
     model = build_model(settings.model)
     if settings.ckpt:
         load_checkpoint_(model, settings.ckpt)
+    check_finite_parameters(model, f"the model {settings.model!r}")
     return model.eval()
 
 

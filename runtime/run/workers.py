@@ -9,6 +9,7 @@ worker's `UserError`.
 import os
 import pickle
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Callable
@@ -139,6 +140,16 @@ def _start_method() -> str:
         multiprocessing.set_forkserver_preload(
             ["torch", "ternqc.runtime.run.workers", "ternqc.runtime.run.pipeline"]
         )
+        # Started with Ctrl-C ignored (an ignored signal stays ignored across exec): a Ctrl-C while the server
+        # imports torch would print its traceback. This process stops the workers itself (`_stop`).
+        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread: leave the server as multiprocessing starts it
+            return "forkserver"
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     return "forkserver"
 
 
@@ -150,6 +161,7 @@ def _free_port() -> int:
 
 def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callable, args: tuple) -> None:
     """One spawned process: join the group, run `fn`, hand rank 0's result (or a UserError) to the parent."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores Ctrl-C; a worker stops on it
     torch.set_num_threads(threads)
     os.environ.update(
         RANK=str(index),

@@ -95,3 +95,32 @@ def toy_bug_in_rank_1() -> nn.Module:
     if os.environ.get("RANK") == "1":
         model.seq_blocks[0].register_forward_pre_hook(lambda m, a: m.no_such_attribute)
     return model
+
+
+def toy_with_nan_weights() -> nn.Module:
+    """The toy model with 2 NaN and 1 infinite weight in `seq_blocks.2.weight`."""
+    from ternqc.runtime.models.builtin import ToyNet
+
+    model = ToyNet()
+    with torch.no_grad():
+        model.seq_blocks[2].weight[0, :2] = float("nan")
+        model.seq_blocks[2].weight[5, 5] = float("-inf")
+    return model
+
+
+class _Slow(_Items):
+    """Items that take 20 ms each; in a `--workers` process the first one touches `$RELIABILITY_MARKER`."""
+
+    def __getitem__(self, i: int):
+        import os
+        import time
+
+        marker = os.environ.get("RELIABILITY_MARKER")
+        if marker and os.environ.get("RANK") is not None and not os.path.exists(marker):
+            open(marker, "w").close()
+        time.sleep(0.02)
+        return super().__getitem__(i % self.n)
+
+
+def slow_in_workers(split: str) -> Dataset:
+    return _Slow(n=64, length=2048)

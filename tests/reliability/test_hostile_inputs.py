@@ -171,6 +171,8 @@ CASES = [
          ("ternary checkpoint", "load_ternary_checkpoint")),
     Case("ckpt-nan-weights", lambda t: ["apply", "--ckpt", ckpt(t, toy_state(**{"seq_blocks.0.weight": _nan_weights()})),
                                         "--out", str(t / "out")], ("seq_blocks.0.weight", "3 NaN", "1 infinite")),
+    Case("model-nan-weights", lambda t: ["apply", "--model", f"{FACTORIES}:toy_with_nan_weights", "--out",
+                                         str(t / "out")], ("seq_blocks.2.weight", "2 NaN", "1 infinite")),
     Case("ckpt-complex", lambda t: ["profile", "--ckpt", ckpt(t, toy_state(**{
         "seq_blocks.0.bias": torch.zeros(100, dtype=torch.complex64)})), "--out", str(t / "o.toml")],
          ("seq_blocks.0.bias", "complex")),

@@ -120,6 +120,35 @@ def test_sigint_while_exiting_is_exit_130_without_a_traceback(tmp_path: Path) ->
     assert out.read_text().startswith("{")  # the work was done before the signal
 
 
+def test_ctrl_c_during_calibration_with_two_workers(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group (ternqc, the fork server, both workers) once the workers read
+    data: exit 130, one line, no traceback from any process, no worker left running."""
+    import time
+
+    from tests.reliability.support import FACTORIES
+
+    marker = tmp_path / "workers-started"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ternqc", "profile", "--workers", "2", "--dataset", f"{FACTORIES}:slow_in_workers",
+         "--samples", "2048", "--batch-size", "64", "--no-progress", "--out", str(tmp_path / "s.toml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+        env={**os.environ, "RELIABILITY_MARKER": str(marker)},
+    )
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # waiting for the workers to start reading, not for a guessed moment
+    assert marker.exists(), proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "ternqc: interrupted", err
+    assert not (tmp_path / "s.toml").exists()
+    with pytest.raises(ProcessLookupError):  # the group is gone: no worker or server left behind
+        for _ in range(50):
+            os.killpg(proc.pid, 0)
+            time.sleep(0.2)
+
+
 def _closed_reader(*args: str) -> subprocess.CompletedProcess:
     """`ternqc ARGS | head -0`: the reader closes its end before ternqc writes anything."""
     proc = subprocess.Popen([sys.executable, "-m", "ternqc", *args], stdout=subprocess.PIPE,
