@@ -42,6 +42,22 @@ def text(tmp: Path, name: str, content: str) -> str:
     return str(path)
 
 
+def bytes_file(tmp: Path, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content)
+    return str(path)
+
+
+class _Payload:
+    """Unpickling it would create the file `marker`: proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def sparse(tmp: Path, name: str, size: int) -> str:
     """A file of `size` bytes that takes no disk space (a hole)."""
     path = tmp / name
@@ -133,6 +149,10 @@ CASES = [
          ("is a file the rules include",)),
     Case("compile-output-in-missing-folder",
          lambda t: ["compile", RECIPE, "-o", str(t / "no" / "such" / "p.json")], ("cannot write plan", "no folder")),
+    Case("compile-not-utf8", lambda t: ["compile", bytes_file(t, "r.tq", b"linear.weight_width = 2 \xff\n"), "-o",
+                                        str(t / "o.json")], ("not UTF-8", "0xff")),
+    Case("compile-include-fifo", lambda t: ["compile", text(t, "r.tq", f'include "{fifo(t, "inc.tq")}"\n'), "-o",
+                                            str(t / "o.json")], ("cannot include", "regular file")),
     # --- plans ------------------------------------------------------------------------------------------
     Case("plan-fifo", lambda t: ["apply", "--plan", fifo(t, "p.json"), "--out", str(t / "out")], ("FIFO",)),
     Case("plan-dev-zero", lambda t: ["apply", "--plan", "/dev/zero", "--out", str(t / "out")], ("character device",)),
@@ -164,6 +184,8 @@ CASES = [
     # --- checkpoints --------------------------------------------------------------------------------------
     Case("ckpt-fifo", lambda t: ["profile", "--ckpt", fifo(t, "c.ckpt"), "--out", str(t / "o.toml")], ("FIFO",)),
     Case("ckpt-dev-zero", lambda t: ["profile", "--ckpt", "/dev/zero", "--out", str(t / "o.toml")], ("character device",)),
+    Case("ckpt-pickled-payload", lambda t: ["profile", "--ckpt", ckpt(t, {"state_dict": _Payload(t / "RAN")}), "--out",
+                                            str(t / "o.toml")], ("holds Python objects", "refused")),
     Case("ckpt-text", lambda t: ["profile", "--ckpt", text(t, "c.ckpt", "epoch: 3\n"), "--out", str(t / "o.toml")],
          ("not a PyTorch checkpoint", "it is text")),
     Case("ckpt-ternary", lambda t: ["apply", "--ckpt", ckpt(t, {"format": "ternqc-ternary", "version": 1,
@@ -217,6 +239,10 @@ CASES = [
     Case("stats-duplicate-path", lambda t: ["map", stats(t, lambda b: b.replace(
         'path = "seq_blocks.2"', 'path = "seq_blocks.0"', 1)), "-o", str(t / "o.toml")],
          ("'seq_blocks.0'", "seq_blocks_0", "seq_blocks_2")),
+    Case("stats-not-utf8", lambda t: ["map", bytes_file(t, "s.toml", b"a = 1\n\xfe\n"), "-o", str(t / "o.toml")],
+         ("not UTF-8",)),
+    Case("base-fifo", lambda t: ["map", stats(t), "--base", fifo(t, "b.toml"), "-o", str(t / "o.toml")],
+         ("config file", "FIFO")),
     Case("stats-output-is-input", lambda t: ["map", str(t / "o.toml"), "-o", str(t / "o.toml")], ("-o", "destroy")),
 ]
 
@@ -229,6 +255,7 @@ def test_hostile_input_is_one_clean_error(case: Case, tmp_path: Path) -> None:
     run = run_cli(*argv)
     assert_clean_failure(run, case.rc, case.words)
     assert_intact(tmp_path, before)
+    assert not (tmp_path / "RAN").exists()  # no code from a data file ran
 
 
 def seed_snapshot(tmp: Path) -> dict[str, bytes]:
