@@ -220,7 +220,7 @@ def write_output_set(folder: str | os.PathLike[str], writers: Sequence[tuple[str
     from ternqc import signals
 
     shown = os.fspath(folder)
-    target = Path(os.path.abspath(shown))
+    target = Path(os.path.realpath(shown))  # through a symbolic link: the folder it names is swapped, not the link
     names = [name for name, _ in writers]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

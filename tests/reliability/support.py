@@ -60,7 +60,7 @@ def assert_clean_failure(run: CliRun, rc: int, words: tuple[str, ...]) -> None:
         assert word.lower() in low, (word, run.err[-2000:])
 
 
-def assert_intact(tmp: Path, before: dict[str, bytes], inputs: dict[str, bytes] | None = None) -> None:
+def assert_intact(tmp: Path, before: dict[str, bytes]) -> None:
     """The previous outputs are as they were and no temporary file or folder was left in `tmp`."""
     after = snapshot(tmp)
     for name, content in before.items():

@@ -92,3 +92,13 @@ def test_an_output_that_is_an_input_is_refused(tmp_path: Path) -> None:
         with pytest.raises(UserError, match="is the rules file"):
             outputs.refuse_overwriting_inputs([("-o", out)], [("the rules file", rules), ("the plan", None)])
     outputs.refuse_overwriting_inputs([("-o", tmp_path / "p.json")], [("the rules file", rules)])
+
+
+def test_a_linked_output_folder_keeps_its_link(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    outputs.write_output_set(real, _writers("old"))
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    outputs.write_output_set(link, _writers("new"))
+    assert link.is_symlink() and _read(real)["a.toml"] == "new:a.toml"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
