@@ -210,6 +210,8 @@ CASES = [
          ("--out", "is the checkpoint", "destroy")),
     Case("train-out-is-model-file", lambda t: ["train", "--model", f"{text(t, 'm.py', 'x = 1')}:make", "--out",
                                                str(t / "m.py")], ("--out", "is the model file")),
+    Case("model-file-fifo", lambda t: ["profile", "--model", f"{fifo(t, 'm.py')}:make", "--out", str(t / "o.toml")],
+         ("m.py", "not a regular file")),
     # --- datasets, calibration phase ------------------------------------------------------------------------
     Case("data-ragged", lambda t: ["profile", "--dataset", f"{FACTORIES}:ragged", *QUICK, "--out", str(t / "o.toml")],
          ("calibration batch 1", "RuntimeError", "stack")),
