@@ -65,7 +65,9 @@ def check_regular(path: str | os.PathLike[str], what: str = "file") -> os.stat_r
     kind = _kind(st.st_mode)
     if kind is not None:
         code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
-        raise InputError(f"it is {kind}, not a regular file; ternqc reads {what}s only from regular files", code)
+        raise InputError(
+            f"it is {kind}, not a regular file; ternqc reads {what}s only from regular files", code
+        )
     return st
 
 

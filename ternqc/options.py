@@ -52,7 +52,9 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be a positive finite number, got {lr}")
     budget = getattr(args, "quantile_budget_mib", None)
     if budget is not None and not 0 <= budget <= MAX_BUDGET_MIB:  # also refuses NaN and inf
-        raise UserError(f"--quantile-budget-mib must be a number from 0 to {MAX_BUDGET_MIB:.0f}, got {budget}")
+        raise UserError(
+            f"--quantile-budget-mib must be a number from 0 to {MAX_BUDGET_MIB:.0f}, got {budget}"
+        )
     workers = getattr(args, "workers", None)
     if workers is not None and not 1 <= workers <= MAX_WORKERS:
         raise UserError(f"--workers must be from 1 to {MAX_WORKERS}, got {_shown(workers)}")

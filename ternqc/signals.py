@@ -20,7 +20,9 @@ import signal
 import sys
 from collections.abc import Iterator
 
-_STOPPING = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+_STOPPING = tuple(
+    s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s
+)
 
 
 class Terminated(KeyboardInterrupt):

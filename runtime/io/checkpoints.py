@@ -194,17 +194,24 @@ def _check_values(model: nn.Module, expected: dict[str, Any], state: dict[str, A
         if not isinstance(got, torch.Tensor):
             raise UserError(f"{where} is a {type(got).__name__}, not a tensor")
         if got.layout != torch.strided:
-            raise UserError(f"{where} is a {str(got.layout).replace('torch.', '')} tensor; ternqc loads dense tensors only")
+            layout = str(got.layout).replace("torch.", "")
+            raise UserError(f"{where} is a {layout} tensor; ternqc loads dense tensors only")
         if got.is_complex() and not want.is_complex():
             msg = f"{where} holds complex numbers ({got.dtype}); the model's {key} is real ({want.dtype})"
             raise UserError(msg)
         if want.is_floating_point() and not (got.is_floating_point() or got.is_complex()):
-            msg = f"{where} holds {str(got.dtype).replace('torch.', '')} values; the model's {key} is {want.dtype} (was it saved from another model or cast by mistake?)"
+            msg = (
+                f"{where} holds {str(got.dtype).replace('torch.', '')} values; the model's {key} is {want.dtype} "
+                "(was it saved from another model, or cast by mistake?)"
+            )
             raise UserError(msg)
         if got.is_floating_point() or got.is_complex():
             nan, inf = int(torch.isnan(got).sum()), int(torch.isinf(got).sum())
             if nan or inf:
-                msg = f"{where} holds {nan} NaN and {inf} infinite values of {got.numel()}; ternqc quantises finite weights only"
+                msg = (
+                    f"{where} holds {nan} NaN and {inf} infinite values of {got.numel()}; ternqc quantises "
+                    "finite weights only"
+                )
                 raise UserError(msg)
 
 

@@ -66,7 +66,8 @@ def _same(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 
 def refuse_overwriting_inputs(
-    outputs: Iterable[tuple[str, str | os.PathLike[str]]], inputs: Iterable[tuple[str, str | os.PathLike[str] | None]]
+    outputs: Iterable[tuple[str, str | os.PathLike[str]]],
+    inputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
 ) -> None:
     """Refuse when an output path is (resolves to, or is a hard link of) an input file.
 
@@ -117,7 +118,9 @@ def clean_stale(target: Path) -> list[Path]:
     """Remove the temporaries that dead ternqc processes left beside `target` (files `.NAME.PID.HEX.tmp`,
     folders `.NAME.PID.HEX.ternqc-tmp`); put back a previous set that a crash between two renames left as
     `.NAME.PID.HEX.ternqc-old` when `target` is missing. Returns what was removed or put back."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]+(\.tmp|{re.escape(_TMP_SUFFIX)}|{re.escape(_OLD_SUFFIX)})$")
+    pattern = re.compile(
+        rf"^\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]+(\.tmp|{re.escape(_TMP_SUFFIX)}|{re.escape(_OLD_SUFFIX)})$"
+    )
     done = []
     try:
         entries = list(target.parent.iterdir())
@@ -176,7 +179,10 @@ def _check_folder(target: Path, names: Sequence[str]) -> list[Path]:
         raise UserError(msg)
     here = Path.cwd().resolve()
     if target.resolve() == here or target.resolve() in here.parents:
-        msg = f"cannot write the outputs into {target}: it is the working folder or holds it; name a folder of its own"
+        msg = (
+            f"cannot write the outputs into {target}: it is the working folder or holds it; name a folder of "
+            "its own"
+        )
         raise UserError(msg)
     foreign = [e for e in target.iterdir() if e.name not in names]
     folders = [e.name for e in foreign if e.is_dir() and not e.is_symlink()]
@@ -202,7 +208,9 @@ def _carry(entries: list[Path], into: Path) -> None:
             shutil.copy2(entry, dest)
 
 
-def write_output_set(folder: str | os.PathLike[str], writers: Sequence[tuple[str, Callable[[Path], None]]]) -> list[str]:
+def write_output_set(
+    folder: str | os.PathLike[str], writers: Sequence[tuple[str, Callable[[Path], None]]]
+) -> list[str]:
     """Write every `(name, write)` as `folder/name`, all committed together or none (module docstring).
 
     Args:
@@ -220,7 +228,9 @@ def write_output_set(folder: str | os.PathLike[str], writers: Sequence[tuple[str
     from ternqc import signals
 
     shown = os.fspath(folder)
-    target = Path(os.path.realpath(shown))  # through a symbolic link: the folder it names is swapped, not the link
+    target = Path(
+        os.path.realpath(shown)
+    )  # through a symbolic link: the folder it names is swapped, not the link
     names = [name for name, _ in writers]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

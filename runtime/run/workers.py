@@ -180,7 +180,9 @@ def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callab
                 pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(os.path.join(outdir, "result.pkl.tmp"), os.path.join(outdir, "result.pkl"))
     except Exception as exc:  # noqa: BLE001 - every failure goes to the parent as one message
-        text = str(exc) if isinstance(exc, UserError) else f"calibration worker {index} of {n} failed: {_describe(exc)}"
+        text = str(exc)
+        if not isinstance(exc, UserError):
+            text = f"calibration worker {index} of {n} failed: {_describe(exc)}"
         with open(os.path.join(outdir, f"error-{index:05d}"), "w", encoding="utf-8") as f:
             f.write(text)
         raise SystemExit(1) from None  # the parent stops the other workers

@@ -32,12 +32,17 @@ def file_size_limit(limit: int):
 # The toy's outputs: stats.toml ~7 KB, quant_config.toml ~3 KB, ternary.ckpt ~100 KB, report.json ~3 KB.
 @pytest.mark.parametrize(
     ("limit", "words"),
-    [(1000, ("stats.toml", "too large")), (20_000, ("ternary.ckpt", "the disk is full or the file is too large"))],
+    [
+        (1000, ("stats.toml", "too large")),
+        (20_000, ("ternary.ckpt", "the disk is full or the file is too large")),
+    ],
 )
 def test_apply_on_a_full_disk(tmp_path: Path, limit: int, words: tuple[str, ...]) -> None:
     before = seed_outputs(tmp_path)
     with file_size_limit(limit):
-        run = run_cli("apply", "--no-progress", "--samples", "32", "--batch-size", "32", "--out", tmp_path / "out")
+        run = run_cli(
+            "apply", "--no-progress", "--samples", "32", "--batch-size", "32", "--out", tmp_path / "out"
+        )
     assert_clean_failure(run, 1, words)
     assert_intact(tmp_path, before)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -54,6 +59,8 @@ def test_compile_on_a_full_disk_keeps_the_previous_plan(tmp_path: Path) -> None:
 def test_map_and_profile_on_a_full_disk(tmp_path: Path) -> None:
     before = seed_outputs(tmp_path)
     with file_size_limit(500):
-        run = run_cli("profile", "--no-progress", "--samples", "32", "--batch-size", "32", "--out", tmp_path / "o.toml")
+        run = run_cli(
+            "profile", "--no-progress", "--samples", "32", "--batch-size", "32", "--out", tmp_path / "o.toml"
+        )
     assert_clean_failure(run, 1, ("o.toml", "too large"))
     assert snapshot(tmp_path) == before

@@ -91,8 +91,8 @@ def stats_files(draw) -> str:
     kind = draw(st.sampled_from(["values", "punctuation", "truncate"]))
     if kind == "punctuation":
         at = draw(st.integers(0, len(text) - 1))
-        junk = draw(st.text(alphabet='[]{}=",.#\n\'\\x0a', min_size=1, max_size=6))
-        text = text[:at] + junk + text[at + draw(st.integers(0, 4)):]
+        junk = draw(st.text(alphabet="[]{}=\",.#\n'\\x0a", min_size=1, max_size=6))
+        text = text[:at] + junk + text[at + draw(st.integers(0, 4)) :]
     elif kind == "truncate":
         text = text[: draw(st.integers(0, len(text)))]
     return text
@@ -119,7 +119,9 @@ def test_any_statistics_file_maps_or_fails_cleanly(text: str) -> None:
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=6)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=10,
 )
 

@@ -16,14 +16,15 @@ from hypothesis import strategies as st
 
 from ternqc import inputs
 
-tricky_text = st.text(alphabet='[]{}"\\\'#\n ab', max_size=6)
+tricky_text = st.text(alphabet="[]{}\"\\'#\n ab", max_size=6)
 nested = st.recursive(
     st.one_of(st.integers(-5, 5), tricky_text),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(tricky_text, inner, max_size=2)),
     max_leaves=15,
 )
-arrays = st.recursive(st.one_of(st.integers(-5, 5), tricky_text), lambda inner: st.lists(inner, max_size=3),
-                      max_leaves=15)
+arrays = st.recursive(
+    st.one_of(st.integers(-5, 5), tricky_text), lambda inner: st.lists(inner, max_size=3), max_leaves=15
+)
 
 
 def _depth(value: Any) -> int:
@@ -66,14 +67,24 @@ def test_the_refusal_names_line_and_column() -> None:
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder", "too-large"])
 def test_refused_before_reading(tmp_path: Path, kind: str) -> None:
-    path = {"fifo": tmp_path / "f", "dev-zero": Path("/dev/zero"), "folder": tmp_path, "too-large": tmp_path / "big"}[kind]
+    path = {
+        "fifo": tmp_path / "f",
+        "dev-zero": Path("/dev/zero"),
+        "folder": tmp_path,
+        "too-large": tmp_path / "big",
+    }[kind]
     if kind == "fifo":
         os.mkfifo(path)  # nobody writes: a blocking open would hang the test
     if kind == "too-large":
         path.write_bytes(b"x" * 101)
     with pytest.raises(inputs.InputError) as caught:
         inputs.read_bytes(path, "plan", limit=100)
-    words = {"fifo": "FIFO", "dev-zero": "character device", "folder": "directory", "too-large": "larger than"}
+    words = {
+        "fifo": "FIFO",
+        "dev-zero": "character device",
+        "folder": "directory",
+        "too-large": "larger than",
+    }
     assert words[kind] in str(caught.value)
     assert caught.value.strerror == str(caught.value)  # callers report OSError.strerror
 
@@ -84,6 +95,7 @@ def test_compile_with_an_output_still_imports_no_torch(tmp_path: Path) -> None:
         f"assert main(['compile', 'configs/toy_ternary.tq', '-o', {str(tmp_path / 'p.json')!r}]) == 0\n"
         "assert 'torch' not in sys.modules, 'ternqc compile -o imported torch'\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[2])
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
+    )
     assert run.returncode == 0, run.stderr

@@ -38,7 +38,12 @@ def test_a_new_set_replaces_the_old_one_whole(tmp_path: Path, monkeypatch, excha
     (out / "notes.txt").write_text("mine")
     written = outputs.write_output_set(out, _writers("new"))
     assert written == [str(out / n) for n in ("a.toml", "b.ckpt", "c.json")]
-    assert _read(out) == {"a.toml": "new:a.toml", "b.ckpt": "new:b.ckpt", "c.json": "new:c.json", "notes.txt": "mine"}
+    assert _read(out) == {
+        "a.toml": "new:a.toml",
+        "b.ckpt": "new:b.ckpt",
+        "c.json": "new:c.json",
+        "notes.txt": "mine",
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -55,8 +55,15 @@ def output_sets_fixture(trained_toy: Trained, tmp_path_factory: pytest.TempPathF
 
 
 def _ternqc(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ternqc", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "ternqc", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        **kwargs,
+    )
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -90,7 +97,9 @@ def test_apply_killed_in_the_write_phase_leaves_one_whole_set(
     assert run.returncode == (-signum if sig == "KILL" else 128 + signum), run.stderr
     assert "Traceback" not in run.stderr, run.stderr
     if sig != "KILL":
-        assert run.stderr.strip().splitlines()[-1] in ("ternqc: interrupted", "ternqc: terminated"), run.stderr
+        assert run.stderr.strip().splitlines()[-1] in ("ternqc: interrupted", "ternqc: terminated"), (
+            run.stderr
+        )
     got = _files(out)
     assert got.pop("best.ckpt") == b"someone else's file in the folder"
     assert got == output_sets[expected]  # one whole set, never a mix
@@ -113,8 +122,13 @@ def test_sigint_while_exiting_is_exit_130_without_a_traceback(tmp_path: Path) ->
         "entry()\n"
     )
     out = tmp_path / "plan.json"
-    run = subprocess.run([sys.executable, "-c", code, "compile", str(CONFIGS / "toy_ternary.tq"), "-o", str(out)],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", code, "compile", str(CONFIGS / "toy_ternary.tq"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert run.returncode == 130, run.stderr
     assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
     assert out.read_text().startswith("{")  # the work was done before the signal
@@ -129,9 +143,28 @@ def test_ctrl_c_during_calibration_with_two_workers(tmp_path: Path) -> None:
 
     marker = tmp_path / "workers-started"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ternqc", "profile", "--workers", "2", "--dataset", f"{FACTORIES}:slow_in_workers",
-         "--samples", "2048", "--batch-size", "64", "--no-progress", "--out", str(tmp_path / "s.toml")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "ternqc",
+            "profile",
+            "--workers",
+            "2",
+            "--dataset",
+            f"{FACTORIES}:slow_in_workers",
+            "--samples",
+            "2048",
+            "--batch-size",
+            "64",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "s.toml"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
         env={**os.environ, "RELIABILITY_MARKER": str(marker)},
     )
     deadline = time.monotonic() + 240
@@ -151,8 +184,13 @@ def test_ctrl_c_during_calibration_with_two_workers(tmp_path: Path) -> None:
 
 def _closed_reader(*args: str) -> subprocess.CompletedProcess:
     """`ternqc ARGS | head -0`: the reader closes its end before ternqc writes anything."""
-    proc = subprocess.Popen([sys.executable, "-m", "ternqc", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=REPO, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ternqc", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        text=True,
+    )
     proc.stdout.close()
     err = proc.stderr.read()
     proc.wait(timeout=300)
@@ -165,7 +203,9 @@ def test_compile_into_a_closed_pipe(tmp_path: Path) -> None:
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
 
 
-def test_apply_explain_into_a_closed_pipe_still_writes_every_output(trained_toy: Trained, tmp_path: Path) -> None:
+def test_apply_explain_into_a_closed_pipe_still_writes_every_output(
+    trained_toy: Trained, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     run = _closed_reader(*_apply_args(trained_toy.ckpt, out, 2), "--explain")
     assert run.returncode == 1, run.stderr
@@ -179,7 +219,9 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
     from ternqc.runtime.io.atomic import atomic_write_text
     from ternqc.runtime.io.outputs import write_output_set
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     pid = int(dead.stdout)
     (tmp_path / f".out.{pid}.abcd1234.ternqc-tmp").mkdir()
     (tmp_path / f".s.toml.{pid}.abcd1234.tmp").write_text("half")
