@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Union
 
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.io.outputs import clean_stale
+from ternqc.runtime.io.outputs import clean_stale, fault_point
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -84,6 +84,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         if not tmp.exists():
             msg = f"atomic_path({target}): the body wrote nothing to {tmp}"
             raise RuntimeError(msg)  # a bug in the caller, not the user's doing
+        fault_point(f"replace:{target.name}")  # the tests' hook (outputs.FAULT_ENV)
         try:
             _fsync_file(tmp)
             os.replace(tmp, target)

@@ -113,6 +113,24 @@ def test_apply_killed_in_the_write_phase_leaves_one_whole_set(
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("sig", ["INT", "TERM", "KILL"])
+def test_compile_output_signalled_before_its_rename(tmp_path: Path, sig: str) -> None:
+    """`compile -o` stopped with the new plan written beside the old one, just before the rename: the old
+    plan stays; a SIGKILL's temporary file is removed by the next write."""
+    out = tmp_path / "plan.json"
+    out.write_text("previous plan")
+    rules = str(CONFIGS / "toy_ternary.tq")
+    run = _ternqc("compile", rules, "-o", str(out), env={FAULT_ENV: f"replace:plan.json:{sig}"})
+    signum = getattr(signal, f"SIG{sig}")
+    assert run.returncode == (-signum if sig == "KILL" else 128 + signum), run.stderr
+    assert "Traceback" not in run.stderr
+    assert out.read_text() == "previous plan"
+    leftovers = [p.name for p in tmp_path.iterdir() if p != out]
+    assert len(leftovers) == (1 if sig == "KILL" else 0), leftovers
+    assert _ternqc("compile", rules, "-o", str(out)).returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"] and out.read_text().startswith("{")
+
+
 def test_sigint_while_exiting_is_exit_130_without_a_traceback(tmp_path: Path) -> None:
     """Ctrl-C that lands in an exit handler (after the work is done): exit 130, no 'Exception ignored'."""
     code = (
