@@ -32,7 +32,8 @@ from pathlib import Path
 
 from ternqc.runtime.errors import UserError
 
-#: Test hook: `STEP:SIGNAL` makes the writer signal itself at STEP (a file name, `commit` or `committed`).
+#: Test hook: `STEP:SIGNAL` makes the writer signal itself at STEP: a file of a set written (its name), `commit`,
+#: `committed`, or `replace:NAME` just before a single file's rename (`atomic.atomic_path`).
 FAULT_ENV = "TERNQC_TEST_SIGNAL_AT"
 _TMP_SUFFIX = ".ternqc-tmp"
 _OLD_SUFFIX = ".ternqc-old"
