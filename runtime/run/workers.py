@@ -59,13 +59,13 @@ def run_workers(n: int, fn: Callable[..., Any], *args: Any, preload: Callable[[]
             while not context.join():
                 pass
         except mp.ProcessExitedException as exc:
-            _raise_worker_error(outdir, n, exc)
+            _raise_worker_error(outdir, n, exc, context)
         except mp.ProcessRaisedException as exc:  # not ours: `_worker` reports every exception itself
-            _raise_worker_error(outdir, n, exc)
+            _raise_worker_error(outdir, n, exc, context)
         except BaseException:
             _stop(context)
             raise
-        _raise_worker_error(outdir, n, None)
+        _raise_worker_error(outdir, n, None, context)
         path = os.path.join(outdir, "result.pkl")
         if not os.path.exists(path):
             msg = f"the {n} calibration workers stopped without a result (one was killed?)"
@@ -96,22 +96,38 @@ def _stop(context: Any) -> None:
             process.join()
 
 
-def _raise_worker_error(outdir: str, n: int, exc: BaseException | None) -> None:
-    """Raise the first worker's own report as a `UserError`, else one made from `exc` (how it died)."""
-    errors = sorted(f for f in os.listdir(outdir) if f.startswith("error-"))
-    if errors:
-        with open(os.path.join(outdir, errors[0]), encoding="utf-8") as f:
-            raise UserError(f.read())
+#: Words of a worker's error that only says another worker went away (gloo's view of a crash elsewhere).
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def _raise_worker_error(outdir: str, n: int, exc: BaseException | None, context: Any = None) -> None:
+    """Raise the root cause of a failed run as a `UserError`: a worker's own report (its `UserError`, or its
+    exception); else a worker that died of a signal; else a report that only says a peer went away; else
+    `exc` (how the first failed worker ended). Returns when nothing failed."""
+    reports = {}
+    for name in sorted(f for f in os.listdir(outdir) if f.startswith("error-")):
+        with open(os.path.join(outdir, name), encoding="utf-8") as f:
+            reports[int(name[len("error-"):])] = f.read()
+    own = {i: text for i, text in reports.items() if not any(w in text for w in _LOST_PEER)}
+    if own:
+        raise UserError(own[min(own)])
+    killed = []
+    if getattr(exc, "signal_name", None):
+        killed.append((exc.error_index, exc.signal_name))
+    for i, process in enumerate(getattr(context, "processes", ())):
+        code = process.exitcode
+        if code is not None and code < 0 and i not in reports and -code != signal.SIGTERM:  # SIGTERM: ours
+            killed.append((i, signal.Signals(-code).name))
+    if killed:
+        index, name = killed[0]
+        how = f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        raise UserError(f"calibration worker {index} of {n} {how}") from None
+    if reports:
+        raise UserError(reports[min(reports)])
     if exc is None:
         return
-    index = getattr(exc, "error_index", "?")
-    signal_name = getattr(exc, "signal_name", None)
-    if signal_name:
-        how = f"was killed by {signal_name}" + (" (out of memory?)" if signal_name == "SIGKILL" else "")
-    else:
-        last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
-        how = f"failed: {last[0]}"
-    msg = f"calibration worker {index} of {n} {how}"
+    last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+    msg = f"calibration worker {getattr(exc, 'error_index', '?')} of {n} failed: {last[0]}"
     raise UserError(msg) from None
 
 
