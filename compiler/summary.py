@@ -58,7 +58,7 @@ def _where(sel: plan.Selector, tensor: str) -> str:
 def summarize(p: plan.Plan) -> str:
     """The summary `ternqc compile` prints for plan `p`."""
     included = f" (with {', '.join(p.sources[1:])})" if len(p.sources) > 1 else ""
-    lines = [f"compiled {p.sources[0]}{included}"]
+    lines = [f"compiled {p.sources[0] if p.sources else 'a plan without sources'}{included}"]
     c = p.calibration
     lines.append(
         f"calibrate: {c.samples} samples (rounded up to whole batches of {c.batch_size}) "

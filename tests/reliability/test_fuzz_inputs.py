@@ -163,7 +163,7 @@ def plan_texts(draw) -> str:
     return text
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=plan_texts())
 def test_any_plan_reads_and_maps_or_fails_cleanly(text: str) -> None:
     import tomllib
