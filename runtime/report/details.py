@@ -9,7 +9,7 @@ observed, and a description of the run. Out: the same report with, added,
 - per node `index` (its position among the model's modules), `rules` (`{parameter: "file:line"}` of the
   rule that set each parameter some rule sets) and, with `apply --sensitivity`, `accuracy_alone` (the
   accuracy with only this node quantised);
-- `float_layers`: quantisable modules that stay float, and why; `notes`: the run's notes.
+- `float_layers`: modules of a quantisable type that stay float, and why.
 The nodes are put in model order.
 """
 
@@ -24,9 +24,9 @@ from torch import nn
 
 from ternqc.plan import QUANTISABLE
 from ternqc.runtime.quantize.mapping import MappingResult
-from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
+from ternqc.runtime.quantize.modules import is_converted, latent_param, quantized_param, ternary_param
 from ternqc.runtime.quantize.quantizers import ModuleQuant
-from ternqc.runtime.quantize.uncalled import functional_only
+from ternqc.runtime.quantize.types import module_type
 from ternqc.runtime.report.histograms import ObservedInputs, observe_inputs, relative_l2, tensor_histogram
 
 #: Rules files larger than this are not copied into report.json.
@@ -71,17 +71,20 @@ def _rules_of(mapping: MappingResult, path: str) -> dict[str, str]:
 
 
 def _param_details(module: nn.Module, tensor: str) -> dict[str, Any]:
-    """Histogram of a weight or bias and its relative L2 quantisation error (from the cached q(p))."""
-    p = getattr(module, tensor, None)
-    q = getattr(module, "q" + tensor, None)
-    if not isinstance(p, torch.Tensor) or not isinstance(q, torch.Tensor):
+    """Histogram of a converted module's float weight or bias and the relative L2 error of q(p)."""
+    quantiser = ternary_param(module, tensor)
+    latent = latent_param(module, tensor)
+    if quantiser is None or latent is None:
         return {}
+    with torch.no_grad():
+        p = latent.detach().t() if quantiser.transposed else latent.detach()  # the language's layout
+        q = quantized_param(module, tensor)
     out = {"histogram": tensor_histogram(p).to_dict(), "rel_l2_error": relative_l2(p, q)}
-    delta = getattr(module, f"{tensor}_delta", None)
-    if isinstance(delta, torch.Tensor) and delta.numel() > 1:
+    delta = quantiser.delta
+    if delta.numel() > 1:
         # per channel, one picture for every channel: each value over its own Δ, so ±1 is the threshold
         with torch.no_grad():
-            ratio = p.detach().double() / delta.double()
+            ratio = p.double() / delta.double()
         out["histogram_over_delta"] = tensor_histogram(ratio).to_dict()
     return out
 
@@ -93,7 +96,6 @@ def add_details(
     mapping: MappingResult,
     observed: ObservedInputs | None,
     run: dict[str, Any],
-    notes: Sequence[str],
     *,
     alone: dict[str, float] | None = None,
 ) -> dict[str, Any]:
@@ -115,36 +117,25 @@ def add_details(
                 if observed is not None and path in observed.histograms:
                     t["histogram"] = observed.histograms[path].to_dict()
                     t["rel_l2_error"] = observed.errors.get(path)
-            elif isinstance(module, TernaryModule):
+            elif module is not None and is_converted(module):
                 t.update(_param_details(module, tensor))
     report["nodes"] = dict(sorted(report.get("nodes", {}).items(), key=lambda kv: kv[1]["index"]))
     report["run"] = run
     report["float_layers"] = _float_layers(model, configs)
-    report["notes"] = list(notes)
     return report
 
 
 def _float_layers(model: nn.Module, configs: dict[str, ModuleQuant]) -> list[dict[str, str]]:
-    """Modules of a type ternqc can quantise (subclasses included, e.g. MultiheadAttention's
-    `NonDynamicallyQuantizableLinear`) that the run left in float, in model order, each with the reason."""
-    float_types = tuple(t for t in TERNARY_MODULES if isinstance(t, type))
-    uncalled = functional_only(model)
+    """Modules of a quantisable type (subclasses included) that the run left in float, in model order, each
+    with the reason."""
     out = []
     for path, module in model.named_modules():
-        op = type(module).__name__.lower()
-        if not path or isinstance(module, TernaryModule):
-            continue
-        if op not in QUANTISABLE and not isinstance(module, float_types):
+        op = module_type(module)
+        if not path or op not in QUANTISABLE or is_converted(module):
             continue
         mq = configs.get(path)
-        if path in uncalled:
-            reason = uncalled[path]
-        elif mq is None or not mq.quantises_anything:
-            reason = "no rule quantises any of its tensors"
-            if op not in QUANTISABLE:
-                reason += f" (its type is {type(module).__name__}, which type selectors do not name)"
-        else:
-            reason = "it was not converted"
+        reason = "no rule quantises any of its tensors" if mq is None or not mq.quantises_anything else (
+            "it was not converted")
         out.append({"path": path, "op": op, "reason": reason})
     return out
 

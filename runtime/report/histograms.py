@@ -21,6 +21,7 @@ import torch
 from attrs import frozen
 from torch import nn
 
+from ternqc.runtime.models.batches import call_model
 from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant, as_tensor, quantize
 
 #: Bins of a weight histogram (over the tensor's exact range).
@@ -185,7 +186,7 @@ def observe_inputs(
     try:
         with torch.no_grad(), _input_hooks(model, configs) as state:
             for inputs, _labels in batches:
-                model(inputs)
+                call_model(model, inputs)
     finally:
         model.train(was_training)
     histograms = {p: s[0].result() for p, s in state.items() if s[0].exponent is not None}

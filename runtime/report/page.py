@@ -59,18 +59,24 @@ def _cell(
     return f'<td class="num"{attrs}>{text}</td>'
 
 
+def _metric_name(report: dict[str, Any]) -> str:
+    """The headline metric's name as the page shows it (`accuracy`, `next token accuracy`, ...)."""
+    return str(report.get("metric") or "accuracy").replace("_", " ")
+
+
 def _accuracy_cards(report: dict[str, Any]) -> list[str]:
     cards = []
     f, q = report.get("float_accuracy"), report.get("ternary_accuracy")
+    name = escape(_metric_name(report))
     cards.append(
-        f'<div class="card"><div class="label">float accuracy</div>'
+        f'<div class="card"><div class="label">float {name}</div>'
         f'<div class="value" data-field="float_accuracy">{_num4(f)}</div>'
         f'<div class="detail">validation split</div></div>'
     )
     drop = "" if f is None or q is None else f"{q - f:+.4f} vs float"
     tone = "" if f is None or q is None else ("good" if q >= f - 0.01 else "bad")
     cards.append(
-        f'<div class="card"><div class="label">ternary accuracy</div>'
+        f'<div class="card"><div class="label">ternary {name}</div>'
         f'<div class="value" data-field="ternary_accuracy">{_num4(q)}</div>'
         f'<div class="detail {tone}">{escape(drop)}</div></div>'
     )
@@ -219,7 +225,7 @@ def _overview(report: dict[str, Any]) -> str:
             if not t.get("quantized"):
                 rows.append(
                     f'<tr><td><a href="#node-{escape(node)}">{escape(node)}</a></td><td>{escape(entry.get("op", ""))}</td>'
-                    f'<td>{escape(name)}</td><td class="num" colspan="4">float</td></tr>'
+                    f'<td>{escape(name)}</td><td class="num" colspan="4">{_float_text(t)}</td></tr>'
                 )
                 continue
             rows.append(
@@ -243,6 +249,12 @@ def _overview(report: dict[str, Any]) -> str:
 def _tensor_names(entry: dict[str, Any]) -> list[str]:
     names = list(entry.get("tensors", {}))
     return sorted(names, key=lambda n: TENSOR_ORDER.index(n) if n in TENSOR_ORDER else len(TENSOR_ORDER))
+
+
+def _float_text(t: dict[str, Any]) -> str:
+    """A tensor left in float, with the reason when a rule wanted it quantised (`not_applied`)."""
+    why = t.get("not_applied")
+    return "float" if not why else f"float <span class='rules' style='display:block'>{escape(str(why))}</span>"
 
 
 def _rules_cell(entry: dict[str, Any], tensor: str) -> str:
@@ -271,6 +283,9 @@ def _layer(
 ) -> str:
     path = entry.get("path", node)
     where = "" if path == node else f' <span class="where">module <code>{escape(path)}</code></span>'
+    calls = entry.get("calls_per_forward")
+    if calls is not None and calls != 1:
+        where += f' <span class="where">· called {calls}× per forward</span>'
     head = (
         f'<article class="panel layer" id="node-{escape(node)}"><h3>{escape(node)}'
         f'<span class="tag">{escape(entry.get("op", ""))}</span></h3>{where}'
@@ -295,7 +310,8 @@ def _layer(
         t = entry["tensors"][name]
         if not t.get("quantized"):
             rows.append(
-                f"<tr><td>{escape(name)}</td><td class='num' colspan='4'>float</td>{_rules_cell(entry, name)}</tr>"
+                f"<tr><td>{escape(name)}</td><td class='num' colspan='4'>{_float_text(t)}</td>"
+                f"{_rules_cell(entry, name)}</tr>"
             )
             continue
         rows.append(
@@ -329,9 +345,18 @@ def _failures_on(report: dict[str, Any], path: str) -> list[dict[str, Any]]:
     return [f for f in failures if f.get("module") == path]
 
 
+def _metrics_row(report: dict[str, Any]) -> str:
+    """Every metric the evaluation measured, float → ternary."""
+    f, q = report.get("float_metrics") or {}, report.get("ternary_metrics") or {}
+    if not f and not q:
+        return ""
+    shown = ", ".join(f"{escape(k.replace('_', ' '))} {_num(f.get(k))} → {_num(q.get(k))}" for k in (f or q))
+    return f"<tr><th>metrics</th><td>{shown} (float → ternary)</td></tr>"
+
+
 def _run_section(report: dict[str, Any]) -> str:
     run = report.get("run") or {}
-    rows = []
+    rows = [r for r in (_metrics_row(report),) if r]
     for label, key in (
         ("model", "model"),
         ("checkpoint", "ckpt"),

@@ -85,14 +85,16 @@ def run_sweep(
     more pass per combination). Raises what `pipeline.apply` raises (a `UserError` names the problem).
     """
     settings = attrs.evolve(settings, report_histograms=reports)
-    profiled: dict[str, pipeline.ProfileResult] = {}
+    profiled: dict[str, tuple[pipeline.RunData, pipeline.ProfileResult]] = {}
     rows, notes, float_acc, asserts = [], [], None, 0
     for values, plan in plans:
         key = _profile_key(plan)
         if key not in profiled:
-            profiled[key] = pipeline.profile(model, plan, settings)
-            notes.extend(n for n in profiled[key].notes if n not in notes)
-        result = pipeline.apply(copy.deepcopy(model), plan, settings, rules=rules, profiled=profiled[key])
+            data = pipeline.dataset_data(plan, settings, evaluation=True)
+            profiled[key] = data, pipeline.profile(model, plan, settings, data)
+            notes.extend(n for n in profiled[key][1].notes if n not in notes)
+        data, stats = profiled[key]
+        result = pipeline.apply(copy.deepcopy(model), plan, settings, rules=rules, data=data, profiled=stats)
         float_acc = result.float_accuracy
         zeros = zero_fractions(result.report)
         mean = sum(zeros.values()) / len(zeros) if zeros else None

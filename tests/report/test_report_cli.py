@@ -5,6 +5,7 @@ external reference), and the user errors."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
@@ -155,6 +156,8 @@ def test_histograms_are_not_collected_for_float_inputs(trained_toy, tmp_path) ->
     )
     assert run.rc == 0, run
     report = json.loads((tmp_path / "report.json").read_text())
+    assert [(layer["path"], layer["op"]) for layer in report["float_layers"]] == [
+        ("seq_blocks.1", "relu"), ("seq_blocks.3", "relu")]  # twn quantises no ReLU input
     lines = (CONFIGS / "twn.tq").read_text().splitlines()
     width_line = next(i + 1 for i, t in enumerate(lines) if t.strip().startswith("data_in_width"))
     for entry in report["nodes"].values():
@@ -240,34 +243,24 @@ def test_sensitivity_is_the_accuracy_with_only_that_layer_quantised(trained_toy,
         assert cell == f"{report['nodes'][node]['accuracy_alone']:.4f}"
 
 
-def test_layers_left_in_float_are_listed_with_the_reason(tmp_path) -> None:
-    """A TransformerEncoder's attention output projections (MultiheadAttention reads their weights without
-    calling them) and ReLUs no rule quantises are listed, in model order, and named on the page."""
+def test_tensors_and_layers_left_in_float_are_named_with_the_reason(tmp_path) -> None:
+    """A TransformerEncoder's attention output projections are quantised in place, but MultiheadAttention
+    never calls them, so their input stays float: report.json says why and the page shows it in their panel.
+    No module of a quantisable type that ternary_full quantises is listed as left in float."""
     from tests.test_cli_support import FIXTURES
 
     run = run_cli(
-        "apply",
-        "--model",
-        f"{FIXTURES / 'bert_like.py'}:transformer",
-        "--rules",
-        CONFIGS / "twn.tq",
-        "--out",
-        tmp_path,
-        "--report",
-        "--no-progress",
+        "apply", "--model", f"{FIXTURES / 'bert_like.py'}:transformer", "--dataset", "toy-tiny",
+        "--rules", CONFIGS / "ternary_full.tq", "--out", tmp_path, "--report", "--no-progress",
     )
     assert run.rc == 0, run
     report = json.loads((tmp_path / "report.json").read_text())
-    listed = {layer["path"]: layer["reason"] for layer in report["float_layers"]}
-    projections = [f"encoder.layers.{i}.self_attn.out_proj" for i in (0, 1)] + ["pooler.attn.out_proj"]
-    for path in projections:
-        assert "without calling the module" in listed[path]
-    assert (
-        listed["encoder.layers.0.activation"] == "no rule quantises any of its tensors"
-    )  # twn: ReLUs in float
-    converted = {
-        e["path"] for e in report["nodes"].values() if any(t["quantized"] for t in e["tensors"].values())
-    }
-    assert not converted & set(listed)
     page = (tmp_path / "report.html").read_text()
-    assert all(f"<code>{p}</code>" in page for p in projections)
+    projections = {n: e for n, e in report["nodes"].items() if e["path"].endswith("self_attn.out_proj")}
+    assert len(projections) == 2
+    for node, entry in projections.items():
+        why = entry["tensors"]["data_in"]["not_applied"]
+        assert entry["tensors"]["weight"]["quantized"] and why
+        panel = page[page.index(f'id="node-{node}"') :]
+        assert html.escape(why) in panel[: panel.index("</article>")]
+    assert report["float_layers"] == []
