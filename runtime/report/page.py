@@ -424,7 +424,7 @@ def render_report(report: dict[str, Any]) -> str:
     toc = (
         (
             '<nav class="toc">layers: '
-            + "".join(f'<a href="#node-{escape(n)}">{escape(n)}</a>' for n in nodes)
+            + " ".join(f'<a href="#node-{escape(n)}">{escape(n)}</a>' for n in nodes)
             + "</nav>"
         )
         if nodes
