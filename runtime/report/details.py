@@ -134,8 +134,11 @@ def _float_layers(model: nn.Module, configs: dict[str, ModuleQuant]) -> list[dic
         if not path or op not in QUANTISABLE or is_converted(module):
             continue
         mq = configs.get(path)
-        reason = "no rule quantises any of its tensors" if mq is None or not mq.quantises_anything else (
-            "it was not converted")
+        reason = (
+            "no rule quantises any of its tensors"
+            if mq is None or not mq.quantises_anything
+            else ("it was not converted")
+        )
         out.append({"path": path, "op": op, "reason": reason})
     return out
 

@@ -254,7 +254,9 @@ def _tensor_names(entry: dict[str, Any]) -> list[str]:
 def _float_text(t: dict[str, Any]) -> str:
     """A tensor left in float, with the reason when a rule wanted it quantised (`not_applied`)."""
     why = t.get("not_applied")
-    return "float" if not why else f"float <span class='rules' style='display:block'>{escape(str(why))}</span>"
+    return (
+        "float" if not why else f"float <span class='rules' style='display:block'>{escape(str(why))}</span>"
+    )
 
 
 def _rules_cell(entry: dict[str, Any], tensor: str) -> str:

@@ -157,7 +157,9 @@ def test_histograms_are_not_collected_for_float_inputs(trained_toy, tmp_path) ->
     assert run.rc == 0, run
     report = json.loads((tmp_path / "report.json").read_text())
     assert [(layer["path"], layer["op"]) for layer in report["float_layers"]] == [
-        ("seq_blocks.1", "relu"), ("seq_blocks.3", "relu")]  # twn quantises no ReLU input
+        ("seq_blocks.1", "relu"),
+        ("seq_blocks.3", "relu"),
+    ]  # twn quantises no ReLU input
     lines = (CONFIGS / "twn.tq").read_text().splitlines()
     width_line = next(i + 1 for i, t in enumerate(lines) if t.strip().startswith("data_in_width"))
     for entry in report["nodes"].values():
@@ -250,8 +252,17 @@ def test_tensors_and_layers_left_in_float_are_named_with_the_reason(tmp_path) ->
     from tests.test_cli_support import FIXTURES
 
     run = run_cli(
-        "apply", "--model", f"{FIXTURES / 'bert_like.py'}:transformer", "--dataset", "toy-tiny",
-        "--rules", CONFIGS / "ternary_full.tq", "--out", tmp_path, "--report", "--no-progress",
+        "apply",
+        "--model",
+        f"{FIXTURES / 'bert_like.py'}:transformer",
+        "--dataset",
+        "toy-tiny",
+        "--rules",
+        CONFIGS / "ternary_full.tq",
+        "--out",
+        tmp_path,
+        "--report",
+        "--no-progress",
     )
     assert run.rc == 0, run
     report = json.loads((tmp_path / "report.json").read_text())
