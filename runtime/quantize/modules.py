@@ -22,19 +22,20 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ternqc.plan import QUANTISABLE
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.kinds import get_kind, granularity, row_dims
+from ternqc.runtime.quantize.kinds.registry import check_groups, scale_for
 from ternqc.runtime.quantize.quantizers import (
     ModuleQuant,
     TensorQuant,
     as_tensor,
-    quantize,
     ternarize,
-    weight_alpha,
 )
 
 PARAM_TENSORS = ("weight", "bias")
@@ -64,18 +65,30 @@ class TernaryModule(nn.Module):
     # --- data_in ----------------------------------------------------------------------------------------
 
     def _setup_data_in(self, sample_shape: tuple[int | None, ...] | None, like: torch.Tensor) -> None:
-        """Register data_in's Δ/α buffers. `sample_shape` is the per-sample input shape a per-channel value
-        must broadcast against (None: unknown size, e.g. a spatial dimension; None for the whole: any)."""
-        tq = self._quant["data_in"]
-        self.register_buffer("data_in_delta", None)
-        self.register_buffer("data_in_alpha", None)
+        """Register data_in's and data_out's Δ/α buffers. `sample_shape` is the per-sample input shape a
+        per-channel data_in value must broadcast against (None: unknown size, e.g. a spatial dimension; None
+        for the whole: any); data_out values are checked when they first meet an output."""
+        self._setup_activation("data_in", sample_shape, like)
+        if "data_out" in self._quant:
+            self._setup_activation("data_out", None, like)
+
+    def _setup_activation(self, t: str, sample_shape: tuple[int | None, ...] | None, like: torch.Tensor) -> None:
+        tq = self._quant[t]
+        self.register_buffer(f"{t}_delta", None)
+        self.register_buffer(f"{t}_alpha", None)
         if not tq.quantize:
             return
-        if tq.scaling and tq.alpha is None:
-            msg = (
-                f"{self.node}: data_in is quantised with scaling but has no α: the runtime derives it from "
-                "the calibration data (mean of |x| over |x| > Δ), or set data_in_scale"
-            )
+        if tq.scaling and tq.alpha is None and not tq.dynamic:
+            how = {
+                "ternary": "the runtime derives it from the calibration data (mean of |x| over |x| > Δ)",
+                "binary": "the runtime derives it from the calibration data (mean of |x|)",
+                "integer": f"set {t}_max (the clipping value)",
+            }[tq.kind]
+            if t == "data_out" and tq.kind != "integer":
+                how = "set data_out_scale"
+            msg = f"{self.node}: {t} is quantised with scaling but has no α: {how}, or set {t}_scale"
+            if tq.kind != "integer":
+                msg += f" (or {t}_dynamic = true with another quantiser)" if tq.kind == "ternary" else ""
             raise UserError(msg)
         for kind, value in (("delta", tq.delta), ("alpha", tq.alpha if tq.scaling else None)):
             if value is None:
@@ -84,27 +97,49 @@ class TernaryModule(nn.Module):
             if sample_shape is not None and not _fits_sample(tuple(v.shape), sample_shape):
                 shown = tuple("*" if s is None else s for s in sample_shape)
                 msg = (
-                    f"{self.node}: data_in {_SYMBOL[kind]} has shape {tuple(v.shape)}, which does not "
+                    f"{self.node}: {t} {_SYMBOL[kind]} has shape {tuple(v.shape)}, which does not "
                     f"broadcast against one input sample of shape {shown} (a per-channel value must be 1 or "
                     "the channel count along the channel dimension, right-aligned)"
                 )
                 raise UserError(msg)
-            self.register_buffer(f"data_in_{kind}", v)
+            self.register_buffer(f"{t}_{kind}", v)
 
     def _quant_in(self, x: torch.Tensor) -> torch.Tensor:
         # `_buffers[...]` rather than attribute access: nn.Module's __getattr__ fallback costs a microsecond
         # per lookup, which is measurable against a small layer's forward
-        buffers = self._buffers
-        delta = buffers["data_in_delta"]
-        if delta is None:
+        tq = self._quant["data_in"]
+        if not tq.quantize:
             return x
-        q = ternarize(x, delta)
-        alpha = buffers["data_in_alpha"]
-        if alpha is not None:
-            q = q * alpha
+        if tq.kind == "ternary":  # the common case, without the generic dispatch
+            buffers = self._buffers
+            q = ternarize(x, buffers["data_in_delta"])
+            alpha = buffers["data_in_alpha"]
+            if alpha is not None:
+                q = q * alpha
+        else:
+            q = self._fake_quant_activation("data_in", x)
         if x.requires_grad and torch.is_grad_enabled():
             return x + (q - x).detach()  # straight-through: forward q(x), gradient of the identity
         return q
+
+    def _quant_out(self, y: torch.Tensor) -> torch.Tensor:
+        tq = self._quant.get("data_out")
+        if tq is None or not tq.quantize:
+            return y
+        q = self._fake_quant_activation("data_out", y)
+        if y.requires_grad and torch.is_grad_enabled():
+            return y + (q - y).detach()
+        return q
+
+    def _fake_quant_activation(self, t: str, x: torch.Tensor) -> torch.Tensor:
+        """q(x) of activation `t` by its kind: static Δ/α from the buffers, or per-row scales (dynamic)."""
+        tq = self._quant[t]
+        kind = get_kind(tq.kind)
+        if tq.dynamic:
+            scale = kind.dynamic_scale(x, tq, row_dims(self.op, x))
+        else:
+            scale = self._buffers[f"{t}_alpha"]
+        return kind.quantize(x, tq, self._buffers[f"{t}_delta"], scale)
 
     # --- description ------------------------------------------------------------------------------------
 
@@ -114,29 +149,30 @@ class TernaryModule(nn.Module):
         self._sync()
         tensors = {}
         for t, tq in self._quant.items():
-            delta = getattr(self, f"{t}_delta", None)
-            if not tq.quantize or delta is None:
+            if not tq.quantize or (t in PARAM_TENSORS and getattr(self, f"q{t}", None) is None):
                 tensors[t] = TensorQuant.float_()
                 continue
+            delta = getattr(self, f"{t}_delta", None)
             alpha = getattr(self, f"{t}_alpha", None)
-            tensors[t] = TensorQuant(
-                quantize=True,
-                delta=delta.tolist(),
-                scaling=tq.scaling,
+            tensors[t] = attrs.evolve(
+                tq,
+                delta=None if delta is None else delta.tolist(),
                 alpha=None if alpha is None else alpha.tolist(),
             )
         return ModuleQuant(op=self.op, node=self.node, tensors=tensors)
 
     def _quant_repr(self) -> str:
         parts = []
-        for t in self._quant:
-            delta = getattr(self, f"{t}_delta", None)
-            if delta is None:
+        for t, tq in self._quant.items():
+            if not tq.quantize or (t in PARAM_TENSORS and getattr(self, f"q{t}", None) is None):
                 parts.append(f"{t}: float")
                 continue
+            delta = getattr(self, f"{t}_delta", None)
             alpha = getattr(self, f"{t}_alpha", None)
-            scale = "no scaling" if alpha is None else f"α={_fmt_values(alpha)}"
-            parts.append(f"{t}: Δ={_fmt_values(delta)} {scale}")
+            scale = "no scaling" if not tq.scaling else "α per row" if alpha is None else f"α={_fmt_values(alpha)}"
+            head = f"Δ={_fmt_values(delta)} " if delta is not None else ""
+            kind = "" if tq.kind == "ternary" else f"{tq.kind} {tq.width}-bit {granularity(tq)} "
+            parts.append(f"{t}: {kind}{head}{scale}")
         return f"node={self.node}, " + ", ".join(parts)
 
     def _sync(self) -> None:
@@ -159,12 +195,23 @@ class _TernaryWeighted(TernaryModule):
             if p is None or not tq.quantize:
                 continue
             with torch.no_grad():
-                delta = as_tensor(tq.delta, p)
-                _check_fits(self.node, t, "delta", delta, p)
-                self.register_buffer(f"{t}_delta", delta)
+                delta = None
+                if tq.delta is not None:
+                    delta = as_tensor(tq.delta, p)
+                    _check_fits(self.node, t, "delta", delta, p)
+                    self.register_buffer(f"{t}_delta", delta)
+                if tq.group_size:
+                    try:
+                        check_groups(tuple(p.shape), tq.group_size)
+                    except ValueError as exc:
+                        raise UserError(f"{self.node}: {t}_group_size = {tq.group_size}: {exc}") from exc
                 if tq.scaling:
-                    alpha = weight_alpha(p, delta) if tq.alpha is None else as_tensor(tq.alpha, p)
-                    _check_fits(self.node, t, "alpha", alpha, p)
+                    if tq.alpha is None:
+                        alpha = get_kind(tq.kind).derive_scale(p, tq, delta)
+                    else:
+                        alpha = as_tensor(tq.alpha, p)
+                    if not (tq.group_size and tq.alpha is None):
+                        _check_fits(self.node, t, "alpha", alpha, p)
                     self.register_buffer(f"{t}_alpha", alpha)
                 self.register_buffer(f"q{t}", torch.empty_like(p, requires_grad=False))
         self.refresh_()
@@ -183,12 +230,14 @@ class _TernaryWeighted(TernaryModule):
     def _quantize_param(self, t: str, p: torch.Tensor, *, update_alpha: bool = False) -> torch.Tensor:
         tq = self._quant[t]
         delta, alpha = getattr(self, f"{t}_delta"), getattr(self, f"{t}_alpha")
+        kind = get_kind(tq.kind)
         if tq.scaling and tq.alpha is None:  # derived α follows the tensor
-            derived = weight_alpha(p, delta)
+            derived = kind.derive_scale(p, tq, delta)
             if update_alpha:
                 alpha.copy_(derived)
             alpha = derived
-        return quantize(p, delta, alpha, tq.scaling)
+        scale = None if alpha is None else scale_for(alpha, tuple(p.shape), tq)
+        return kind.quantize(p, tq, delta, scale)
 
     def _param(self, t: str) -> torch.Tensor | None:
         """The weight or bias the forward uses: cached q(p) in eval / no-grad, STE q(p) when training."""
@@ -240,7 +289,7 @@ class TernaryLinear(_TernaryWeighted):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quant_in(x), self._param("weight"), self._param("bias"))
+        return self._quant_out(F.linear(self._quant_in(x), self._param("weight"), self._param("bias")))
 
     def extra_repr(self) -> str:
         head = f"in_features={self.in_features}, out_features={self.out_features}"
@@ -268,9 +317,9 @@ class TernaryReLU(TernaryModule):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.data_in_delta is None:
-            return F.relu(x, inplace=self.inplace)
-        return F.relu(self._quant_in(x))  # q(x) is a new tensor: in place would gain nothing
+        if not self._quant["data_in"].quantize:
+            return self._quant_out(F.relu(x, inplace=self.inplace))
+        return self._quant_out(F.relu(self._quant_in(x)))  # q(x) is a new tensor: in place would gain nothing
 
     def extra_repr(self) -> str:
         return self._quant_repr()
@@ -305,8 +354,8 @@ class _TernaryConvNd(_TernaryWeighted):
         conv = F.conv1d if self.spatial_dims == 1 else F.conv2d
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(x, w, b, self.stride, 0, self.dilation, self.groups)
-        return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+            return self._quant_out(conv(x, w, b, self.stride, 0, self.dilation, self.groups))
+        return self._quant_out(conv(x, w, b, self.stride, self.padding, self.dilation, self.groups))
 
     def extra_repr(self) -> str:
         head = (

@@ -38,6 +38,7 @@ from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import accuracy
 from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
+from ternqc.runtime.quantize.kinds import get_kind, granularity
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.quantize.modules import TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
@@ -163,12 +164,17 @@ def calibrate_activation_scales(
     need = {
         path: mq
         for path, mq in configs.items()
-        if mq.tensor("data_in").quantize and mq.tensor("data_in").scaling and mq.tensor("data_in").alpha is None
+        if (tq := mq.tensor("data_in")).quantize and tq.scaling and tq.alpha is None and not tq.dynamic
+        and tq.kind in ("ternary", "binary")
     }
     if not need:
         return configs
     points = prof.ResolvedPoints.from_mapping({path: {"data_in_0": (THRESHOLD_ABS_MEAN,)} for path in need})
-    thresholds = {(path, "data_in_0"): _as_tensor(mq.tensor("data_in").delta) for path, mq in need.items()}
+    # binary: α is the mean of |x| over every element (any |x| exceeds a threshold of -1)
+    thresholds = {
+        (path, "data_in_0"): _as_tensor(-1.0 if mq.tensor("data_in").kind == "binary" else mq.tensor("data_in").delta)
+        for path, mq in need.items()
+    }
     table = calib.calibrate(
         model, list(result.batches), points, thresholds=thresholds, progress=settings.progress, desc="scales"
     )
@@ -231,19 +237,25 @@ def _accuracy_and_activation_zeros(model: nn.Module, dataset) -> tuple[float, di
     zeros: dict[str, list[float]] = {}
     handles = []
 
-    def hook_for(path: str, delta: torch.Tensor) -> Callable:
+    def hook_for(path: str, zero: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         def hook(_module, args):
             x = args[0]
             stats = zeros.setdefault(path, [0.0, 0.0])
-            stats[0] += float((x.abs() <= delta).sum())
+            stats[0] += float(zero(x).sum())
             stats[1] += x.numel()
 
         return hook
 
     for path, module in model.named_modules():
-        if isinstance(module, TernaryModule) and module.config.tensor("data_in").quantize:
-            delta = _as_tensor(module.config.tensor("data_in").delta)
-            handles.append(module.register_forward_pre_hook(hook_for(path, delta)))
+        if not isinstance(module, TernaryModule) or not (tq := module.config.tensor("data_in")).quantize:
+            continue
+        if tq.kind == "ternary":
+            delta = _as_tensor(tq.delta)
+            handles.append(module.register_forward_pre_hook(hook_for(path, lambda x, d=delta: x.abs() <= d)))
+        elif tq.kind == "integer" and not tq.dynamic:
+            kind, alpha = get_kind(tq.kind), module.data_in_alpha
+            handles.append(module.register_forward_pre_hook(
+                hook_for(path, lambda x, k=kind, t=tq, a=alpha: k.codes(x, t, None, a) == 0)))
     try:
         acc = accuracy(model, dataset)
     finally:
@@ -286,6 +298,9 @@ def build_report(
                 zeros = None if cached is None else float((cached == 0).float().mean())
             tensors[name] = {
                 "quantized": True,
+                "kind": tq.kind,
+                "width": tq.width,
+                "granularity": granularity(tq),
                 "delta": _summary(tq.delta),
                 "scaling": tq.scaling,
                 "alpha": _summary(tq.alpha),
