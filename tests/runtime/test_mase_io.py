@@ -253,7 +253,7 @@ def mapped():
 
 
 #: MASE's ternary quantiser config suffixes (MASE's quant_parsers), for data_in, weight and bias.
-MASE_SUFFIXES = ("width", "scaling_factor", "mean", "median", "max", "threshold", "scale")
+MASE_SUFFIXES = ("_width", "_scaling_factor", "_mean", "_median", "_max", "_threshold", "_scale")
 
 
 def test_quant_config_has_every_key_per_node_with_na(tmp_path):
@@ -266,7 +266,7 @@ def test_quant_config_has_every_key_per_node_with_na(tmp_path):
     assert set(q) == {"by", "report", "default", "fc", "act"}
     for node, op in (("fc", "linear"), ("act", "relu")):
         cfg = q[node]["config"]
-        mase = [k for k in applicable_params(op) if k == "name" or k.split("_")[-1] in MASE_SUFFIXES]
+        mase = [k for k in applicable_params(op) if k == "name" or k.endswith(MASE_SUFFIXES)]
         mase = [k for k in mase if not k.startswith("data_out")]
         assert list(cfg) == mase
         assert cfg["name"] == "ternary" and cfg["data_in_width"] == 2

@@ -179,8 +179,12 @@ def shaped_delta(delta: torch.Tensor, w: torch.Tensor, tq: TensorQuant) -> torch
 
 def scale_for(scale: torch.Tensor, w_shape: tuple[int, ...], tq: TensorQuant) -> torch.Tensor:
     """A stored weight scale shaped to broadcast against the weight (groups expanded)."""
-    if tq.group_size and scale.dim() == 2 and len(w_shape) >= 1:
-        return expand_groups(scale, w_shape, tq.group_size)
+    if tq.group_size and scale.dim() == 2 and len(w_shape) >= 1 and scale.shape[1] > 1:
+        row = 1
+        for s in w_shape[1:]:
+            row *= s
+        if scale.shape[1] * tq.group_size == row:  # [out, n_groups], not a per-channel [out, 1]
+            return expand_groups(scale, w_shape, tq.group_size)
     return scale
 
 

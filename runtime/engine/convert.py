@@ -1,0 +1,88 @@
+"""Put a converted model on the integer engine: `to_engine_(model)`.
+
+In: a model converted by `quantize.convert.convert_` (simulated ternary/binary/integer modules). Out: the
+same model with every eligible `TernaryLinear` replaced, through its parent, by an `IntLinear`
+(`linear.ineligible` says why a module stays simulated: a float weight or input, more than 8 bits, a
+per-channel input scale, a conv), and, inside each `nn.Sequential`, these fusions:
+
+- `IntLinear, ReLU` → the ReLU is folded into the IntLinear (its place holds an `nn.Identity`);
+- `IntLinear, ReLU, IntLinear` with a static input quantiser on the second → the first emits the second's
+  int8 codes straight from its int32 accumulator (see `linear.py`), no float activation in between;
+- otherwise an IntLinear after a folded ReLU knows its input is >= 0 (a ternary input: one comparison).
+
+A ReLU counts when it is a plain `nn.ReLU` or a converted one that quantises nothing it sees. Fusion only
+happens inside `nn.Sequential`, where the order of the children is the order of the data.
+"""
+
+from __future__ import annotations
+
+from attrs import frozen
+from torch import nn
+
+from ternqc.runtime.engine.linear import IntLinear, ineligible
+from ternqc.runtime.quantize.modules import TernaryModule, TernaryReLU
+
+
+@frozen
+class EngineReport:
+    """What `to_engine_` did: module paths on the engine, fused ReLUs, and `{path: reason}` left simulated."""
+
+    engine: tuple[str, ...]
+    fused: tuple[str, ...]
+    simulated: dict[str, str]
+
+
+def to_engine_(model: nn.Module, *, fuse: bool = True) -> EngineReport:
+    """Replace, in place, each eligible converted Linear of `model` by its `IntLinear`, then fuse.
+
+    Returns:
+        An `EngineReport`.
+    """
+    engine, simulated = [], {}
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, TernaryModule) or isinstance(module, TernaryReLU):
+            continue
+        reason = ineligible(module)
+        if reason is not None:
+            simulated[path] = reason
+            continue
+        _swap(model, path, IntLinear.from_module(module))
+        engine.append(path)
+    fused = _fuse(model) if fuse else []
+    model.eval()
+    return EngineReport(tuple(engine), tuple(fused), simulated)
+
+
+def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _plain_relu(m: nn.Module) -> bool:
+    if isinstance(m, TernaryReLU):
+        return not any(tq.quantize for tq in m.config.tensors.values())
+    return type(m) is nn.ReLU
+
+
+def _fuse(model: nn.Module) -> list[str]:
+    fused = []
+    for seq_path, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for i in range(len(names) - 1):
+            a, r = seq._modules[names[i]], seq._modules[names[i + 1]]
+            if not isinstance(a, IntLinear) or not _plain_relu(r):
+                continue
+            a.relu = True
+            seq._modules[names[i + 1]] = nn.Identity()
+            fused.append(f"{seq_path}.{names[i + 1]}" if seq_path else names[i + 1])
+            b = seq._modules[names[i + 2]] if i + 2 < len(names) else None
+            if isinstance(b, IntLinear):
+                b._in.nonnegative = True
+                a.emit_for(b)
+    return fused
+
+
+__all__ = ["EngineReport", "to_engine_"]
