@@ -5,10 +5,9 @@ same model with every eligible `TernaryLinear` replaced, through its parent, by 
 (`linear.ineligible` says why a module stays simulated: a float weight or input, more than 8 bits, a
 per-channel input scale, a conv), and, inside each `nn.Sequential`, these fusions:
 
-- `IntLinear, ReLU` → the ReLU is folded into the IntLinear (its place holds an `nn.Identity`);
-- `IntLinear, ReLU, IntLinear` with a static input quantiser on the second → the first emits the second's
-  int8 codes straight from its int32 accumulator (see `linear.py`), no float activation in between;
-- otherwise an IntLinear after a folded ReLU knows its input is >= 0 (a ternary input: one comparison).
+- `IntLinear, ReLU` → the ReLU is folded into the IntLinear's kernel (its place holds an `nn.Identity`);
+- `IntLinear, ReLU, IntLinear` → the second knows its input is >= 0: a ternary input's codes are one
+  comparison (`x > Δ`), an integer input's need no sign.
 
 A ReLU counts when it is a plain `nn.ReLU` or a converted one that quantises nothing it sees. Fusion only
 happens inside `nn.Sequential`, where the order of the children is the order of the data.
@@ -81,7 +80,6 @@ def _fuse(model: nn.Module) -> list[str]:
             b = seq._modules[names[i + 2]] if i + 2 < len(names) else None
             if isinstance(b, IntLinear):
                 b._in.nonnegative = True
-                a.emit_for(b)
     return fused
 
 

@@ -1,10 +1,11 @@
-"""How the integer engine turns a float activation into int8 codes, and its scale.
+"""How the integer engine turns a float activation into 8-bit codes, and its scale.
 
 In: a converted module's data_in `TensorQuant` and buffers (Δ, α / step). Out: an `InputQuant` whose
-`codes(x)` gives `(int8 codes [.., K], scale)`; the scale is a 0-dim tensor (static), `[rows, 1]`
-(dynamic, per row) or None (no scaling: the codes are the values). The codes equal the simulated
-quantiser's `c(x)` (`kinds`), computed with fewer passes: a ternary input known to be non-negative (after
-a ReLU) needs one comparison, `(x > Δ)` read as int8.
+`codes(x)` gives `(uint8 codes, zero point, scale)` with `code - zero point` equal to the simulated
+quantiser's `c(x)` (`kinds`): ternary -1/0/+1 as 0/1/2 (zero point 1), or 0/1 when the input is known to
+be >= 0 (after a folded ReLU: one comparison, `(x > Δ)` read as uint8); binary -1/+1 as 0/2 (zero point 1);
+integer c + 128 (zero point 128), or c itself after a ReLU. The scale is a float (static, 1.0 without
+scaling) or a `[rows, 1]` tensor (dynamic, per row).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import torch
 from ternqc.runtime.quantize.kinds import get_kind
 from ternqc.runtime.quantize.quantizers import TensorQuant
 
-#: The widest code the int8 engine takes.
+#: The widest code the 8-bit engine takes.
 MAX_ENGINE_WIDTH = 8
 
 
 def input_ineligible(tq: TensorQuant, alpha: torch.Tensor | None) -> str | None:
-    """Why data_in with config `tq` and stored α/step `alpha` cannot feed an int8 matmul (None: it can)."""
+    """Why data_in with config `tq` and stored α/step `alpha` cannot feed an 8-bit matmul (None: it can)."""
     if not tq.quantize:
         return "data_in is float"
     if tq.width > MAX_ENGINE_WIDTH:
@@ -32,41 +33,40 @@ def input_ineligible(tq: TensorQuant, alpha: torch.Tensor | None) -> str | None:
 
 
 class InputQuant:
-    """A data_in quantiser for the engine (plain object, its tensors registered by the owning module)."""
+    """A data_in quantiser for the engine (a plain object; its tensors are the owning module's buffers)."""
 
     def __init__(self, tq: TensorQuant, delta: torch.Tensor | None, alpha: torch.Tensor | None) -> None:
         self.tq = tq
         self.kind = get_kind(tq.kind)
         self.delta = delta
-        self.alpha = None if alpha is None else alpha.reshape(())
+        self.scale = float(alpha) if alpha is not None and tq.scaling else 1.0
         self.nonnegative = False  # set by fusion when the input is known to be >= 0 (after a ReLU)
         self.low, self.high = self.kind.levels(tq.width)
 
-    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """`(int8 codes, scale)` for a float `x` [rows, K]."""
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, int, Any]:
+        """`(uint8 codes, zero point, scale)` for a float `x` [rows, K]."""
         tq = self.tq
         if tq.kind == "ternary":
             d = self.delta
             if self.nonnegative:
-                c = (x > d).view(torch.int8)
-            else:
-                c = (x > d).view(torch.int8) - (x < -d).view(torch.int8)
-            return c, self.alpha if tq.scaling else None
+                return (x > d).view(torch.uint8), 0, self.scale
+            return (x > d).view(torch.uint8) + (x >= -d).view(torch.uint8), 1, self.scale
         if tq.kind == "binary":
-            c = (x >= 0).view(torch.int8) * 2 - 1
+            u = (x >= 0).view(torch.uint8) * 2
             if tq.dynamic:
-                return c.to(torch.int8), x.abs().mean(dim=1, keepdim=True)
-            return c.to(torch.int8), self.alpha if tq.scaling else None
+                return u, 1, x.abs().mean(dim=1, keepdim=True)
+            return u, 1, self.scale
         # integer
         if tq.dynamic:
             scale = x.abs().amax(dim=1, keepdim=True) / self.high
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         else:
-            scale = self.alpha
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(x / safe).clamp_(self.low, self.high)
-        if tq.dynamic:
-            q.mul_((scale > 0).to(q.dtype))
-        return q.to(torch.int8), scale
+            scale = self.scale
+            safe = scale if scale > 0 else 1.0
+        if self.nonnegative:
+            return torch.round(x / safe).clamp_(0, self.high).to(torch.uint8), 0, scale
+        q = torch.round(x / safe).clamp_(self.low, self.high).add_(128)
+        return q.to(torch.uint8), 128, scale
 
 
 __all__ = ["MAX_ENGINE_WIDTH", "InputQuant", "input_ineligible"]

@@ -5,17 +5,15 @@ In: a `TernaryLinear` (the simulated module) whose weight and data_in are quanti
 
     y = (c_x @ c_W^T) · (s_x · s_W) + b
 
-with the codes c in int8, the product accumulated exactly in int32 (`intmm.int_matmul`), and one float
-rescale: s_x per tensor or per row, s_W per tensor, per output channel or per group (then one int32
-product per group, each rescaled by its column of scales). b is the module's bias as the simulated forward
-uses it (its quantised bias when the bias is quantised). A quantised data_out is applied in float on y.
+with 8-bit codes c, the product accumulated exactly in int32 and one float rescale (`intmm.py`: oneDNN's
+u8 × s8 kernel with the rescale, bias and a folded ReLU fused; `torch._int_mm` otherwise): s_x per tensor
+or per row (dynamic), s_W per tensor, per output channel or per group (then one product per group of input
+columns, each rescaled by its scales). b is the bias as the simulated forward uses it (its quantised bias
+when the bias is quantised). A quantised data_out is applied in float on y.
 
-Everything the forward needs is in buffers, so `state_dict` / `load_state_dict` carry a module whole (the
-packed export relies on it). Fusion (`convert.py`) may set `relu` (a following ReLU folded in) and `emit`
-(the output is the *next* layer's int8 input codes, decided on the int32 accumulator: for a ternary next
-input after a ReLU, c = [acc > floor((Δ - b) / (s_x·s_W))] per column, one comparison; for an integer one,
-c = clamp(round(acc · s_x·s_W / s + b / s), 0, Q)). Those codes are exact functions of the accumulator;
-the float simulation can differ where its rounded value lies within rounding of a threshold.
+Everything the forward needs is in buffers (`wcodes` int8 [out, in], `wscale`, `bias`, the input and output
+Δ/α), so `state_dict` / `load_state_dict` carry a module whole (the packed export relies on it); oneDNN's
+prepacked weight is a cache rebuilt from `wcodes`. `relu` is set by fusion (`convert.py`).
 """
 
 from __future__ import annotations
@@ -24,12 +22,10 @@ import torch
 from torch import nn
 
 from ternqc.runtime.engine.inputs import MAX_ENGINE_WIDTH, InputQuant, input_ineligible
-from ternqc.runtime.engine.intmm import int_matmul
+from ternqc.runtime.engine.intmm import int_matmul, onednn_available, prepack, qlinear_onednn
 from ternqc.runtime.quantize.kinds import get_kind, row_dims
 from ternqc.runtime.quantize.kinds.registry import scale_for
 from ternqc.runtime.quantize.modules import TernaryLinear
-
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def ineligible(m: nn.Module) -> str | None:
@@ -62,19 +58,18 @@ class IntLinear(nn.Module):
         self.node, self.config = m.node, rq
         self.in_features, self.out_features = m.in_features, m.out_features
         tw = rq.tensor("weight")
-        self.group_size = tw.group_size if tw.group_size and m.weight_alpha is not None else None
         with torch.no_grad():
             w = m.weight.detach()
             alpha = m.weight_alpha
             full = None if alpha is None else scale_for(alpha, tuple(w.shape), tw)
+            self.group_size = tw.group_size if full is not None and full is not alpha else None
             codes = get_kind(tw.kind).codes(w, tw, m.weight_delta, full)
-            self.register_buffer("wcodes", codes.to(torch.int8).t().contiguous())  # [K, N] for int_matmul
+            self.register_buffer("wcodes", codes.to(torch.int8).contiguous())  # [N, K]
             if alpha is None:
                 wscale = torch.ones(self.out_features, dtype=w.dtype)
-            elif self.group_size and alpha.dim() == 2 and alpha.shape[1] > 1:
+            elif self.group_size:
                 wscale = alpha.t().contiguous()  # [n_groups, N]
             else:
-                self.group_size = None
                 wscale = alpha.reshape(-1).expand(self.out_features).contiguous()
             self.register_buffer("wscale", wscale.clone())
             bias = m.qbias if m.qbias is not None else m.bias
@@ -85,89 +80,48 @@ class IntLinear(nn.Module):
             self.register_buffer("in_alpha", None if in_alpha is None else in_alpha.reshape(()).clone())
             self.register_buffer("out_delta", None if m.data_out_delta is None else m.data_out_delta.clone())
             self.register_buffer("out_alpha", None if m.data_out_alpha is None else m.data_out_alpha.clone())
-            static = self.in_alpha if self.in_alpha is not None else torch.ones((), dtype=w.dtype)
-            colscale = None if tin.dynamic or self.group_size else (static * self.wscale)
-            self.register_buffer("colscale", colscale)
         self._in = InputQuant(tin, self.in_delta, self.in_alpha)
         self._out = rq.tensor("data_out")
         self.relu = False
-        self.register_buffer("emit_thr", None)  # int32 [N]: next ternary input codes = acc > thr
-        self.register_buffer("emit_mul", None)  # float [N]: next integer input codes from acc
-        self.register_buffer("emit_add", None)
-        self.emit_high = 0
+        self.onednn = onednn_available()
+        self._packed = None
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        nonnegative = self._in.nonnegative
         self._in = InputQuant(self._in.tq, self.in_delta, self.in_alpha)  # buffers were replaced
+        self._in.nonnegative = nonnegative
+        self._packed = None
 
-    # --- fusion -----------------------------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "_packed": None}  # oneDNN's opaque tensor does not copy or pickle
 
-    def can_emit(self) -> bool:
-        """Whether the next layer's codes can be computed from this layer's accumulator (a static column
-        scale, no data_out quantiser)."""
-        return self.colscale is not None and not self._out.quantize
-
-    @torch.no_grad()
-    def emit_for(self, nxt: IntLinear) -> bool:
-        """Make this layer (followed by a ReLU) output `nxt`'s int8 input codes; False when `nxt`'s input
-        quantiser has no such form (then nothing changes)."""
-        tq = nxt._in.tq
-        if not self.can_emit() or tq.dynamic or tq.kind == "binary":
-            return False
-        cs = self.colscale.double()
-        b = self.bias.double() if self.bias is not None else torch.zeros_like(cs)
-        if tq.kind == "ternary":
-            d = nxt.in_delta.double().expand_as(cs) if nxt.in_delta.dim() <= 1 else None
-            if d is None or bool((d < 0).any()):
-                return False
-            bound = torch.where(cs > 0, torch.floor((d - b) / cs.clamp(min=1e-300)),
-                                torch.where(b > d, torch.full_like(cs, INT32_MIN), torch.full_like(cs, INT32_MAX)))
-            self.emit_thr = bound.clamp(INT32_MIN, INT32_MAX).to(torch.int32)
-        else:  # integer, static step
-            s = nxt.in_alpha.double()
-            if float(s) <= 0:
-                return False
-            self.emit_mul = (cs / s).to(self.colscale.dtype)
-            self.emit_add = (b / s).to(self.colscale.dtype)
-            self.emit_high = nxt._in.high
-        nxt.takes_codes = True
-        return True
-
-    takes_codes = False
+    def _pack(self) -> list[torch.Tensor]:
+        if self._packed is None:
+            g = self.group_size or self.in_features
+            self._packed = [prepack(self.wcodes[:, i:i + g].contiguous()) for i in range(0, self.in_features, g)]
+            self._wzp = torch.zeros(self.out_features, dtype=torch.int64)
+            self._wscale_rows = [s.float().contiguous() for s in self.wscale.reshape(-1, self.out_features)]
+        return self._packed
 
     # --- forward ----------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x.dtype == torch.int8:  # codes from a fused predecessor (static input scale)
-            c, s = x2, self.in_alpha
+        c, zp, s = self._in.codes(x.reshape(-1, self.in_features))
+        dynamic = not isinstance(s, float)
+        if self.onednn and not self.group_size and not dynamic:
+            (packed,) = self._pack()
+            y = qlinear_onednn(c, zp, s, packed, self._wscale_rows[0], self._wzp, self.bias, self.relu)
         else:
-            c, s = self._in.codes(x2)
-        if self.group_size:
-            y = self._grouped(c)
-            if s is not None:
-                y.mul_(s)
+            y = self._accumulate(c, zp)
+            y.mul_(s)
             if self.bias is not None:
                 y.add_(self.bias)
-        else:
-            acc = int_matmul(c, self.wcodes)
-            if self.emit_thr is not None:
-                return (acc > self.emit_thr).view(torch.int8).reshape(*lead, self.out_features)
-            if self.emit_mul is not None:
-                q = torch.addcmul(self.emit_add, acc.to(self.emit_mul.dtype), self.emit_mul)
-                q = q.round_().clamp_(0, self.emit_high).to(torch.int8)
-                return q.reshape(*lead, self.out_features)
-            y = acc.to(self.wscale.dtype)
-            if self.colscale is not None:
-                y = torch.addcmul(self.bias, y, self.colscale) if self.bias is not None else y.mul_(self.colscale)
-            else:  # dynamic per-row input scale
-                y.mul_(s).mul_(self.wscale)
-                if self.bias is not None:
-                    y.add_(self.bias)
-        if self.relu:
-            y.relu_()
+            if self.relu:
+                y.relu_()
         y = y.reshape(*lead, self.out_features)
         if self._out.quantize:
             kind = get_kind(self._out.kind)
@@ -175,20 +129,29 @@ class IntLinear(nn.Module):
             y = kind.quantize(y, self._out, self.out_delta, scale)
         return y
 
-    def _grouped(self, c: torch.Tensor) -> torch.Tensor:
-        """Σ_g (c_g @ W_g) · s_W[g], one int32 product per group of input columns."""
-        g = self.group_size
+    def _accumulate(self, c: torch.Tensor, zp: int) -> torch.Tensor:
+        """Σ_g ((c - zp)_g @ W_g^T) · s_W[g] in float32, one exact integer product per group of input
+        columns (a single group without per-group scales)."""
+        g = self.group_size or self.in_features
+        if self.onednn:
+            packed = self._pack()
+            y = None
+            for i, (pk, ws) in enumerate(zip(packed, self._wscale_rows)):
+                ci = c[:, i * g:(i + 1) * g].contiguous() if len(packed) > 1 else c
+                part = qlinear_onednn(ci, zp, 1.0, pk, ws, self._wzp, None, False)
+                y = part if y is None else y.add_(part)
+            return y
+        a = c.view(torch.int8) if zp == 0 else (c.to(torch.int16) - zp).to(torch.int8)
         y = None
-        for i in range(self.in_features // g):
-            acc = int_matmul(c[:, i * g:(i + 1) * g].contiguous(), self.wcodes[i * g:(i + 1) * g])
-            part = acc.to(self.wscale.dtype).mul_(self.wscale[i])
+        for i, ws in enumerate(self.wscale.reshape(-1, self.out_features)):
+            acc = int_matmul(a[:, i * g:(i + 1) * g].contiguous(), self.wcodes[:, i * g:(i + 1) * g].t())
+            part = acc.to(self.wscale.dtype).mul_(ws)
             y = part if y is None else y.add_(part)
         return y
 
     def extra_repr(self) -> str:
         tin, tw = self._in.tq, self.config.tensor("weight")
-        fused = (", relu" if self.relu else "") + (", emits next codes" if self.emit_thr is not None or
-                                                    self.emit_mul is not None else "")
+        fused = ", relu" if self.relu else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, node={self.node}, "
                 f"weight={get_kind(tw.kind).describe(tw)}, data_in={get_kind(tin.kind).describe(tin)}{fused}")
 

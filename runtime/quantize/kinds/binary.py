@@ -28,6 +28,9 @@ class Binary(QuantKind):
     def levels(self, width: int) -> tuple[int, int]:
         return -1, 1
 
+    def pack_layout(self, width: int) -> tuple[int, int, int]:
+        return -1, 2, 1  # -1 -> 0, +1 -> 1
+
     def config(self, node: str, t: str, width: int, values: dict[str, Any], rules: str) -> TensorQuant:
         dynamic = bool(values.get(f"{t}_dynamic", False))
         return TensorQuant(

@@ -43,6 +43,12 @@ class QuantKind:
         """The smallest and largest code."""
         raise NotImplementedError
 
+    def pack_layout(self, width: int) -> tuple[int, int, int]:
+        """How codes are stored packed: `(low, step, bits)`: a code c is stored as the unsigned
+        `(c - low) // step` in `bits` bits (ternary 2, binary 1, integer its width)."""
+        low, _ = self.levels(width)
+        return low, 1, width
+
     def config(self, node: str, t: str, width: int, values: dict[str, Any], rules: str) -> TensorQuant:
         """Tensor `t`'s `TensorQuant` from its module's validated parameters `{param: value}` (set ones only).
 
