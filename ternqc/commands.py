@@ -172,7 +172,23 @@ def apply(args: argparse.Namespace) -> int:
         f"\nvalidation accuracy: float {result.float_accuracy:.4f}  ternary {result.ternary_accuracy:.4f}"
         f"  ({settings.dataset}, rules {source})"
     )
+    if args.engine == "int":
+        from ternqc.runtime.engine.evaluate import engine_accuracy
+
+        acc, report = engine_accuracy(result.model, settings.dataset)
+        print(f"integer engine: {len(report.engine)} layers on int8 matmuls, accuracy {acc:.4f}"
+              + "".join(f"\n  {path}: simulated ({why})" for path, why in report.simulated.items()))
     print("wrote " + ", ".join(written))
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from ternqc.runtime.engine.packed import export_checkpoint
+
+    report, sizes = export_checkpoint(args.ckpt, args.output)
+    print(f"packed {len(report.engine)} layers for the integer engine"
+          + "".join(f"\n  {path}: kept simulated ({why})" for path, why in report.simulated.items()))
+    print(f"wrote {args.output}: {sizes[1] / 2**20:.3f} MiB (the ternary checkpoint's state: {sizes[0] / 2**20:.3f} MiB)")
     return 0
 
 
@@ -220,5 +236,6 @@ COMMANDS = {
     "profile": profile,
     "apply": apply,
     "map": map_stats,
+    "export": export,
     "demo": demo,
 }

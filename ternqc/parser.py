@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--out", default="ternqc-out", help="output folder (default ternqc-out/)")
     p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
+    p.add_argument("--engine", choices=("sim", "int"), default="sim",
+                   help="also evaluate on the integer engine (int: int8 matmuls, see docs/PACKED.md); default sim")
+
+    p = sub.add_parser("export", help="write a ternary checkpoint as a packed integer-engine model (safetensors)")
+    p.add_argument("ckpt", help="a ternary.ckpt written by `ternqc apply`")
+    p.add_argument("--format", choices=("packed",), default="packed",
+                   help="packed: codes at their width (ternary 2 bits), scales and config as metadata")
+    p.add_argument("-o", "--output", default="model.safetensors", help="file to write (default model.safetensors)")
 
     p = sub.add_parser("map", help="MASE statistics file + rules -> MASE quantize config (stat-to-conf.py)")
     p.add_argument("stats", help="statistics TOML in MASE's node-meta layout")

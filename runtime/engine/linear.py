@@ -93,10 +93,25 @@ class IntLinear(nn.Module):
         self._in = InputQuant(self._in.tq, self.in_delta, self.in_alpha)  # buffers were replaced
         self._in.nonnegative = nonnegative
         self._packed = None
+        self._wmax = None
 
     def __getstate__(self):
         state = super().__getstate__()
         return {**state, "_packed": None}  # oneDNN's opaque tensor does not copy or pickle
+
+    def _use_onednn(self) -> bool:
+        """oneDNN's u8 × s8 kernel, unless a pair of products could saturate the int16 intermediate that
+        AVX2's vpmaddubsw keeps (2 · max u8 code · max |weight code| > 32767: 8-bit weights with signed
+        8-bit inputs); `torch._int_mm` is exact there."""
+        if not self.onednn:
+            return False
+        if self._wmax is None:
+            self._wmax = int(self.wcodes.abs().max()) if self.wcodes.numel() else 0
+        tq = self._in.tq
+        umax = 2 if tq.kind != "integer" else (self._in.high if self._in.nonnegative else 255)
+        return 2 * umax * self._wmax <= 32767
+
+    _wmax: int | None = None
 
     def _pack(self) -> list[torch.Tensor]:
         if self._packed is None:
@@ -112,7 +127,7 @@ class IntLinear(nn.Module):
         lead = x.shape[:-1]
         c, zp, s = self._in.codes(x.reshape(-1, self.in_features))
         dynamic = not isinstance(s, float)
-        if self.onednn and not self.group_size and not dynamic:
+        if self._use_onednn() and not self.group_size and not dynamic:
             (packed,) = self._pack()
             y = qlinear_onednn(c, zp, s, packed, self._wscale_rows[0], self._wzp, self.bias, self.relu)
         else:
@@ -133,7 +148,7 @@ class IntLinear(nn.Module):
         """Σ_g ((c - zp)_g @ W_g^T) · s_W[g] in float32, one exact integer product per group of input
         columns (a single group without per-group scales)."""
         g = self.group_size or self.in_features
-        if self.onednn:
+        if self._use_onednn():
             packed = self._pack()
             y = None
             for i, (pk, ws) in enumerate(zip(packed, self._wscale_rows)):

@@ -180,4 +180,25 @@ def load_packed(
     return model.eval()
 
 
-__all__ = ["load_packed", "pack_codes", "read_packed", "save_packed", "unpack_codes"]
+
+
+
+def export_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike):
+    """`ternqc export`: a ternary checkpoint (`ternqc apply`'s `ternary.ckpt`) -> a packed engine model.
+
+    Returns:
+        `(EngineReport, (checkpoint state bytes, packed file bytes))`.
+
+    Raises:
+        UserError: an unreadable checkpoint or an unwritable output.
+    """
+    from ternqc.runtime.quantize.convert import load_ternary_checkpoint
+
+    model, configs, meta = load_ternary_checkpoint(ckpt)
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    report = to_engine_(model)
+    extra = {k: v for k, v in meta.items() if k in ("float_accuracy", "ternary_accuracy")}
+    save_packed(output, model, configs, model_spec=meta["model_spec"], extra=extra)
+    return report, (state_bytes, os.path.getsize(output))
+
+__all__ = ["export_checkpoint", "load_packed", "pack_codes", "read_packed", "save_packed", "unpack_codes"]

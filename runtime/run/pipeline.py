@@ -289,7 +289,8 @@ def build_report(
         for name in mq.tensors:
             tq = applied.tensor(name)
             if not tq.quantize:
-                tensors[name] = {"quantized": False}
+                if name != "data_out":  # an output in float is the norm: not worth a row
+                    tensors[name] = {"quantized": False}
                 continue
             if name == "data_in":
                 zeros = zero_fractions.get(path)
