@@ -56,17 +56,19 @@ class InputQuant:
             if tq.dynamic:
                 return u, 1, x.abs().mean(dim=1, keepdim=True)
             return u, 1, self.scale
-        # integer
+        # integer: the same divisions as the simulated quantiser (kinds/integer.py), so the codes are equal
         if tq.dynamic:
-            scale = x.abs().amax(dim=1, keepdim=True) / self.high
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            amax = torch.maximum(x.amax(1, keepdim=True), x.amin(1, keepdim=True).neg_())  # no |x| copy
+            scale = amax / self.high
+            q = x / torch.where(scale > 0, scale, torch.ones_like(scale))
+            q.round_()  # |x| <= max|x| of its row: |q| <= Q, no clamp needed
         else:
             scale = self.scale
-            safe = scale if scale > 0 else 1.0
+            q = (x / scale if scale > 0 else x.clone()).round_()
+            q.clamp_(0 if self.nonnegative else self.low, self.high)
         if self.nonnegative:
-            return torch.round(x / safe).clamp_(0, self.high).to(torch.uint8), 0, scale
-        q = torch.round(x / safe).clamp_(self.low, self.high).add_(128)
-        return q.to(torch.uint8), 128, scale
+            return q.to(torch.uint8), 0, scale
+        return q.add_(128).to(torch.uint8), 128, scale
 
 
 __all__ = ["MAX_ENGINE_WIDTH", "InputQuant", "input_ineligible"]

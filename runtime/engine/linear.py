@@ -132,9 +132,10 @@ class IntLinear(nn.Module):
             y = qlinear_onednn(c, zp, s, packed, self._wscale_rows[0], self._wzp, self.bias, self.relu)
         else:
             y = self._accumulate(c, zp)
-            y.mul_(s)
             if self.bias is not None:
-                y.add_(self.bias)
+                y = torch.addcmul(self.bias, y, s) if dynamic else y.mul_(s).add_(self.bias)
+            else:
+                y.mul_(s)
             if self.relu:
                 y.relu_()
         y = y.reshape(*lead, self.out_features)
