@@ -79,16 +79,12 @@ class TernaryModule(nn.Module):
         if not tq.quantize:
             return
         if tq.scaling and tq.alpha is None and not tq.dynamic:
-            how = {
-                "ternary": "the runtime derives it from the calibration data (mean of |x| over |x| > Δ)",
-                "binary": "the runtime derives it from the calibration data (mean of |x|)",
-                "integer": f"set {t}_max (the clipping value)",
-            }[tq.kind]
-            if t == "data_out" and tq.kind != "integer":
-                how = "set data_out_scale"
-            msg = f"{self.node}: {t} is quantised with scaling but has no α: {how}, or set {t}_scale"
-            if tq.kind != "integer":
-                msg += f" (or {t}_dynamic = true with another quantiser)" if tq.kind == "ternary" else ""
+            derived = {"ternary": "mean of |x| over |x| > Δ", "binary": "mean of |x|"}.get(tq.kind)
+            if t == "data_in" and derived:
+                how = f"the runtime derives it from the calibration data ({derived}), or set {t}_scale"
+            else:
+                how = f"set {t}_scale" + (f" or {t}_max" if tq.kind == "integer" else "")
+            msg = f"{self.node}: {t} is quantised with scaling but has no α: {how}"
             raise UserError(msg)
         for kind, value in (("delta", tq.delta), ("alpha", tq.alpha if tq.scaling else None)):
             if value is None:

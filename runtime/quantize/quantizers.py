@@ -1,15 +1,16 @@
-"""The ternary quantiser: its math, and its parameters resolved from a module's mapped values.
+"""Quantiser configs resolved from a module's mapped values, and the ternary kind's math.
 
 In: per module, the op (`linear`, `relu`, `conv1d`, `conv2d`), its node name and the mapped quantiser
 parameters `{param_name: value}` (names from `ternqc.plan.all_params()`; a value is `None` for unset/`na`, a
 bool, an int, a str, a float, or nested lists of floats for per-channel values already shaped to broadcast
 against the tensor). Out: a `ModuleQuant` holding one `TensorQuant` per tensor of the op, and the functions
-that quantise tensors with it.
+that quantise tensors with the ternary kind (the other kinds live in `kinds/`).
 
-For each tensor t (`data_in`, `weight`, `bias`) the module has:
+For each tensor t (`data_in`, `weight`, `bias`, `data_out`) the module has:
 
-- t is quantised iff `t_width == 2` (`plan.TERNARY_WIDTH`); `32` (`plan.FLOAT_WIDTH`) or unset leaves it in
-  float; any other width is an error. `name` must be `"ternary"` when any tensor is quantised.
+- t's kind is `t_quantiser` if set, else `name` (`plan.QUANTISERS`); t is quantised iff `t_width` is set
+  and not `32` (`plan.FLOAT_WIDTH`), and then the width must be one of its kind's (`plan.QUANTISER_WIDTHS`;
+  ternary 2). The kind turns the parameters into the `TensorQuant` (`kinds/<kind>.py`); for ternary:
 - Threshold Δ, the first that applies:
   `t_threshold` if set (every element >= 0); else `0.75·|t_mean|`, `0.75·|t_median|`, `0.05·|t_max|`, the
   first that is set and non-zero; else an error naming the node, the tensor and the rules file.
