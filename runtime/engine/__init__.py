@@ -1,4 +1,5 @@
-"""The integer engine: converted Linears whose matmul runs in int8 × int8 → int32 (`linear.IntLinear`),
+"""The integer engine: converted Linears and convs whose matmul runs in int8 × int8 → int32 (`linear.IntLinear`,
+`conv.IntConv`),
 `to_engine_(model)` to put a converted model on it (`convert.py`), and the packed safetensors export
 (`packed.py`)."""
 

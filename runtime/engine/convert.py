@@ -1,9 +1,9 @@
 """Put a converted model on the integer engine: `to_engine_(model)`.
 
 In: a model converted by `quantize.convert.convert_` (simulated ternary/binary/integer modules). Out: the
-same model with every eligible `TernaryLinear` replaced, through its parent, by an `IntLinear`
-(`linear.ineligible` says why a module stays simulated: a float weight or input, more than 8 bits, a
-per-channel input scale, a conv), and, inside each `nn.Sequential`, these fusions:
+same model with every eligible `TernaryLinear` / `TernaryConv1d` / `TernaryConv2d` replaced, through its
+parent, by an `IntLinear` / `IntConv` (`linear.ineligible` says why a module stays simulated: a float weight
+or input, more than 8 bits, a per-channel input scale, a grouped conv), and, inside each `nn.Sequential`, these fusions:
 
 - `IntLinear, ReLU` → the ReLU is folded into the IntLinear's kernel (its place holds an `nn.Identity`);
 - `IntLinear, ReLU, IntLinear` → the second knows its input is >= 0: a ternary input's codes are one
@@ -18,8 +18,9 @@ from __future__ import annotations
 from attrs import frozen
 from torch import nn
 
+from ternqc.runtime.engine.conv import IntConv
 from ternqc.runtime.engine.linear import IntLinear, ineligible
-from ternqc.runtime.quantize.modules import TernaryModule, TernaryReLU
+from ternqc.runtime.quantize.modules import TernaryLinear, TernaryModule, TernaryReLU
 
 
 @frozen
@@ -32,7 +33,8 @@ class EngineReport:
 
 
 def to_engine_(model: nn.Module, *, fuse: bool = True) -> EngineReport:
-    """Replace, in place, each eligible converted Linear of `model` by its `IntLinear`, then fuse.
+    """Replace, in place, each eligible converted Linear / conv of `model` by its `IntLinear` / `IntConv`,
+    then fuse.
 
     Returns:
         An `EngineReport`.
@@ -45,7 +47,8 @@ def to_engine_(model: nn.Module, *, fuse: bool = True) -> EngineReport:
         if reason is not None:
             simulated[path] = reason
             continue
-        _swap(model, path, IntLinear.from_module(module))
+        cls = IntLinear if isinstance(module, TernaryLinear) else IntConv
+        _swap(model, path, cls.from_module(module))
         engine.append(path)
     fused = _fuse(model) if fuse else []
     model.eval()

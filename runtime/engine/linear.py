@@ -25,13 +25,16 @@ from ternqc.runtime.engine.inputs import MAX_ENGINE_WIDTH, InputQuant, input_ine
 from ternqc.runtime.engine.intmm import int_matmul, onednn_available, prepack, qlinear_onednn
 from ternqc.runtime.quantize.kinds import get_kind, row_dims
 from ternqc.runtime.quantize.kinds.registry import scale_for
-from ternqc.runtime.quantize.modules import TernaryLinear
+from ternqc.runtime.quantize.modules import TernaryConv1d, TernaryConv2d, TernaryLinear
 
 
 def ineligible(m: nn.Module) -> str | None:
-    """Why `m` cannot become an `IntLinear` (None: it can)."""
-    if not isinstance(m, TernaryLinear):
-        return f"{type(m).__name__} has no integer kernel (Linear only)"
+    """Why `m` cannot go on the engine (None: it can): an `IntLinear` for a converted Linear, an `IntConv`
+    (`conv.py`) for a converted Conv1d/Conv2d with groups = 1 and zero padding."""
+    if not isinstance(m, (TernaryLinear, TernaryConv1d, TernaryConv2d)):
+        return f"{type(m).__name__} has no integer kernel (Linear, Conv1d and Conv2d only)"
+    if not isinstance(m, TernaryLinear) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+        return "a grouped conv, or one with non-zero or 'same'/'valid' padding, has no integer kernel"
     rq = m.resolved_quant()
     w = rq.tensor("weight")
     if not w.quantize or m.qweight is None:
@@ -39,7 +42,7 @@ def ineligible(m: nn.Module) -> str | None:
     if w.width > MAX_ENGINE_WIDTH:
         return f"the weight has {w.width} bits (the engine takes up to {MAX_ENGINE_WIDTH})"
     alpha = m.weight_alpha
-    if alpha is not None and alpha.numel() not in (1, m.out_features) and not w.group_size:
+    if alpha is not None and alpha.numel() not in (1, m.weight.shape[0]) and not w.group_size:
         return "the weight scale is neither per tensor, per channel nor per group"
     return input_ineligible(rq.tensor("data_in"), m.data_in_alpha)
 
@@ -48,15 +51,18 @@ class IntLinear(nn.Module):
     """The integer-engine Linear; build with `IntLinear.from_module(ternary_linear)`."""
 
     @classmethod
-    def from_module(cls, m: TernaryLinear) -> IntLinear:
-        """Build from a converted `TernaryLinear` (ValueError when `ineligible(m)`)."""
+    def from_module(cls, m: nn.Module) -> IntLinear:
+        """Build from a converted `TernaryLinear` (ValueError when `ineligible(m)`); `IntConv` from a conv."""
         reason = ineligible(m)
+        if reason is None and isinstance(m, TernaryLinear) != (cls is IntLinear):
+            reason = f"{cls.__name__} cannot be built from a {type(m).__name__}"
         if reason is not None:
             raise ValueError(f"{m.node}: {reason}")
         self = cls()
         rq = m.resolved_quant()
         self.node, self.config = m.node, rq
-        self.in_features, self.out_features = m.in_features, m.out_features
+        self.out_features = m.weight.shape[0]
+        self.in_features = m.weight[0].numel()  # a conv's row: in_channels · kernel elements
         tw = rq.tensor("weight")
         with torch.no_grad():
             w = m.weight.detach()
@@ -64,7 +70,7 @@ class IntLinear(nn.Module):
             full = None if alpha is None else scale_for(alpha, tuple(w.shape), tw)
             self.group_size = tw.group_size if full is not None and full is not alpha else None
             codes = get_kind(tw.kind).codes(w, tw, m.weight_delta, full)
-            self.register_buffer("wcodes", codes.to(torch.int8).contiguous())  # [N, K]
+            self.register_buffer("wcodes", codes.to(torch.int8).reshape(self.out_features, -1).contiguous())
             if alpha is None:
                 wscale = torch.ones(self.out_features, dtype=w.dtype)
             elif self.group_size:
@@ -126,6 +132,11 @@ class IntLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         c, zp, s = self._in.codes(x.reshape(-1, self.in_features))
+        y = self._rows(c, zp, s).reshape(*lead, self.out_features)
+        return self._quant_out(y, "linear")
+
+    def _rows(self, c: torch.Tensor, zp: int, s) -> torch.Tensor:
+        """`y [rows, N]` from uint8 codes `c [rows, K]` (zero point `zp`) and the input scale `s`."""
         dynamic = not isinstance(s, float)
         if self._use_onednn() and not self.group_size and not dynamic:
             (packed,) = self._pack()
@@ -138,12 +149,14 @@ class IntLinear(nn.Module):
                 y.mul_(s)
             if self.relu:
                 y.relu_()
-        y = y.reshape(*lead, self.out_features)
-        if self._out.quantize:
-            kind = get_kind(self._out.kind)
-            scale = kind.dynamic_scale(y, self._out, row_dims("linear", y)) if self._out.dynamic else self.out_alpha
-            y = kind.quantize(y, self._out, self.out_delta, scale)
         return y
+
+    def _quant_out(self, y: torch.Tensor, op: str) -> torch.Tensor:
+        if not self._out.quantize:
+            return y
+        kind = get_kind(self._out.kind)
+        scale = kind.dynamic_scale(y, self._out, row_dims(op, y)) if self._out.dynamic else self.out_alpha
+        return kind.quantize(y, self._out, self.out_delta, scale)
 
     def _accumulate(self, c: torch.Tensor, zp: int) -> torch.Tensor:
         """Σ_g ((c - zp)_g @ W_g^T) · s_W[g] in float32, one exact integer product per group of input
