@@ -185,7 +185,7 @@ def apply(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from ternqc.runtime.engine.packed import export_checkpoint
 
-    report, sizes = export_checkpoint(args.ckpt, args.output)
+    report, sizes = export_checkpoint(args.ckpt, args.output, args.ternary_packing)
     print(f"packed {len(report.engine)} layers for the integer engine"
           + "".join(f"\n  {path}: kept simulated ({why})" for path, why in report.simulated.items()))
     print(f"wrote {args.output}: {sizes[1] / 2**20:.3f} MiB (the ternary checkpoint's state: {sizes[0] / 2**20:.3f} MiB)")

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("packed",), default="packed",
                    help="packed: codes at their width (ternary 2 bits), scales and config as metadata")
     p.add_argument("-o", "--output", default="model.safetensors", help="file to write (default model.safetensors)")
+    p.add_argument("--ternary-packing", choices=("2bit", "base3"), default="2bit",
+                   help="ternary codes 4 a byte (2bit, default) or 5 a byte (base3, 1.6 bits a code)")
 
     p = sub.add_parser("map", help="MASE statistics file + rules -> MASE quantize config (stat-to-conf.py)")
     p.add_argument("stats", help="statistics TOML in MASE's node-meta layout")

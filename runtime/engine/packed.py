@@ -7,7 +7,8 @@ for bit. Layout (docs/PACKED.md):
 - every entry of the engine model's `state_dict`, under its own name, except each `IntLinear`'s `wcodes`
   (int8 codes [in, out]), stored instead as `<module>.wcodes.packed`: uint8, the codes as unsigned fields
   `(c - low) // step` of `bits` bits, little-endian within each byte (ternary: 2 bits, 4 per byte;
-  binary: 1 bit; integer: its width), row-major over [in, out];
+  binary: 1 bit; integer: its width), row-major; or, for ternary with `ternary_packing="base3"`, five codes
+  a byte as `Σ (c_i + 1)·3^i`;
 - metadata (strings): `format` = `ternqc-packed`, `version` = `1`, `model_spec`, `configs` (JSON:
   `{module path: ModuleQuant.to_dict()}`, what `convert_` takes), `packed` (JSON: `{tensor name: {shape,
   kind, width, low, step, bits}}`), and any `extra` values given to `save_packed` (JSON).
@@ -55,6 +56,27 @@ def unpack_codes(data: np.ndarray, shape: tuple[int, ...], low: int, step: int, 
     return (u * step + low).astype(dtype).reshape(shape)
 
 
+#: Powers of 3 of the five ternary digits in one base-3 byte (3^5 = 243 <= 256).
+_TRITS = np.array([1, 3, 9, 27, 81], dtype=np.int32)
+
+
+def pack_base3(codes: np.ndarray) -> np.ndarray:
+    """Ternary codes (-1, 0, +1) -> uint8 bytes of five codes each, `Σ_i (c_i + 1) · 3^i` (1.6 bits a code);
+    the last byte is padded with codes 0."""
+    u = codes.astype(np.int32).ravel() + 1
+    if u.size and (u.min() < 0 or u.max() > 2):
+        raise ValueError("base-3 packing takes codes -1, 0, +1")
+    padded = np.concatenate([u, np.ones((-u.size) % 5, dtype=np.int32)])
+    return (padded.reshape(-1, 5) @ _TRITS).astype(np.uint8)
+
+
+def unpack_base3(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `pack_base3`: int8 codes of `shape`."""
+    n = int(np.prod(shape))
+    digits = (data.astype(np.int32)[:, None] // _TRITS) % 3
+    return (digits.ravel()[:n] - 1).astype(np.int8).reshape(shape)
+
+
 def save_packed(
     path: str | os.PathLike,
     model: nn.Module,
@@ -62,6 +84,7 @@ def save_packed(
     *,
     model_spec: str,
     extra: dict[str, Any] | None = None,
+    ternary_packing: str = "2bit",
 ) -> None:
     """Write engine model `model` to `path` (atomically), its int8 codes packed at their width.
 
@@ -71,6 +94,7 @@ def save_packed(
         configs: the configs `model` was converted with (default: each converted module's own).
         model_spec: what `build_model` needs to rebuild the float model.
         extra: more JSON-able values to store in the metadata.
+        ternary_packing: `2bit` (4 codes a byte) or `base3` (5 codes a byte, 1.6 bits a code).
 
     Raises:
         UserError: the file cannot be written, or an `extra` key is reserved.
@@ -87,10 +111,11 @@ def save_packed(
         if leaf == "wcodes" and owner in engine:
             tw = model.get_submodule(owner).config.tensor("weight")
             low, step, bits = get_kind(tw.kind).pack_layout(tw.width)
-            data = pack_codes(t.numpy(), low, step, bits)
+            base3 = tw.kind == "ternary" and ternary_packing == "base3"
+            data = pack_base3(t.numpy()) if base3 else pack_codes(t.numpy(), low, step, bits)
             tensors[name + ".packed"] = torch.from_numpy(data)
             packed[name] = {"shape": list(t.shape), "kind": tw.kind, "width": tw.width, "low": low,
-                            "step": step, "bits": bits}
+                            "step": step, "bits": bits, "scheme": "base3" if base3 else "bits"}
         else:
             tensors[name] = t.detach().contiguous().clone()
     meta = {
@@ -135,7 +160,10 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torc
     try:
         for name, info in json.loads(meta["packed"]).items():
             data = tensors.pop(name + ".packed").numpy()
-            codes = unpack_codes(data, tuple(info["shape"]), info["low"], info["step"], info["bits"])
+            if info.get("scheme", "bits") == "base3":
+                codes = unpack_base3(data, tuple(info["shape"]))
+            else:
+                codes = unpack_codes(data, tuple(info["shape"]), info["low"], info["step"], info["bits"])
             tensors[name] = torch.from_numpy(codes)
     except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"packed model {target!r} is malformed: {exc!r}") from exc
@@ -183,7 +211,7 @@ def load_packed(
 
 
 
-def export_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike):
+def export_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike, ternary_packing: str = "2bit"):
     """`ternqc export`: a ternary checkpoint (`ternqc apply`'s `ternary.ckpt`) -> a packed engine model.
 
     Returns:
@@ -198,7 +226,16 @@ def export_checkpoint(ckpt: str | os.PathLike, output: str | os.PathLike):
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     report = to_engine_(model)
     extra = {k: v for k, v in meta.items() if k in ("float_accuracy", "ternary_accuracy")}
-    save_packed(output, model, configs, model_spec=meta["model_spec"], extra=extra)
+    save_packed(output, model, configs, model_spec=meta["model_spec"], extra=extra, ternary_packing=ternary_packing)
     return report, (state_bytes, os.path.getsize(output))
 
-__all__ = ["export_checkpoint", "load_packed", "pack_codes", "read_packed", "save_packed", "unpack_codes"]
+__all__ = [
+    "export_checkpoint",
+    "load_packed",
+    "pack_base3",
+    "pack_codes",
+    "read_packed",
+    "save_packed",
+    "unpack_base3",
+    "unpack_codes",
+]

@@ -13,7 +13,14 @@ from torch import nn
 
 from ternqc.runtime.engine import IntLinear, to_engine_
 from ternqc.runtime.engine.intmm import onednn_available
-from ternqc.runtime.engine.packed import load_packed, pack_codes, save_packed, unpack_codes
+from ternqc.runtime.engine.packed import (
+    load_packed,
+    pack_base3,
+    pack_codes,
+    save_packed,
+    unpack_base3,
+    unpack_codes,
+)
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.convert import convert_
 from ternqc.runtime.quantize.kinds import KINDS
@@ -235,7 +242,7 @@ def test_packed_file_is_plain_safetensors_with_codes_at_their_width(tmp_path):
     assert set(json.loads(meta["configs"])) == set(cfg)
     layout = json.loads(meta["packed"])
     assert layout["0.wcodes"] == {"shape": [64, 64], "kind": "ternary", "width": 2, "low": -1, "step": 1,
-                                  "bits": 2}
+                                  "bits": 2, "scheme": "bits"}
     assert layout["4.wcodes"]["bits"] == 1 and layout["2.wcodes"]["bits"] == 4
     assert "0.wcodes" not in names and packed0.dtype == torch.uint8 and packed0.numel() == 64 * 64 // 4
 
@@ -270,3 +277,33 @@ def test_packed_reload_of_a_conv_net_is_bit_identical(tmp_path):
     with torch.no_grad():
         got = load_packed(tmp_path / "c.safetensors", build())(x)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 1000, 1003])
+def test_base3_packing_round_trip_and_size(n):
+    codes = np.random.default_rng(n).integers(-1, 2, size=n)
+    data = pack_base3(codes)
+    assert data.dtype == np.uint8 and data.size == -(-n // 5)
+    # byte i holds codes 5i..5i+4 as base-3 digits of (c + 1), the first the least significant
+    first = list(codes[:5] + 1) + [1] * (5 - min(n, 5))  # padded with codes 0
+    assert int(data[0]) == sum(int(d) * 3**i for i, d in enumerate(first))
+    np.testing.assert_array_equal(unpack_base3(data, (n,)), codes)
+
+
+def test_base3_packed_reload_is_bit_identical_and_smaller(tmp_path):
+    model, cfg = mixed_model()
+    convert_(model, cfg)
+    to_engine_(model)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        want = model(x)
+    sizes = {}
+    for packing in ("2bit", "base3"):
+        path = tmp_path / f"{packing}.safetensors"
+        save_packed(path, model, cfg, model_spec="mixed", ternary_packing=packing)
+        sizes[packing] = path.stat().st_size
+        fresh, _ = mixed_model()
+        with torch.no_grad():
+            assert torch.equal(load_packed(path, fresh)(x), want)
+    # layer 0's 64 x 64 ternary codes: 1024 bytes at 2 bits, 820 in base 3
+    assert sizes["2bit"] - sizes["base3"] >= 1024 - 820 - 64  # less a few bytes of header
