@@ -725,7 +725,7 @@ def assert_variables(tensors: tuple[str, ...] | None) -> dict[str, str]:
     """The names `assert SELECTOR:` may read, with their kinds: parameters and measured values of the
     tensors the selected modules have (all of them when the compiler cannot tell)."""
     tensors = tensors or plan.PARAM_TENSORS
-    kinds = {"int": "number", "number": "number", "bool": "bool"}
+    kinds = {"int": "number", "number": "number", "bool": "bool", "quantiser": "string"}
     out = {"name": "string"}
     for t in tensors:
         for suffix, kind in plan.PARAM_SUFFIXES.items():
