@@ -32,7 +32,10 @@ def format_value(v: Any, limit: int = 6) -> str:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else str(v)
     if isinstance(v, list):
-        flat = np.asarray(v, dtype=np.float64).ravel().tolist() if not _has_non_numbers(v) else None
+        try:
+            flat = np.asarray(v, dtype=np.float64).ravel().tolist() if not _has_non_numbers(v) else None
+        except ValueError:  # a ragged array: shown as written
+            flat = None
         if flat is not None and len(flat) > limit:
             head = ", ".join(format_value(x) for x in flat[:3])
             return f"[{head}, ...] ({len(flat)} values, min {format_value(min(flat))}, max {format_value(max(flat))})"

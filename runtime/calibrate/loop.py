@@ -56,7 +56,7 @@ def calibration_batches(dataset, samples: int, batch_size: int, seed: int) -> li
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     wanted = math.ceil(samples / batch_size)
     batches: list[Batch] = []
-    for batch in loader:
+    for batch in _read_batches(loader, dataset, batch_size):
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             msg = (
                 f"the calibration dataset ({type(dataset).__name__}) must yield (input, label) pairs; "
@@ -69,6 +69,29 @@ def calibration_batches(dataset, samples: int, batch_size: int, seed: int) -> li
         if len(batches) == wanted:
             break
     return batches
+
+
+def _read_batches(loader: DataLoader, dataset: Any, batch_size: int):
+    """The loader's batches; an exception while reading one (an item that raises, items of different
+    shapes, a `__len__` larger than the data) becomes a `UserError` naming the dataset and the batch."""
+    iterator = iter(loader)
+    number = 0
+    while True:
+        number += 1
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:500] or "(no message)"
+            msg = (
+                f"reading calibration batch {number} ({batch_size} samples) from the dataset "
+                f"({type(dataset).__name__}, {len(dataset)} items) failed: {type(exc).__name__}: {detail}"
+            )
+            raise UserError(msg) from exc
+        yield batch
 
 
 def calibrate(

@@ -3,7 +3,9 @@
 In: a model and `{module_path: ModuleQuant}` (dotted paths such as `seq_blocks.0`). Out: the same model
 with each configured module replaced, through its parent, by its ternary counterpart
 (`modules.TERNARY_MODULES`); and `ternary.ckpt`, a file holding the model spec, the configs and the
-converted model's `state_dict`, which `load_ternary_checkpoint` rebuilds without calibrating again.
+converted model's `state_dict`, which `load_ternary_checkpoint` rebuilds without calibrating again: into a
+model the caller supplies (the spec stored in the file is never imported or run; only a built-in one is
+built unasked).
 
 Checkpoint layout (loadable with `torch.load(..., weights_only=True)`: only tensors and plain values):
 `{"format": "ternqc-ternary", "version": 1, "model_spec": str, "configs": {path: ModuleQuant.to_dict()},
@@ -21,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ternqc.inputs import check_regular
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.io.atomic import atomic_path
+from ternqc.runtime.io.atomic import save_torch
 from ternqc.runtime.io.checkpoints import non_plain_entry
 from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant
@@ -120,49 +123,53 @@ def save_ternary_checkpoint(
         "state_dict": model.state_dict(),
         **extra,
     }
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(payload, tmp)
-        except OSError as exc:
-            msg = f"cannot write {os.fspath(path)!r}: {exc}"
-            raise UserError(msg) from exc
+    save_torch(path, payload, "ternary checkpoint")
 
 
 def load_ternary_checkpoint(
-    path: str | os.PathLike, build_model: Callable[[str], nn.Module] | None = None
+    path: str | os.PathLike, model: nn.Module | Callable[[str], nn.Module] | str | None = None
 ) -> tuple[nn.Module, dict[str, ModuleQuant], dict[str, Any]]:
     """Rebuild a converted model from a ternary checkpoint, without calibrating.
 
-    Builds the float model with `build_model(model_spec)`, converts it with the stored configs, loads the
-    stored state strictly and puts the model in eval mode.
+    A checkpoint is untrusted input: it is read with `torch.load(weights_only=True)`, and the model spec
+    stored in it (`net.py:make`, `pkg.mod:make`) is never imported or run. The caller says where the float
+    model comes from; the stored configs convert it and the stored state is loaded strictly (eval mode).
 
     Args:
         path: a file written by `save_ternary_checkpoint`.
-        build_model: `model_spec -> nn.Module`; defaults to `ternqc.runtime.models.build_model`.
+        model: the float model, supplied by the caller:
+            - an `nn.Module`: converted in place and returned;
+            - a callable: called with the stored spec (for information) and returning the float model;
+            - a spec string (`"toy"`, `"net.py:make"`): it must equal the stored spec, then it is built
+              (`ternqc.runtime.models.build_model`), as the caller asked;
+            - `None`: the stored spec must be a built-in model (`toy`); anything else is refused.
 
     Returns:
         `(model, configs, meta)`: meta holds every top-level entry but `configs` and `state_dict`
         (`format`, `version`, `model_spec` and the saved `extra` values).
 
     Raises:
-        UserError: a missing or unreadable file, another format or version, malformed configs, or a state
-            that does not fit the rebuilt model.
+        UserError: a missing, unreadable or non-regular file, another format or version, malformed configs,
+            a stored spec that is not built in (with `model=None`) or differs from the given one, or a state
+            that does not fit the model.
     """
     target = os.fspath(path)
     try:
+        check_regular(target, "ternary checkpoint")
         payload = torch.load(target, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         msg = f"ternary checkpoint {target!r} does not exist"
         raise UserError(msg) from exc
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        msg = f"cannot read ternary checkpoint {target!r}: {exc}"
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split()[:40])
+        msg = f"cannot read ternary checkpoint {target!r}: {detail}"
         raise UserError(msg) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         msg = f"{target!r} is not a ternqc ternary checkpoint (no format = {CHECKPOINT_FORMAT!r})"
         raise UserError(msg)
     if payload.get("version") != CHECKPOINT_VERSION:
         msg = (
-            f"ternary checkpoint {target!r} has version {payload.get('version')!r}; this ternqc reads "
+            f"ternary checkpoint {target!r} has version {_short(payload.get('version'))}; this ternqc reads "
             f"version {CHECKPOINT_VERSION}"
         )
         raise UserError(msg)
@@ -170,18 +177,53 @@ def load_ternary_checkpoint(
         spec = payload["model_spec"]
         state = payload["state_dict"]
         configs = {str(p): ModuleQuant.from_dict(d) for p, d in payload["configs"].items()}
+        if not isinstance(spec, str):
+            raise TypeError(f"model_spec is a {type(spec).__name__}, not a string")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        msg = f"ternary checkpoint {target!r} is malformed: {exc!r}"
+        msg = f"ternary checkpoint {target!r} is malformed: {_short(exc)}"
         raise UserError(msg) from exc
-    if build_model is None:
-        from ternqc.runtime.models.builtin import build_model
-    model = build_model(spec)
+    float_model = _float_model(target, spec, model)
     try:
-        convert_(model, configs)
-        model.load_state_dict(state, strict=True)
+        convert_(float_model, configs)
+        float_model.load_state_dict(state, strict=True)
     except (UserError, RuntimeError) as exc:
-        msg = f"ternary checkpoint {target!r} does not fit model {spec!r}: {exc}"
+        msg = f"ternary checkpoint {target!r} does not fit model {_short(spec)}: {exc}"
         raise UserError(msg) from exc
-    model.eval()
+    float_model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("configs", "state_dict")}
-    return model, configs, meta
+    return float_model, configs, meta
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value) if not isinstance(value, BaseException) else f"{type(value).__name__}: {value}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _float_model(target: str, spec: str, model: nn.Module | Callable[[str], nn.Module] | str | None) -> nn.Module:
+    """The float model to convert, from what the caller supplied; never from code the checkpoint names."""
+    from ternqc.runtime.models.builtin import BUILTIN_MODELS, build_model
+
+    if isinstance(model, nn.Module):
+        return model
+    if model is None:
+        if spec not in BUILTIN_MODELS:
+            msg = (
+                f"ternary checkpoint {target!r} was made from model {_short(spec)}, which is not a built-in "
+                f"model; ternqc never imports or runs code named inside a checkpoint. Pass the model yourself: "
+                f"load_ternary_checkpoint(path, model=MyNet()) or model={_short(spec)} if you trust that code"
+            )
+            raise UserError(msg)
+        return build_model(spec)
+    if isinstance(model, str):
+        if model != spec:
+            msg = (
+                f"ternary checkpoint {target!r} was made from model {_short(spec)}, not {model!r}; ternqc builds "
+                "only the model the caller names, and only when the checkpoint names the same one"
+            )
+            raise UserError(msg)
+        return build_model(model)
+    built = model(spec)
+    if not isinstance(built, nn.Module):
+        msg = f"the model factory given for {target!r} returned a {type(built).__name__}, not an nn.Module"
+        raise UserError(msg)
+    return built

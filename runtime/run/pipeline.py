@@ -13,10 +13,8 @@ second pass over the same calibration batches once Δ is known (the plan lists i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +30,10 @@ from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.io.atomic import atomic_path, atomic_write_text
-from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.io.atomic import atomic_write_text
+from ternqc.runtime.io.checkpoints import check_finite_parameters, load_checkpoint_
 from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
+from ternqc.runtime.io.outputs import APPLY_OUTPUTS, write_output_set
 from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import accuracy
@@ -84,10 +83,11 @@ class ApplyResult:
 
 
 def load_model(settings: RunSettings) -> nn.Module:
-    """Build the float model and load its checkpoint, if any."""
+    """Build the float model and load its checkpoint, if any; refuse NaN or infinite weights."""
     model = build_model(settings.model)
     if settings.ckpt:
         load_checkpoint_(model, settings.ckpt)
+    check_finite_parameters(model, f"the model {settings.model!r}")
     return model.eval()
 
 
@@ -330,29 +330,24 @@ def build_report(
 
 def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings) -> list[str]:
     """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`, all or
-    nothing; return the paths written.
+    nothing (`outputs.write_output_set`: a fresh folder beside it, swapped in with one rename, even under
+    SIGINT, SIGTERM or SIGKILL); return the paths written.
 
     Raises:
-        UserError: one of the files cannot be written (named); then none of the four was replaced.
+        UserError: one of the files cannot be written (named), or `out_dir` is not a folder ternqc may
+            replace; then the previous outputs are as they were.
     """
-    names = ("stats.toml", "quant_config.toml", "ternary.ckpt", "report.json")
-    paths = {name: os.path.join(out_dir, name) for name in names}
-    # All or nothing: each file is first written to a temporary file next to its target; the targets are
-    # replaced only once all four are written. A failure on any of them (a folder in the way, disk full)
-    # removes the temporary files and leaves every previous output as it was.
-    with contextlib.ExitStack() as stack:
-        tmp = {name: stack.enter_context(atomic_path(path)) for name, path in paths.items()}
-        write_stats_toml(tmp["stats.toml"], result.profile.table)
-        write_quant_config_toml(tmp["quant_config.toml"], result.mapping)
-        save_ternary_checkpoint(
-            tmp["ternary.ckpt"],
-            result.model,
-            result.configs,
-            model_spec=settings.model,
-            extra={"float_accuracy": result.float_accuracy, "ternary_accuracy": result.ternary_accuracy},
-        )
-        atomic_write_text(tmp["report.json"], json.dumps(_finite(result.report), indent=2) + "\n")
-    return list(paths.values())
+    extra = {"float_accuracy": result.float_accuracy, "ternary_accuracy": result.ternary_accuracy}
+    report = json.dumps(_finite(result.report), indent=2) + "\n"
+    writers = (
+        ("stats.toml", lambda p: write_stats_toml(p, result.profile.table)),
+        ("quant_config.toml", lambda p: write_quant_config_toml(p, result.mapping)),
+        ("ternary.ckpt", lambda p: save_ternary_checkpoint(
+            p, result.model, result.configs, model_spec=settings.model, extra=extra)),
+        ("report.json", lambda p: atomic_write_text(p, report)),
+    )
+    assert tuple(name for name, _ in writers) == APPLY_OUTPUTS
+    return write_output_set(out_dir, writers)
 
 
 def _finite(value: Any) -> Any:

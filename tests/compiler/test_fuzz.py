@@ -181,6 +181,8 @@ def statement(draw: st.DrawFn) -> str:
                 "quantiser": ['"ternary"', '"integer"', '"binary"', "na"], "group_size": ["4", "64"],
                 "per_channel": ["true", "false"], "dynamic": ["true", "false"]}
     value = st.sampled_from(literals[suffix]) if suffix in literals else st.one_of(st.just("na"), number_expr(tensors))
+    if suffix in ("threshold", "scale"):  # a negative constant threshold or scale is a compile error
+        value = value.filter(lambda v: not re.fullmatch(r"-(--)*[0-9.e-]+", v))
     return f"{sel}.{tensor}_{suffix} = {draw(value)}"
 
 
