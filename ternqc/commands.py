@@ -120,6 +120,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         quantile_budget_mib=args.quantile_budget_mib,
         progress=not args.no_progress,
+        metric=getattr(args, "metric", None),
     )
 
 
@@ -186,7 +187,7 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
-    from ternqc.render import format_layer_table, render_explain
+    from ternqc.render import format_layer_table, format_metrics, render_explain
     from ternqc.runtime.run import pipeline, workers
 
     plan, source = load_plan(args.rules, args.plan, args.sets)
@@ -199,10 +200,7 @@ def apply(args: argparse.Namespace) -> int:
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))
-    print(
-        f"\nvalidation accuracy: float {result.float_accuracy:.4f}  ternary {result.ternary_accuracy:.4f}"
-        f"  ({settings.dataset}, rules {source})"
-    )
+    print(f"\n{format_metrics(result.report)}  ({settings.dataset}, rules {source})")
     if args.engine == "int":
         from ternqc.runtime.engine.evaluate import engine_accuracy
 

@@ -78,6 +78,7 @@ QUANTISABLE: dict[str, tuple[str, ...]] = {
     "relu": ("data_in", "data_out"),
     "conv1d": ("data_in", "weight", "bias", "data_out"),
     "conv2d": ("data_in", "weight", "bias", "data_out"),
+    "embedding": ("weight",),
 }
 
 #: Quantiser kinds and the widths each takes (`FLOAT_WIDTH` or `na` always leaves a tensor in float). The

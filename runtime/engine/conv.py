@@ -1,6 +1,6 @@
 """`IntConv`: a converted Conv1d/Conv2d on the integer engine, as an integer matmul over patches.
 
-In: a `TernaryConv1d` / `TernaryConv2d` (groups = 1, zero padding) whose weight and data_in are quantised to
+In: a converted `nn.Conv1d` / `nn.Conv2d` (groups = 1, zero padding) whose weight and data_in are quantised to
 at most 8 bits. Out: a module that quantises its input to uint8 codes (per tensor, or per sample when
 dynamic: a conv's row is its whole sample), pads them with the zero point (the code of 0, as the simulated
 conv pads its quantised input with zeros), unfolds the patches (im2col) and runs `IntLinear`'s integer
@@ -22,13 +22,13 @@ class IntConv(IntLinear):
     @classmethod
     def from_module(cls, m) -> IntConv:
         self = super().from_module(m)
-        self.spatial_dims = m.spatial_dims
-        self.op = m.op
+        self.op = m.ternary_config.op
+        self.spatial_dims = 1 if self.op == "conv1d" else 2
         if isinstance(m.padding, str):  # "same" / "valid"
-            raise ValueError(f"{m.node}: padding={m.padding!r} has no integer kernel")
+            raise ValueError(f"{self.node}: padding={m.padding!r} has no integer kernel")
 
         def pair(v: tuple, one: int) -> tuple[int, int]:  # a Conv1d as a Conv2d of height 1
-            return (one, v[0]) if m.spatial_dims == 1 else tuple(v)
+            return (one, v[0]) if self.spatial_dims == 1 else tuple(v)
 
         self.kernel_size, self.stride = pair(m.kernel_size, 1), pair(m.stride, 1)
         self.padding, self.dilation = pair(m.padding, 0), pair(m.dilation, 1)

@@ -1,7 +1,7 @@
 """Put a converted model on the integer engine: `to_engine_(model)`.
 
-In: a model converted by `quantize.convert.convert_` (simulated ternary/binary/integer modules). Out: the
-same model with every eligible `TernaryLinear` / `TernaryConv1d` / `TernaryConv2d` replaced, through its
+In: a model converted by `quantize.convert.convert_` (modules quantised in place by their kinds). Out: the
+same model with every eligible converted `nn.Linear` / `nn.Conv1d` / `nn.Conv2d` replaced, through its
 parent, by an `IntLinear` / `IntConv` (`linear.ineligible` says why a module stays simulated: a float weight
 or input, more than 8 bits, a per-channel input scale, a grouped conv), and, inside each `nn.Sequential`, these fusions:
 
@@ -19,8 +19,8 @@ from attrs import frozen
 from torch import nn
 
 from ternqc.runtime.engine.conv import IntConv
-from ternqc.runtime.engine.linear import IntLinear, ineligible
-from ternqc.runtime.quantize.modules import TernaryLinear, TernaryModule, TernaryReLU
+from ternqc.runtime.engine.linear import IntLinear, engine_op, ineligible
+from ternqc.runtime.quantize.modules import is_converted
 
 
 @frozen
@@ -41,13 +41,13 @@ def to_engine_(model: nn.Module, *, fuse: bool = True) -> EngineReport:
     """
     engine, simulated = [], {}
     for path, module in list(model.named_modules()):
-        if not isinstance(module, TernaryModule) or isinstance(module, TernaryReLU):
+        if not is_converted(module) or module.ternary_config.op in ("relu", "embedding"):
             continue
         reason = ineligible(module)
         if reason is not None:
             simulated[path] = reason
             continue
-        cls = IntLinear if isinstance(module, TernaryLinear) else IntConv
+        cls = IntLinear if engine_op(module) == "linear" else IntConv
         _swap(model, path, cls.from_module(module))
         engine.append(path)
     fused = _fuse(model) if fuse else []
@@ -62,9 +62,11 @@ def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _plain_relu(m: nn.Module) -> bool:
-    if isinstance(m, TernaryReLU):
-        return not any(tq.quantize for tq in m.config.tensors.values())
-    return type(m) is nn.ReLU
+    if type(m) is not nn.ReLU:
+        return False
+    if is_converted(m):  # converted in place: a plain ReLU only when it quantises nothing
+        return not any(tq.quantize for tq in m.ternary_config.tensors.values())
+    return not m._forward_pre_hooks and not m._forward_hooks
 
 
 def _fuse(model: nn.Module) -> list[str]:

@@ -1,6 +1,6 @@
 """`IntLinear`: a converted Linear whose matmul runs in integers.
 
-In: a `TernaryLinear` (the simulated module) whose weight and data_in are quantised to at most 8 bits
+In: a converted Linear (quantised in place, `quantize.modules`; its state read through that module's helpers) whose weight and data_in are quantised to at most 8 bits
 (ternary, binary or integer), with a per-tensor or dynamic per-row input scale. Out: a module computing
 
     y = (c_x @ c_W^T) · (s_x · s_W) + b
@@ -25,26 +25,47 @@ from ternqc.runtime.engine.inputs import MAX_ENGINE_WIDTH, InputQuant, input_ine
 from ternqc.runtime.engine.intmm import int_matmul, onednn_available, prepack, qlinear_onednn
 from ternqc.runtime.quantize.kinds import get_kind, row_dims
 from ternqc.runtime.quantize.kinds.registry import scale_for
-from ternqc.runtime.quantize.modules import TernaryConv1d, TernaryConv2d, TernaryLinear
+from ternqc.runtime.quantize.modules import (
+    activation_quantiser,
+    is_converted,
+    latent_param,
+    quantized_param,
+    resolved_quant,
+    ternary_param,
+)
+from ternqc.runtime.quantize.types import param_view
+
+#: op -> the float class whose own forward a module must keep to be replaced by an engine module.
+_FORWARDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d}
+
+
+def engine_op(m: nn.Module) -> str | None:
+    """The op (`linear`, `conv1d`, `conv2d`) of a converted module the engine has a kernel for, else None."""
+    return m.ternary_config.op if is_converted(m) and m.ternary_config.op in _FORWARDS else None
 
 
 def ineligible(m: nn.Module) -> str | None:
     """Why `m` cannot go on the engine (None: it can): an `IntLinear` for a converted Linear, an `IntConv`
     (`conv.py`) for a converted Conv1d/Conv2d with groups = 1 and zero padding."""
-    if not isinstance(m, (TernaryLinear, TernaryConv1d, TernaryConv2d)):
-        return f"{type(m).__name__} has no integer kernel (Linear, Conv1d and Conv2d only)"
-    if not isinstance(m, TernaryLinear) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+    op = engine_op(m)
+    if op is None:
+        return f"{type(m).__name__} has no integer kernel (converted Linear, Conv1d and Conv2d only)"
+    if type(m).forward is not _FORWARDS[op].forward:
+        return f"{type(m).__name__} has its own forward (the engine replaces only the standard one)"
+    if op != "linear" and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
         return "a grouped conv, or one with non-zero or 'same'/'valid' padding, has no integer kernel"
-    rq = m.resolved_quant()
+    rq = resolved_quant(m)
     w = rq.tensor("weight")
-    if not w.quantize or m.qweight is None:
+    p = ternary_param(m, "weight")
+    if not w.quantize or p is None:
         return "the weight is float"
     if w.width > MAX_ENGINE_WIDTH:
         return f"the weight has {w.width} bits (the engine takes up to {MAX_ENGINE_WIDTH})"
-    alpha = m.weight_alpha
-    if alpha is not None and alpha.numel() not in (1, m.weight.shape[0]) and not w.group_size:
+    alpha = p.alpha_of(latent_param(m, "weight"))
+    if alpha is not None and alpha.numel() not in (1, param_view(m, "weight").shape[0]) and not w.group_size:
         return "the weight scale is neither per tensor, per channel nor per group"
-    return input_ineligible(rq.tensor("data_in"), m.data_in_alpha)
+    q = activation_quantiser(m, "data_in")
+    return input_ineligible(rq.tensor("data_in"), None if q is None else q.alpha)
 
 
 class IntLinear(nn.Module):
@@ -52,24 +73,27 @@ class IntLinear(nn.Module):
 
     @classmethod
     def from_module(cls, m: nn.Module) -> IntLinear:
-        """Build from a converted `TernaryLinear` (ValueError when `ineligible(m)`); `IntConv` from a conv."""
+        """Build from a converted Linear (ValueError when `ineligible(m)`); `IntConv` from a conv."""
         reason = ineligible(m)
-        if reason is None and isinstance(m, TernaryLinear) != (cls is IntLinear):
+        if reason is None and (engine_op(m) == "linear") != (cls is IntLinear):
             reason = f"{cls.__name__} cannot be built from a {type(m).__name__}"
+        node = m.ternary_config.node if is_converted(m) else type(m).__name__
         if reason is not None:
-            raise ValueError(f"{m.node}: {reason}")
+            raise ValueError(f"{node}: {reason}")
         self = cls()
-        rq = m.resolved_quant()
-        self.node, self.config = m.node, rq
-        self.out_features = m.weight.shape[0]
-        self.in_features = m.weight[0].numel()  # a conv's row: in_channels · kernel elements
+        rq = resolved_quant(m)
+        self.node, self.config = node, rq
+        param = ternary_param(m, "weight")
+        latent = latent_param(m, "weight")
+        w = (latent.t() if param.transposed else latent).detach()  # the language's layout [out, ...]
+        self.out_features = w.shape[0]
+        self.in_features = w[0].numel()  # a conv's row: in_channels · kernel elements
         tw = rq.tensor("weight")
         with torch.no_grad():
-            w = m.weight.detach()
-            alpha = m.weight_alpha
+            alpha = param.alpha_of(latent)
             full = None if alpha is None else scale_for(alpha, tuple(w.shape), tw)
             self.group_size = tw.group_size if full is not None and full is not alpha else None
-            codes = get_kind(tw.kind).codes(w, tw, m.weight_delta, full)
+            codes = get_kind(tw.kind).codes(w, tw, param.delta, full)
             self.register_buffer("wcodes", codes.to(torch.int8).reshape(self.out_features, -1).contiguous())
             if alpha is None:
                 wscale = torch.ones(self.out_features, dtype=w.dtype)
@@ -78,14 +102,18 @@ class IntLinear(nn.Module):
             else:
                 wscale = alpha.reshape(-1).expand(self.out_features).contiguous()
             self.register_buffer("wscale", wscale.clone())
-            bias = m.qbias if m.qbias is not None else m.bias
+            qb = quantized_param(m, "bias")
+            bias = qb if qb is not None else param_view(m, "bias")  # as the simulated forward uses it
             self.register_buffer("bias", None if bias is None else bias.detach().clone())
             tin = rq.tensor("data_in")
-            self.register_buffer("in_delta", None if m.data_in_delta is None else m.data_in_delta.clone())
-            in_alpha = m.data_in_alpha if tin.scaling else None
+            qin, qout = activation_quantiser(m, "data_in"), activation_quantiser(m, "data_out")
+            self.register_buffer("in_delta", None if qin.delta is None else qin.delta.clone())
+            in_alpha = qin.alpha if tin.scaling else None
             self.register_buffer("in_alpha", None if in_alpha is None else in_alpha.reshape(()).clone())
-            self.register_buffer("out_delta", None if m.data_out_delta is None else m.data_out_delta.clone())
-            self.register_buffer("out_alpha", None if m.data_out_alpha is None else m.data_out_alpha.clone())
+            out_delta = None if qout is None else qout.delta
+            out_alpha = None if qout is None else qout.alpha
+            self.register_buffer("out_delta", None if out_delta is None else out_delta.clone())
+            self.register_buffer("out_alpha", None if out_alpha is None else out_alpha.clone())
         self._in = InputQuant(tin, self.in_delta, self.in_alpha)
         self._out = rq.tensor("data_out")
         self.relu = False

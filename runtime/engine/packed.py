@@ -102,7 +102,11 @@ def save_packed(
     from safetensors.torch import save_file
 
     if configs is None:
-        configs = {p: m.config for p, m in model.named_modules() if isinstance(getattr(m, "config", None), ModuleQuant)}
+        configs = {}
+        for p, m in model.named_modules():  # converted in place (`ternary_config`), or on the engine (`config`)
+            mq = getattr(m, "ternary_config", None) if not isinstance(m, IntLinear) else m.config
+            if isinstance(mq, ModuleQuant):
+                configs[p] = mq
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
     engine = {p for p, m in model.named_modules() if isinstance(m, IntLinear)}

@@ -1,15 +1,20 @@
-"""Conversion: swap float modules for ternary ones, and the ternary checkpoint that reloads them.
+"""Conversion: quantise float modules in place, and the ternary checkpoint that reloads them.
 
 In: a model and `{module_path: ModuleQuant}` (dotted paths such as `seq_blocks.0`). Out: the same model
-with each configured module replaced, through its parent, by its ternary counterpart
+with each configured module quantised in place by its kind
 (`modules.TERNARY_MODULES`); and `ternary.ckpt`, a file holding the model spec, the configs and the
 converted model's `state_dict`, which `load_ternary_checkpoint` rebuilds without calibrating again: into a
 model the caller supplies (the spec stored in the file is never imported or run; only a built-in one is
 built unasked).
 
 Checkpoint layout (loadable with `torch.load(..., weights_only=True)`: only tensors and plain values):
-`{"format": "ternqc-ternary", "version": 1, "model_spec": str, "configs": {path: ModuleQuant.to_dict()},
-"state_dict": model.state_dict(), **extra}`.
+`{"format": "ternqc-ternary", "version": 2, "model_spec": str, "configs": {path: ModuleQuant.to_dict()},
+"state_dict": model.state_dict(), **extra}`. The configs are the ones the model was converted with (a tensor
+whose quantisation could not take effect is float there). In the state_dict a quantised weight is stored as
+its latent float value, `<path>.parametrizations.weight.original`, with Δ and α beside it
+(`<path>.parametrizations.weight.0.delta`, `.alpha`), an input quantiser as `<path>.ternary_input.delta` /
+`.alpha`; tied parameters (GPT-2's `lm_head.weight` is `wte.weight`) are saved once and stay tied.
+Version 1 (ternqc's earlier swapped-in modules, `qweight` buffers) is refused with a message.
 """
 
 from __future__ import annotations
@@ -27,20 +32,22 @@ from ternqc.inputs import check_regular
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.atomic import save_torch
 from ternqc.runtime.io.checkpoints import non_plain_entry
-from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
+from ternqc.runtime.quantize.modules import TERNARY_MODULES
 from ternqc.runtime.quantize.quantizers import ModuleQuant
 
 CHECKPOINT_FORMAT = "ternqc-ternary"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: modules quantised in place (parametrize); 1: swapped-in modules
 _RESERVED = ("format", "version", "model_spec", "configs", "state_dict")
 
 
 def convert_(model: nn.Module, configs: dict[str, ModuleQuant]) -> nn.Module:
-    """Replace, in place, each module named in `configs` by its ternary counterpart.
+    """Quantise, in place, each module named in `configs` (see `modules.py`: the module keeps its class and
+    forward; its weight and bias become parametrized, its input quantised by a pre-hook).
 
     Each path is a dotted module path (`seq_blocks.0`, `encoder.layers.1.fc`; children of Sequential,
-    ModuleList and ModuleDict by their name). Modules whose config quantises nothing are left as they are.
-    Every replacement is built before any is swapped in, so a failure leaves the model unchanged.
+    ModuleList and ModuleDict by their name; `""` is the model itself). Modules whose config quantises
+    nothing are left as they are. Every module is checked and its quantisers built before any is converted,
+    so a failure leaves the model unchanged.
 
     Args:
         model: the float model.
@@ -50,37 +57,27 @@ def convert_(model: nn.Module, configs: dict[str, ModuleQuant]) -> nn.Module:
         `model`, converted.
 
     Raises:
-        UserError: an empty or unknown path (with the closest module names), a module type that has no
-            ternary counterpart or does not match its config's op, an already converted module, or an
-            invalid config (see the `from_float` methods).
+        UserError: an unknown path (with the closest module names), a module whose type does not match its
+            config's op, an already converted module, or an invalid config (see `TernaryModule.prepare`).
     """
     modules = dict(model.named_modules())
-    new: dict[str, nn.Module] = {}
+    steps = []
     for path, mq in configs.items():
         if not mq.quantises_anything:
             continue
-        if path == "":
-            msg = f"{mq.node}: cannot convert the model's root module in place; wrap it in an nn.Sequential"
-            raise UserError(msg)
         module = modules.get(path)
         if module is None:
             close = difflib.get_close_matches(path, [n for n in modules if n], n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             msg = f"{mq.node}: the model has no module {path!r}{hint}"
             raise UserError(msg)
-        if isinstance(module, TernaryModule):
-            msg = f"{mq.node}: module {path!r} is already a {type(module).__name__}"
-            raise UserError(msg)
         cls = TERNARY_MODULES.get(mq.op)
         if cls is None:
-            supported = sorted(k for k in TERNARY_MODULES if isinstance(k, str))
-            msg = f"{mq.node}: op {mq.op!r} has no ternary module (supported: {supported})"
+            msg = f"{mq.node}: op {mq.op!r} has no ternary module (supported: {sorted(TERNARY_MODULES)})"
             raise UserError(msg)
-        new[path] = cls.from_float(module, mq)
-    for path, replacement in new.items():
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, replacement)
+        steps.append(cls.prepare(module, mq))
+    for step in steps:
+        step()
     return model
 
 

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.run.collectives import TIMEOUT, broadcast_model_, shutdown
 
+_SPAWNED = "TERNQC_SPAWNED_WORKER"  # set in the processes `run_workers` starts
+
 # ---------------------------------------------------------------------------------------------------------
 # --workers N: local processes on 127.0.0.1
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +182,7 @@ def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callab
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores Ctrl-C; a worker stops on it
     torch.set_num_threads(threads)
     os.environ.update(
+        {_SPAWNED: "1"},
         RANK=str(index),
         WORLD_SIZE=str(n),
         LOCAL_RANK=str(index),
@@ -252,4 +255,30 @@ def apply_worker(plan_dict: dict, settings, rules: str) -> Any:
 
     plan, model = _prepared(plan_dict, settings)
     result = pipeline.apply(model, plan, settings, rules=rules)
-    return attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
+    result = attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
+    if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state
+        result = attrs.evolve(result, model=_Rebuild(settings.model, result.configs, result.model.state_dict()))
+    return result
+
+
+class _Rebuild:
+    """A converted model on its way to the parent process: unpickles as the model itself, rebuilt from its
+    spec, configs and state (torch pickles parametrized modules only through their state_dict)."""
+
+    def __init__(self, spec: str, configs: dict, state: dict) -> None:
+        self.args = (spec, {p: mq.to_dict() for p, mq in configs.items()}, state)
+
+    def __reduce__(self):
+        return rebuild_converted, self.args
+
+
+def rebuild_converted(spec: str, configs: dict, state: dict):
+    """The float model `spec` converted with `configs` and loaded with `state` (in eval mode)."""
+    from ternqc.runtime.models.builtin import build_model
+    from ternqc.runtime.quantize.convert import convert_
+    from ternqc.runtime.quantize.quantizers import ModuleQuant
+
+    model = build_model(spec)
+    convert_(model, {p: ModuleQuant.from_dict(d) for p, d in configs.items()})
+    model.load_state_dict(state)
+    return model.eval()

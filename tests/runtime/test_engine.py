@@ -24,6 +24,7 @@ from ternqc.runtime.engine.packed import (
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.convert import convert_
 from ternqc.runtime.quantize.kinds import KINDS
+from ternqc.runtime.quantize.modules import latent_param
 from ternqc.runtime.quantize.quantizers import module_quant_from_params
 
 WEIGHTS = {
@@ -85,6 +86,32 @@ def test_engine_equals_the_simulated_linear(weight, data_in, kernel):
     with torch.no_grad():
         want, got = sim(x), eng(x)
     assert got.shape == want.shape
+    assert rel_err(want, got) <= 1e-5
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_engine_reads_the_converted_state_and_leaves_own_forwards_simulated():
+    # converted in place: the engine takes the latent weight as it is now (updated after conversion), and a
+    # Linear subclass with its own forward keeps it (simulated, named)
+    torch.manual_seed(7)
+    sim = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), _OwnForward(16, 8))
+    cfg = {**WEIGHTS["int8/channel"], **INPUTS["int8/dynamic"]}
+    params = {"name": "ternary", "weight_scaling_factor": True, "data_in_scaling_factor": True, **cfg}
+    convert_(sim, {p: module_quant_from_params("linear", p, params, rules="t.tq") for p in ("0", "2")})
+    with torch.no_grad():
+        latent_param(sim[0], "weight").mul_(1.5)
+    sim.eval()
+    eng = copy.deepcopy(sim)
+    report = to_engine_(eng)
+    assert report.engine == ("0",) and "own forward" in report.simulated["2"]
+    assert isinstance(eng[0], IntLinear) and type(eng[2]) is type(sim[2])
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        want, got = sim(x), eng(x)
     assert rel_err(want, got) <= 1e-5
 
 

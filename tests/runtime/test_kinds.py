@@ -4,6 +4,8 @@ the registry pinned to the compiler's vocabulary."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 from ternqc import plan
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.kinds import KINDS
-from ternqc.runtime.quantize.modules import TERNARY_MODULES
+from ternqc.runtime.quantize.modules import TERNARY_MODULES, latent_param, quantized_param, ternary_param
 from ternqc.runtime.quantize.quantizers import module_quant_from_params
 
 # --- the registry and the compiler's vocabulary ------------------------------------------------------------
@@ -93,12 +95,15 @@ def test_weight_values_scales_and_zeros_match_numpy(op, kind, width, how):
     if group:
         params["weight_group_size"] = group
     mq = module_quant_from_params(op, "n", params, rules="r.tq")
+    w = float_module.weight.detach().numpy().copy()  # before conversion: the module is quantised in place
     module = TERNARY_MODULES[op].from_float(float_module, mq).eval()
-    w = float_module.weight.detach().numpy()
     want_q, want_scale, want_codes = np_weight_quant(w, kind, width, how, group, delta)
-    np.testing.assert_allclose(module.qweight.numpy(), want_q, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(module.weight_alpha.numpy(), want_scale, rtol=1e-6)
-    got_zeros = float((module.qweight == 0).float().mean())
+    qweight = quantized_param(module, "weight")
+    np.testing.assert_allclose(qweight.numpy(), want_q, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(module.weight.detach().numpy(), want_q, rtol=1e-6, atol=1e-7)  # every reader
+    scale = ternary_param(module, "weight").alpha_of(latent_param(module, "weight"))
+    np.testing.assert_allclose(scale.numpy(), want_scale, rtol=1e-6)
+    got_zeros = float((qweight == 0).float().mean())
     assert got_zeros == pytest.approx(float((want_codes == 0).mean()))
     if kind == "binary":
         assert got_zeros == 0.0  # 0 has no code: sign(0) = +1
@@ -115,9 +120,9 @@ def test_integer_rounds_half_to_even_and_saturates():
     float_module = nn.Linear(5, 1, bias=False)
     mq = module_quant_from_params("linear", "n", {"name": "integer", "data_in_width": 4, "data_in_scale": 0.5},
                                   rules="r")
+    float_module.weight.data.fill_(1.0)
     module = TERNARY_MODULES["linear"].from_float(float_module, mq)
     captured = {}
-    module.weight.data.fill_(1.0)
     x = torch.tensor([[0.25, 0.75, -0.25, 10.0, -10.0]])  # 0.5, 1.5, -0.5 steps; beyond ±7 steps
     with torch.no_grad():
         captured["y"] = module(x)
@@ -128,9 +133,10 @@ def test_integer_rounds_half_to_even_and_saturates():
 @pytest.mark.parametrize(("kind", "width"), [("integer", 8), ("integer", 4), ("binary", 1)])
 def test_dynamic_per_token_activations_match_numpy(kind, width):
     torch.manual_seed(3)
-    lin = nn.Linear(16, 5)
+    module = nn.Linear(16, 5)
+    lin = copy.deepcopy(module)  # the float reference (conversion is in place)
     params = {"name": kind, "data_in_width": width, "data_in_dynamic": True}
-    module = TERNARY_MODULES["linear"].from_float(lin, module_quant_from_params("linear", "n", params, rules="r"))
+    module = TERNARY_MODULES["linear"].from_float(module, module_quant_from_params("linear", "n", params, rules="r"))
     x = torch.randn(2, 7, 16) * torch.linspace(0.1, 3, 7)[None, :, None]  # tokens of different ranges
     with torch.no_grad():
         got = module(x).numpy()
@@ -147,9 +153,10 @@ def test_dynamic_per_token_activations_match_numpy(kind, width):
 @pytest.mark.parametrize("op", ["conv1d", "conv2d"])
 def test_static_integer_data_in_of_convs_matches_numpy(op):
     torch.manual_seed(4)
-    conv = FLOAT_MODULES[op]()
+    module = FLOAT_MODULES[op]()
+    conv = copy.deepcopy(module)  # the float reference (conversion is in place)
     params = {"name": "integer", "data_in_width": 8, "data_in_max": 2.0}
-    module = TERNARY_MODULES[op].from_float(conv, module_quant_from_params(op, "n", params, rules="r"))
+    module = TERNARY_MODULES[op].from_float(module, module_quant_from_params(op, "n", params, rules="r"))
     x = torch.randn(3, conv.in_channels, *([9] * (1 if op == "conv1d" else 2))) * 1.5
     qx = torch.from_numpy(np_integer(x.numpy(), np.float32(2.0 / 127), 8).astype(np.float32))
     fn = F.conv1d if op == "conv1d" else F.conv2d
@@ -164,10 +171,11 @@ def test_static_integer_data_in_of_convs_matches_numpy(op):
 @pytest.mark.parametrize("op", ["relu", "linear"])
 def test_data_out_is_quantised_like_numpy(kind, extra, op):
     torch.manual_seed(5)
-    float_module = nn.ReLU() if op == "relu" else nn.Linear(6, 6)
+    module = nn.ReLU() if op == "relu" else nn.Linear(6, 6)
+    float_module = copy.deepcopy(module)  # the float reference (conversion is in place)
     params = {"name": kind, "data_out_width": 8 if kind == "integer" else 2,
               "data_out_scaling_factor": True, **extra}
-    module = TERNARY_MODULES[op].from_float(float_module, module_quant_from_params(op, "n", params, rules="r"))
+    module = TERNARY_MODULES[op].from_float(module, module_quant_from_params(op, "n", params, rules="r"))
     x = torch.randn(4, 6) * 2
     with torch.no_grad():
         y = float_module(x).numpy()
