@@ -14,7 +14,7 @@ import torch
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.buffers import give_back, take_buffer
 from ternqc.runtime.calibrate.quantiles import QuantileBudget
-from ternqc.runtime.calibrate.stats.states import SumState, make_state
+from ternqc.runtime.calibrate.stats.states import StatState, make_state
 from ternqc.runtime.calibrate.stats.sums import FLOATS, Block, as_float
 
 #: A batch's key is `batch index * KEY_CALLS + call within the batch` (a module called twice per forward).
@@ -73,14 +73,11 @@ class TensorStats:
     ) -> None:
         self.batched = batched
         self._stage_bytes = stage_bytes
-        options = {"quantile_budget": quantile_budget, "threshold": threshold}
+        options = {"quantile_budget": quantile_budget, "threshold": threshold, "eager": eager}
         self.states = {
             spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
             for spec in specs
         }
-        for state in self.states.values():
-            if isinstance(state, SumState):
-                state._partials.eager = eager
         self._plain = [s for s in self.states.values() if not s.wants_abs]
         self._abs = [s for s in self.states.values() if s.wants_abs]
         self._nonfinite = 0
@@ -183,10 +180,18 @@ class TensorStats:
         return self._nonfinite
 
     def results(self) -> dict[StatSpec, dict[str, Any]]:
+        """Each statistic's result, pending ones (a derived statistic still waiting for its threshold,
+        see `pending()`) left out."""
         if self._frozen is not None:
             return self._frozen
         self.flush()
-        return {spec: state.result() for spec, state in self.states.items()}
+        return {spec: state.result() for spec, state in self.states.items() if not state.pending}
+
+    def pending(self) -> dict[StatSpec, StatState]:
+        """The states still waiting for a threshold (`ThresholdAbsMeanState` of a derived point): they keep
+        their values through `freeze` and `sync` until the caller sets the threshold and merges them."""
+        self.flush()
+        return {spec: state for spec, state in self.states.items() if state.pending}
 
     def freeze(self) -> None:
         """Compute the results now and release the memory behind them (buffers go back to the pool)."""
@@ -208,7 +213,7 @@ class TensorStats:
         (`distributed.sync_stats`)."""
         self.flush()
         gens: dict[Any, Generator] = {"meta": self._sync_meta()}
-        gens.update((i, state.sync()) for i, state in enumerate(self.states.values()))
+        gens.update((i, state.sync()) for i, state in enumerate(self.states.values()) if not state.pending)
         return gens
 
     def _sync_meta(self) -> Generator:

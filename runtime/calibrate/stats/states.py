@@ -1,14 +1,17 @@
 """Statistic states: one mergeable accumulator class per statistic, registered by name.
 
 In: a `StatSpec` and tensors (`update`), other states (`merge`). Out: `result()`, MASE's fields.
-Add a statistic: its fields in `plan.STATISTICS`, a class here decorated `@register_stat("name")`.
+Add a statistic: its fields in `plan.STATISTICS`, a class here decorated `@register_stat("name")` whose
+constructor takes `(spec, ctx: StatContext)` (`registry.py`); `make_state` only looks the class up.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 
@@ -22,6 +25,7 @@ from ternqc.runtime.calibrate.quantiles import (
 )
 from ternqc.runtime.calibrate.sketch import CompactorSketch, rank_error_bound, sketch_bytes, sketch_k_for
 from ternqc.runtime.calibrate.stats.layout import Layout, make_layout, pseudo_layout, result_form
+from ternqc.runtime.calibrate.stats.registry import STAT_REGISTRY, StatContext, register_stat
 from ternqc.runtime.calibrate.stats.sums import (
     Block,
     Partials,
@@ -48,9 +52,11 @@ class StatState:
 
     takes_abs = False  # the statistic is defined on |x| whatever `spec.abs` says
 
-    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        ctx = ctx if ctx is not None else StatContext()
         self.spec = spec
-        self.batched = batched
+        self.ctx = ctx
+        self.batched = ctx.batched
         self.wants_abs = spec.abs or self.takes_abs
         self.count = 0
         self.nonfinite = 0
@@ -135,6 +141,11 @@ class StatState:
     def exact(self) -> bool:
         return True
 
+    @property
+    def pending(self) -> bool:
+        """Waiting for something only known after calibration (a derived statistic's threshold)."""
+        return False
+
     def note(self) -> str | None:
         """A line for the report when the result needs one (e.g. a sketch was used)."""
         return None
@@ -175,9 +186,14 @@ class StatState:
             self.layout = pseudo_layout(shape, bool(tensors["scalar"]))
             self._load(tensors)
 
+    @classmethod
+    def from_spec(cls, spec: StatSpec, ctx: StatContext) -> StatState:
+        """A fresh state for `spec` (the one constructor shape of every registered class)."""
+        return cls(spec, ctx)
+
     def _blank(self) -> StatState:
-        """An empty state with this one's configuration."""
-        return type(self)(self.spec, self.batched)
+        """An empty state with this one's configuration, as a merge target (folds once everything is in)."""
+        return type(self)(self.spec, attrs.evolve(self.ctx, size_hint=None, plan_hint=None, eager=False))
 
     def sync(self) -> Generator:
         """A protocol generator (see `distributed.run_protocols`): send `to_tensors()`, receive every
@@ -208,6 +224,7 @@ class StatState:
         raise NotImplementedError
 
 
+@register_stat("range_min_max")
 class MinMaxState(StatState):
     """`range_min_max`: running min and max (exact, in the input's dtype; range in that dtype, as MASE).
 
@@ -216,8 +233,8 @@ class MinMaxState(StatState):
     ones fragment the heap (measured: +1.5 MiB resident per batch).
     """
 
-    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
-        super().__init__(spec, batched)
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
         self._lo, self._hi = _INF, -_INF
         self._mn: torch.Tensor | None = None
         self._mx: torch.Tensor | None = None
@@ -300,14 +317,9 @@ class SumState(StatState):
     _names: tuple[str, ...] = ()
     _fold = staticmethod(fold_sums)
 
-    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
-        super().__init__(spec, batched)
-        self._partials = Partials(self._fold)
-
-    def _blank(self) -> StatState:
-        blank = super()._blank()
-        blank._partials.eager = False  # a merge target: fold once everybody's partials are in
-        return blank
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
+        self._partials = Partials(self._fold, eager=self.ctx.eager)
 
     def _rows(self) -> int:
         return self.layout.rows
@@ -344,6 +356,7 @@ class SumState(StatState):
         self._auto = max(p.last + 1, int(p.keys().max()) + 1 if len(p.keys()) else 0)
 
 
+@register_stat("variance_precise", "variance_online", "range_n_sigma")
 class MomentsState(SumState):
     """`variance_precise`, `variance_online`, `range_n_sigma`: count, mean and the sum of squared deviations
     per position. Each batch gives its mean (float64, from the chunked sum) and its sum of squared deviations
@@ -385,6 +398,7 @@ class MomentsState(SumState):
         return {"min": lo, "max": hi, "range": hi - lo}
 
 
+@register_stat("abs_mean")
 class AbsMeanState(SumState):
     """`abs_mean`: mean of |x| (chunked float32 sums per batch, float64 across chunks and batches)."""
 
@@ -405,22 +419,38 @@ class AbsMeanState(SumState):
             return {"abs_mean": np.where(n > 0, total / n, np.nan)}
 
 
+@register_stat("threshold_abs_mean")
 class ThresholdAbsMeanState(AbsMeanState):
-    """`threshold_abs_mean`: mean of |x| over the elements with |x| > threshold; count = how many."""
+    """`threshold_abs_mean`: mean of |x| over the elements with |x| > threshold; count = how many.
 
-    def __init__(self, spec: StatSpec, batched: bool = True, threshold: Any = None) -> None:
-        super().__init__(spec, batched)
-        if threshold is None:
-            msg = "threshold_abs_mean needs the threshold it is taken above"
-            raise ValueError(msg)
-        self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
+    With the threshold given (`ctx.threshold`) it sums batch by batch. Without it (the plan's derived point in
+    the first calibration pass, before Δ is known) the state is *pending*: it keeps every |x| it is fed in
+    one buffer under the quantile budget (batch order, with each block's keys and shape) and sums them, block
+    by block exactly as a second pass would, when `set_threshold(Δ)` comes: the same bits as a second pass.
+    When the values would not fit the budget it keeps nothing and `overflowed` is set: the caller must then
+    gather the statistic in a second pass with the threshold known.
+    """
+
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
+        self.threshold = None if self.ctx.threshold is None else torch.as_tensor(self.ctx.threshold, dtype=torch.float32)
+        self.overflowed = False
+        self._kept: ExactValues | None = None
+        self._blocks: list[tuple[np.ndarray, tuple[int, ...]]] = []  # (keys, block shape) in buffer order
+
+    @property
+    def pending(self) -> bool:
+        """No threshold yet: the values are kept (or overflowed) until `set_threshold`."""
+        return self.threshold is None
 
     def _blank(self) -> StatState:
-        blank = type(self)(self.spec, self.batched, self.threshold)
-        blank._partials.eager = False
-        return blank
+        ctx = attrs.evolve(self.ctx, threshold=self.threshold, size_hint=None, plan_hint=None, eager=False)
+        return type(self)(self.spec, ctx)
 
     def _observe(self, block):
+        if self.threshold is None:
+            self._keep(block)
+            return
         lay, x = self.layout, block.x
         if self.threshold.device != x.device:
             self.threshold = self.threshold.to(x.device)
@@ -430,11 +460,65 @@ class ThresholdAbsMeanState(AbsMeanState):
         sums = batch_sums(torch.where(above, x, 0.0), lay)
         self._partials.add(block.keys, (batch_counts(above, lay), sums), lay.rows)
 
+    def _keep(self, block: Block) -> None:
+        """Keep the block's |x| (float32, CPU) for `set_threshold`, or overflow when the budget refuses."""
+        if self.overflowed:
+            return
+        x = block.x
+        m = x.numel()
+        if self._kept is None:
+            self._kept = ExactValues(1, self.ctx.budget if self.ctx.budget is not None else QuantileBudget())
+            planned = (m // block.k) * (self.ctx.plan_hint or 0)
+            local = (m // block.k) * (self.ctx.size_hint or self.ctx.plan_hint or 0)
+            if planned * 4 > self._kept.budget.available:
+                self._overflow()
+                return
+            if local:
+                self._kept.budget.force((planned - local) * 4)  # the other processes' share
+                self._kept.reserve(local)
+        slot = self._kept.slot(m)
+        if slot is None:
+            self._overflow()
+            return
+        slot[0, :] = x.reshape(-1).cpu().numpy() if x.dtype == torch.float32 else x.reshape(-1).float().cpu().numpy()
+        self._blocks.append((np.asarray(block.keys, dtype=np.int64).copy(), tuple(x.shape)))
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        if self._kept is not None:
+            self._kept.release()
+        self._kept = None
+        self._blocks = []
+
+    def set_threshold(self, threshold: Any) -> None:
+        """Give the pending state its threshold: the kept values are summed block by block (as a second pass
+        would sum the same batches) and released. Not for an overflowed state (its values are gone)."""
+        if self.overflowed:
+            msg = "threshold_abs_mean overflowed the quantile budget: gather it in a second pass"
+            raise ValueError(msg)
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
+        if self._kept is not None:
+            flat = torch.from_numpy(self._kept.values()[0])
+            start = 0
+            for keys, shape in self._blocks:
+                n = math.prod(shape)
+                self._observe(Block.prepare(flat[start : start + n].view(shape), keys))
+                start += n
+            self._kept.release()
+        self._kept = None
+        self._blocks = []
+
+    def release(self) -> None:
+        if not self.pending and self._kept is not None:
+            self._kept.release()
+            self._kept = None
+
     def _count(self) -> int:
         got = self._acc()
         return 0 if got is None else round(float(got[0].sum()))
 
 
+@register_stat("range_quantile")
 class QuantileState(StatState):
     """`range_quantile`: exact while the shared `QuantileBudget` allows, then a `CompactorSketch`.
 
@@ -444,19 +528,12 @@ class QuantileState(StatState):
     values of every process (this process allocates only its own).
     """
 
-    def __init__(
-        self,
-        spec: StatSpec,
-        batched: bool = True,
-        budget: QuantileBudget | None = None,
-        size_hint: int | None = None,
-        plan_hint: int | None = None,
-    ) -> None:
-        super().__init__(spec, batched)
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
         self.q = spec.option("quantile")
-        self.budget = budget if budget is not None else QuantileBudget()
-        self.size_hint = size_hint  # updates expected here: the first buffer is sized for all of them
-        self.plan_hint = plan_hint or size_hint  # updates expected by every process together
+        self.budget = self.ctx.budget if self.ctx.budget is not None else QuantileBudget()
+        self.size_hint = self.ctx.size_hint  # updates expected here: the first buffer is sized for all of them
+        self.plan_hint = self.ctx.plan_hint or self.ctx.size_hint  # updates expected by every process together
         self._exact: ExactValues | None = None
         self._sketch: CompactorSketch | None = None
         self._final: dict[str, torch.Tensor] | None = None  # the result, after a merge across processes
@@ -467,7 +544,7 @@ class QuantileState(StatState):
             self._promise(1)
 
     def _blank(self) -> StatState:
-        return type(self)(self.spec, self.batched, self.budget)
+        return type(self)(self.spec, attrs.evolve(self.ctx, budget=self.budget, size_hint=None, plan_hint=None))
 
     def _promise(self, rows: int) -> None:
         # a default sketch (0.8 MB a row), but for many rows no more than an eighth of the budget: such a
@@ -698,17 +775,6 @@ class QuantileState(StatState):
 # Construction
 # ---------------------------------------------------------------------------------------------------------
 
-_STATES = {
-    "range_min_max": MinMaxState,
-    "range_quantile": QuantileState,
-    "variance_precise": MomentsState,
-    "variance_online": MomentsState,
-    "range_n_sigma": MomentsState,
-    "abs_mean": AbsMeanState,
-    "threshold_abs_mean": ThresholdAbsMeanState,
-}
-
-
 def make_state(
     spec: StatSpec,
     *,
@@ -717,23 +783,22 @@ def make_state(
     batched: bool = True,
     size_hint: int | None = None,
     plan_hint: int | None = None,
+    eager: bool = True,
 ) -> StatState:
-    """A fresh state for `spec`.
+    """A fresh state for `spec`: the registered class's `from_spec(spec, StatContext(...))`.
 
     Args:
         spec: the statistic and its options.
         quantile_budget: shared by every quantile state of a run (a private 256 MiB one when None).
-        threshold: for `threshold_abs_mean` only: Δ, a float or a tensor that broadcasts against x.
+        threshold: for `threshold_abs_mean` only: Δ, a float or a tensor that broadcasts against x; None
+            makes the state pending (values kept until `set_threshold`).
         batched: True for activations (dim 0 is the batch, always reduced), False for parameters.
         size_hint: the number of `update` calls expected (quantile buffers are sized for all at once).
         plan_hint: the number of `update` calls all processes expect together (decides exact or sketch).
+        eager: fold per-batch partials as they come (False in a process of a distributed run).
     """
-    cls = _STATES[spec.name]
-    if cls is QuantileState:
-        return QuantileState(spec, batched, quantile_budget, size_hint, plan_hint)
-    if cls is ThresholdAbsMeanState:
-        return ThresholdAbsMeanState(spec, batched, threshold)
-    return cls(spec, batched)
+    ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager)
+    return STAT_REGISTRY[spec.name].from_spec(spec, ctx)
 
 
 def from_tensors(
