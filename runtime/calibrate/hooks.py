@@ -101,6 +101,13 @@ class Collector:
         """The activation statistics, in resolution order (the same in every process)."""
         return [ts for tensors in self.stats.values() for t, ts in tensors.items() if t not in PARAM_TENSORS]
 
+    def pending(self) -> dict[tuple[str, str], TensorStats]:
+        """`(path, tensor) -> TensorStats` of the tensors that hold pending statistics (a derived statistic
+        waiting for a threshold known only after calibration; see `TensorStats.pending`)."""
+        return {
+            (path, t): ts for path, tensors in self.stats.items() for t, ts in tensors.items() if ts.pending()
+        }
+
     def sync(self, gather=None) -> None:
         """Merge the activation statistics with the other processes' (`distributed.sync_stats`, over
         `gather`, default `all_gather_object`); parameters are the same everywhere and were read locally."""
@@ -125,7 +132,10 @@ class Collector:
                 shape = ts.shape if tensor in PARAM_TENSORS else ts.shape[1:]
                 shapes[tensor] = tuple(shape)
                 ts.freeze()  # results computed once; quantile buffers go back to the pool
-                values[tensor] = ts.results()
+                results = ts.results()
+                if not results:  # only pending statistics: they join the table once finished
+                    continue
+                values[tensor] = results
                 if ts.nonfinite:
                     notes.append(f"{tensor}: {ts.nonfinite} NaN/Inf values left out")
                 notes.extend(f"{tensor}: {n}" for n in ts.notes())

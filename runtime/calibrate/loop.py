@@ -18,11 +18,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from attrs import field, frozen
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ternqc.runtime.calibrate.hooks import collect_stats
 from ternqc.runtime.calibrate.points import ResolvedPoints
+from ternqc.runtime.calibrate.stats.feeder import TensorStats
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
@@ -71,6 +73,15 @@ def calibration_batches(dataset, samples: int, batch_size: int, seed: int) -> li
     return batches
 
 
+@frozen
+class Calibrated:
+    """A calibration's `table`, and the tensors whose `pending` statistics (derived ones, resolved without a
+    threshold) still wait for it: `(path, tensor) -> TensorStats` (see `derived.py`)."""
+
+    table: StatsTable
+    pending: dict[tuple[str, str], TensorStats] = field(factory=dict, eq=False, repr=False)
+
+
 def calibrate(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -81,6 +92,23 @@ def calibrate(
     progress: bool = True,
     desc: str = "calibrate",
 ) -> StatsTable:
+    """`calibrate_pass(...).table`: the statistics (see `calibrate_pass`)."""
+    return calibrate_pass(
+        model, batches, resolved, quantile_budget=quantile_budget, thresholds=thresholds, progress=progress,
+        desc=desc,
+    ).table
+
+
+def calibrate_pass(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    resolved: ResolvedPoints,
+    *,
+    quantile_budget: QuantileBudget | None = None,
+    thresholds: Mapping[tuple[str, str], Any] | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> Calibrated:
     """Run `batches` through `model` (in eval mode, without gradients) and collect `resolved`'s statistics.
 
     Distributed: when `torch.distributed` is initialised with W > 1 processes, process r runs
@@ -95,7 +123,8 @@ def calibrate(
         batches: `(inputs, labels)` pairs; `model(inputs)` is called for each.
         resolved: what to collect where (`profile.resolve_profile`).
         quantile_budget: shared by every quantile statistic (default 256 MiB); per process.
-        thresholds: `(module_path, tensor) -> Δ` for `threshold_abs_mean` statistics.
+        thresholds: `(module_path, tensor) -> Δ` for `threshold_abs_mean` statistics; one without a
+            threshold is pending: its values are kept (within the quantile budget) in `Calibrated.pending`.
         progress: draw a progress bar on stderr.
         desc: the progress bar's label.
 
@@ -145,7 +174,7 @@ def calibrate(
         collector.sync()
     elif error is not None:
         raise error from failure[1]
-    return collector.table()
+    return Calibrated(collector.table(), collector.pending())
 
 
 def forward_naming_failures(model: nn.Module, inputs: Any, what: str = "calibration inputs") -> Any:
@@ -195,4 +224,4 @@ def _describe_inputs(inputs: Any) -> str:
     return f"input batch of type {type(inputs).__name__}"
 
 
-__all__ = ["calibrate", "calibration_batches", "describe_failure", "forward_naming_failures"]
+__all__ = ["Calibrated", "calibrate", "calibrate_pass", "calibration_batches", "describe_failure", "forward_naming_failures"]

@@ -7,8 +7,10 @@ ternary configs, float and ternary accuracy, a per-node report), and `write_appl
 succeeded and all or nothing: a failed run, or a failure to write any one of the four, leaves no half-written
 file and every previous output as it was.
 
-The activation scale α (mean |x| over |x| > Δ) needs Δ, which needs the statistics: it is gathered in a
-second pass over the same calibration batches once Δ is known (the plan lists it as a derived statistic).
+The activation scale α (mean |x| over |x| > Δ) needs Δ, which needs the statistics: the plan lists it as a
+derived statistic, which the first pass keeps the values of when they fit the quantile budget, so that α
+comes from that one pass once Δ is known; the tensors that did not fit take a second pass over the same
+batches, hooks on their modules only (`calibrate/derived.py`). report.json says which per tensor.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from attrs import frozen
 from torch import nn
 
-from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
+from ternqc.plan import QUANTISABLE, TENSOR_ALIASES, Plan, split_param
+from ternqc.runtime.calibrate import derived as derived_stats
 from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
@@ -42,7 +45,6 @@ from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_par
 from ternqc.runtime.quantize.modules import TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
 
-THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
 VALIDATION_SPLIT = "validation"
 
 
@@ -65,6 +67,8 @@ class ProfileResult:
     table: StatsTable
     notes: tuple[str, ...]  # rules that matched nothing, NaN/Inf reports, ...
     batches: tuple  # the calibration batches, reused by a second pass
+    # derived statistics still waiting for their threshold (`derived.finish_derived`); not pickled
+    pending: dict = attrs.field(factory=dict, eq=False, repr=False)
 
 
 @frozen
@@ -93,8 +97,9 @@ def _check_positive(name: str, value: int) -> int:
     return value
 
 
-def profile(model: nn.Module, plan: Plan, settings: RunSettings) -> ProfileResult:
-    """Calibrate `model` on the plan's split and collect the plan's (non-derived) statistics."""
+def profile(model: nn.Module, plan: Plan, settings: RunSettings, *, derived: bool = False) -> ProfileResult:
+    """Calibrate `model` on the plan's split and collect the plan's statistics; with `derived`, also keep
+    the values of its derived statistics (within the quantile budget) in `pending`, for `apply`."""
     cal = plan.calibration
     # `is None`, not `or`: an explicit --samples 0 is an error, not "use the plan's value"
     samples = _check_positive("samples", cal.samples if settings.samples is None else settings.samples)
@@ -103,19 +108,20 @@ def profile(model: nn.Module, plan: Plan, settings: RunSettings) -> ProfileResul
     )
     dataset = build_dataset(settings.dataset, cal.split)
     batches = calib.calibration_batches(dataset, samples, batch_size, settings.seed)
-    resolved = prof.resolve_profile(plan.profile, model)
+    resolved = prof.resolve_profile(plan.profile, model, include_derived=derived)
     # Recipes carry rules for every quantisable type; one the model lacks (conv2d on an MLP) is not news.
     notes = tuple(
         f"profile rule at {p.origin} ({p.selector}.{p.tensor}) matched no module of the model"
         for p in resolved.unmatched
-        if not (p.selector.kind == "type" and p.selector.pattern in QUANTISABLE)
+        if not (p.selector.kind == "type" and p.selector.pattern in QUANTISABLE) and p.reason != "derived"
     )
     budget = QuantileBudget(int(settings.quantile_budget_mib * 2**20))
-    table = calib.calibrate(
+    done = calib.calibrate_pass(
         model, batches, resolved, quantile_budget=budget, progress=settings.progress, desc="calibrate"
     )
+    table = done.table
     notes += tuple(f"{ms.path}: {n}" for ms in table.values() for n in ms.notes)
-    return ProfileResult(table=table, notes=notes, batches=tuple(batches))
+    return ProfileResult(table=table, notes=notes, batches=tuple(batches), pending=done.pending)
 
 
 def build_configs(mapping: MappingResult, *, rules: str) -> dict[str, ModuleQuant]:
@@ -156,28 +162,35 @@ def _rules_behind(m: MappedModule, rules: str) -> str:
 
 
 def calibrate_activation_scales(
-    model: nn.Module, configs: dict[str, ModuleQuant], result: ProfileResult, settings: RunSettings
-) -> dict[str, ModuleQuant]:
-    """Second pass: α of every quantised, scaled `data_in` without a given scale = mean |x| over |x| > Δ on
-    the calibration batches. Adds the `threshold_abs_mean` results to `result.table`."""
+    model: nn.Module, configs: dict[str, ModuleQuant], result: ProfileResult, settings: RunSettings, plan: Plan
+) -> tuple[dict[str, ModuleQuant], dict[str, int]]:
+    """α of every quantised, scaled `data_in` without a given scale = the plan's derived statistic (mean |x|
+    over |x| > Δ) on the calibration batches: from the first pass's kept values, or a second pass for the
+    tensors that did not fit (`calibrate/derived.py`). Adds the results to `result.table`; returns the
+    configs and, per module, how many passes its α took."""
+    tensor = TENSOR_ALIASES["data_in"]
     need = {
         path: mq
         for path, mq in configs.items()
         if mq.tensor("data_in").quantize and mq.tensor("data_in").scaling and mq.tensor("data_in").alpha is None
     }
-    if not need:
-        return configs
-    points = prof.ResolvedPoints.from_mapping({path: {"data_in_0": (THRESHOLD_ABS_MEAN,)} for path in need})
-    thresholds = {(path, "data_in_0"): _as_tensor(mq.tensor("data_in").delta) for path, mq in need.items()}
-    table = calib.calibrate(
-        model, list(result.batches), points, thresholds=thresholds, progress=settings.progress, desc="scales"
+    thresholds = {(path, tensor): _as_tensor(mq.tensor("data_in").delta) for path, mq in need.items()}
+    first = calib.Calibrated(result.table, result.pending)
+    done = derived_stats.finish_derived(
+        model,
+        list(result.batches),
+        derived_stats.resolve_derived(plan.profile, model),
+        first,
+        thresholds,
+        progress=settings.progress,
     )
     out = dict(configs)
     for path, mq in need.items():
-        found = table[path].values["data_in_0"][THRESHOLD_ABS_MEAN]
+        (found,) = done.values[(path, tensor)].values()
         out[path] = mq.with_alpha("data_in", found["abs_mean"])
-        _merge_into(result.table, table[path])
-    return out
+    for extra in done.table.values():
+        _merge_into(result.table, extra)
+    return out, {path: done.passes[(path, tensor)] for path in need}
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -201,16 +214,17 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
 
     `model` is converted in place. `rules` names where the plan came from, for messages.
     """
-    result = profile(model, plan, settings)
+    result = profile(model, plan, settings, derived=True)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
     mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=_absent_parameters(model))
     configs = build_configs(mapping, rules=rules)
-    configs = calibrate_activation_scales(model, configs, result, settings)
+    configs, alpha_passes = calibrate_activation_scales(model, configs, result, settings, plan)
+    result = attrs.evolve(result, pending={})
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
     convert_(model, configs)
     ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
-    report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
+    report = build_report(model, configs, float_acc, ternary_acc, zero_fractions, alpha_passes)
     return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
 
 
@@ -266,8 +280,11 @@ def build_report(
     float_acc: float,
     ternary_acc: float,
     zero_fractions: dict[str, float],
+    alpha_passes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """`report.json`'s content: accuracies, and per node its op, and Δ, α and zero fraction per tensor."""
+    """`report.json`'s content: accuracies, and per node its op, and Δ, α and zero fraction per tensor
+    (`alpha_passes`: for an activation α computed from the calibration data, 1 when it came from the first
+    calibration pass, 2 when it took a second one)."""
     modules = dict(model.named_modules())
     nodes: dict[str, Any] = {}
     for path, mq in configs.items():
@@ -291,6 +308,8 @@ def build_report(
                 "alpha": _summary(tq.alpha),
                 "zero_fraction": zeros,
             }
+            if name == "data_in" and path in (alpha_passes or {}):
+                tensors[name]["alpha_passes"] = alpha_passes[path]
         nodes[mq.node] = {"path": path, "op": mq.op, "tensors": tensors}
     return {"float_accuracy": float_acc, "ternary_accuracy": ternary_acc, "nodes": nodes}
 

@@ -509,9 +509,15 @@ class ThresholdAbsMeanState(AbsMeanState):
         self._blocks = []
 
     def release(self) -> None:
-        if not self.pending and self._kept is not None:
+        if not self.pending:
+            self.discard()
+
+    def discard(self) -> None:
+        """Give the kept values back (their threshold will not come)."""
+        if self._kept is not None:
             self._kept.release()
-            self._kept = None
+        self._kept = None
+        self._blocks = []
 
     def _count(self) -> int:
         got = self._acc()
