@@ -43,6 +43,7 @@ class Collector:
         expected_batches: int | None,
         planned_batches: int | None = None,
         eager: bool = True,
+        bracket: bool = True,
     ) -> None:
         self.model = model
         self.resolved = resolved
@@ -69,6 +70,7 @@ class Collector:
                     plan_hint=None if tensor in PARAM_TENSORS else (planned_batches or expected_batches),
                     eager=eager,
                     stage_bytes=stage_bytes,
+                    bracket=bracket and tensor not in PARAM_TENSORS,
                 )
                 for tensor, specs in tensors.items()
             }
@@ -107,6 +109,16 @@ class Collector:
         return {
             (path, t): ts for path, tensors in self.stats.items() for t, ts in tensors.items() if ts.pending()
         }
+
+    def missed(self) -> dict[str, dict[str, tuple]]:
+        """`{path: {tensor: specs}}` of the statistics to collect again (bracketed quantiles that missed)."""
+        out: dict[str, dict[str, tuple]] = {}
+        for path, tensors in self.stats.items():
+            for t, ts in tensors.items():
+                specs = ts.missed()
+                if specs:
+                    out.setdefault(path, {})[t] = tuple(specs)
+        return out
 
     def sync(self, gather=None) -> None:
         """Merge the activation statistics with the other processes' (`distributed.sync_stats`, over
@@ -208,6 +220,7 @@ def collect_stats(
     expected_batches: int | None = None,
     planned_batches: int | None = None,
     eager: bool = True,
+    bracket: bool = True,
 ) -> Iterator[Collector]:
     """Collect `resolved`'s statistics from every forward run inside the block.
 
@@ -230,6 +243,8 @@ def collect_stats(
             sketch as one process would; default `expected_batches`).
         eager: fold per-batch partials as they come; False in a process of a distributed run, which keeps
             them until `collector.sync`.
+        bracket: quantiles over a whole activation keep only the values near their ranks (`bracket.py`);
+            `collector.missed()` lists those to collect again.
     """
     collector = Collector(
         model,
@@ -239,6 +254,7 @@ def collect_stats(
         expected_batches,
         planned_batches,
         eager,
+        bracket,
     )
     handles: list[Any] = []
     try:

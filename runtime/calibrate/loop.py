@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 from attrs import field, frozen
 from torch import nn
@@ -91,11 +92,12 @@ def calibrate(
     thresholds: Mapping[tuple[str, str], Any] | None = None,
     progress: bool = True,
     desc: str = "calibrate",
+    bracket: bool = True,
 ) -> StatsTable:
     """`calibrate_pass(...).table`: the statistics (see `calibrate_pass`)."""
     return calibrate_pass(
         model, batches, resolved, quantile_budget=quantile_budget, thresholds=thresholds, progress=progress,
-        desc=desc,
+        desc=desc, bracket=bracket,
     ).table
 
 
@@ -108,6 +110,7 @@ def calibrate_pass(
     thresholds: Mapping[tuple[str, str], Any] | None = None,
     progress: bool = True,
     desc: str = "calibrate",
+    bracket: bool = True,
 ) -> Calibrated:
     """Run `batches` through `model` (in eval mode, without gradients) and collect `resolved`'s statistics.
 
@@ -127,6 +130,10 @@ def calibrate_pass(
             threshold is pending: its values are kept (within the quantile budget) in `Calibrated.pending`.
         progress: draw a progress bar on stderr.
         desc: the progress bar's label.
+        bracket: quantiles over a whole activation keep only the values near their ranks (`bracket.py`).
+            When the data drift a wanted rank out of its bracket, that statistic (only) is collected again
+            in a second pass over the batches without brackets: exact when its values fit the budget, else
+            the certified sketch. Never an approximate answer from a bracket.
 
     Raises:
         UserError: the model's forward raised (naming the module and the input shape), or a statistic cannot
@@ -147,6 +154,7 @@ def calibrate_pass(
         expected_batches=len(mine),
         planned_batches=len(batches),
         eager=world == 1,
+        bracket=bracket,
     ) as collector:
         for i in progress_bar(mine, total=len(mine), desc=desc, enabled=progress and rank == 0):
             collector.batch = i
@@ -174,7 +182,30 @@ def calibrate_pass(
         collector.sync()
     elif error is not None:
         raise error from failure[1]
-    return Calibrated(collector.table(), collector.pending())
+    missed = collector.missed()  # the same in every process (decided on merged data)
+    table = collector.table()
+    if missed:
+        again = calibrate(
+            model, batches, ResolvedPoints.from_mapping(missed), quantile_budget=quantile_budget,
+            progress=progress, desc=f"{desc} (again)", bracket=False,
+        )
+        table = _with(table, again, collector)
+    return Calibrated(table, collector.pending())
+
+
+def _with(table: StatsTable, again: StatsTable, collector) -> StatsTable:
+    """`table` with `again`'s results added, each tensor's statistics in the order they were asked for."""
+    out = dict(table)
+    for path, ms in again.items():
+        have = out[path]
+        values = {t: dict(v) for t, v in have.values.items()}
+        for tensor, results in ms.values.items():
+            merged = {**values.get(tensor, {}), **results}
+            order = list(collector.stats[path][tensor].states)
+            values[tensor] = {s: merged[s] for s in order if s in merged}
+        notes = have.notes + tuple(n for n in ms.notes if n not in have.notes)
+        out[path] = attrs.evolve(have, values=values, shapes={**ms.shapes, **have.shapes}, notes=notes)
+    return out
 
 
 def forward_naming_failures(model: nn.Module, inputs: Any, what: str = "calibration inputs") -> Any:

@@ -56,7 +56,9 @@ class TensorStats:
     `results()` maps each `StatSpec` to its result; `nonfinite` counts the NaN/Inf values left out; `shape`
     is the first shape seen; `updates` counts the calls. `eager=False` keeps per-batch partials until
     `sync` (a process of a distributed run). `freeze()` computes the results and drops the buffers.
-    `stage_bytes` bounds the staging buffer of small batches.
+    `stage_bytes` bounds the staging buffer of small batches. `bracket`: quantiles over everything keep only the
+    values near their ranks (`bracket.py`); one that misses is left out of `results()` and listed by
+    `missed()`, for the caller to collect again.
     """
 
     def __init__(
@@ -70,10 +72,11 @@ class TensorStats:
         plan_hint: int | None = None,
         eager: bool = True,
         stage_bytes: int = STAGE_BYTES,
+        bracket: bool = False,
     ) -> None:
         self.batched = batched
         self._stage_bytes = stage_bytes
-        options = {"quantile_budget": quantile_budget, "threshold": threshold, "eager": eager}
+        options = {"quantile_budget": quantile_budget, "threshold": threshold, "eager": eager, "bracket": bracket}
         self.states = {
             spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
             for spec in specs
@@ -185,7 +188,15 @@ class TensorStats:
         if self._frozen is not None:
             return self._frozen
         self.flush()
-        return {spec: state.result() for spec, state in self.states.items() if not state.pending}
+        return {
+            spec: state.result() for spec, state in self.states.items() if not (state.pending or state.missed)
+        }
+
+    def missed(self) -> list[StatSpec]:
+        """The statistics that could not be answered exactly from what was kept (a bracketed quantile whose
+        rank drifted out of its bracket): collect them again."""
+        self.flush()
+        return [spec for spec, state in self.states.items() if state.missed]
 
     def pending(self) -> dict[StatSpec, StatState]:
         """The states still waiting for a threshold (`ThresholdAbsMeanState` of a derived point): they keep

@@ -25,7 +25,8 @@ class StatContext:
     (None: a private default one). `threshold`: Δ of `threshold_abs_mean` (a float or a tensor that
     broadcasts against x); None defers it: the values are kept until `set_threshold`. `size_hint`: the
     number of `update` calls expected here; `plan_hint`: by every process together. `eager`: fold per-batch
-    partials as they come (False: a process of a distributed run, or a merge target).
+    partials as they come (False: a process of a distributed run, or a merge target). `bracket`: a quantile
+    over everything may keep only the values near its ranks (`bracket.py`; a miss is collected again).
     """
 
     batched: bool = True
@@ -34,6 +35,7 @@ class StatContext:
     size_hint: int | None = None
     plan_hint: int | None = None
     eager: bool = True
+    bracket: bool = False
 
 
 def register_stat(*names: str) -> Callable[[type], type]:

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.bracket import HEAD_VALUES, Bracket, BracketMissed, bracket_protocol
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
     quantiles_from_ranks,
+    run_local,
     select_protocol,
     wanted_ranks,
 )
@@ -144,6 +146,11 @@ class StatState:
     @property
     def pending(self) -> bool:
         """Waiting for something only known after calibration (a derived statistic's threshold)."""
+        return False
+
+    @property
+    def missed(self) -> bool:
+        """No exact answer from what was kept (a bracketed quantile whose rank drifted out): collect again."""
         return False
 
     def note(self) -> str | None:
@@ -546,6 +553,9 @@ class QuantileState(StatState):
         self._seen = 0  # values per row so far, left-out ones included
         self._left_out: np.ndarray | None = None  # per row, when any
         self._promised = 0  # bytes promised to this state's sketch in the budget
+        self._head = False  # bracketing: the exact buffer is the head the brackets are placed from
+        self._bracket: Bracket | None = None
+        self._missed = False
         if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
             self._promise(1)
 
@@ -564,6 +574,17 @@ class QuantileState(StatState):
     def exact(self) -> bool:
         return self._sketch is None
 
+    @property
+    def bracketing(self) -> bool:
+        """Whether this state may keep only the values near its ranks (`ctx.bracket`, one row)."""
+        return self.ctx.bracket and self.spec.dims == "all"
+
+    @property
+    def missed(self) -> bool:
+        if self._bracket is not None and self._final is None and not self._missed:
+            self._final = self._compute()
+        return self._missed
+
     def note(self) -> str | None:
         if self._sketch is None:
             return None
@@ -574,9 +595,12 @@ class QuantileState(StatState):
         )
 
     def release(self) -> None:
-        if self._final is None and self.layout is not None:
+        if self._final is None and self.layout is not None and not self._missed:
             self._final = self._compute()
         self._release_exact()
+        if self._bracket is not None:
+            self._bracket.release()
+            self._bracket = None
         self.budget.cancel(self._promised)  # no sketch will be needed any more
         self._promised = 0
 
@@ -586,6 +610,9 @@ class QuantileState(StatState):
         rows = self.layout.rows
         self._promise(rows)
         self._exact = ExactValues(rows, self.budget)
+        if self.bracketing and (not self.plan_hint or per_update * self.plan_hint > 2 * HEAD_VALUES):
+            self._head = True  # keep the head, then brackets (`_begin_bracket`)
+            return
         if not self.plan_hint:
             return
         planned = per_update * self.plan_hint
@@ -610,9 +637,19 @@ class QuantileState(StatState):
             x = torch.where(mask, x, float("nan"))
         m = x.numel() // lay.rows
         self._seen += m
+        if self._bracket is not None:
+            self._bracket.add(rows_view(x, lay)[0], m - block.bad)
+            return
         if self._sketch is None:
             if self._exact is None:
                 self._start(m // block.k)
+            if self._head:
+                slot = self._exact.slot(m)
+                if slot is not None:
+                    write_rows(slot, x, lay)
+                if slot is None or self._exact.n >= HEAD_VALUES:
+                    self._begin_bracket(None if slot is not None else (rows_view(x, lay)[0], m - block.bad))
+                return
             if self._sketch is None:
                 slot = self._exact.slot(m)
                 if slot is not None:
@@ -620,6 +657,20 @@ class QuantileState(StatState):
                     return
                 self._to_sketch()
         self._sketch.add(rows_view(x, lay))
+
+    def _begin_bracket(self, extra: tuple[np.ndarray, int] | None) -> None:
+        """Place brackets from the head (or from `extra`, a block the head had no room for), count the head
+        into them and give the head back; then count `extra` too."""
+        head = self._exact.values()[0]
+        source = head if head.size or extra is None else extra[0]
+        self._bracket = Bracket.start(source, (1.0 - self.q, self.q), self.budget)
+        finite = head.size - (int(np.count_nonzero(np.isnan(head))) if self._left_out is not None else 0)
+        if head.size:
+            self._bracket.add(head, finite)
+        self._release_exact()
+        self._head = False
+        if extra is not None:
+            self._bracket.add(*extra)
 
     def _add_left_out(self, per_row: np.ndarray) -> None:
         per_row = per_row.astype(np.int64)
@@ -639,6 +690,9 @@ class QuantileState(StatState):
         self._sketch = sketch
 
     def _merge(self, other):
+        if self._bracket is not None or other._bracket is not None:
+            msg = "a bracketed quantile merges only through its sync protocol"
+            raise ValueError(msg)
         self._final = None
         self._seen += other._seen
         if other._left_out is not None:
@@ -668,10 +722,21 @@ class QuantileState(StatState):
         finite = np.full(self.layout.rows, self._seen, dtype=np.int64)
         return finite if self._left_out is None else finite - self._left_out
 
-    def _compute(self) -> dict[str, torch.Tensor]:
+    def _compute(self) -> dict[str, torch.Tensor] | None:
+        """The result; None, with `missed` set, when a bracket cannot answer exactly."""
         rows = self.layout.rows
         qs = (1.0 - self.q, self.q)
-        if self._sketch is not None:
+        if self._bracket is not None:
+            finite = self._finite_per_row()
+            if int(finite[0]) == 0:
+                lo = hi = torch.full((1,), float("nan"))
+                return {"min": lo, "max": hi, "range": hi - lo}
+            found = run_local(bracket_protocol(self._bracket, wanted_ranks(qs, finite), self._bracket.overflowed))
+            if found is None:
+                self._missed = True
+                return None
+            lo, hi = quantiles_from_ranks(qs, finite, found)
+        elif self._sketch is not None:
             lo, hi = self._sketch.quantiles(qs, self._finite_per_row())
         elif self._exact is not None:
             lo, hi = self._exact.quantiles(qs, self._finite_per_row())
@@ -680,11 +745,17 @@ class QuantileState(StatState):
         return {"min": lo, "max": hi, "range": hi - lo}
 
     def _result(self):
-        if self._final is None:
+        if self._final is None and not self._missed:
             self._final = self._compute()  # kept: selection is the expensive part
+        if self._missed:
+            msg = f"{self.spec.key()}: the wanted rank left its bracket; collect this statistic again"
+            raise BracketMissed(msg)
         return self._final
 
     def _tensors(self):
+        if self._bracket is not None:
+            msg = "a bracketed quantile merges only through its sync protocol"
+            raise ValueError(msg)
         out = {"seen": torch.tensor(self._seen, dtype=torch.int64)}
         if self._left_out is not None:
             out["left_out"] = torch.from_numpy(self._left_out.copy())
@@ -713,7 +784,9 @@ class QuantileState(StatState):
         """Merge across processes. Exact single-row states stay where they are: `select_protocol` finds the
         wanted ranks from samples, counts and the few values inside its brackets. Sketches (and exact values
         when some process has a sketch) are pooled and merged in process order; exact per-channel values are
-        pooled."""
+        pooled. A bracketing state (`ctx.bracket`, one row) runs `bracket_protocol` instead."""
+        if self.bracketing:
+            return (yield from self._sync_bracket())
         rows = self.layout.rows if self.layout is not None else 0
         mode = "empty" if self.layout is None else "sketch" if self._sketch is not None else "exact"
         message = {
@@ -771,6 +844,48 @@ class QuantileState(StatState):
         self._final = {"min": lo, "max": hi, "range": hi - lo}
         self._release_exact()
 
+    def _sync_bracket(self) -> Generator:
+        """Merge a bracketing state: totals first, then `bracket_protocol` over every process's bracket or
+        head; a miss anywhere is a miss everywhere (the caller collects the statistic again)."""
+        message = {
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+            "seen": self._seen,
+            "left_out": self._left_out,
+            "form": None if self.layout is None else result_form(self.layout),
+        }
+        everyone = yield message
+        forms = [m["form"] for m in everyone if m["form"] is not None]
+        if not forms:
+            return
+        if self.layout is None:
+            self.layout = pseudo_layout(forms[0][1], forms[0][0])
+        self.count = sum(m["count"] for m in everyone)
+        self.nonfinite = sum(m["nonfinite"] for m in everyone)
+        self._seen = sum(m["seen"] for m in everyone)
+        lefts = [m["left_out"] for m in everyone if m["left_out"] is not None]
+        self._left_out = np.sum(lefts, axis=0).astype(np.int64) if lefts else None
+        finite = self._finite_per_row()
+        qs = (1.0 - self.q, self.q)
+        self._final = None
+        if int(finite[0]) == 0:
+            lo = hi = torch.full((1,), float("nan"))
+            self._final = {"min": lo, "max": hi, "range": hi - lo}
+        else:
+            bracket = self._bracket
+            local = bracket if bracket is not None else (self._exact.values()[0] if self._exact is not None else None)
+            missed = bracket is not None and bracket.overflowed
+            found = yield from bracket_protocol(local, wanted_ranks(qs, finite), missed)
+            if found is None:
+                self._missed = True
+            else:
+                lo, hi = quantiles_from_ranks(qs, finite, found)
+                self._final = {"min": lo, "max": hi, "range": hi - lo}
+        self._release_exact()
+        if self._bracket is not None:
+            self._bracket.release()
+            self._bracket = None
+
     def _release_exact(self) -> None:
         if self._exact is not None:
             self._exact.release()
@@ -790,6 +905,7 @@ def make_state(
     size_hint: int | None = None,
     plan_hint: int | None = None,
     eager: bool = True,
+    bracket: bool = False,
 ) -> StatState:
     """A fresh state for `spec`: the registered class's `from_spec(spec, StatContext(...))`.
 
@@ -802,8 +918,9 @@ def make_state(
         size_hint: the number of `update` calls expected (quantile buffers are sized for all at once).
         plan_hint: the number of `update` calls all processes expect together (decides exact or sketch).
         eager: fold per-batch partials as they come (False in a process of a distributed run).
+        bracket: a quantile over everything may keep only the values near its ranks (`bracket.py`).
     """
-    ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager)
+    ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager, bracket)
     return STAT_REGISTRY[spec.name].from_spec(spec, ctx)
 
 
