@@ -41,11 +41,18 @@ class _Stage:
     def __init__(self) -> None:
         self.flat: torch.Tensor | None = None
         self.buf: torch.Tensor | None = None
-        self.rows: list[torch.Tensor] = []  # buf[0], buf[1], ... (indexing costs a call per batch)
+        # buf[0], buf[1], ...: made on first use and kept (indexing costs a call per batch; making all of them
+        # up front with `unbind` costs ~1 ms per tensor, a fixed cost of every calibration)
+        self.rows: list[torch.Tensor | None] = []
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
         self.k = 0
         self.keys: list[int] = []
+
+    def row(self, k: int) -> torch.Tensor:
+        """`buf[k]`, made once."""
+        view = self.rows[k] = self.buf[k]
+        return view
 
 
 class TensorStats:
@@ -113,7 +120,8 @@ class TensorStats:
         shape = x.shape
         st = self._stage
         if st is not None and shape == st.shape and x.dtype is st.dtype:  # the common case: stage it
-            st.rows[st.k].copy_(x)
+            row = st.rows[st.k]
+            (st.row(st.k) if row is None else row).copy_(x)
             st.keys.append(key)
             st.k += 1
             if st.k == len(st.rows):
@@ -137,7 +145,8 @@ class TensorStats:
 
     def update_staged(self, x: torch.Tensor, key: int) -> None:
         st = self._stage
-        st.rows[st.k].copy_(x)
+        row = st.rows[st.k]
+        (st.row(st.k) if row is None else row).copy_(x)
         st.keys.append(key)
         st.k += 1
         if st.k == len(st.rows):
@@ -154,7 +163,7 @@ class TensorStats:
         if flat is None or flat.numel() < kmax * per or flat.dtype != x.dtype or flat.device != x.device:
             flat = st.flat = _empty(kmax * per, x.dtype, x.device)
         st.buf = flat[: kmax * per].view((kmax, *x.shape))
-        st.rows = list(st.buf.unbind(0))
+        st.rows = [None] * kmax
         st.shape, st.dtype = x.shape, x.dtype
 
     def flush(self) -> None:
