@@ -108,3 +108,16 @@ def test_two_processes_give_the_single_process_alpha(setup, budget):
     assert two.configs == single.configs
     assert passes(two) == passes(single)
     assert derived_values(two) == derived_values(single)
+
+
+def test_a_plan_without_its_derived_points_is_refused_not_worked_out_again(setup):
+    """The plan is the only door: the runtime does not decide on its own that α needs a statistic."""
+    import attrs
+
+    from ternqc.runtime.errors import UserError
+
+    plan, ckpt = setup
+    bare = attrs.evolve(plan, profile=tuple(p for p in plan.profile if p.reason != "derived"))
+    settings = pipeline.RunSettings(ckpt=ckpt, progress=False)
+    with pytest.raises(UserError, match="lists none there"):
+        pipeline.apply(pipeline.load_model(settings), bare, settings, rules="ternary_full.tq")
