@@ -205,3 +205,15 @@ def test_processes_merge_brackets_to_the_single_process_answer(world, drift):
 
 def test_bracket_width_is_a_module_constant():
     assert 0 < bracket_mod.WIDTH < 0.1
+
+
+def test_more_calls_than_planned_turn_to_brackets_not_to_a_sketch():
+    """Planned small (one update), fed many: the exact buffer's room runs out and brackets take over."""
+    batches = gaussian(n_batches=6, shape=(64, 2048))
+    budget = QuantileBudget(3 * 2**20)
+    ts = TensorStats([quantile(0.5)], bracket=True, quantile_budget=budget, plan_hint=1, size_hint=1)
+    for i, b in enumerate(batches):
+        ts.update(b, i)
+    (result,) = ts.results().values()
+    assert result.get("exact", True)
+    assert (result["min"], result["max"]) == reference(batches, 0.5)

@@ -614,8 +614,9 @@ class QuantileState(StatState):
         rows = self.layout.rows
         self._promise(rows)
         self._exact = ExactValues(rows, self.budget)
-        if self.bracketing and (not self.plan_hint or per_update * self.plan_hint > 2 * HEAD_VALUES):
-            self._head = True  # keep the head, then brackets (`_begin_bracket`)
+        planned = per_update * (self.plan_hint or 0)
+        if self.bracketing and (not planned or planned > 2 * HEAD_VALUES or planned * 4 > self.budget.available):
+            self._head = True  # keep the head, then brackets (`_begin_bracket`); never a sketch
             return
         if not self.plan_hint:
             return
@@ -658,6 +659,9 @@ class QuantileState(StatState):
                 slot = self._exact.slot(m)
                 if slot is not None:
                     write_rows(slot, x, lay)
+                    return
+                if self.bracketing:  # more values than planned (a module called more often): brackets
+                    self._begin_bracket((rows_view(x, lay)[0], m - block.bad))
                     return
                 self._to_sketch()
         self._sketch.add(rows_view(x, lay))
