@@ -11,7 +11,7 @@ the per-repetition ratios. Rows for the default 256 MiB quantile budget and for 
 Fixed cost: calibration of toy on one batch of 128 minus the plain forward of that batch (set-up: states,
 parameter statistics, hooks; finish: results, table), medians of interleaved runs.
 
-    .venv/bin/python bench/apply_cost.py [--quick]
+    .venv/bin/python bench/apply_cost.py [--quick]     # --quick: the MLP only
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def fixed_cost(reps: int) -> tuple[float, float]:
 
 def run(quick: bool = False) -> str:
     rows = []
-    for name, budgets in (("mlp", (256.0, 1024.0)), ("transformer", (256.0,))):
+    workloads = (("mlp", (256.0, 1024.0)),) if quick else (("mlp", (256.0, 1024.0)), ("transformer", (256.0,)))
+    for name, budgets in workloads:
         for budget in budgets:
             ratio, spread, ones, _ = measure(name, (QUICK_REPS if quick else REPS)[name], budget)
             rows.append([name, f"{budget:g} MiB", f"{ratio:.2f}", spread, ones, TARGET, verdict(ratio, TARGET)])
