@@ -110,6 +110,14 @@ class Bracket:
                     return
                 slot[0] = mids
 
+    def reserve(self, seen: int, coming: int) -> None:
+        """Size each group's buffer once for `coming` more values, from the share of the `seen` values that
+        fell inside it (+25%): growing by doubling would leave the smaller buffers in the pool."""
+        if seen <= 0 or coming <= 0:
+            return
+        for values in self.inside:
+            values.reserve(values.n + int(values.n / seen * coming * 1.25) + 4096)
+
     def overflow(self) -> None:
         self.overflowed = True
         self.release()

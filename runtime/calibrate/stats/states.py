@@ -558,6 +558,7 @@ class QuantileState(StatState):
         self._left_out: np.ndarray | None = None  # per row, when any
         self._promised = 0  # bytes promised to this state's sketch in the budget
         self._head = False  # bracketing: the exact buffer is the head the brackets are placed from
+        self._per_update = 0  # values per update, from the first batch (sizes the bracket buffers)
         self._bracket: Bracket | None = None
         self._missed = False
         if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
@@ -647,7 +648,8 @@ class QuantileState(StatState):
             return
         if self._sketch is None:
             if self._exact is None:
-                self._start(m // block.k)
+                self._per_update = m // block.k
+                self._start(self._per_update)
             if self._head:
                 slot = self._exact.slot(m)
                 if slot is not None:
@@ -675,6 +677,8 @@ class QuantileState(StatState):
         finite = head.size - (int(np.count_nonzero(np.isnan(head))) if self._left_out is not None else 0)
         if head.size:
             self._bracket.add(head, finite)
+            planned = self._per_update * (self.size_hint or self.plan_hint or 0)
+            self._bracket.reserve(head.size, planned - head.size)
         self._release_exact()
         self._head = False
         if extra is not None:
