@@ -20,6 +20,9 @@ from ternqc.compiler.ast import Span
 
 #: How many diagnostics `CompileError.render` shows before "… and N more".
 RENDER_LIMIT = 20
+#: Longest message (or hint) and source excerpt a diagnostic shows, in characters.
+MESSAGE_LIMIT = 400
+SOURCE_LIMIT = 160
 
 
 @frozen
@@ -42,9 +45,9 @@ class Diagnostic:
 
     def render(self) -> str:
         """`path:line:col: severity: message; hint`, then the source line with a caret under the span."""
-        head = f"{self.span}: {self.severity}: {self.message}"
+        head = f"{self.span}: {self.severity}: {_clip(self.message, MESSAGE_LIMIT)}"
         if self.hint:
-            head += f"; {self.hint}"
+            head += f"; {_clip(self.hint, MESSAGE_LIMIT)}"
         if self.span.line == 0:
             return head
         text = self.source_line.rstrip("\n")
@@ -54,6 +57,12 @@ class Diagnostic:
             width = self.span.end_col - self.span.col
         else:  # a span over several lines (or an empty one): underline to the end of the first line
             width = max(len(text.rstrip()) - start, 1)
+        if len(text) > SOURCE_LIMIT:  # a window around the caret: a 100k-character line is not shown whole
+            left = max(0, start - SOURCE_LIMIT // 4)
+            shown = text[left : left + SOURCE_LIMIT]
+            text = ("…" if left else "") + shown + ("…" if left + SOURCE_LIMIT < len(text) else "")
+            start = start - left + (1 if left else 0)
+            width = max(1, min(width, SOURCE_LIMIT - (start - (1 if left else 0))))
         pad = "".join("\t" if c == "\t" else " " for c in text[:start])
         return "\n".join(
             [
@@ -62,6 +71,14 @@ class Diagnostic:
                 f"    {' ' * len(gutter)} | {pad}{'^' * width}",
             ]
         )
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text`, its middle cut out when longer than `limit` characters (a 100k-character name in a message)."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}…[{len(text) - 2 * keep} characters]…{text[-keep:]}"
 
 
 def with_sources(diagnostics: Iterable[Diagnostic], sources: dict[str, str]) -> list[Diagnostic]:
@@ -101,9 +118,33 @@ class CompileError(Exception):
         return self.render()
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions; a swap of neighbours counts one)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, prev2[j - 2] + 1)
+            cur.append(cost)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def close_matches(word: str, known: Iterable[str], n: int = 1) -> list[str]:
+    """Known names close to `word`: similar (difflib) and a few edits away (at most a third of the word,
+    at least 2), so a long shared prefix alone (`weight_group_size` / `weight_scale`) is not close."""
+    known = list(known)
+    limit = max(2, len(word) // 3)
+    candidates = difflib.get_close_matches(word, known, n=max(n, 5), cutoff=0.6)
+    return [c for c in candidates if edit_distance(word, c) <= limit][:n]
+
+
 def did_you_mean(word: str, known: Iterable[str]) -> str:
-    """A hint "did you mean 'x'?" when a known name is close to `word`, else ""."""
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    """A hint "did you mean 'x'?" when a known name is close to `word` (`close_matches`), else ""."""
+    close = close_matches(word, known)
     return f"did you mean '{close[0]}'?" if close else ""
 
 

@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
 
 def run(setup, budget_mib, monkeypatch=None, seen=None):
     plan, ckpt = setup
-    settings = pipeline.RunSettings(ckpt=ckpt, progress=False, quantile_budget_mib=budget_mib)
+    settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=budget_mib)
     if monkeypatch is not None:
         real = loop.calibrate
 
@@ -85,7 +85,7 @@ def test_alpha_by_hand_equals_numpy(setup):
     """α = mean |x| over |x| > Δ of seq_blocks.2's input over the calibration batches (numpy, float64)."""
     result = run(setup, ALL_FIT)
     plan, ckpt = setup
-    settings = pipeline.RunSettings(ckpt=ckpt, progress=False)
+    settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False)
     model = pipeline.load_model(settings)
     seen = []
     handle = model.seq_blocks[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
@@ -102,7 +102,7 @@ def test_alpha_by_hand_equals_numpy(setup):
 @pytest.mark.parametrize("budget", [ALL_FIT, SOME_FIT])
 def test_two_processes_give_the_single_process_alpha(setup, budget):
     plan, ckpt = setup
-    settings = pipeline.RunSettings(ckpt=ckpt, progress=False, quantile_budget_mib=budget)
+    settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=budget)
     single = workers.apply_worker(plan.to_dict(), settings, "ternary_full.tq")
     two = workers.run_workers(2, workers.apply_worker, plan.to_dict(), settings, "ternary_full.tq")
     assert two.configs == single.configs
@@ -118,6 +118,6 @@ def test_a_plan_without_its_derived_points_is_refused_not_worked_out_again(setup
 
     plan, ckpt = setup
     bare = attrs.evolve(plan, profile=tuple(p for p in plan.profile if p.reason != "derived"))
-    settings = pipeline.RunSettings(ckpt=ckpt, progress=False)
+    settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False)
     with pytest.raises(UserError, match="lists none there"):
         pipeline.apply(pipeline.load_model(settings), bare, settings, rules="ternary_full.tq")
