@@ -22,7 +22,7 @@ from attrs import frozen
 from torch import nn
 
 from ternqc.runtime.models.batches import call_model
-from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant, as_tensor, quantize
+from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
 
 #: Bins of a weight histogram (over the tensor's exact range).
 WEIGHT_BINS = 64
@@ -134,10 +134,12 @@ class ObservedInputs:
     errors: dict[str, float | None]  # module path -> ‖x - q(x)‖₂ / ‖x‖₂ over the calibration batches
 
 
-def quantize_input(x: torch.Tensor, tq: TensorQuant) -> torch.Tensor:
-    """q(x) as the converted module will compute it from its config: α·T(x) with scaling, T(x) without."""
-    alpha = None if tq.alpha is None else as_tensor(tq.alpha, x)
-    return quantize(x, as_tensor(tq.delta, x), alpha, tq.scaling and alpha is not None)
+def input_quantiser(tq: TensorQuant, like: torch.Tensor, op: str) -> nn.Module:
+    """The function `x -> q(x)` a converted module applies to its input (the module's own quantiser, so every
+    quantiser kind and dynamic scales are what conversion will use)."""
+    from ternqc.runtime.quantize.modules import TernaryInput
+
+    return TernaryInput(tq, like, op)
 
 
 @contextmanager
@@ -149,13 +151,16 @@ def _input_hooks(model: nn.Module, configs: dict[str, ModuleQuant]) -> Iterator[
     def hook_for(path: str, mq: ModuleQuant):
         tq = mq.tensor("data_in")
         entry = state.setdefault(path, [_Growing(ACTIVATION_BINS), 0.0, 0.0])
+        quantiser: list[nn.Module] = []  # built at the first call, like the input it quantises
 
         def hook(_module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
             x = args[0].detach()
             entry[0].update(x)
-            q = quantize_input(x, tq)
+            if not quantiser:
+                quantiser.append(input_quantiser(tq, x, mq.op))
+            q = quantiser[0](x)
             # float32 sums per batch into float64 totals (PITFALLS: upcasting whole tensors is slow)
             entry[1] += float(torch.sum((x - q) ** 2, dtype=torch.float32))
             entry[2] += float(torch.sum(x * x, dtype=torch.float32))

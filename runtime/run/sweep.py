@@ -91,7 +91,7 @@ def run_sweep(
         key = _profile_key(plan)
         if key not in profiled:
             data = pipeline.dataset_data(plan, settings, evaluation=True)
-            profiled[key] = data, pipeline.profile(model, plan, settings, data)
+            profiled[key] = data, pipeline.profile(model, plan, settings, data, derived=True)
             notes.extend(n for n in profiled[key][1].notes if n not in notes)
         data, stats = profiled[key]
         result = pipeline.apply(copy.deepcopy(model), plan, settings, rules=rules, data=data, profiled=stats)
