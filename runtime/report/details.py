@@ -81,7 +81,7 @@ def _param_details(module: nn.Module, tensor: str) -> dict[str, Any]:
         q = quantized_param(module, tensor)
     out = {"histogram": tensor_histogram(p).to_dict(), "rel_l2_error": relative_l2(p, q)}
     delta = quantiser.delta
-    if delta.numel() > 1:
+    if delta is not None and delta.numel() > 1:
         # per channel, one picture for every channel: each value over its own Δ, so ±1 is the threshold
         with torch.no_grad():
             ratio = p.double() / delta.double()
