@@ -1,4 +1,4 @@
-"""Command handlers behind `ternqc compile | train | profile | apply | map | demo`, and `COMMANDS`, the table
+"""Command handlers behind `ternqc compile | train | profile | apply | finetune | map | demo`, and `COMMANDS`, the table
 `cli.main` dispatches through.
 
 Each takes the parsed argparse namespace and returns an exit code. This is the one place where the two
@@ -82,10 +82,12 @@ def _settings(args: argparse.Namespace):
     if not args.quantile_budget_mib >= 0:  # also refuses NaN
         msg = f"--quantile-budget-mib must be a number >= 0, got {args.quantile_budget_mib}"
         raise UserError(msg)
+    from ternqc.runtime.models.builtin import default_dataset
+
     return RunSettings(
         model=args.model,
         ckpt=args.ckpt,
-        dataset=args.dataset,
+        dataset=args.dataset or default_dataset(args.model),
         samples=args.samples,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -100,11 +102,12 @@ def _print_notes(notes) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
+    from ternqc.runtime.models.builtin import default_dataset
     from ternqc.runtime.models.train import run_train
 
     result = run_train(
         args.model,
-        args.dataset,
+        args.dataset or default_dataset(args.model),
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -176,6 +179,45 @@ def apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune(args: argparse.Namespace) -> int:
+    """`ternqc finetune`: what `apply` does, then fine-tuning with the quantisers in the loop (one process,
+    `--workers N` or every process of a torchrun job, data-parallel); rank 0 writes `apply`'s four outputs,
+    with the fine-tuned model, and prints the accuracy before and after."""
+    from ternqc.render import render_explain
+    from ternqc.runtime.run import pipeline, workers
+    from ternqc.runtime.run.finetune import FinetuneSettings
+
+    plan, source = load_plan(args.rules, args.plan)
+    settings = _settings(args)
+    tune = FinetuneSettings(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.train_batch_size,
+        learn_activations=not args.fixed_activations,
+        distill=args.distill,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    tune.check()
+    tuned, writes = _calibrate_in_processes(args, workers.finetune_worker, plan.to_dict(), settings, tune, source)
+    if not writes:
+        return 0
+    result = tuned.result
+    _print_notes(result.profile.notes)
+    written = pipeline.write_apply_outputs(args.out, result, settings, plan)
+    if args.explain:
+        print(render_explain(result.mapping))
+    print(format_layer_table(result.report))
+    print(
+        f"\nvalidation accuracy: float {result.float_accuracy:.4f}  ternary {tuned.post_training_accuracy:.4f}"
+        f" post-training, {result.ternary_accuracy:.4f} after {tune.epochs} epochs of fine-tuning"
+        f"  ({settings.dataset}, rules {source})"
+    )
+    print("wrote " + ", ".join(written))
+    return 0
+
+
 def map_stats(args: argparse.Namespace) -> int:
     from ternqc.render import render_explain
     from ternqc.runtime.io.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
@@ -219,6 +261,7 @@ COMMANDS = {
     "train": train,
     "profile": profile,
     "apply": apply,
+    "finetune": finetune,
     "map": map_stats,
     "demo": demo,
 }

@@ -1,5 +1,5 @@
 """`--workers N`: N local processes on 127.0.0.1 that form a gloo group, and the worker entry points of the
-commands that calibrate (`profile_worker`, `apply_worker`).
+commands that calibrate (`profile_worker`, `apply_worker`, `finetune_worker`).
 
 In: a module-level function and picklable arguments. Out: rank 0's return value (pickled back), or the first
 worker's `UserError`.
@@ -152,3 +152,18 @@ def apply_worker(plan_dict: dict, settings, rules: str) -> Any:
     plan, model = _prepared(plan_dict, settings)
     result = pipeline.apply(model, plan, settings, rules=rules)
     return attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
+
+
+def finetune_worker(plan_dict: dict, settings, tune, rules: str) -> Any:
+    """`finetune.finetune` in every process (calibration sharded and merged, training data-parallel); returns
+    rank 0's `FinetuneResult` without the calibration batches. For
+    `run_workers(n, finetune_worker, plan.to_dict(), settings, tune, source)`."""
+    import attrs
+
+    from ternqc.runtime.run.finetune import finetune
+
+    plan, model = _prepared(plan_dict, settings)
+    tuned = finetune(model, plan, settings, tune, rules=rules)
+    result = tuned.result
+    result = attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
+    return attrs.evolve(tuned, result=result)

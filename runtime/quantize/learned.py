@@ -1,0 +1,193 @@
+"""A ternary activation quantiser with a learned step (LSQ, Esser et al. 2020), for fine-tuning.
+
+In: a ternary module's calibrated data_in Δ and α. Out: `LearnedTernary`, an `nn.Module` whose parameter
+`step` (s) is trained with the model, and `learned_activations(model)`, a context manager that puts one in
+front of every ternary module's quantised, scaled data_in for the duration of a fine-tuning run and writes
+what was learned back into the module's Δ/α buffers when it ends.
+
+The quantiser, with r = Δ/α fixed from calibration (so Δ = r·s and α = s move together):
+
+    q(x) = s · T(clamp(x / s, -1, 1); r)        T(v; r) = +1 if v > r, -1 if v < -r, else 0
+
+which is the module's own `α·T(x; Δ)` with α = s, Δ = r·s (|x| > s maps to ±1 either way). Gradients, as in
+LSQ with the rounding replaced by T: for x, the identity where |x| ≤ s and 0 where the input saturates; for s,
+`T(v) - v` where |v| ≤ 1 and `sign(v)` beyond, scaled by `1/sqrt(features)` (LSQ's gradient scale, with
+features = the number of values of one input sample that one step governs, read from the input, and Q_P = 1). With r = 1/2 this is LSQ's
+ternary case exactly: `s · clamp(round(x / s), -1, 1)`.
+
+A step may be a scalar or per channel (any shape that broadcasts against one input sample, as the calibrated
+α). Δ or α of 0 (an input that was all zeros in calibration) keeps r = 1/2 and a tiny positive step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ternqc.runtime.quantize.modules import TernaryModule
+
+#: Smallest step: keeps x / s finite if training pushes a step to zero.
+MIN_STEP = 1e-8
+#: r when calibration gives no usable Δ/α (LSQ's ternary rounding point).
+DEFAULT_RATIO = 0.5
+
+
+def _scaled(p: torch.Tensor, scale: float) -> torch.Tensor:
+    """`p` in the forward pass; `scale · grad` in the backward pass (LSQ's gradient scaling)."""
+    return (p - p * scale).detach() + p * scale
+
+
+class LearnedTernary(nn.Module):
+    """q(x) = s·T(clamp(x/s, -1, 1); r) with a learned step s (see the module docstring).
+
+    Args:
+        delta: the calibrated Δ (a tensor, scalar or per channel).
+        alpha: the calibrated α, same shape as Δ or broadcastable with it.
+    """
+
+    def __init__(self, delta: torch.Tensor, alpha: torch.Tensor) -> None:
+        super().__init__()
+        delta, alpha = torch.broadcast_tensors(delta.detach().float(), alpha.detach().float())
+        usable = (alpha > 0) & (delta > 0)
+        ratio = torch.where(usable, delta / alpha.clamp(min=MIN_STEP), torch.full_like(alpha, DEFAULT_RATIO))
+        step = torch.where(usable, alpha, (delta / DEFAULT_RATIO).clamp(min=MIN_STEP))
+        self.step = nn.Parameter(step.clone())
+        self.register_buffer("ratio", ratio.clamp(max=1.0).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = max(1, math.prod(x.shape[1:]) // max(self.step.numel(), 1))
+        s = _scaled(self.step, 1.0 / math.sqrt(features)).clamp(min=MIN_STEP).to(x.dtype)
+        v = (x / s).clamp(-1.0, 1.0)
+        r = self.ratio.to(x.dtype)
+        t = (v > r).to(x.dtype) - (v < -r).to(x.dtype)
+        return (v + (t - v).detach()) * s
+
+    @torch.no_grad()
+    def delta_alpha(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantiser as the module stores it: (Δ = r·s, α = s)."""
+        s = self.step.detach().clamp(min=MIN_STEP)
+        return self.ratio * s, s.clone()
+
+    def extra_repr(self) -> str:
+        return f"step={tuple(self.step.shape) or 'scalar'}"
+
+
+def learnable_modules(model: nn.Module) -> list[tuple[str, TernaryModule]]:
+    """`(path, module)` of every ternary module whose data_in is quantised with a scale α (those get a learned
+    step; an unscaled data_in keeps its calibrated Δ)."""
+    return [
+        (path, m)
+        for path, m in model.named_modules()
+        if isinstance(m, TernaryModule)
+        and getattr(m, "data_in_delta", None) is not None
+        and getattr(m, "data_in_alpha", None) is not None
+    ]
+
+
+@contextlib.contextmanager
+def learned_activations(model: nn.Module) -> Iterator[dict]:
+    """Give every ternary module's scaled data_in a `LearnedTernary` for the duration of the block.
+
+    On entry each such module gets a child `data_in_learned` (so its step is one of `model.parameters()`, and
+    DistributedDataParallel sees it) and a forward pre-hook that quantises the input with it; the module's own
+    data_in quantiser is switched off meanwhile (its Δ buffer is parked). On exit, normally or not, the hooks
+    and children are removed, and the learned Δ = r·s and α = s are copied into the module's `data_in_delta` /
+    `data_in_alpha` buffers, so the module, its `state_dict` and a ternary checkpoint carry the learned values
+    and need nothing from this file to run.
+
+    Args:
+        model: a converted model (ternary modules in place).
+
+    Yields:
+        `{path: LearnedTernary}`, the quantisers in use.
+    """
+    quantizers: dict[str, LearnedTernary] = {}
+    parked: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for path, module in learnable_modules(model):
+            q = LearnedTernary(module.data_in_delta, module.data_in_alpha)
+            q.to(device=module.data_in_delta.device)
+            module.add_module("data_in_learned", q)
+            parked[path] = module._buffers["data_in_delta"]
+            module._buffers["data_in_delta"] = None  # the module's own quantiser passes x through
+            handles.append(module.register_forward_pre_hook(_quantize_first))
+            quantizers[path] = q
+        yield quantizers
+    finally:
+        for h in handles:
+            h.remove()
+        modules = dict(model.named_modules())
+        for path, q in quantizers.items():
+            module = modules[path]
+            delta, alpha = q.delta_alpha()
+            old = parked[path]
+            module._buffers["data_in_delta"] = delta.reshape(old.shape).to(old.dtype)
+            module._buffers["data_in_alpha"].copy_(alpha.reshape(module.data_in_alpha.shape))
+            del module._modules["data_in_learned"]
+
+
+def _quantize_first(module: nn.Module, args: tuple):
+    x, *rest = args
+    return (module._modules["data_in_learned"](x), *rest)
+
+
+
+
+@contextlib.contextmanager
+def tracked_weight_thresholds(model: nn.Module) -> Iterator[None]:
+    """Keep every ternary weight's Δ in a fixed ratio to its mean |W| while the block runs (fine-tuning).
+
+    A rule such as Δ = 0.7·mean|W| is evaluated once, on the float weights; as training moves the weights the
+    calibrated Δ would drift away from the rule. Here Δ = c·mean|W| at every forward in training mode, with
+    `c` = calibrated Δ / mean|W| at entry, per element of Δ (a per-channel Δ has a per-channel c, the mean
+    taken over the elements that Δ governs). A weight whose mean |W| is 0 at entry keeps its Δ.
+    """
+    handles = []
+    try:
+        for module in model.modules():
+            if not isinstance(module, TernaryModule):
+                continue
+            delta = getattr(module, "weight_delta", None)
+            weight = getattr(module, "weight", None)
+            if delta is None or weight is None:
+                continue
+            dims = _governed_dims(delta, weight)
+            with torch.no_grad():
+                mean = _abs_mean(weight, dims, delta.shape)
+                ratio = torch.where(mean > 0, delta / mean.clamp(min=MIN_STEP), torch.zeros_like(delta))
+            handles.append(module.register_forward_pre_hook(_tracker(ratio, dims)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _governed_dims(delta: torch.Tensor, weight: torch.Tensor) -> list[int]:
+    """The dimensions of `weight` that one element of Δ covers (where Δ, right-aligned, has size 1)."""
+    padded = (1,) * (weight.dim() - delta.dim()) + tuple(delta.shape)
+    return [i for i, s in enumerate(padded) if s == 1]
+
+
+def _abs_mean(weight: torch.Tensor, dims: list[int], shape: torch.Size) -> torch.Tensor:
+    a = weight.detach().abs()
+    return (a.mean(dim=dims, keepdim=True) if dims else a).reshape(shape)
+
+
+def _tracker(ratio: torch.Tensor, dims: list[int]):
+    def hook(module: nn.Module, args: tuple) -> None:
+        if not module.training:
+            return
+        delta = module._buffers["weight_delta"]
+        with torch.no_grad():
+            new = torch.where(ratio > 0, ratio * _abs_mean(module.weight, dims, delta.shape), delta)
+            delta.copy_(new)
+
+    return hook
+
+
+__all__ = ["LearnedTernary", "learnable_modules", "learned_activations", "tracked_weight_thresholds"]
