@@ -127,7 +127,7 @@ def finetune(
     )
     extra = {
         "post_training_accuracy": post.ternary_accuracy,
-        "finetune": {**attrs.asdict(tune), "history": [attrs.asdict(h) for h in history]},
+        "finetune": {**attrs.asdict(tune, filter=lambda a, _: a.name != "progress"), "history": [attrs.asdict(h) for h in history]},
     }
     result = rebuild_after_training(post, val_ds, extra=extra)
     return FinetuneResult(result=result, post_training_accuracy=post.ternary_accuracy, history=history)
@@ -212,17 +212,21 @@ def rebuild_after_training(post: ApplyResult, val_ds: Dataset, *, extra: dict[st
     mapped = dict(post.mapping.modules)
     for path, mq in post.configs.items():
         module = modules.get(path)
-        if not isinstance(module, TernaryModule) or module.data_in_delta is None:
+        if not isinstance(module, TernaryModule):
             continue
-        delta = module.data_in_delta.tolist()
-        alpha = None if module.data_in_alpha is None else module.data_in_alpha.tolist()
-        tq = attrs.evolve(mq.tensor("data_in"), delta=delta, alpha=alpha)
-        configs[path] = attrs.evolve(mq, tensors={**mq.tensors, "data_in": tq})
-        if path in mapped:
-            params = {**mapped[path].params, "data_in_threshold": delta}
+        tensors, params = dict(mq.tensors), {}
+        for t, tq in mq.tensors.items():
+            delta = getattr(module, f"{t}_delta", None)
+            if not tq.quantize or delta is None:
+                continue
+            alpha = getattr(module, f"{t}_alpha", None) if t == "data_in" else None
+            tensors[t] = attrs.evolve(tq, delta=delta.tolist(), alpha=tq.alpha if alpha is None else alpha.tolist())
+            params[f"{t}_threshold"] = delta.tolist()
             if alpha is not None:
-                params["data_in_scale"] = alpha
-            mapped[path] = attrs.evolve(mapped[path], params=params)
+                params[f"{t}_scale"] = alpha.tolist()
+        configs[path] = attrs.evolve(mq, tensors=tensors)
+        if path in mapped and params:
+            mapped[path] = attrs.evolve(mapped[path], params={**mapped[path].params, **params})
     report = pipeline.build_report(model, configs, post.float_accuracy, accuracy, zeros)
     report.update(extra)
     mapping = attrs.evolve(post.mapping, modules=mapped)
