@@ -2,7 +2,8 @@
 
 Tables: calibration / plain forward (toy, MLP, transformer); quantile methods (exact buffers, sketch,
 numpy, torch); ternary forward / float forward; `ternqc compile` wall time; calibration of the MLP in 1 vs 2
-processes; peak memory with N vs 4N batches. Each states its target and PASS/MISS with the margin. About
+processes; peak memory with N vs 4N batches; accuracy of the shipped recipes on digits and toy-tiny,
+post-training and fine-tuned. Each states its target and PASS/MISS with the margin. About
 5 minutes on a 2-core machine; `--quick` runs fewer repetitions and smaller cases (about 2 minutes).
 Timings on a shared machine vary by 30-100% from run to run: ratios are medians of interleaved runs.
 
@@ -18,6 +19,7 @@ import statistics
 import sys
 import time
 
+import accuracy
 import calibration
 import compile_time
 import memory
@@ -54,6 +56,7 @@ SECTIONS = {
     "compile": compile_table,
     "processes": processes.run,
     "memory": memory.run,
+    "accuracy": accuracy.run,
 }
 
 

@@ -112,3 +112,13 @@ def test_rules_that_convert_nothing_have_nothing_to_finetune(digits_ckpt):
     settings = _settings(digits_ckpt)
     with pytest.raises(UserError, match="nothing to fine-tune"):
         finetune(load_model(settings), plan, settings, TUNE, rules="none.tq")
+
+
+def test_python_entry_point_writes_outputs(digits_ckpt, tmp_path):
+    import ternqc
+
+    tuned = ternqc.finetune("digits-mlp", digits_ckpt, "weights_only.tq", epochs=1, out=tmp_path, progress=False)
+    assert tuned.result.ternary_accuracy >= tuned.post_training_accuracy - 0.01
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(APPLY_OUTPUTS)
+    with pytest.raises(UserError, match="no built-in recipe"):
+        ternqc.finetune("digits-mlp", digits_ckpt, "nope.tq", epochs=1, progress=False)
