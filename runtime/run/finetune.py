@@ -114,6 +114,8 @@ def finetune(
     tune.check()
     teacher = copy.deepcopy(model).eval() if tune.distill > 0 else None
     post = apply(model, plan, settings, rules=rules)
+    if not any(isinstance(m, TernaryModule) for m in model.modules()):
+        raise UserError(f"nothing to fine-tune: the rules {rules} converted no module of the model to ternary")
     train_ds = build_dataset(settings.dataset, "train")
     val_ds = build_dataset(settings.dataset, "validation")
     history = train_quantized(
@@ -144,6 +146,7 @@ def train_quantized(
     val_name: str | None = None,
 ) -> tuple[EpochRecord, ...]:
     """Train a converted `model` in place (module docstring); it ends in eval mode with refreshed caches.
+    A float model trains the same way (a baseline: the same schedule without quantisers).
 
     Returns:
         One `EpochRecord` per epoch.
@@ -152,8 +155,6 @@ def train_quantized(
         UserError: bad settings, no trainable parameter, the model rejects the data, or the loss diverged.
     """
     tune.check()
-    if not any(isinstance(m, TernaryModule) for m in model.modules()):
-        raise UserError("nothing to fine-tune: the rules converted no module of the model to ternary")
     train_shown = train_name or type(train_ds).__name__
     history: list[EpochRecord] = []
     desc = LiveDesc("finetune")
