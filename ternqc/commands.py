@@ -167,7 +167,7 @@ def apply(args: argparse.Namespace) -> int:
     if not writes:
         return 0
     _print_notes(result.profile.notes)
-    written = pipeline.write_apply_outputs(args.out, result, settings, plan)
+    written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))

@@ -184,21 +184,23 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any
     return meta
 
 
-def _check_plain(value: Any, where: str) -> None:
-    """Only what `torch.load(weights_only=True)` reads back: tensors, numbers, strings, None, containers."""
+def non_plain_entry(value: Any, where: str) -> str | None:
+    """The first entry of `value` that `torch.load(weights_only=True)` would not read back (tensors, numbers,
+    strings, None, lists, tuples and dicts with str/int keys are fine), described as "`where[...]` is a
+    set"; None when everything is plain."""
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return
+        return None
     if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
-        return
+        return next((p for i, v in enumerate(value) if (p := non_plain_entry(v, f"{where}[{i}]"))), None)
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int)):
-                raise TypeError(f"checkpoint entry {where} has a key of type {type(k).__name__}")
-            _check_plain(v, f"{where}[{k!r}]")
-        return
-    raise TypeError(f"checkpoint entry {where} is a {type(value).__name__}; only tensors and plain values")
+                return f"{where} has a key of type {type(k).__name__}"
+            problem = non_plain_entry(v, f"{where}[{k!r}]")
+            if problem:
+                return problem
+        return None
+    return f"{where} is a {type(value).__name__}, not a plain value"
 
 
 def save_lightning_checkpoint(
@@ -245,7 +247,9 @@ def save_lightning_checkpoint(
         if k in checkpoint:
             raise ValueError(f"extra entry {k!r} would replace a standard checkpoint entry")
         checkpoint[k] = v
-    _check_plain({k: v for k, v in checkpoint.items() if k != "state_dict"}, "checkpoint")
+    problem = non_plain_entry({k: v for k, v in checkpoint.items() if k != "state_dict"}, "checkpoint")
+    if problem:
+        raise TypeError(f"checkpoint entry {problem}")
 
     with atomic_path(path) as tmp:
         try:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.atomic import atomic_path
+from ternqc.runtime.io.checkpoints import non_plain_entry
 from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
 from ternqc.runtime.quantize.quantizers import ModuleQuant
 
@@ -107,8 +108,10 @@ def save_ternary_checkpoint(
     if clash:
         msg = f"cannot save {os.fspath(path)!r}: extra keys {clash} are reserved by the checkpoint format"
         raise UserError(msg)
-    for key, value in extra.items():
-        _check_plain(value, f"extra[{key!r}]", path)
+    problem = non_plain_entry(extra, "extra")
+    if problem:
+        msg = f"cannot save {os.fspath(path)!r}: {problem}"
+        raise UserError(msg)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -182,22 +185,3 @@ def load_ternary_checkpoint(
     model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("configs", "state_dict")}
     return model, configs, meta
-
-
-def _check_plain(value: Any, where: str, path: Any) -> None:
-    """Only what `torch.load(weights_only=True)` reads back: tensors, numbers, str, None, lists, dicts."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]", path)
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                break
-            _check_plain(v, f"{where}[{k!r}]", path)
-        else:
-            return
-    msg = f"cannot save {os.fspath(path)!r}: {where} is a {type(value).__name__}, not a plain value"
-    raise UserError(msg)

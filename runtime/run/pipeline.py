@@ -295,7 +295,7 @@ def build_report(
     return {"float_accuracy": float_acc, "ternary_accuracy": ternary_acc, "nodes": nodes}
 
 
-def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings, plan: Plan) -> list[str]:
+def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings) -> list[str]:
     """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`, all or
     nothing; return the paths written.
 

@@ -81,7 +81,11 @@ def test_quantisable_types_have_the_documented_tensors() -> None:
 
 
 def test_name_and_glob_selectors_leave_tensors_to_the_runtime() -> None:
-    compile_('"seq_blocks.1".weight_max = 1\n"x.*".bias_width = 2\nprofile "x".data_in_3: abs_mean')
+    """The compiler cannot know which tensors a named module has: it keeps such rules for the runtime."""
+    p = compile_('"seq_blocks.1".weight_max = 1\n"x.*".bias_width = 2\nprofile "x".data_in_3: abs_mean').plan
+    got = {(b.selector.kind, b.selector.pattern, b.param) for b in p.bindings}
+    assert got == {("name", "seq_blocks.1", "weight_max"), ("glob", "x.*", "bias_width")}
+    assert [(pt.selector.kind, pt.selector.pattern, pt.tensor) for pt in p.profile] == [("name", "x", "data_in_3")]
 
 
 # --- values and expressions ------------------------------------------------------------------------------

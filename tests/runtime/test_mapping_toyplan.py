@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from ternqc.plan import Binding, Calibration, Const, Origin, Plan, ProfilePoint, Selector, StatRef, StatSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,11 +54,10 @@ def test_hand_built_plan_follows_the_shipped_recipe_lines():
 
 
 def compiled_toy_plan() -> Plan:
-    """The compiler's plan of configs/toy_ternary.tq; skips the test while the compiler lacks compile_file."""
-    compiler = pytest.importorskip("ternqc.compiler")
-    if not hasattr(compiler, "compile_file"):
-        pytest.skip("ternqc.compiler.compile_file does not exist yet")
-    return compiler.compile_file(str(TOY_TQ)).plan
+    """The compiler's plan of configs/toy_ternary.tq."""
+    from ternqc.compiler import compile_file
+
+    return compile_file(str(TOY_TQ)).plan
 
 
 def test_compiled_recipe_has_the_hand_built_bindings():
