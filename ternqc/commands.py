@@ -205,7 +205,7 @@ def finetune(args: argparse.Namespace) -> int:
         return 0
     result = tuned.result
     _print_notes(result.profile.notes)
-    written = pipeline.write_apply_outputs(args.out, result, settings, plan)
+    written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))

@@ -83,5 +83,5 @@ def finetune(
                             distill=distill, seed=seed, progress=progress)
     tuned = run_finetune(module.eval(), plan, settings, tune, rules=path)
     if out is not None:
-        pipeline.write_apply_outputs(os.fspath(out), tuned.result, settings, plan)
+        pipeline.write_apply_outputs(os.fspath(out), tuned.result, settings)
     return tuned
