@@ -107,6 +107,8 @@ def run(quick: bool) -> str:
                 rows.append([model, recipe, "post-training", f"{float_acc:.4f}", f"{post[recipe]:.4f}",
                              f"{100 * (post[recipe] - float_acc):+.2f}", "", "", ""])
             rows.append(_float_finetuned_row(model, settings, float_acc))
+            notes.append(f"{model}: the float checkpoint trained on with fine-tuning's schedule: {rows[-1][4]} "
+                         f"(the checkpoint is the best validation loss of `ternqc train`)")
             if model != "toy":
                 best = max((r for r in WEIGHTS_ONLY if r in post), key=lambda r: post[r])
                 acc = post[best]
