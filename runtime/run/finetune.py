@@ -129,7 +129,10 @@ def finetune(
     )
     extra = {
         "post_training_accuracy": post.ternary_accuracy,
-        "finetune": {**attrs.asdict(tune, filter=lambda a, _: a.name != "progress"), "history": [attrs.asdict(h) for h in history]},
+        "finetune": {
+            **attrs.asdict(tune, filter=lambda a, _: a.name != "progress"),
+            "history": [attrs.asdict(h) for h in history],
+        },
     }
     result = rebuild_after_training(post, val_ds, extra=extra)
     return FinetuneResult(result=result, post_training_accuracy=post.ternary_accuracy, history=history)
@@ -173,8 +176,7 @@ def train_quantized(
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
         )
-        epochs = range(tune.epochs)
-        for epoch in progress_bar(epochs, total=tune.epochs, desc=desc, enabled=tune.progress and rank == 0):
+        for epoch in progress_bar(range(tune.epochs), total=tune.epochs, desc=desc, enabled=tune.progress and rank == 0):
             model.train()
             total, count = 0.0, 0
             order = torch.randperm(len(train_ds), generator=shuffle)
@@ -202,10 +204,11 @@ def train_quantized(
 
 def rebuild_after_training(post: ApplyResult, val_ds: Dataset, *, extra: dict[str, Any]) -> ApplyResult:
     """`post` (the converted model's `ApplyResult`) brought up to date after its model was trained in place:
-    the validation accuracy and activation zero fractions measured again, each module's data_in Δ/α taken from
-    the module (learned values) into its config and into the mapped parameters (`data_in_threshold`,
-    `data_in_scale`, so `quant_config.toml` holds what the model applies), and the report rebuilt with
-    `extra`'s entries added."""
+    the validation accuracy and activation zero fractions measured again; each module's Δ (data_in's learned
+    one, a weight's tracked one) and data_in's learned α taken from the module into its config and into the
+    mapped parameters (`<tensor>_threshold`, `data_in_scale`), so `ternary.ckpt`'s configs and
+    `quant_config.toml` hold what the model applies; the report rebuilt with `extra`'s entries added.
+    (`--explain` still names the rules that set the calibrated values.)"""
     model = post.model
     accuracy, zeros = pipeline._accuracy_and_activation_zeros(model, val_ds)
     modules = dict(model.named_modules())
