@@ -122,3 +122,16 @@ def test_python_entry_point_writes_outputs(digits_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(APPLY_OUTPUTS)
     with pytest.raises(UserError, match="no built-in recipe"):
         ternqc.finetune("digits-mlp", digits_ckpt, "nope.tq", epochs=1, progress=False)
+
+
+def test_weights_only_inner_holds_up_post_training(digits_ckpt):
+    from ternqc.runtime.run.pipeline import apply
+
+    settings = _settings(digits_ckpt)
+    accs = {}
+    for recipe in ("weights_only.tq", "weights_only_inner.tq"):
+        plan = compile_file(builtin_recipe(recipe)).plan
+        result = apply(load_model(settings), plan, settings, rules=recipe)
+        accs[recipe] = result.ternary_accuracy
+    assert accs["weights_only_inner.tq"] >= accs["weights_only.tq"]
+    assert accs["weights_only_inner.tq"] >= result.float_accuracy - 0.02
