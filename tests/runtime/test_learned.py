@@ -88,3 +88,19 @@ def test_tracked_weight_threshold_keeps_its_ratio_to_mean_abs_weight():
         model.train()
         model(torch.randn(4, 6))
     torch.testing.assert_close(layer.weight_delta, before / mean * (3.0 * mean))
+
+
+def test_per_channel_steps_quantise_each_channel_with_its_own_values():
+    torch.manual_seed(2)
+    x = torch.randn(5, 3, 4, 4).requires_grad_()
+    delta = torch.tensor([0.2, 0.5, 0.9]).reshape(3, 1, 1)
+    alpha = torch.tensor([0.6, 1.0, 2.0]).reshape(3, 1, 1)
+    q_mod = LearnedTernary(delta, alpha)
+    q = q_mod(x)
+    q.sum().backward()
+    for c in range(3):
+        s, r = float(alpha[c]), float(delta[c] / alpha[c])
+        want_q, _dx, want_ds = _np_forward_and_grads(x.detach()[:, c].double().numpy(), s, r)
+        np.testing.assert_allclose(q.detach()[:, c].numpy(), want_q, rtol=1e-6, atol=1e-6)
+        # 48 values per sample, 3 steps: each governs 16
+        np.testing.assert_allclose(float(q_mod.step.grad[c]), want_ds / math.sqrt(16), rtol=1e-5)
