@@ -135,3 +135,10 @@ def test_weights_only_inner_holds_up_post_training(digits_ckpt):
         accs[recipe] = result.ternary_accuracy
     assert accs["weights_only_inner.tq"] >= accs["weights_only.tq"]
     assert accs["weights_only_inner.tq"] >= result.float_accuracy - 0.02
+
+
+def test_a_ternary_raw_input_gets_a_note(digits_ckpt, tmp_path):
+    run = run_cli("finetune", "--model", "digits-mlp", "--ckpt", digits_ckpt, "--rules",
+                  builtin_recipe("ternary_full.tq"), "--epochs", 1, "--out", tmp_path, "--no-progress")
+    assert run.rc == 0, run.err
+    assert 'note: the input of seq_blocks.0' in run.err and '"seq_blocks.0".data_in_width = 32' in run.err

@@ -135,6 +135,9 @@ def finetune(
         },
     }
     result = rebuild_after_training(post, val_ds, extra=extra)
+    note = raw_input_note(model)
+    if note:
+        result = attrs.evolve(result, profile=attrs.evolve(result.profile, notes=(*result.profile.notes, note)))
     return FinetuneResult(result=result, post_training_accuracy=post.ternary_accuracy, history=history)
 
 
@@ -235,6 +238,21 @@ def rebuild_after_training(post: ApplyResult, val_ds: Dataset, *, extra: dict[st
     report.update(extra)
     mapping = attrs.evolve(post.mapping, modules=mapped)
     return attrs.evolve(post, mapping=mapping, configs=configs, ternary_accuracy=accuracy, report=report)
+
+
+def raw_input_note(model: nn.Module) -> str | None:
+    """A note when the first ternary Linear/Conv of `model` (module order) quantises its input: usually the raw
+    data, which three levels cannot carry and no fine-tuning recovers (`ternary_act.tq` keeps it in float)."""
+    for path, module in model.named_modules():
+        if isinstance(module, TernaryModule) and hasattr(module, "weight"):
+            if module.data_in_delta is None:
+                return None
+            return (
+                f"the input of {path} ({module.node}), the first ternary layer, is ternary too: if it is the raw "
+                f'data, fine-tuning cannot recover what three levels lose; keep it in float with "{path}".'
+                "data_in_width = 32"
+            )
+    return None
 
 
 def _data_parallel(model: nn.Module) -> nn.Module:
