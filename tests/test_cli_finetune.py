@@ -91,6 +91,7 @@ def test_cli_writes_apply_outputs_with_the_finetuned_model(digits_ckpt, tmp_path
                   builtin_recipe("ternary_act.tq"), "--epochs", 2, "--out", out, "--no-progress")
     assert run.rc == 0, run.err
     assert "post-training" in run.out and "after 2 epochs of fine-tuning" in run.out
+    assert "the first ternary layer" not in run.err  # ternary_act.tq keeps the raw input in float
     assert sorted(p.name for p in out.iterdir()) == sorted(APPLY_OUTPUTS)
     report = json.loads((out / "report.json").read_text())
     assert {"float_accuracy", "post_training_accuracy", "ternary_accuracy", "finetune"} <= set(report)
