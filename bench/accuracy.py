@@ -100,7 +100,7 @@ def run(quick: bool) -> str:
             settings = RunSettings(model=model, ckpt=str(ckpt), dataset=default_dataset(model), progress=False)
             post: dict[str, float] = {}
             float_acc = 0.0
-            for recipe in POST_RECIPES if not quick else FINETUNED[model]:
+            for recipe in POST_RECIPES if not quick else ("weights_only_inner.tq", *FINETUNED[model]):
                 plan = compile_file(builtin_recipe(recipe)).plan
                 result = apply(load_model(settings), plan, settings, rules=recipe)
                 float_acc, post[recipe] = result.float_accuracy, result.ternary_accuracy
