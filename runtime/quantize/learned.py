@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -76,59 +76,93 @@ class LearnedTernary(nn.Module):
         return f"step={tuple(self.step.shape) or 'scalar'}"
 
 
-def learnable_modules(model: nn.Module) -> list[tuple[str, TernaryModule]]:
-    """`(path, module)` of every ternary module whose data_in is quantised with a scale α (those get a learned
-    step; an unscaled data_in keeps its calibrated Δ)."""
-    return [
-        (path, m)
-        for path, m in model.named_modules()
-        if isinstance(m, TernaryModule)
-        and getattr(m, "data_in_delta", None) is not None
-        and getattr(m, "data_in_alpha", None) is not None
-    ]
+# --- how a converted module keeps its quantisers: the only functions here that know modules.py's layout ---
+
+
+def is_ternary(module: nn.Module) -> bool:
+    """Whether `module` was converted to ternary."""
+    return isinstance(module, TernaryModule)
+
+
+def input_quantizer(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The buffers `(Δ, α)` of a converted module's quantised data_in (α None when unscaled), or None."""
+    if not is_ternary(module) or getattr(module, "data_in_delta", None) is None:
+        return None
+    return module.data_in_delta, module.data_in_alpha
+
+
+def weight_threshold(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(Δ buffer, latent float weight)` of a converted module's quantised weight, or None."""
+    if not is_ternary(module) or getattr(module, "weight_delta", None) is None:
+        return None
+    return module.weight_delta, module.weight
+
+
+def _swap_in(module: nn.Module, q: LearnedTernary) -> Callable[[], None]:
+    """Make `q` quantise `module`'s data_in instead of its own quantiser; return the function that undoes
+    it. `q` becomes a child module (its step one of the model's parameters, so DistributedDataParallel sees
+    it) and a forward pre-hook applies it; the module's own Δ buffer is parked meanwhile (None: its
+    quantiser passes x through)."""
+    module.add_module("data_in_learned", q)
+    parked = module._buffers["data_in_delta"]
+    module._buffers["data_in_delta"] = None
+    handle = module.register_forward_pre_hook(_quantize_first)
+
+    def undo() -> None:
+        handle.remove()
+        module._buffers["data_in_delta"] = parked
+        del module._modules["data_in_learned"]
+
+    return undo
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def learnable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(path, module)` of every converted module whose data_in is quantised with a scale α (those get a
+    learned step; an unscaled data_in keeps its calibrated Δ)."""
+    out = []
+    for path, m in model.named_modules():
+        found = input_quantizer(m)
+        if found is not None and found[1] is not None:
+            out.append((path, m))
+    return out
 
 
 @contextlib.contextmanager
 def learned_activations(model: nn.Module) -> Iterator[dict]:
-    """Give every ternary module's scaled data_in a `LearnedTernary` for the duration of the block.
+    """Give every converted module's scaled data_in a `LearnedTernary` for the duration of the block.
 
-    On entry each such module gets a child `data_in_learned` (so its step is one of `model.parameters()`, and
-    DistributedDataParallel sees it) and a forward pre-hook that quantises the input with it; the module's own
-    data_in quantiser is switched off meanwhile (its Δ buffer is parked). On exit, normally or not, the hooks
-    and children are removed, and the learned Δ = r·s and α = s are copied into the module's `data_in_delta` /
-    `data_in_alpha` buffers, so the module, its `state_dict` and a ternary checkpoint carry the learned values
-    and need nothing from this file to run.
+    On entry each such module's data_in is quantised by its `LearnedTernary` (a child module, so the step is
+    one of `model.parameters()`) instead of its own quantiser. On exit, normally or not, the module's own
+    quantiser is back and the learned Δ = r·s and α = s are copied into its Δ/α buffers, so the module, its
+    `state_dict` and a ternary checkpoint carry the learned values and need nothing from this file to run.
 
     Args:
-        model: a converted model (ternary modules in place).
+        model: a converted model.
 
     Yields:
         `{path: LearnedTernary}`, the quantisers in use.
     """
     quantizers: dict[str, LearnedTernary] = {}
-    parked: dict[str, torch.Tensor] = {}
-    handles = []
+    undo: dict[str, Callable[[], None]] = {}
     try:
         for path, module in learnable_modules(model):
-            q = LearnedTernary(module.data_in_delta, module.data_in_alpha)
-            q.to(device=module.data_in_delta.device)
-            module.add_module("data_in_learned", q)
-            parked[path] = module._buffers["data_in_delta"]
-            module._buffers["data_in_delta"] = None  # the module's own quantiser passes x through
-            handles.append(module.register_forward_pre_hook(_quantize_first))
+            delta, alpha = input_quantizer(module)
+            q = LearnedTernary(delta, alpha).to(device=delta.device)
+            undo[path] = _swap_in(module, q)
             quantizers[path] = q
         yield quantizers
     finally:
-        for h in handles:
-            h.remove()
         modules = dict(model.named_modules())
         for path, q in quantizers.items():
-            module = modules[path]
-            delta, alpha = q.delta_alpha()
-            old = parked[path]
-            module._buffers["data_in_delta"] = delta.reshape(old.shape).to(old.dtype)
-            module._buffers["data_in_alpha"].copy_(alpha.reshape(module.data_in_alpha.shape))
-            del module._modules["data_in_learned"]
+            undo[path]()
+            delta, alpha = input_quantizer(modules[path])
+            learned_delta, learned_alpha = q.delta_alpha()
+            with torch.no_grad():
+                delta.copy_(learned_delta.reshape(delta.shape))
+                alpha.copy_(learned_alpha.reshape(alpha.shape))
 
 
 def _quantize_first(module: nn.Module, args: tuple):
@@ -150,12 +184,10 @@ def tracked_weight_thresholds(model: nn.Module) -> Iterator[None]:
     handles = []
     try:
         for module in model.modules():
-            if not isinstance(module, TernaryModule):
+            found = weight_threshold(module)
+            if found is None:
                 continue
-            delta = getattr(module, "weight_delta", None)
-            weight = getattr(module, "weight", None)
-            if delta is None or weight is None:
-                continue
+            delta, weight = found
             dims = _governed_dims(delta, weight)
             with torch.no_grad():
                 mean = _abs_mean(weight, dims, delta.shape)
@@ -182,12 +214,19 @@ def _tracker(ratio: torch.Tensor, dims: list[int]):
     def hook(module: nn.Module, args: tuple) -> None:
         if not module.training:
             return
-        delta = module._buffers["weight_delta"]
+        delta, weight = weight_threshold(module)
         with torch.no_grad():
-            new = torch.where(ratio > 0, ratio * _abs_mean(module.weight, dims, delta.shape), delta)
-            delta.copy_(new)
+            delta.copy_(torch.where(ratio > 0, ratio * _abs_mean(weight, dims, delta.shape), delta))
 
     return hook
 
 
-__all__ = ["LearnedTernary", "learnable_modules", "learned_activations", "tracked_weight_thresholds"]
+__all__ = [
+    "LearnedTernary",
+    "input_quantizer",
+    "is_ternary",
+    "learnable_modules",
+    "learned_activations",
+    "tracked_weight_thresholds",
+    "weight_threshold",
+]

@@ -41,8 +41,13 @@ from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import batch_loss, forward_logits, loss_and_accuracy
 from ternqc.runtime.models.train import LiveDesc, threads_for
 from ternqc.runtime.progress import progress as progress_bar
-from ternqc.runtime.quantize.learned import learned_activations, tracked_weight_thresholds
-from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.learned import (
+    input_quantizer,
+    is_ternary,
+    learned_activations,
+    tracked_weight_thresholds,
+    weight_threshold,
+)
 from ternqc.runtime.run import collectives, pipeline
 from ternqc.runtime.run.pipeline import ApplyResult, RunSettings, apply
 
@@ -114,7 +119,7 @@ def finetune(
     tune.check()
     teacher = copy.deepcopy(model).eval() if tune.distill > 0 else None
     post = apply(model, plan, settings, rules=rules)
-    if not any(isinstance(m, TernaryModule) for m in model.modules()):
+    if not any(is_ternary(m) for m in model.modules()):
         raise UserError(f"nothing to fine-tune: the rules {rules} converted no module of the model to ternary")
     train_ds = build_dataset(settings.dataset, "train")
     val_ds = build_dataset(settings.dataset, "validation")
@@ -219,18 +224,22 @@ def rebuild_after_training(post: ApplyResult, val_ds: Dataset, *, extra: dict[st
     mapped = dict(post.mapping.modules)
     for path, mq in post.configs.items():
         module = modules.get(path)
-        if not isinstance(module, TernaryModule):
+        if module is None or not is_ternary(module):
             continue
         tensors, params = dict(mq.tensors), {}
-        for t, tq in mq.tensors.items():
-            delta = getattr(module, f"{t}_delta", None)
-            if not tq.quantize or delta is None:
-                continue
-            alpha = getattr(module, f"{t}_alpha", None) if t == "data_in" else None
-            tensors[t] = attrs.evolve(tq, delta=delta.tolist(), alpha=tq.alpha if alpha is None else alpha.tolist())
-            params[f"{t}_threshold"] = delta.tolist()
+        found = input_quantizer(module)
+        if found is not None and mq.tensor("data_in").quantize:
+            delta, alpha = found
+            tensors["data_in"] = attrs.evolve(
+                mq.tensor("data_in"), delta=delta.tolist(), alpha=None if alpha is None else alpha.tolist()
+            )
+            params["data_in_threshold"] = delta.tolist()
             if alpha is not None:
-                params[f"{t}_scale"] = alpha.tolist()
+                params["data_in_scale"] = alpha.tolist()
+        found = weight_threshold(module)
+        if found is not None and mq.tensor("weight").quantize:
+            tensors["weight"] = attrs.evolve(mq.tensor("weight"), delta=found[0].tolist())
+            params["weight_threshold"] = found[0].tolist()
         configs[path] = attrs.evolve(mq, tensors=tensors)
         if path in mapped and params:
             mapped[path] = attrs.evolve(mapped[path], params={**mapped[path].params, **params})
@@ -244,11 +253,12 @@ def raw_input_note(model: nn.Module) -> str | None:
     """A note when the first ternary Linear/Conv of `model` (module order) quantises its input: usually the raw
     data, which three levels cannot carry and no fine-tuning recovers (`ternary_act.tq` keeps it in float)."""
     for path, module in model.named_modules():
-        if isinstance(module, TernaryModule) and hasattr(module, "weight"):
-            if module.data_in_delta is None:
+        if weight_threshold(module) is not None:
+            if input_quantizer(module) is None:
                 return None
+            node = getattr(module, "node", path)
             return (
-                f"the input of {path} ({module.node}), the first ternary layer, is ternary too: if it is the raw "
+                f"the input of {path} ({node}), the first ternary layer, is ternary too: if it is the raw "
                 f'data, fine-tuning cannot recover what three levels lose; keep it in float with "{path}".'
                 "data_in_width = 32"
             )
