@@ -58,12 +58,23 @@ class Ident:
     span: Span = _span()
 
 
+#: Selector forms besides the plain ones (a bare type / `default`, a quoted name or glob).
+SELECTOR_FORMS = ("", "regex", "scoped", "first", "last")
+
+
 @frozen
 class Selector:
-    """A selector as written: `linear` / `default` (bare) or `"seq_blocks.0"` / `"seq_blocks.*"` (quoted)."""
+    """One selector item as written.
+
+    form "" (plain): `linear` / `default` (bare) or `"seq_blocks.0"` / `"seq_blocks.*"` (quoted);
+    "regex": `re"enc\\.[01]"` (`text` is the pattern, `quoted` is true); "scoped": `linear in "encoder.*"`
+    (`text` the type, `scope` the glob); "first" / "last": `first(linear)` (`text` the type).
+    """
 
     text: str
     quoted: bool
+    form: str = ""
+    scope: str = ""
     span: Span = _span()
 
 
@@ -103,12 +114,30 @@ class Neg:
 
 
 @frozen
+class Not:
+    """`not operand`."""
+
+    operand: Expr
+    span: Span = _span()
+
+
+@frozen
 class BinOp:
-    """`left op right`, op one of `+ - * /`."""
+    """`left op right`, op one of `+ - * / **`, a comparison `< <= > >= == !=`, `and` or `or`."""
 
     op: str
     left: Expr
     right: Expr
+    span: Span = _span()
+
+
+@frozen
+class Cond:
+    """`if test then then else orelse`."""
+
+    test: Expr
+    then: Expr
+    orelse: Expr
     span: Span = _span()
 
 
@@ -140,16 +169,21 @@ class List:
 
 @frozen
 class StatRef:
-    """`stat(tensor).stat(options).field`; `tensor` and `options` are `None` when not written."""
+    """`stat(tensor).stat(options).field`; `tensor` and `options` are `None` when not written.
+
+    `module` is the selector of another module (`stat("seq_blocks.1".data_out)...`), `None` for the module
+    the rule is evaluated for.
+    """
 
     tensor: Ident | None
     stat: Ident
     options: tuple[Option, ...] | None
     field: Ident
+    module: Selector | None = None
     span: Span = _span()
 
 
-Expr = Union[Number, String, Name, Neg, BinOp, Call, StatRef, List]
+Expr = Union[Number, String, Name, Neg, Not, BinOp, Cond, Call, StatRef, List]
 
 
 # --- parts of statements -----------------------------------------------------------------------------------
@@ -187,9 +221,30 @@ class StatCall:
 
 @frozen
 class Include:
-    """`include "path"`."""
+    """`include "path"` or `include recipe "name"` (a shipped recipe), optionally `with { k = v ... }`."""
 
     path: String
+    recipe: bool = False
+    with_: tuple[Entry, ...] = ()
+    span: Span = _span()
+
+
+@frozen
+class Let:
+    """`let name = value` at file scope."""
+
+    name: Ident
+    value: Expr
+    span: Span = _span()
+
+
+@frozen
+class Assert:
+    """`assert selector: test, "message"`; `selector` is `None` for `assert model: ...`."""
+
+    selector: Selector | None
+    test: Expr
+    message: String | None
     span: Span = _span()
 
 
@@ -212,10 +267,11 @@ class Profile:
 
 @frozen
 class Block:
-    """`selector { key = value ... }`."""
+    """`selector, ... [except selector, ...] { key = value ... }`."""
 
-    selector: Selector
+    selectors: tuple[Selector, ...]
     entries: tuple[Entry, ...]
+    excludes: tuple[Selector, ...] = ()
     span: Span = _span()
 
 
@@ -229,7 +285,7 @@ class Binding:
     span: Span = _span()
 
 
-Statement = Union[Include, Calibrate, Profile, Block, Binding]
+Statement = Union[Include, Let, Assert, Calibrate, Profile, Block, Binding]
 
 
 @frozen
@@ -242,3 +298,17 @@ class Program:
 
     sources: tuple[tuple[str, str], ...]
     statements: tuple[Statement, ...]
+    lets: tuple[LetValue, ...] = ()  # the root file's constants, after `--set` overrides
+    let_names: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (file, its constants' names), for "did you mean"
+    broken_lets: tuple[tuple[str, str], ...] = ()  # (file, name) of lets without a value: already reported
+
+
+@frozen
+class LetValue:
+    """The value a root-file `let` took: as written (`how="let"`) or overridden on the command line
+    (`how="set"`)."""
+
+    name: str
+    value: int | float | bool | str
+    how: str
+    span: Span = _span()

@@ -3,14 +3,20 @@
 Nothing is raised here; the driver raises one `CompileError` when any diagnostic is an error. What is
 judged (docs/LANGUAGE.md has the rules):
 
-- selectors: a binding's bare selector must be `default` or a quantisable type; module types are lower case;
-  quoted names are not empty;
+- selectors: a binding's bare selector (also in `T in "glob"`, `first(T)`, `last(T)`) must be `default` or a
+  quantisable type; module types are lower case; quoted names are not empty and do not look like a mistaken
+  selector (`"linear[-1]"`, `"re:..."`); regular expressions compile; a union lists an item once;
 - tensors: known words, and only tensors the selected type has (`relu.weight_max`, `profile relu.weight`);
 - parameters, quantisers, statistics, their fields and options: known names, with "did you mean";
 - value types: `*_width` 2 or 32 (or `na`), `*_frac_width` an integer, `*_scaling_factor` a bool, the
   numeric parameters a number, `na` or an expression over statistics, `name` a quantiser in quotes;
   options `dims = all | none | [ints]`, `abs = true|false`, `quantile` in [0, 1], `num_sigma` > 0;
-- the same key twice in one block, and statistic references that could mean several collected statistics.
+- the same key twice in one block, and statistic references that could mean several collected statistics;
+- kinds of expressions (number, bool, string): arithmetic and comparisons on numbers, `and`/`or`/`not` and
+  `if` conditions on bools, `if` branches of one kind; integer, bool and string parameters take conditionals
+  whose branches are valid values; `per_channel` on an input needs the module type;
+- assertions: a bool over the names they may read (`assert_variables`, `MODEL_VARIABLES`) and statistics of
+  a written tensor.
 
 Warnings: a rule that can never take effect because a later rule in the same file sets the same parameter
 for the same selector (and the same for `calibrate` keys).
@@ -18,10 +24,13 @@ for the same selector (and the same for `calibrate` keys).
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
 from attrs import frozen
 
 from ternqc import plan
@@ -29,12 +38,15 @@ from ternqc.compiler import ast
 from ternqc.compiler.errors import Diagnostic, and_list, did_you_mean, one_of
 from ternqc.compiler.vocab import (
     CALIBRATE_KEYS,
+    DEFAULT,
     FUNCTIONS,
+    GRANULARITY,
     TENSOR_WORDS,
     VALUE_NAMES,
     Profiled,
     candidates,
     canonical_tensor,
+    concrete_dims,
     is_int,
     is_number,
     literal,
@@ -51,7 +63,8 @@ ALL_PARAMS = plan.all_params()
 
 def check(program: ast.Program) -> list[Diagnostic]:
     """Every error and warning in `program`, in no particular order (the driver sorts them)."""
-    return _Checker().run(program.statements)
+    found = _Checker(dict(program.let_names), set(program.broken_lets)).run(program.statements)
+    return list(dict.fromkeys(found))  # a union block checks its entries once per selector: report once
 
 
 @frozen
@@ -102,7 +115,11 @@ def _kind_of(expr: ast.Expr) -> str:
 
 
 class _Checker:
-    def __init__(self) -> None:
+    def __init__(
+        self, let_names: dict[str, tuple[str, ...]] | None = None, broken_lets: set[tuple[str, str]] | None = None
+    ) -> None:
+        self.let_names = let_names or {}
+        self.broken_lets = broken_lets or set()
         self.diagnostics: list[Diagnostic] = []
         self.profiled: Profiled = {}
         self.refs: list[_Ref] = []
@@ -118,11 +135,13 @@ class _Checker:
             elif isinstance(stmt, ast.Profile):
                 self.profile(stmt)
             elif isinstance(stmt, ast.Block):
-                self.rules(stmt.selector, stmt.entries, in_block=True)
+                self.block(stmt)
             elif isinstance(stmt, ast.Binding):
                 entry = ast.Entry(stmt.key, stmt.value, span=stmt.span)
                 self.rules(stmt.selector, (entry,), in_block=False)
-            # Include statements are gone after program.py expanded them.
+            elif isinstance(stmt, ast.Assert):
+                self.assertion(stmt)
+            # Include and let statements are gone after program.py expanded them.
         self.resolve_refs()
         self.shadowed()
         return self.diagnostics
@@ -171,19 +190,27 @@ class _Checker:
                 continue
             seen_targets.add((sel, tensor))
             targets.append((sel, tensor))
-        specs: list[plan.StatSpec] = []
+        calls: list[tuple[ast.StatCall, dict[str, Any]]] = []
+        seen_specs: list[tuple[plan.StatSpec, Any]] = []
         for call in stmt.stats:
             if not self.statistic(call.name):
                 continue
             written = self.options(call.name.name, call.options)
             if written is None:
                 continue
-            spec = spec_of(call.name.name, written)
-            if spec in specs:
+            word = written.get("dims") if written.get("dims") in GRANULARITY else None
+            spec = (spec_of(call.name.name, {**written, "dims": "all"} if word else written), word)
+            if spec in seen_specs:
                 self.error(call.span, f"{call.name.name} is listed twice with the same options")
                 continue
-            specs.append(spec)
+            seen_specs.append(spec)
+            calls.append((call, written))
         for sel, tensor in targets:
+            specs = []
+            for call, written in calls:
+                concrete = self.granular(written, tensor, sel, call.span)
+                if concrete is not None:
+                    specs.append(spec_of(call.name.name, concrete))
             for spec in specs:
                 known = self.profiled.setdefault((tensor, spec.name), [])
                 if (sel, spec) not in known:
@@ -192,17 +219,36 @@ class _Checker:
     # --- selectors and tensors ---------------------------------------------------------------------------
     def selector(self, sel: ast.Selector, *, binding: bool) -> plan.Selector | None:
         """The plan selector, or `None` after reporting why `sel` is not valid here."""
+        if sel.form == "regex":
+            try:
+                re.compile(sel.text)
+            except re.error as exc:
+                self.error(sel.span, f"invalid regular expression: {exc}")
+                return None
+            return selector_of(sel)
         if sel.quoted:
             if not sel.text.strip():
                 self.error(sel.span, "empty module name", 'write a module path such as "seq_blocks.0"')
                 return None
+            mistaken = _mistaken_pattern(sel.text)
+            if mistaken:
+                self.error(sel.span, f'"{sel.text}" would be read as a module name or glob', mistaken)
+                return None
             return selector_of(sel)
+        if sel.form == "scoped" and not sel.scope.strip():
+            self.error(sel.span, "empty module path after 'in'", 'write a glob such as "encoder.*"')
+            return None
+        if sel.form in ("scoped", "first", "last") and sel.text == DEFAULT:
+            self.error(sel.span, f"'{sel.form}' takes a module type, not default", "e.g. first(linear)")
+            return None
         if sel.text != sel.text.lower():
             msg = f"module types are written in lower case: '{sel.text.lower()}', not '{sel.text}'"
             self.error(sel.span, msg)
             return None
         result = selector_of(sel)
-        if binding and result.kind == "type" and result.pattern not in plan.QUANTISABLE:
+        if binding and result.kind in ("type", "scoped", "first", "last") and (
+            result.pattern not in plan.QUANTISABLE
+        ):
             known = ["default", *plan.QUANTISABLE]
             msg = f"'{sel.text}' is not a quantisable type"
             self.error(sel.span, msg, _hint(sel.text, known, "the quantisable types are"))
@@ -225,9 +271,64 @@ class _Checker:
             return None
         return canonical
 
+    def granular(
+        self, written: dict[str, Any], tensor: str, sel: plan.Selector | None, span: ast.Span
+    ) -> dict[str, Any] | None:
+        """`written` options with a granularity word in `dims` made concrete for `tensor` of the modules `sel`
+        picks, or `None` after reporting why it cannot be."""
+        out = concrete_dims(written, tensor, sel)
+        if out is None:
+            msg = (f"per_channel on {tensor_word(tensor)} needs the module type to find the channel axis; "
+                   f"write it in a linear, conv1d or conv2d rule")
+            self.error(span, msg, "for weights and biases per_channel works with any selector")
+        return out
+
     # --- rules: blocks and bindings ----------------------------------------------------------------------
-    def rules(self, written: ast.Selector, entries: Iterable[ast.Entry], *, in_block: bool) -> None:
+    def block(self, stmt: ast.Block) -> None:
+        for exclude in stmt.excludes:
+            self.selector(exclude, binding=False)
+        seen: dict[tuple[str, bool, str, str], ast.Selector] = {}
+        for written in stmt.selectors:
+            key = (written.text, written.quoted, written.form, written.scope)
+            if key in seen:
+                msg = f"{_sel_text(written)} is listed twice in this block (first at column {seen[key].span.col})"
+                self.error(written.span, msg)
+                continue
+            seen[key] = written
+            self.rules(written, stmt.entries, in_block=True, excludes=stmt.excludes)
+
+    def assertion(self, stmt: ast.Assert) -> None:
+        if stmt.selector is None:
+            ctx = _RefContext("assert", "", None, None, variables=MODEL_VARIABLES)
+            self.typed(stmt.test, ctx, "bool", "an assertion")
+            return
+        sel = self.selector(stmt.selector, binding=True)
+        tensors = type_tensors(sel) if sel is not None else None
+        names = assert_variables(tensors)
+        ctx = _RefContext("assert", "", sel, stmt.selector, variables=names)
+        self.typed(stmt.test, ctx, "bool", "an assertion")
+
+    def typed(self, expr: ast.Expr, ctx: _RefContext, want: str, what: str) -> bool:
+        kind = self.expr(expr, ctx)
+        if kind is None:
+            return False
+        if kind != want:
+            self.error(expr.span, f"{what} must be {_KIND_WORDS[want]}, got {_KIND_WORDS[kind]}")
+            return False
+        return True
+
+    def rules(
+        self,
+        written: ast.Selector,
+        entries: Iterable[ast.Entry],
+        *,
+        in_block: bool,
+        excludes: tuple[ast.Selector, ...] = (),
+    ) -> None:
         sel = self.selector(written, binding=True)
+        if sel is not None and excludes:
+            valid = [selector_of(e) for e in excludes if _valid_selector(e)]
+            sel = attrs.evolve(sel, exclude=tuple(valid)) if len(valid) == len(excludes) else None
         tensors = type_tensors(sel) if sel is not None else None
         seen: dict[str, ast.Entry] = {}
         for entry in entries:
@@ -259,6 +360,12 @@ class _Checker:
         written: ast.Selector,
     ) -> bool:
         """Check the value of parameter `key` (`split` is `plan.split_param(key)`); `True` when valid."""
+        if isinstance(expr, ast.Cond) and (split is None or plan.PARAM_SUFFIXES[split[1]] != "number"):
+            # a parameter that takes an integer, a bool or a string: each branch must be one
+            ctx = _RefContext(key, plan.TENSOR_ALIASES[split[0]] if split else "data_in_0", sel, written)
+            ok = self.typed(expr.test, ctx, "bool", "the condition of if")
+            ok &= self.value(key, split, expr.then, sel, written)
+            return self.value(key, split, expr.orelse, sel, written) and ok
         if split is None:  # `name`
             return self.quantiser(expr)
         tensor, suffix = split
@@ -268,6 +375,9 @@ class _Checker:
         if kind == "int":
             return self.count(key, expr)
         if kind == "bool":
+            if isinstance(expr, (ast.BinOp, ast.Not, ast.Cond)):  # a condition evaluated per module
+                ctx = _RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written)
+                return self.typed(expr, ctx, "bool", key)
             return self.boolean(key, expr)
         value = literal(expr)
         if value is None:  # `na` on its own: unset
@@ -325,37 +435,100 @@ class _Checker:
 
     def number(self, expr: ast.Expr, ctx: _RefContext) -> bool:
         """Check a numeric expression (not `na` on its own); `True` when valid."""
+        kind = self.expr(expr, ctx)
+        if kind is None:
+            return False
+        if kind != "number":
+            self.error(expr.span, f"{ctx.key} takes a number, got {_KIND_WORDS[kind]}")
+            return False
+        return True
+
+    def expr(self, expr: ast.Expr, ctx: _RefContext) -> str | None:
+        """The kind of an expression ("number", "bool" or "string"), or `None` after reporting an error."""
         if isinstance(expr, ast.Number):
             if not _in_range(expr.value):
                 self.error(expr.span, "number out of range")
-                return False
-            return True
+                return None
+            return "number"
+        if isinstance(expr, ast.String):
+            return "string"
         if isinstance(expr, ast.Name):
             if expr.name == "na":
                 self.error(expr.span, "na (unset) cannot be part of an expression", f"write {ctx.key} = na")
-                return False
+                return None
             if expr.name in VALUE_NAMES:
-                self.error(expr.span, f"{ctx.key} takes a number, got a bool")
-                return False
+                return "bool"
+            if expr.name in ctx.variables:
+                return ctx.variables[expr.name]
+            if (expr.span.file, expr.name) in self.broken_lets:
+                return None  # its let has no value, and says so
+            if ctx.key == "assert":
+                hint = _assert_hint(expr.name, ctx)
+                self.error(expr.span, f"unknown name '{expr.name}'", hint)
+                return None
             hint = "a value is a number, an expression, stat.STAT.FIELD or na"
-            return self.unknown_name(expr, ("na", "stat", *FUNCTIONS), hint)
-        if isinstance(expr, ast.String):
-            self.error(expr.span, f"{ctx.key} takes a number, got a string")
-            return False
+            self.unknown_name(expr, ("na", "stat", *FUNCTIONS, *self.let_names.get(expr.span.file, ())), hint)
+            return None
         if isinstance(expr, ast.Neg):
-            return self.number(expr.operand, ctx)
+            return self.operand(expr.operand, ctx, "number", "-")
+        if isinstance(expr, ast.Not):
+            return self.operand(expr.operand, ctx, "bool", "not")
         if isinstance(expr, ast.BinOp):
-            ok = self.number(expr.left, ctx) & self.number(expr.right, ctx)
-            if ok and expr.op == "/" and literal(expr.right) == 0:
-                self.error(expr.right.span, "division by zero")
-                return False
-            return ok
+            return self.binop(expr, ctx)
+        if isinstance(expr, ast.Cond):
+            test = self.operand(expr.test, ctx, "bool", "if")
+            then, orelse = self.expr(expr.then, ctx), self.expr(expr.orelse, ctx)
+            if test is None or then is None or orelse is None:
+                return None
+            if then != orelse:
+                msg = (f"the branches of if must be of one kind: then gives {_KIND_WORDS[then]}, "
+                       f"else {_KIND_WORDS[orelse]}")
+                self.error(expr.span, msg)
+                return None
+            return then
         if isinstance(expr, ast.Call):
-            return self.call(expr, ctx)
+            return "number" if self.call(expr, ctx) else None
         if isinstance(expr, ast.StatRef):
-            return self.stat_ref(expr, ctx)
+            return "number" if self.stat_ref(expr, ctx) else None
         self.error(expr.span, f"{ctx.key} takes a number, got {_kind_of(expr)}")
-        return False
+        return None
+
+    def operand(self, expr: ast.Expr, ctx: _RefContext, want: str, op: str) -> str | None:
+        kind = self.expr(expr, ctx)
+        if kind is None:
+            return None
+        if kind != want:
+            self.error(expr.span, f"'{op}' needs {_KIND_WORDS[want]}, got {_KIND_WORDS[kind]}")
+            return None
+        return want
+
+    def binop(self, expr: ast.BinOp, ctx: _RefContext) -> str | None:
+        if expr.op in plan.LOGICAL_OPS:
+            left = self.operand(expr.left, ctx, "bool", expr.op)
+            right = self.operand(expr.right, ctx, "bool", expr.op)
+            return "bool" if left and right else None
+        if expr.op in ("==", "!="):
+            left, right = self.expr(expr.left, ctx), self.expr(expr.right, ctx)
+            if left is None or right is None:
+                return None
+            if left != right:
+                self.error(expr.span, f"'{expr.op}' compares {_KIND_WORDS[left]} with {_KIND_WORDS[right]}")
+                return None
+            return "bool"
+        left = self.expr(expr.left, ctx)
+        right = self.expr(expr.right, ctx)
+        if left is None or right is None:
+            return None
+        for side, kind in ((expr.left, left), (expr.right, right)):
+            if kind != "number":
+                what = "a comparison" if expr.op in plan.COMPARISON_OPS else "arithmetic"
+                self.error(side.span, f"{_KIND_WORDS[kind]} cannot be used in {what} ('{expr.op}')",
+                           "a statistic field or a number is needed here")
+                return None
+        if expr.op == "/" and literal(expr.right) == 0:
+            self.error(expr.right.span, "division by zero")
+            return None
+        return "bool" if expr.op in plan.COMPARISON_OPS else "number"
 
     def call(self, expr: ast.Call, ctx: _RefContext) -> bool:
         fn = expr.fn.name
@@ -365,9 +538,9 @@ class _Checker:
         low, high = FUNCTIONS[fn]
         if len(expr.args) < low or (high is not None and len(expr.args) > high):
             want = f"{low} argument" if low == high else f"at least {low} argument"
-            self.error(expr.span, f"{fn}() takes {want}, got {len(expr.args)}")
+            self.error(expr.span, f"{fn}() takes {want}{'s' if low > 1 else ''}, got {len(expr.args)}")
             return False
-        return all([self.number(a, ctx) for a in expr.args])
+        return all([self.operand(a, ctx, "number", f"{fn}()") is not None for a in expr.args])
 
     # --- statistics --------------------------------------------------------------------------------------
     def statistic(self, name: ast.Ident) -> bool:
@@ -410,7 +583,7 @@ class _Checker:
     def option(self, name: str, expr: ast.Expr) -> bool:
         value = literal(expr)
         if name == "dims":
-            if isinstance(expr, ast.Name) and expr.name in ("all", "none"):
+            if isinstance(expr, ast.Name) and expr.name in ("all", "none", *GRANULARITY):
                 return True
             if isinstance(expr, ast.List):
                 items = [literal(i) for i in expr.items]
@@ -426,7 +599,7 @@ class _Checker:
                     return False
                 return True
             if isinstance(expr, ast.Name) and expr.name not in VALUE_NAMES:
-                return self.unknown_name(expr, ("all", "none"))
+                return self.unknown_name(expr, ("all", "none", *GRANULARITY))
             msg = f"dims takes all, none or a list of dimensions such as [0, 1], got {_kind_of(expr)}"
             self.error(expr.span, msg)
             return False
@@ -451,15 +624,29 @@ class _Checker:
     def stat_ref(self, ref: ast.StatRef, ctx: _RefContext) -> bool:
         ok = True
         tensor = ctx.tensor
+        sel, written_sel = ctx.sel, ctx.written
+        if ref.module is not None:
+            sel = self.selector(ref.module, binding=False)
+            written_sel = ref.module
+            if sel is None:
+                return False
         if ref.tensor is not None:
-            found = self.tensor(ref.tensor, ctx.sel, ctx.written)
+            found = self.tensor(ref.tensor, sel, written_sel) if written_sel is not None else canonical_tensor(
+                ref.tensor.name)
             ok = found is not None
             tensor = found or tensor
+        elif not tensor:
+            msg = "say which tensor the statistic is of here, e.g. stat(weight).abs_mean.abs_mean"
+            self.error(ref.span, msg)
+            return False
         if not self.statistic(ref.stat):
             return False
         stat = ref.stat.name
         written = self.options(stat, ref.options or ())
         ok &= written is not None
+        if written is not None:
+            written = self.granular(written, tensor, sel, ref.span)
+            ok &= written is not None
         fields = plan.STATISTICS[stat].fields
         if ref.field.name not in fields:
             msg = f"{stat} has no field '{ref.field.name}'"
@@ -468,7 +655,7 @@ class _Checker:
             ok = False
         if ok:
             assert written is not None
-            self.refs.append(_Ref(ref, ctx.sel, tensor, written))
+            self.refs.append(_Ref(ref, sel, tensor, written))
         return ok
 
     def resolve_refs(self) -> None:
@@ -489,21 +676,105 @@ class _Checker:
                 msg = f"{s.text} is set again at line {later.span.line}, so this never takes effect"
                 self.diagnostics.append(Diagnostic(s.span, msg, severity="warning"))
             last[s.key] = s
+        self.shadowed_by_broader()
+
+    def shadowed_by_broader(self) -> None:
+        """Warn about a glob rule that a later glob rule of the same rank, same file and key overrides on every
+        module it can name: `"*.attn.out_proj".weight_width` then `"*.attn.*".weight_width`. (With a model,
+        `ternqc compile --model` finds the other cases.)"""
+        rules = [s for s in self.sets if s.key[0] == "rule"]
+        for i, s in enumerate(rules):
+            sel, key = s.key[1], s.key[2]
+            if sel.kind != "glob" or sel.exclude:
+                continue
+            for later in rules[i + 1 :]:
+                other = later.key[1]
+                if (later.key[2] == key and later.span.file == s.span.file and other.kind == "glob"
+                        and not other.exclude and other != sel and fnmatch.fnmatchcase(sel.pattern, other.pattern)):
+                    msg = (f"{s.text} never takes effect: the later {other}.{key} at line {later.span.line} has "
+                           f"the same rank and matches every module {sel} can name")
+                    self.diagnostics.append(Diagnostic(s.span, msg, severity="warning"))
+                    break
 
 
 @frozen
 class _RefContext:
-    """What a statistic reference inside the value of parameter `key` refers to."""
+    """What a statistic reference inside the value of parameter `key` refers to (`key` is "assert" in an
+    assertion, where `variables` are the names it may read, with their kinds)."""
 
     key: str
-    tensor: str  # canonical tensor of the parameter's prefix
+    tensor: str  # canonical tensor of the parameter's prefix; "" in an assertion (say which)
     sel: plan.Selector | None
-    written: ast.Selector
+    written: ast.Selector | None
+    variables: dict[str, str] = attrs.field(factory=dict)
+
+
+_KIND_WORDS = {"number": "a number", "bool": "a bool", "string": "a string"}
+
+#: What `assert model:` may read.
+MODEL_VARIABLES = {"float_accuracy": "number", "quantised_accuracy": "number"}
+#: What conversion measures per quantised tensor, readable by `assert SELECTOR:`.
+MEASURED_SUFFIXES = ("delta", "alpha", "zero_fraction")
+
+
+def assert_variables(tensors: tuple[str, ...] | None) -> dict[str, str]:
+    """The names `assert SELECTOR:` may read, with their kinds: parameters and measured values of the
+    tensors the selected modules have (all of them when the compiler cannot tell)."""
+    tensors = tensors or plan.PARAM_TENSORS
+    kinds = {"int": "number", "number": "number", "bool": "bool"}
+    out = {"name": "string"}
+    for t in tensors:
+        for suffix, kind in plan.PARAM_SUFFIXES.items():
+            out[f"{t}_{suffix}"] = kinds[kind]
+        for suffix in MEASURED_SUFFIXES:
+            out[f"{t}_{suffix}"] = "number"
+    return out
+
+
+def _assert_hint(name: str, ctx: _RefContext) -> str:
+    close = did_you_mean(name, ctx.variables)
+    if close:
+        return close
+    if ctx.sel is None:
+        return "assert model: reads float_accuracy and quantised_accuracy"
+    return "an assertion reads parameters (weight_width), measured values (weight_delta, weight_alpha, " \
+           "weight_zero_fraction) and statistics (stat(weight).abs_mean.abs_mean)"
+
+
+_MISTAKEN_INDEX = re.compile(r"(?P<type>[a-z_][a-z0-9_]*)\[(?P<index>-?\d+)\]")
+
+
+def _mistaken_pattern(text: str) -> str:
+    """A hint when a quoted pattern looks like a selector written wrong (`"linear[-1]"`, `"re:..."`), else ""."""
+    if text.startswith(("re:", "regex:")):
+        pattern = text.split(":", 1)[1]
+        return f're"{pattern}" is a regular expression'
+    m = _MISTAKEN_INDEX.fullmatch(text)
+    if m and m["type"] in plan.QUANTISABLE:
+        index = int(m["index"])
+        if index == -1:
+            return f"the last {m['type']} is last({m['type']})"
+        if index == 0:
+            return f"the first {m['type']} is first({m['type']}); a module named {m['type']}0 is \"{m['type']}0\""
+        if index < 0:
+            return f"a glob [..] matches one character; the last {m['type']} is last({m['type']})"
+    return ""
 
 
 def _in_range(value: int | float) -> bool:
     """Whether a number converts to a finite float (`1e999` and 400-digit integers do not)."""
     return abs(value) <= 1e300 if isinstance(value, int) else math.isfinite(value)
+
+
+def _valid_selector(sel: ast.Selector) -> bool:
+    """Whether `selector_of(sel)` gives a valid plan selector (a regular expression compiles)."""
+    if sel.form != "regex":
+        return True
+    try:
+        re.compile(sel.text)
+    except re.error:
+        return False
+    return True
 
 
 def _sel_text(sel: ast.Selector) -> str:
@@ -516,6 +787,10 @@ def _ambiguous(ref: _Ref, found: list[plan.StatSpec]) -> str:
     stat = ref.node.stat.name
     described = [_differences(spec, found) for spec in found]
     example_opts = dict(described[-1])
+    if ref.tensor in ("weight", "bias") and {k for d in described for k, _ in d} == {"dims"}:
+        # per-output-channel layouts of different types ([1] on a Linear, [1, 2, 3] on a Conv2d): one of
+        # them would fail on the other type; per_channel means the right one for each
+        example_opts["dims"] = "per_channel"
     for opt in ref.node.options or ():
         example_opts.setdefault(opt.name.name, _option_text(ref.written[opt.name.name]))
     head = f"stat({ref.node.tensor.name})" if ref.node.tensor is not None else "stat"

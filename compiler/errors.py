@@ -101,9 +101,33 @@ class CompileError(Exception):
         return self.render()
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions; a swap of neighbours counts one)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, prev2[j - 2] + 1)
+            cur.append(cost)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def close_matches(word: str, known: Iterable[str], n: int = 1) -> list[str]:
+    """Known names close to `word`: similar (difflib) and a few edits away (at most a third of the word,
+    at least 2), so a long shared prefix alone (`weight_group_size` / `weight_scale`) is not close."""
+    known = list(known)
+    limit = max(2, len(word) // 3)
+    candidates = difflib.get_close_matches(word, known, n=max(n, 5), cutoff=0.6)
+    return [c for c in candidates if edit_distance(word, c) <= limit][:n]
+
+
 def did_you_mean(word: str, known: Iterable[str]) -> str:
-    """A hint "did you mean 'x'?" when a known name is close to `word`, else ""."""
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    """A hint "did you mean 'x'?" when a known name is close to `word` (`close_matches`), else ""."""
+    close = close_matches(word, known)
     return f"did you mean '{close[0]}'?" if close else ""
 
 

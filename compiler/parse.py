@@ -22,13 +22,16 @@ from ternqc.compiler.errors import CompileError, Diagnostic, one_of, with_source
 
 @functools.cache
 def _parser() -> Lark:
-    """The LALR parser, built once per process."""
+    """The LALR parser, built once per process. lark caches the built tables in the temporary folder (keyed
+    by the grammar's hash and lark's version), which keeps `ternqc compile` well under 0.4 s; without a
+    writable temporary folder it builds them each time."""
     return Lark.open(
         "ternqc.lark",
         rel_to=ternqc.grammar.__file__,
         parser="lalr",
         propagate_positions=True,
         maybe_placeholders=True,
+        cache=True,
     )
 
 
@@ -48,7 +51,8 @@ def parse(text: str, filename: str = "<string>") -> tuple[ast.Statement, ...]:
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as exc:
-        raise CompileError(with_sources([_syntax_error(exc, text, filename)], {filename: text})) from None
+        found = _syntax_errors(exc, text, filename)
+        raise CompileError(with_sources(found, {filename: text})) from None
     try:
         return _ToAst(filename).transform(tree)
     except VisitError as exc:
@@ -111,8 +115,29 @@ class _ToAst(Transformer):
     def start(self, meta: Any, statements: list) -> tuple[ast.Statement, ...]:
         return tuple(statements)
 
-    def include(self, meta: Any, path: Token) -> ast.Include:
-        return ast.Include(ast.String(_unescape(str(path)), span=self._tok_span(path)), span=self._span(meta))
+    def include(self, meta: Any, path: Token, with_: tuple[ast.Entry, ...] | None) -> ast.Include:
+        path_node = ast.String(_unescape(str(path)), span=self._tok_span(path))
+        return ast.Include(path_node, with_=with_ or (), span=self._span(meta))
+
+    def include_recipe(self, meta: Any, path: Token, with_: tuple[ast.Entry, ...] | None) -> ast.Include:
+        path_node = ast.String(_unescape(str(path)), span=self._tok_span(path))
+        return ast.Include(path_node, recipe=True, with_=with_ or (), span=self._span(meta))
+
+    @v_args(inline=False, meta=True)
+    def with_(self, meta: Any, entries: list) -> tuple[ast.Entry, ...]:
+        return tuple(entries)
+
+    def let(self, meta: Any, name: Token, value: ast.Expr) -> ast.Let:
+        return ast.Let(self._ident(name), value, span=self._span(meta))
+
+    def assert_(self, meta: Any, selector: ast.Selector, test: ast.Expr, message: Token | None) -> ast.Assert:
+        return ast.Assert(selector, test, self._message(message), span=self._span(meta))
+
+    def assert_model(self, meta: Any, test: ast.Expr, message: Token | None) -> ast.Assert:
+        return ast.Assert(None, test, self._message(message), span=self._span(meta))
+
+    def _message(self, tok: Token | None) -> ast.String | None:
+        return None if tok is None else ast.String(_unescape(str(tok)), span=self._tok_span(tok))
 
     @v_args(inline=False, meta=True)
     def calibrate(self, meta: Any, entries: list) -> ast.Calibrate:
@@ -124,8 +149,15 @@ class _ToAst(Transformer):
         stats = tuple(c for c in children if isinstance(c, ast.StatCall))
         return ast.Profile(targets, stats, span=self._span(meta))
 
-    def block(self, meta: Any, selector: ast.Selector, *entries: ast.Entry) -> ast.Block:
-        return ast.Block(selector, tuple(entries), span=self._span(meta))
+    def block(
+        self, meta: Any, selectors: tuple[ast.Selector, ...], excludes: tuple[ast.Selector, ...] | None,
+        *entries: ast.Entry,
+    ) -> ast.Block:
+        return ast.Block(selectors, tuple(entries), excludes or (), span=self._span(meta))
+
+    @v_args(inline=False, meta=True)
+    def selector_list(self, meta: Any, selectors: list) -> tuple[ast.Selector, ...]:
+        return tuple(selectors)
 
     def binding(self, meta: Any, selector: ast.Selector, key: Token, value: ast.Expr) -> ast.Binding:
         return ast.Binding(selector, self._ident(key), value, span=self._span(meta))
@@ -145,6 +177,21 @@ class _ToAst(Transformer):
 
     def name_selector(self, meta: Any, string: Token) -> ast.Selector:
         return ast.Selector(_unescape(str(string)), quoted=True, span=self._tok_span(string))
+
+    def regex_selector(self, meta: Any, regex: Token) -> ast.Selector:
+        # a regular expression keeps its backslashes: only \" is an escape (the quote itself)
+        pattern = str(regex)[3:-1].replace('\\"', '"')
+        return ast.Selector(pattern, quoted=True, form="regex", span=self._tok_span(regex))
+
+    def scoped_selector(self, meta: Any, name: Token, scope: Token) -> ast.Selector:
+        return ast.Selector(str(name), quoted=False, form="scoped", scope=_unescape(str(scope)),
+                            span=self._span(meta))
+
+    def first_selector(self, meta: Any, name: Token) -> ast.Selector:
+        return ast.Selector(str(name), quoted=False, form="first", span=self._span(meta))
+
+    def last_selector(self, meta: Any, name: Token) -> ast.Selector:
+        return ast.Selector(str(name), quoted=False, form="last", span=self._span(meta))
 
     @v_args(inline=False, meta=True)
     def options(self, meta: Any, children: list) -> tuple[ast.Option, ...]:
@@ -173,6 +220,24 @@ class _ToAst(Transformer):
     def neg(self, meta: Any, operand: ast.Expr) -> ast.Neg:
         return ast.Neg(operand, span=self._span(meta))
 
+    def not_(self, meta: Any, operand: ast.Expr) -> ast.Not:
+        return ast.Not(operand, span=self._span(meta))
+
+    def cond(self, meta: Any, test: ast.Expr, then: ast.Expr, orelse: ast.Expr) -> ast.Cond:
+        return ast.Cond(test, then, orelse, span=self._span(meta))
+
+    def compare(self, meta: Any, left: ast.Expr, op: Token, right: ast.Expr) -> ast.BinOp:
+        return self._binop(str(op), meta, left, right)
+
+    def pow(self, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return self._binop("**", meta, left, right)
+
+    def and_(self, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return self._binop("and", meta, left, right)
+
+    def or_(self, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return self._binop("or", meta, left, right)
+
     def _binop(self, op: str, meta: Any, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
         return ast.BinOp(op, left, right, span=self._span(meta))
 
@@ -191,18 +256,19 @@ class _ToAst(Transformer):
     def stat_ref(
         self,
         meta: Any,
-        tensor: Token | None,
+        source: tuple[ast.Selector | None, ast.Ident] | None,
         stat: Token,
         options: tuple[ast.Option, ...] | None,
         field: Token,
     ) -> ast.StatRef:
-        return ast.StatRef(
-            self._ident(tensor) if tensor is not None else None,
-            self._ident(stat),
-            options,
-            self._ident(field),
-            span=self._span(meta),
-        )
+        module, tensor = source if source is not None else (None, None)
+        return ast.StatRef(tensor, self._ident(stat), options, self._ident(field), module, span=self._span(meta))
+
+    def own_tensor(self, meta: Any, tensor: Token) -> tuple[None, ast.Ident]:
+        return None, self._ident(tensor)
+
+    def other_tensor(self, meta: Any, selector: ast.Selector, tensor: Token) -> tuple[ast.Selector, ast.Ident]:
+        return selector, self._ident(tensor)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,6 +284,8 @@ _TERMINAL_WORDS = {
 }
 #: Terminals that can start a value; when all are expected, say "a value".
 _VALUE_START = {"NAME", "NUMBER", "STRING", "STAT", "LPAR", "MINUS"}
+#: What may also follow a selector item besides '.' and '{' (left out of "expected ...").
+_AFTER_SELECTOR_MORE = {"COMMA", "IN", "EXCEPT"}
 #: Terminals that can start a statement (besides NAME and STRING, which start a selector).
 _STATEMENT_KEYWORDS = {"INCLUDE", "CALIBRATE", "PROFILE"}
 
@@ -258,6 +326,71 @@ def _describe_token(tok: Token) -> str:
     return f"'{tok}'"
 
 
+def _tokens_before(text: str, pos: int) -> list[Token]:
+    """The tokens of `text` before offset `pos` (comments and spaces dropped); [] when they do not lex."""
+    try:
+        return [t for t in _parser().lex(text[:pos]) if t.type not in ("WS", "SH_COMMENT")]
+    except UnexpectedInput:
+        return []
+
+
+def _tok_span_of(tok: Token, filename: str) -> ast.Span:
+    return ast.Span(filename, tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+def _syntax_errors(exc: UnexpectedInput, text: str, filename: str) -> list[Diagnostic]:
+    """The syntax error, said in the user's words; with the two mistakes that lark reports far from where
+    they are made recognised: a trailing comma after the last statistic of a `profile` statement (the next
+    statement is read as one more statistic), and a `{` that is never closed."""
+    main = _syntax_error(exc, text, filename)
+    pos = getattr(exc, "pos_in_stream", None)
+    if isinstance(exc, UnexpectedToken) and exc.token.type != "$END":
+        pos = exc.token.start_pos
+    if pos is None:
+        pos = len(text)
+    before = _tokens_before(text, pos)
+    comma = _trailing_profile_comma(before)
+    if comma is not None:
+        msg = "a trailing comma after the last statistic"
+        hint = "the next statement is read as one more statistic; remove the ','"
+        return [Diagnostic(_tok_span_of(comma, filename), msg, hint)]
+    opened = _unclosed_brace(before)
+    if opened is not None and main.message.startswith(("unexpected '.'", "unexpected '{'", "unexpected end")):
+        note = Diagnostic(_tok_span_of(opened, filename), "this '{' is never closed",
+                          "a block ends with '}' before the next statement")
+        return [note, main]
+    return [main]
+
+
+def _trailing_profile_comma(tokens: list[Token]) -> Token | None:
+    """The comma in `profile T: stat, <next statement>`: the last tokens are `',' NAME` (the next statement's
+    selector read as a statistic) inside a profile statement's statistic list."""
+    if len(tokens) < 2 or tokens[-2].type != "COMMA" or tokens[-1].type != "NAME":
+        return None
+    depth = 0
+    for tok in reversed(tokens[:-2]):
+        if tok.type in ("RPAR", "RSQB"):
+            depth += 1
+        elif tok.type in ("LPAR", "LSQB"):
+            depth -= 1
+        elif depth == 0 and tok.value in ("profile", "assert"):
+            return tokens[-2] if tok.value == "profile" else None
+        elif depth == 0 and tok.type in ("LBRACE", "RBRACE", "EQUAL"):
+            return None
+    return None
+
+
+def _unclosed_brace(tokens: list[Token]) -> Token | None:
+    """The innermost `{` not closed before the error, if any."""
+    stack: list[Token] = []
+    for tok in tokens:
+        if tok.type == "LBRACE":
+            stack.append(tok)
+        elif tok.type == "RBRACE" and stack:
+            stack.pop()
+    return stack[-1] if stack else None
+
+
 def _syntax_error(exc: UnexpectedInput, text: str, filename: str) -> Diagnostic:
     if isinstance(exc, UnexpectedCharacters):
         return _unexpected_character(exc, text, filename)
@@ -266,8 +399,15 @@ def _syntax_error(exc: UnexpectedInput, text: str, filename: str) -> Diagnostic:
         span = ast.Span(filename, tok.line, tok.column, tok.end_line, tok.end_column)
         expected = exc.accepts or exc.expected
         message = f"unexpected {_describe_token(tok)}"
-        if tok.type == "NAME" and {"DOT", "LBRACE"} <= set(expected) and len(expected) == 2:
-            message += " after a selector"
+        if tok.type == "DOT" and "LBRACE" in expected and "DOT" not in expected:
+            # `linear, conv2d.weight_width = 2`: a union (or except) read as the start of a block
+            hint = "several selectors (a union) or except need the block form, e.g. linear, conv2d { weight_width = 2 }"
+            return Diagnostic(span, message, hint)
+        if set(expected) - _AFTER_SELECTOR_MORE == {"DOT", "LBRACE"}:
+            # after a selector: '.' for one rule, '{' for a block ('in', 'except', ',' are less likely meant)
+            if tok.type == "NAME":
+                message += " after a selector"
+            expected = {"DOT", "LBRACE"}
         return Diagnostic(span, message, describe_expected(set(expected)))
     # the end of the file: point just after the last token
     expected: set[str] = set()

@@ -1,6 +1,8 @@
 """Read a rules file and everything it includes: text → `ast.Program` plus diagnostics.
 
-`include "path"` is relative to the including file. Each file is read once (a second include of the same
+`include "path"` is relative to the including file; `include recipe "twn"` reads `twn.tq` shipped in
+`ternqc.configs`. `let`s are folded per file (`lets.py`) and substituted into that file's statements; an
+include's `with { k = v }` overrides the included file's `let`s, `overrides` (`--set k=v`) the root file's. Each file is read once (a second include of the same
 file adds nothing); a file's includes are expanded, in the order written, before the file's own statements,
 so an including file's rules come later and win at equal specificity. A missing or unreadable include is an
 error at its `include` statement; an include cycle is an error at the include that starts the cycle.
@@ -9,13 +11,32 @@ Syntax errors end the reading of their file only: other files are still read and
 
 from __future__ import annotations
 
+import importlib.resources
 import os
+from typing import Any
 
 from attrs import frozen
 
 from ternqc.compiler import ast
-from ternqc.compiler.errors import CompileError, Diagnostic
+from ternqc.compiler.errors import CompileError, Diagnostic, did_you_mean
+from ternqc.compiler.lets import NotConstant, bind_lets, fold, substitute
 from ternqc.compiler.parse import parse
+
+#: How a shipped recipe's path reads in origins and messages (`ternqc.configs/twn.tq`).
+RECIPE_PREFIX = "ternqc.configs/"
+
+
+def recipe_path(name: str) -> str | None:
+    """The path of shipped recipe `name` (`twn` or `twn.tq`) in `ternqc.configs`, `None` when none is."""
+    folder = importlib.resources.files("ternqc.configs")
+    found = folder / (name if name.endswith(".tq") else name + ".tq")
+    return str(found) if found.is_file() else None
+
+
+def shipped_recipes() -> list[str]:
+    """The names of the shipped recipes, without `.tq`."""
+    folder = importlib.resources.files("ternqc.configs")
+    return sorted(p.name[: -len(".tq")] for p in folder.iterdir() if p.name.endswith(".tq"))
 
 
 def read_text(path: str) -> str:
@@ -46,8 +67,16 @@ class _Open:
     via: ast.Include | None
 
 
-def load_program(text: str, filename: str) -> tuple[ast.Program, list[Diagnostic]]:
+Overrides = dict[str, tuple[Any, ast.Span]]
+
+
+def load_program(
+    text: str, filename: str, overrides: dict[str, Any] | None = None
+) -> tuple[ast.Program, list[Diagnostic]]:
     """Parse `text` (shown as `filename`) and the files it includes.
+
+    Args:
+        overrides: `{name: value}` replacing the root file's top-level `let`s (`--set name=value`).
 
     Returns:
         The program (whatever could be read and parsed) and the diagnostics found while reading.
@@ -56,26 +85,73 @@ def load_program(text: str, filename: str) -> tuple[ast.Program, list[Diagnostic
     statements: list[ast.Statement] = []
     diagnostics: list[Diagnostic] = []
     done: set[str] = set()
+    folders: dict[str, str] = {}  # shown path -> the folder its includes are relative to
+    root_lets: list[ast.LetValue] = []
+    let_names: dict[str, tuple[str, ...]] = {}
+    broken: list[tuple[str, str]] = []
 
-    def expand(shown: str, body: str, stack: list[_Open]) -> None:
+    def expand(shown: str, body: str, stack: list[_Open], given: Overrides, via: ast.Include | None) -> None:
         sources.setdefault(shown, body)
         try:
             parsed = parse(body, shown)
         except CompileError as exc:
             diagnostics.extend(exc.diagnostics)
             return
+        scope, lets = bind_lets(parsed, given, diagnostics)
+        let_names[shown] = tuple(lets)
+        broken.extend((shown, name) for name in lets if name not in scope)
+        for name, (_value, span) in given.items():
+            if name not in lets:
+                hint = did_you_mean(name, lets) or (
+                    f"its constants are {', '.join(lets)}" if lets else "it has no let"
+                )
+                if via is None:
+                    msg = f"--set {name}: the rules file has no top-level let '{name}' to override"
+                else:
+                    msg = f"\"{via.path.value}\" has no let '{name}' to override"
+                diagnostics.append(Diagnostic(span, msg, hint))
+        if via is None:
+            for name, let in lets.items():
+                if name in scope:
+                    how = "set" if name in given else "let"
+                    root_lets.append(ast.LetValue(name, scope[name], how, span=let.span))
         for stmt in parsed:
             if isinstance(stmt, ast.Include):
-                include(stmt, shown, stack)
-        statements.extend(s for s in parsed if not isinstance(s, ast.Include))
+                include(stmt, shown, stack, scope)
+        statements.extend(
+            substitute(s, scope) for s in parsed if not isinstance(s, (ast.Include, ast.Let))
+        )
 
-    def include(stmt: ast.Include, including: str, stack: list[_Open]) -> None:
+    def include(stmt: ast.Include, including: str, stack: list[_Open], scope: dict[str, Any]) -> None:
+        given: Overrides = {}
+        for entry in stmt.with_:
+            name = entry.key.name
+            if name in given:
+                msg = f"'{name}' is set twice in this block (first at line {given[name][1].line})"
+                diagnostics.append(Diagnostic(entry.key.span, msg))
+                continue
+            try:
+                given[name] = (fold(entry.value, scope), entry.key.span)
+            except NotConstant as exc:
+                diagnostics.append(Diagnostic(exc.span, exc.message))
         written = stmt.path.value
         if not written.strip():
             diagnostics.append(Diagnostic(stmt.path.span, "include needs a file path"))
             return
-        shown = os.path.normpath(os.path.join(os.path.dirname(including), written))
-        real = os.path.realpath(shown)
+        if stmt.recipe:
+            found = recipe_path(written)
+            if found is None:
+                shipped = shipped_recipes()
+                hint = did_you_mean(written.removesuffix(".tq"), shipped) or f"shipped: {', '.join(shipped)}"
+                diagnostics.append(Diagnostic(stmt.path.span, f"no shipped recipe '{written}'", hint))
+                return
+            on_disk = os.path.normpath(found)
+            shown = RECIPE_PREFIX + os.path.basename(on_disk)  # the same on every machine (goldens, messages)
+        else:
+            on_disk = os.path.normpath(os.path.join(folders.get(including, os.path.dirname(including)), written))
+            shown = on_disk
+        folders[shown] = os.path.dirname(on_disk)
+        real = os.path.realpath(on_disk)
         reals = [o.real for o in stack]
         if real in reals:
             start = reals.index(real)
@@ -89,16 +165,20 @@ def load_program(text: str, filename: str) -> tuple[ast.Program, list[Diagnostic
         if real in done:
             return
         try:
-            if os.path.exists(shown) and not os.path.isdir(shown) and not os.path.isfile(shown):
+            if os.path.exists(on_disk) and not os.path.isdir(on_disk) and not os.path.isfile(on_disk):
                 raise OSError("it is not a regular file")  # a device or a pipe: never read it
-            body = read_text(shown)
+            body = read_text(on_disk)
         except (OSError, UnicodeDecodeError) as exc:
             msg = f'cannot include "{written}": {read_problem(exc)}'
-            diagnostics.append(Diagnostic(stmt.path.span, msg, f"looked for {shown}"))
+            diagnostics.append(Diagnostic(stmt.path.span, msg, f"looked for {on_disk}"))
             return
-        expand(shown, body, [*stack, _Open(real, shown, stmt)])
+        expand(shown, body, [*stack, _Open(real, shown, stmt)], given, stmt)
         done.add(real)
 
     root = _Open(os.path.realpath(filename), filename, None)
-    expand(filename, text, [root])
-    return ast.Program(tuple(sources.items()), tuple(statements)), diagnostics
+    where = ast.Span.whole_file(filename)
+    expand(filename, text, [root], {k: (v, where) for k, v in (overrides or {}).items()}, None)
+    program = ast.Program(
+        tuple(sources.items()), tuple(statements), tuple(root_lets), tuple(let_names.items()), tuple(broken)
+    )
+    return program, diagnostics

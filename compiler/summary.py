@@ -9,7 +9,10 @@ import json
 from ternqc import plan
 from ternqc.compiler.vocab import number_text, spec_text, tensor_word
 
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_PRECEDENCE = {
+    "or": 1, "and": 2, "<": 4, "<=": 4, ">": 4, ">=": 4, "==": 4, "!=": 4, "+": 5, "-": 5, "*": 6, "/": 6, "**": 8,
+}
+_NOT, _NEG, _COND = 3, 7, 0
 
 
 def expr_text(e: plan.Expr, parent: int = 0) -> str:
@@ -24,15 +27,27 @@ def expr_text(e: plan.Expr, parent: int = 0) -> str:
             return json.dumps(v)
         return number_text(v) if isinstance(v, float) else str(v)
     if isinstance(e, plan.StatRef):
-        return f"stat({tensor_word(e.tensor)}).{spec_text(e.stat)}.{e.field}"
+        where = tensor_word(e.tensor) if e.module is None else f"{e.module}.{tensor_word(e.tensor)}"
+        return f"stat({where}).{spec_text(e.stat)}.{e.field}"
+    if isinstance(e, plan.Var):
+        return e.name
     if isinstance(e, plan.Unary):
-        return "-" + expr_text(e.operand, 3)
+        rank = _NEG if e.op == "neg" else _NOT
+        text = ("-" if e.op == "neg" else "not ") + expr_text(e.operand, rank)
+        return f"({text})" if rank < parent else text
     if isinstance(e, plan.Call):
         return f"{e.fn}({', '.join(expr_text(a) for a in e.args)})"
+    if isinstance(e, plan.Cond):
+        text = f"if {expr_text(e.test)} then {expr_text(e.then)} else {expr_text(e.orelse)}"
+        return f"({text})" if parent > _COND else text
     assert isinstance(e, plan.BinOp), e
     rank = _PRECEDENCE[e.op]
-    # left-associative: the right operand needs parentheses at equal rank
-    text = f"{expr_text(e.left, rank)} {e.op} {expr_text(e.right, rank + 1)}"
+    if e.op == "**":  # right-associative, and the left operand is an atom
+        text = f"{expr_text(e.left, rank + 1)} ** {expr_text(e.right, _NEG)}"
+    elif e.op in plan.COMPARISON_OPS:  # comparisons do not chain
+        text = f"{expr_text(e.left, rank + 1)} {e.op} {expr_text(e.right, rank + 1)}"
+    else:  # left-associative: the right operand needs parentheses at equal rank
+        text = f"{expr_text(e.left, rank)} {e.op} {expr_text(e.right, rank + 1)}"
     return f"({text})" if rank < parent else text
 
 
@@ -61,21 +76,24 @@ def summarize(p: plan.Plan) -> str:
     added = [q for q in p.profile if q.reason != "profiled"]
     if added:
         lines.append("added by the compiler:")
-    by_origin = {}
+    by_origin: dict[plan.Origin, plan.Binding] = {}
     for b in p.bindings:
         by_origin.setdefault(b.origin, b)
+    by_place = {(b.origin, b.selector): b for b in reversed(p.bindings)}  # a union: one binding per selector
     for q in added:
         stats = ", ".join(map(spec_text, q.stats))
         lines.append(f"  {_where(q.selector, q.tensor):<{width}}  {stats}")
-        b = by_origin.get(q.origin)
-        rule = f"{b.selector}.{b.param}" if b is not None else "a rule"
+        b = by_place.get((q.origin, q.selector)) or by_origin.get(q.origin)
+        asserted = any(a.origin == q.origin for a in p.asserts)
+        rule = f"{b.selector}.{b.param}" if b is not None else "the assertion" if asserted else "a rule"
         if q.reason == "referenced":
             lines.append(f"    why: {rule} at {q.origin} reads it; no profile statement collects it there")
         else:
             lines.append(f"    why: {rule} = true at {q.origin} scales activations by the mean |x|")
             lines.append("         over |x| > threshold, gathered in a second calibration pass")
 
-    lines.append("parameters (name > glob > type > default; the later rule wins at equal rank):")
+    lines.append("parameters (name, first/last > glob, regex > scoped type > type > default; "
+                 "the later rule wins at equal rank):")
     winners: dict[tuple[plan.Selector, str], list[plan.Binding]] = {}
     for b in p.bindings:
         winners.setdefault((b.selector, b.param), []).append(b)
@@ -92,7 +110,22 @@ def summarize(p: plan.Plan) -> str:
             if len(chain) > 1:
                 text += f"   (overrides {', '.join(str(b.origin) for b in chain[:-1])})"
             lines.append(text)
+    lines += _constants_and_asserts(p)
     return "\n".join(lines)
+
+
+def _constants_and_asserts(p: plan.Plan) -> list[str]:
+    lines = []
+    if p.constants:
+        lines.append("constants:")
+        lines += [f"  {c.name} = {expr_text(plan.Const(c.value))}" + ("   (--set)" if c.how == "set" else "")
+                  for c in p.constants]
+    if p.asserts:
+        lines.append("assertions (checked after conversion):")
+        for a in p.asserts:
+            msg = f", {json.dumps(a.message)}" if a.message else ""
+            lines.append(f"  assert {a.selector or 'model'}: {expr_text(a.test)}{msg}   ({a.origin})")
+    return lines
 
 
 def _first(p: plan.Plan, sel: plan.Selector) -> int:

@@ -23,10 +23,17 @@ _NUMBERED = re.compile(r"(data_in|data_out)_(0|[1-9][0-9]{0,3})")
 DEFAULT = "default"
 
 #: Functions allowed in expressions, with their argument counts (min, max; None = unbounded).
-FUNCTIONS: dict[str, tuple[int, int | None]] = {"abs": (1, 1), "min": (1, None), "max": (1, None)}
+FUNCTIONS: dict[str, tuple[int, int | None]] = plan.FUNCTIONS
 
 #: Bare names with a meaning in a value position.
 VALUE_NAMES = {"true": True, "false": False, "na": None}
+
+#: Granularity words for the `dims` option: the output-channel axis of a weight (any type), the channel axis
+#: of an input; or the whole tensor.
+GRANULARITY = ("per_channel", "per_tensor")
+
+#: Names a `let` may not take: they mean something of their own where a value is expected.
+RESERVED_NAMES = frozenset({*VALUE_NAMES, "all", "none", "stat", *GRANULARITY})
 
 #: The `calibrate { }` keys and the kind of value each takes.
 CALIBRATE_KEYS: dict[str, str] = {"samples": "count", "batch_size": "count", "split": "string"}
@@ -39,7 +46,14 @@ NOT_LITERAL = object()
 
 def selector_of(sel: ast.Selector) -> plan.Selector:
     """The plan's selector for a written one: bare → `type` (`default` → `default`); quoted → `glob` when
-    it holds `*`, `?` or `[`, else `name`."""
+    it holds `*`, `?` or `[`, else `name`; `re"..."` → `regex`; `T in "glob"` → `scoped`; `first(T)`,
+    `last(T)` → `first`, `last`."""
+    if sel.form == "regex":
+        return plan.Selector("regex", sel.text)
+    if sel.form == "scoped":
+        return plan.Selector("scoped", sel.text, scope=sel.scope)
+    if sel.form in ("first", "last"):
+        return plan.Selector(sel.form, sel.text)
     if not sel.quoted:
         return plan.Selector("default") if sel.text == DEFAULT else plan.Selector("type", sel.text)
     if any(c in sel.text for c in "*?["):
@@ -55,9 +69,39 @@ def type_tensors(sel: plan.Selector) -> tuple[str, ...] | None:
         for tensors in plan.QUANTISABLE.values():
             names += [t for t in tensors if t not in names]
         return tuple(names)
-    if sel.kind == "type" and sel.pattern in plan.QUANTISABLE:
+    if sel.kind in ("type", "scoped", "first", "last") and sel.pattern in plan.QUANTISABLE:
         return plan.QUANTISABLE[sel.pattern]
     return None
+
+
+def module_type_of(sel: plan.Selector | None) -> str | None:
+    """The module type every module `sel` picks has, when the selector says (`linear`, `first(conv2d)`)."""
+    if sel is not None and sel.kind in ("type", "scoped", "first", "last"):
+        return sel.pattern
+    return None
+
+
+#: The channel axis of each quantisable type's input, as the module sees it (batch first): a Linear's
+#: features are the last axis ([B, ..., F]), a Conv's channels the second ([B, C, ...]).
+INPUT_CHANNEL_AXIS = {"linear": -1, "conv1d": 1, "conv2d": 1}
+
+
+def concrete_dims(written: dict[str, Any], tensor: str, sel: plan.Selector | None) -> dict[str, Any] | None:
+    """`written` statistic options with `dims = per_channel | per_tensor` made concrete for `tensor` of the
+    modules `sel` picks: `per_tensor` → `all`; `per_channel` → keep only the channel axis (`channel:0`, the
+    output channel, for a weight or bias of any type; the type's input channel axis for `data_in`).
+    `None` when the channel axis of an input cannot be known (a selector without a type)."""
+    dims = written.get("dims")
+    if dims == "per_tensor":
+        return {**written, "dims": "all"}
+    if dims != "per_channel":
+        return written
+    if tensor in ("weight", "bias"):
+        return {**written, "dims": "channel:0"}
+    op = module_type_of(sel)
+    if op not in INPUT_CHANNEL_AXIS or not tensor.startswith("data_in"):
+        return None
+    return {**written, "dims": f"channel:{INPUT_CHANNEL_AXIS[op]}"}
 
 
 # --- tensors -----------------------------------------------------------------------------------------------
@@ -125,7 +169,7 @@ def option_value(name: str, expr: ast.Expr) -> Any:
     ints, `abs` → bool, the statistic's own options → float."""
     if name == "dims":
         if isinstance(expr, ast.Name):
-            return expr.name
+            return expr.name  # all, none, or a granularity word (`concrete_dims` makes it concrete)
         assert isinstance(expr, ast.List)
         return tuple(literal(i) for i in expr.items)
     if name == "abs":
@@ -172,8 +216,16 @@ Profiled = dict[tuple[str, str], list[tuple[plan.Selector, plan.StatSpec]]]
 
 def covers(point_selector: plan.Selector, sel: plan.Selector) -> bool:
     """Whether what is collected for `point_selector` is collected for every module `sel` can pick:
-    the same selector, or `default` for `default` and the (quantisable) types."""
-    return point_selector == sel or (point_selector.kind == "default" and sel.kind in ("default", "type"))
+    the same selector (exclusions only narrow it), `default` for `default` and the (quantisable) types in
+    any form, or a type for that type's scoped, first and last forms."""
+    if sel.exclude:
+        sel = plan.Selector(sel.kind, sel.pattern, sel.scope)
+    if point_selector == sel:
+        return True
+    if point_selector.kind == "default":
+        return sel.kind in ("default", "type", "scoped", "first", "last")
+    return point_selector.kind == "type" and sel.kind in ("scoped", "first", "last") and (
+        sel.pattern == point_selector.pattern)
 
 
 def candidates(
@@ -204,6 +256,8 @@ def spec_text(spec: plan.StatSpec) -> str:
     parts = []
     if spec.dims != plan.COMMON_STAT_OPTIONS["dims"]:
         dims = spec.dims if isinstance(spec.dims, str) else f"[{', '.join(map(str, spec.dims))}]"
+        if plan.channel_axis(spec.dims) is not None:
+            dims = "per_channel"  # the plan's `channel:N`, N the channel axis of this rule's tensor and type
         parts.append(f"dims={dims}")
     if spec.abs != plan.COMMON_STAT_OPTIONS["abs"]:
         parts.append("abs=true")

@@ -15,19 +15,23 @@ import os
 import sys
 
 from ternqc.plan import Plan
-from ternqc.render import format_layer_table
 
 
 def compile_rules(args: argparse.Namespace) -> int:
-    """`ternqc compile RULES [-o plan.json]`: compile, print a summary (stdout), warnings or errors (stderr),
-    write the plan as JSON. Exit 0 when the rules compile, 1 when they do not or a file cannot be read or
-    written."""
-    from ternqc.compiler import CompileError, compile_file
+    """`ternqc compile RULES [-o plan.json] [--set k=v] [--model M [--ckpt C] [--explain]]`: compile, print a
+    summary (stdout), warnings or errors (stderr), write the plan as JSON; with `--model`, check the rules
+    against that model (`runtime/rules_check.py`, which imports torch). Exit 0 when the rules compile (and
+    every selector hits something), 1 when they do not or a file cannot be read or written, 2 for --ckpt or
+    --explain without --model."""
+    from ternqc.compiler import CompileError, compile_file, parse_sets
     from ternqc.compiler.summary import summarize
 
     rules_path, output_path = args.rules, args.output
+    if (args.ckpt or args.explain) and not args.model:
+        print("ternqc compile: error: --ckpt and --explain need --model", file=sys.stderr)
+        return 2
     try:
-        compiled = compile_file(rules_path)
+        compiled = compile_file(rules_path, parse_sets(args.sets))
     except CompileError as exc:
         print(exc.render(), file=sys.stderr)
         n = len(exc.diagnostics)
@@ -46,16 +50,33 @@ def compile_rules(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr)
             return 1
         print(f"wrote plan to {os.fspath(output_path)}")
+    if args.model:
+        return _check_against_model(compiled.plan, args)
     return 0
 
 
-def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
+def _check_against_model(plan: Plan, args: argparse.Namespace) -> int:
+    from ternqc.runtime.run.rules_check import check_against_model
+
+    report = check_against_model(plan, args.model, ckpt=args.ckpt, explain=args.explain)
+    print(report.text)
+    for line in report.warnings:
+        print(f"ternqc: warning: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"ternqc: error: {line}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+def load_plan(rules: str | None, plan_path: str | None, sets: list[str] | None = None) -> tuple[Plan, str]:
     """The plan from `--plan P.json`, `--rules R.tq`, or the built-in default recipe; and its source name.
+    `sets` are the `--set NAME=VALUE` overrides of the rules' top-level `let`s.
 
     Compile warnings go to stderr.
     """
     from ternqc.runtime.errors import UserError
 
+    if plan_path and sets:
+        raise UserError("--set changes the rules, so it needs --rules; a compiled --plan has its values fixed")
     if plan_path:
         try:
             with open(plan_path, encoding="utf-8") as f:
@@ -66,10 +87,10 @@ def load_plan(rules: str | None, plan_path: str | None) -> tuple[Plan, str]:
         except ValueError as exc:
             msg = f"{plan_path}: {exc}"
             raise UserError(msg) from exc
-    from ternqc.compiler import builtin_recipe, compile_file
+    from ternqc.compiler import builtin_recipe, compile_file, parse_sets
 
     path = rules or str(builtin_recipe())
-    compiled = compile_file(path)
+    compiled = compile_file(path, parse_sets(sets or []))
     for warning in compiled.warnings:
         print(warning.render() if hasattr(warning, "render") else str(warning), file=sys.stderr)
     return compiled.plan, (rules or "configs/toy_ternary.tq")
@@ -146,7 +167,7 @@ def profile(args: argparse.Namespace) -> int:
     from ternqc.runtime.io.mase_io import write_stats_toml
     from ternqc.runtime.run import workers
 
-    plan, _source = load_plan(args.rules, args.plan)
+    plan, _source = load_plan(args.rules, args.plan, args.sets)
     result, writes = _calibrate_in_processes(args, workers.profile_worker, plan.to_dict(), _settings(args))
     if not writes:
         return 0
@@ -158,10 +179,10 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
-    from ternqc.render import render_explain
+    from ternqc.render import format_layer_table, render_explain
     from ternqc.runtime.run import pipeline, workers
 
-    plan, source = load_plan(args.rules, args.plan)
+    plan, source = load_plan(args.rules, args.plan, args.sets)
     settings = _settings(args)
     result, writes = _calibrate_in_processes(args, workers.apply_worker, plan.to_dict(), settings, source)
     if not writes:
@@ -176,18 +197,22 @@ def apply(args: argparse.Namespace) -> int:
         f"  ({settings.dataset}, rules {source})"
     )
     print("wrote " + ", ".join(written))
-    return 0
+    for warning in result.warnings:
+        print(f"ternqc: warning: {warning}", file=sys.stderr)
+    for failure in result.assert_failures:  # the outputs are written: nothing computed is lost
+        print(f"ternqc: error: {failure.render()}", file=sys.stderr)
+    return 1 if result.assert_failures else 0
 
 
 def finetune(args: argparse.Namespace) -> int:
     """`ternqc finetune`: what `apply` does, then fine-tuning with the quantisers in the loop (one process,
     `--workers N` or every process of a torchrun job, data-parallel); rank 0 writes `apply`'s four outputs,
     with the fine-tuned model, and prints the accuracy before and after."""
-    from ternqc.render import render_explain
+    from ternqc.render import format_layer_table, render_explain
     from ternqc.runtime.run import pipeline, workers
     from ternqc.runtime.run.finetune import FinetuneSettings
 
-    plan, source = load_plan(args.rules, args.plan)
+    plan, source = load_plan(args.rules, args.plan, args.sets)
     settings = _settings(args)
     tune = FinetuneSettings(
         epochs=args.epochs,
@@ -215,7 +240,11 @@ def finetune(args: argparse.Namespace) -> int:
         f"  ({settings.dataset}, rules {source})"
     )
     print("wrote " + ", ".join(written))
-    return 0
+    for warning in result.warnings:
+        print(f"ternqc: warning: {warning}", file=sys.stderr)
+    for failure in result.assert_failures:  # checked on the fine-tuned model; the outputs are written
+        print(f"ternqc: error: {failure.render()}", file=sys.stderr)
+    return 1 if result.assert_failures else 0
 
 
 def map_stats(args: argparse.Namespace) -> int:
@@ -223,7 +252,7 @@ def map_stats(args: argparse.Namespace) -> int:
     from ternqc.runtime.io.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
     from ternqc.runtime.quantize.mapping import map_params
 
-    plan, source = load_plan(args.rules, None)
+    plan, source = load_plan(args.rules, None, args.sets)
     table = read_stats_toml(args.stats)
     mapping = map_params(
         plan, table, rules=source, by_node_name=True, stats_source=f"the statistics file {args.stats}"

@@ -21,6 +21,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, rules: bool = True) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--rules", help="rules file (.tq); default: the built-in configs/toy_ternary.tq")
         src.add_argument("--plan", help="a plan compiled by `ternqc compile -o plan.json`")
+    _add_set_option(p)
     p.add_argument("--samples", type=int, help="calibration samples (rounded up to whole batches)")
     p.add_argument("--batch-size", type=int, help="calibration batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration shuffle (default 0)")
@@ -42,6 +43,11 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
 
 
+def _add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="sets",
+                   help="override a top-level `let` of the rules (repeatable), e.g. --set k=0.6")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ternqc", description="Ternary quantisation from declarative rules.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -50,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="check a rules file and lower it to a plan")
     p.add_argument("rules", help="rules file (.tq)")
     p.add_argument("-o", "--output", help="write the plan as JSON here")
+    _add_set_option(p)
+    p.add_argument("--model", help="check the rules against this model (built, not calibrated; imports torch)")
+    p.add_argument("--ckpt", help="with --model: a checkpoint to load into it")
+    p.add_argument("--explain", action="store_true", help="with --model: the rule that sets each parameter")
 
     p = sub.add_parser("train", help="train a model and write a Lightning-layout checkpoint")
     p.add_argument("--model", default="toy", help=MODEL_HELP)
@@ -81,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", help="rules file (.tq); default: the built-in configs/toy_ternary.tq")
     p.add_argument("-o", "--output", default="quant_config.toml")
     p.add_argument("--base", help="a MASE config whose model and dataset the output keeps (stat-to-conf.py's --base)")
+    _add_set_option(p)
     p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
 
     p = sub.add_parser("demo", help="the whole flow on the built-in defaults: train toy, apply the default recipe")

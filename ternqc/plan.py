@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
+from collections.abc import Sequence
 from typing import Any, Union
 
 import attrs
 from attrs import field, frozen
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+#: Plan versions this ternqc reads: version 1 plans (no lets, asserts or selector forms of language v2) mean
+#: the same under version 2.
+READABLE_VERSIONS = (1, 2)
 
 # ---------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -130,18 +135,31 @@ def _dims_converter(value: Any) -> str | tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+_CHANNEL_DIMS = re.compile(r"channel:-?[0-9]+")
+
+
+def channel_axis(dims: Any) -> int | None:
+    """The kept axis of `dims = "channel:N"` (per channel: every other dim is reduced), else `None`."""
+    if isinstance(dims, str) and _CHANNEL_DIMS.fullmatch(dims):
+        return int(dims.split(":")[1])
+    return None
+
+
 def _dims_validator(_inst: Any, _attr: Any, value: Any) -> None:
     if isinstance(value, str):
-        if value not in ("all", "none"):
-            raise ValueError(f"dims must be 'all', 'none' or a tuple of ints, got {value!r}")
+        if value not in ("all", "none") and channel_axis(value) is None:
+            msg = f"dims must be 'all', 'none', 'channel:N' or a tuple of ints, got {value!r}"
+            raise ValueError(msg)
 
 
 @frozen
 class StatSpec:
     """One statistic with all its options fixed: `range_quantile(dims=all, abs=false, quantile=0.5)`.
 
-    `dims` is `"all"` (one scalar), `"none"` (element-wise across samples: the per-sample shape) or a tuple
-    of dimensions of the observed tensor to reduce (the others are kept: per-channel results).
+    `dims` is `"all"` (one scalar), `"none"` (element-wise across samples: the per-sample shape), a tuple
+    of dimensions of the observed tensor to reduce (the others are kept: per-channel results), or
+    `"channel:N"`: keep only dimension N (negative counts from the end), reduce all others (the language's
+    `per_channel`: `channel:0` for a weight, `channel:1` for a Conv input, `channel:-1` for a Linear input).
     `options` holds the statistic's own options (e.g. `quantile`), complete and sorted by name.
     """
 
@@ -184,54 +202,128 @@ def _fmt_number(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-SELECTOR_KINDS = ("default", "type", "glob", "name")
+SELECTOR_KINDS = ("default", "type", "scoped", "glob", "regex", "name", "first", "last")
+#: Precedence rank of each kind: the more exactly a selector names a module, the higher.
+SELECTOR_RANKS: dict[str, int] = {
+    "default": 0, "type": 1, "scoped": 2, "glob": 3, "regex": 3, "name": 4, "first": 4, "last": 4,
+}
+
+
+def _regex_validator(inst: Any, _attr: Any, value: str) -> None:
+    if inst.kind == "regex":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+
+
+Module = tuple[str, str]  # (module path, type name as the runtime gives it)
 
 
 @frozen
 class Selector:
     """Which modules a rule is about.
 
-    kind: `"default"` (every quantisable module), `"type"` (a module type, e.g. `linear`, or any module class
-    name in lower case), `"glob"` (a quoted name with `*` or `?`), `"name"` (a quoted module path such as
-    `seq_blocks.0` or its MASE/FX node name `seq_blocks_0`). `pattern` is empty for `default`.
+    kind: `"default"` (every quantisable module), `"type"` (a module type, e.g. `linear`: the runtime passes
+    the type name, which for the quantisable types is decided by `isinstance`, so subclasses match),
+    `"scoped"` (a type whose module path matches the glob `scope`: `linear in "encoder.*"`), `"glob"` (a
+    quoted name with `*`, `?` or `[`), `"regex"` (`re"..."`: a full match on the dotted path), `"name"` (a
+    quoted module path such as `seq_blocks.0` or its MASE/FX node name `seq_blocks_0`), `"first"` / `"last"`
+    (the first / last module of type `pattern` in the model's module order). `pattern` is empty for
+    `default`. `exclude`: selectors whose modules are taken out (`linear except "seq_blocks.0"`).
     """
 
     kind: str = field(validator=attrs.validators.in_(SELECTOR_KINDS))
-    pattern: str = field(default="", validator=attrs.validators.instance_of(str))
+    pattern: str = field(default="", validator=[attrs.validators.instance_of(str), _regex_validator])
+    scope: str = field(default="", validator=attrs.validators.instance_of(str))
+    exclude: tuple[Selector, ...] = field(default=(), converter=tuple)
 
     @property
     def specificity(self) -> int:
-        """Precedence rank: name 3 > glob 2 > type 1 > default 0 (later statements win at equal rank)."""
-        return SELECTOR_KINDS.index(self.kind)
+        """Precedence rank (`SELECTOR_RANKS`): name, first, last 4 > glob, regex 3 > scoped 2 > type 1 >
+        default 0 (later statements win at equal rank)."""
+        return SELECTOR_RANKS[self.kind]
 
-    def matches(self, module_path: str, module_type: str) -> bool:
-        """Whether this selector picks the module at `module_path` whose lower-case type is `module_type`.
+    @property
+    def positional(self) -> bool:
+        """Whether matching needs the model's ordered module list (`first` / `last`, also in `exclude`)."""
+        return self.kind in ("first", "last") or any(e.positional for e in self.exclude)
+
+    def matches(self, module_path: str, module_type: str, modules: Sequence[Module] | None = None) -> bool:
+        """Whether this selector picks the module at `module_path` whose type name is `module_type`.
 
         Names and globs match either the dotted module path or the MASE/FX node name (dots -> underscores).
-        `default` matches only quantisable types.
+        `default` matches only quantisable types. `first` / `last` need `modules`, every `(path, type)` of the
+        model in `named_modules()` order.
+
+        Raises:
+            ValueError: a `first` / `last` selector without `modules`.
         """
+        if not self._matches(module_path, module_type, modules):
+            return False
+        return not any(e.matches(module_path, module_type, modules) for e in self.exclude)
+
+    def _matches(self, module_path: str, module_type: str, modules: Sequence[Module] | None) -> bool:
         if self.kind == "default":
             return module_type in QUANTISABLE
         if self.kind == "type":
             return module_type == self.pattern
+        if self.kind in ("first", "last"):
+            if modules is None:
+                raise ValueError(f"{self} needs the model's module list")
+            if module_type != self.pattern:
+                return False
+            # scan from the near end only: a model with thousands of modules is matched module by module
+            ordered = modules if self.kind == "first" else reversed(modules)
+            return next((p for p, t in ordered if t == self.pattern), None) == module_path
+        if self.kind == "regex":
+            return re.fullmatch(self.pattern, module_path) is not None
         node = module_path.replace(".", "_")
+        if self.kind == "scoped":
+            return module_type == self.pattern and (
+                fnmatch.fnmatchcase(module_path, self.scope) or fnmatch.fnmatchcase(node, self.scope)
+            )
         if self.kind == "name":
             return self.pattern in (module_path, node)
         return fnmatch.fnmatchcase(module_path, self.pattern) or fnmatch.fnmatchcase(node, self.pattern)
 
+    def select(self, modules: Sequence[Module]) -> list[str]:
+        """The paths of `modules` (every `(path, type)` of a model, in order) this selector picks."""
+        return [p for p, t in modules if self.matches(p, t, modules)]
+
     def __str__(self) -> str:
         if self.kind == "default":
-            return "default"
-        if self.kind == "type":
-            return self.pattern
-        return json.dumps(self.pattern)
+            text = "default"
+        elif self.kind == "type":
+            text = self.pattern
+        elif self.kind == "scoped":
+            text = f"{self.pattern} in {json.dumps(self.scope)}"
+        elif self.kind in ("first", "last"):
+            text = f"{self.kind}({self.pattern})"
+        elif self.kind == "regex":
+            text = 're"' + self.pattern.replace('"', '\\"') + '"'
+        else:
+            text = json.dumps(self.pattern)
+        if self.exclude:
+            text += " except " + ", ".join(map(str, self.exclude))
+        return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "pattern": self.pattern}
+        d: dict[str, Any] = {"kind": self.kind, "pattern": self.pattern}
+        if self.scope:
+            d["scope"] = self.scope
+        if self.exclude:
+            d["exclude"] = [e.to_dict() for e in self.exclude]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Selector:
-        return cls(kind=d["kind"], pattern=d["pattern"])
+        return cls(
+            kind=d["kind"],
+            pattern=d["pattern"],
+            scope=d.get("scope", ""),
+            exclude=tuple(cls.from_dict(e) for e in d.get("exclude", ())),
+        )
 
 
 # --- expressions ------------------------------------------------------------------------------------------
@@ -251,40 +343,74 @@ class StatRef:
     """`stat(tensor).<stat>.<field>` with the statistic fully resolved by the compiler.
 
     `tensor` is canonical (`data_in_0`, `weight`, ...). The runtime reads the value of `field` of `stat`
-    collected on `tensor` of the module the binding is evaluated for.
+    collected on `tensor` of the module the binding is evaluated for, or, when `module` is set
+    (`stat("seq_blocks.1".data_out)...`), of the one module that selector picks.
     """
 
     tensor: str = field(validator=attrs.validators.instance_of(str))
     stat: StatSpec = field(validator=attrs.validators.instance_of(StatSpec))
     field: str = field(validator=attrs.validators.instance_of(str))
+    module: Selector | None = attrs.field(  # `field` is a field name here
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Selector))
+    )
+
+
+@frozen
+class Var:
+    """A name an `assert` reads: a resolved parameter (`weight_width`), what conversion measured
+    (`weight_delta`, `weight_alpha`, `weight_zero_fraction`) or, for `assert model`, `float_accuracy` /
+    `quantised_accuracy`."""
+
+    name: str = field(validator=attrs.validators.instance_of(str))
+
+
+UNARY_OPS = ("neg", "not")
+ARITHMETIC_OPS = ("+", "-", "*", "/", "**")
+COMPARISON_OPS = ("<", "<=", ">", ">=", "==", "!=")
+LOGICAL_OPS = ("and", "or")
+#: Functions and their argument counts (min, max; None = unbounded).
+FUNCTIONS: dict[str, tuple[int, int | None]] = {
+    "abs": (1, 1), "min": (1, None), "max": (1, None), "sqrt": (1, 1), "log2": (1, 1), "clamp": (3, 3),
+}
 
 
 @frozen
 class Unary:
-    """`-x`: op is `"neg"`."""
+    """`-x` (op `"neg"`) or `not x` (op `"not"`)."""
 
-    op: str = field(validator=attrs.validators.in_(("neg",)))
+    op: str = field(validator=attrs.validators.in_(UNARY_OPS))
     operand: Expr
 
 
 @frozen
 class BinOp:
-    """`left op right` with op one of `+ - * /`."""
+    """`left op right` with op one of `+ - * / **`, a comparison, `and` or `or`."""
 
-    op: str = field(validator=attrs.validators.in_(("+", "-", "*", "/")))
+    op: str = field(validator=attrs.validators.in_(ARITHMETIC_OPS + COMPARISON_OPS + LOGICAL_OPS))
     left: Expr
     right: Expr
 
 
 @frozen
-class Call:
-    """`fn(args...)` with fn one of `abs` (one argument), `min`, `max` (one or more)."""
+class Cond:
+    """`if test then then else orelse`."""
 
-    fn: str = field(validator=attrs.validators.in_(("abs", "min", "max")))
+    test: Expr
+    then: Expr
+    orelse: Expr
+
+
+@frozen
+class Call:
+    """`fn(args...)` with fn one of `FUNCTIONS`: `abs`, `sqrt`, `log2` (one argument), `min`, `max` (one or
+    more), `clamp(x, lo, hi)`."""
+
+    fn: str = field(validator=attrs.validators.in_(tuple(FUNCTIONS)))
     args: tuple[Expr, ...] = field(converter=tuple)
 
 
-Expr = Union[Const, StatRef, Unary, BinOp, Call]
+Expr = Union[Const, StatRef, Var, Unary, BinOp, Cond, Call]
+EXPR_TYPES = (Const, StatRef, Var, Unary, BinOp, Cond, Call)
 
 
 def expr_to_dict(e: Expr) -> dict[str, Any]:
@@ -292,7 +418,14 @@ def expr_to_dict(e: Expr) -> dict[str, Any]:
     if isinstance(e, Const):
         return {"const": e.value}
     if isinstance(e, StatRef):
-        return {"stat": {"tensor": e.tensor, "spec": e.stat.to_dict(), "field": e.field}}
+        d = {"tensor": e.tensor, "spec": e.stat.to_dict(), "field": e.field}
+        if e.module is not None:
+            d["module"] = e.module.to_dict()
+        return {"stat": d}
+    if isinstance(e, Var):
+        return {"var": e.name}
+    if isinstance(e, Cond):
+        return {"cond": {"test": expr_to_dict(e.test), "then": expr_to_dict(e.then), "else": expr_to_dict(e.orelse)}}
     if isinstance(e, Unary):
         return {"unary": {"op": e.op, "operand": expr_to_dict(e.operand)}}
     if isinstance(e, BinOp):
@@ -308,7 +441,13 @@ def expr_from_dict(d: dict[str, Any]) -> Expr:
         return Const(d["const"])
     if "stat" in d:
         s = d["stat"]
-        return StatRef(tensor=s["tensor"], stat=StatSpec.from_dict(s["spec"]), field=s["field"])
+        module = Selector.from_dict(s["module"]) if s.get("module") is not None else None
+        return StatRef(tensor=s["tensor"], stat=StatSpec.from_dict(s["spec"]), field=s["field"], module=module)
+    if "var" in d:
+        return Var(d["var"])
+    if "cond" in d:
+        c = d["cond"]
+        return Cond(expr_from_dict(c["test"]), expr_from_dict(c["then"]), expr_from_dict(c["else"]))
     if "unary" in d:
         return Unary(op=d["unary"]["op"], operand=expr_from_dict(d["unary"]["operand"]))
     if "binop" in d:
@@ -329,6 +468,8 @@ def expr_stat_refs(e: Expr) -> tuple[StatRef, ...]:
         return expr_stat_refs(e.left) + expr_stat_refs(e.right)
     if isinstance(e, Call):
         return tuple(r for a in e.args for r in expr_stat_refs(a))
+    if isinstance(e, Cond):
+        return expr_stat_refs(e.test) + expr_stat_refs(e.then) + expr_stat_refs(e.orelse)
     return ()
 
 
@@ -365,9 +506,47 @@ class Binding:
 
     selector: Selector = field(validator=attrs.validators.instance_of(Selector))
     param: str = field(validator=attrs.validators.instance_of(str))
-    value: Expr = field(validator=attrs.validators.instance_of((Const, StatRef, Unary, BinOp, Call)))
+    value: Expr = field(validator=attrs.validators.instance_of(EXPR_TYPES))
     origin: Origin = field(validator=attrs.validators.instance_of(Origin))
     order: int = field(validator=attrs.validators.instance_of(int))
+
+
+@frozen
+class Assert:
+    """`assert selector: test, "message"`, checked per module the selector picks after mapping and
+    conversion; `selector` is `None` for `assert model: test`, checked once."""
+
+    selector: Selector | None = field(validator=attrs.validators.optional(attrs.validators.instance_of(Selector)))
+    test: Expr = field(validator=attrs.validators.instance_of(EXPR_TYPES))
+    message: str = field(validator=attrs.validators.instance_of(str))
+    origin: Origin = field(validator=attrs.validators.instance_of(Origin))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "selector": None if self.selector is None else self.selector.to_dict(),
+            "test": expr_to_dict(self.test),
+            "message": self.message,
+            "origin": attrs.asdict(self.origin),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Assert:
+        sel = None if d["selector"] is None else Selector.from_dict(d["selector"])
+        return cls(sel, expr_from_dict(d["test"]), d["message"], Origin(**d["origin"]))
+
+
+LET_SOURCES = ("let", "set")
+
+
+@frozen
+class Constant:
+    """The value a top-level `let` of the root rules file took: as written (`how="let"`) or overridden
+    with `--set name=value` (`how="set"`). Recorded so a run's report can say which values it used."""
+
+    name: str = field(validator=attrs.validators.instance_of(str))
+    value: float | int | bool | str = field(validator=attrs.validators.instance_of((float, int, bool, str)))
+    how: str = field(validator=attrs.validators.in_(LET_SOURCES))
+    origin: Origin = field(validator=attrs.validators.instance_of(Origin))
 
 
 @frozen
@@ -387,7 +566,14 @@ class Plan:
     calibration: Calibration
     profile: tuple[ProfilePoint, ...] = field(converter=tuple)
     bindings: tuple[Binding, ...] = field(converter=tuple)
-    version: int = PLAN_VERSION
+    asserts: tuple[Assert, ...] = field(
+        default=(), converter=tuple, validator=attrs.validators.deep_iterable(attrs.validators.instance_of(Assert))
+    )
+    constants: tuple[Constant, ...] = field(
+        default=(), converter=tuple,
+        validator=attrs.validators.deep_iterable(attrs.validators.instance_of(Constant)),
+    )
+    version: int = field(default=PLAN_VERSION, validator=attrs.validators.in_(READABLE_VERSIONS))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -414,14 +600,17 @@ class Plan:
                 }
                 for b in self.bindings
             ],
+            "asserts": [a.to_dict() for a in self.asserts],
+            "constants": [attrs.asdict(c) for c in self.constants],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Read a plan written by `to_dict`. Raises `ValueError` for another version or a malformed plan."""
-        if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
+        if not isinstance(d, dict) or d.get("version") not in READABLE_VERSIONS:
             found = d.get("version") if isinstance(d, dict) else type(d).__name__
-            msg = f"unsupported plan version {found!r}; this ternqc reads version {PLAN_VERSION}"
+            readable = " and ".join(map(str, READABLE_VERSIONS))
+            msg = f"unsupported plan version {found!r}; this ternqc reads versions {readable}"
             raise ValueError(msg)
         try:
             return cls(
@@ -447,6 +636,10 @@ class Plan:
                         order=b["order"],
                     )
                     for b in d["bindings"]
+                ],
+                asserts=[Assert.from_dict(a) for a in d.get("asserts", ())],
+                constants=[
+                    Constant(c["name"], c["value"], c["how"], Origin(**c["origin"])) for c in d.get("constants", ())
                 ],
             )
         except KeyError as exc:

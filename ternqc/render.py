@@ -56,7 +56,8 @@ def format_layer_table(report: dict[str, Any]) -> str:
     for node, entry in report["nodes"].items():
         for tensor, t in entry["tensors"].items():
             if not t.get("quantized"):
-                rows.append((node, entry["op"], tensor, "float", "", ""))
+                why = " (not called as a module)" if entry.get("left_in_float") else ""
+                rows.append((node, entry["op"], tensor, "float" + why, "", ""))
                 continue
             zeros = t.get("zero_fraction")
             alpha = t.get("alpha") if t.get("scaling") else "off"

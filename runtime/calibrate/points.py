@@ -80,12 +80,13 @@ def resolve_profile(
     origins: dict[tuple[str, str], list[Origin]] = {}
     unmatched = []
     named = [(path, m, module_type(m)) for path, m in model.named_modules() if path]
+    order = [(path, mtype) for path, _m, mtype in named]  # for first(T) / last(T)
     for point in points:
         if point.reason == "derived" and not include_derived:
             continue
         hit = False
         for path, module, mtype in named:
-            if not point.selector.matches(path, mtype):
+            if not point.selector.matches(path, mtype, order):
                 continue
             if point.selector.kind == "default" and not _type_has(mtype, point.tensor):
                 continue  # `default` means every quantisable module that has this tensor at all

@@ -32,18 +32,21 @@ import numpy as np
 from attrs import field, frozen
 
 from ternqc.plan import (
+    COMPARISON_OPS,
     PARAM_SUFFIXES,
     QUANTISABLE,
     QUANTISERS,
     Binding,
     BinOp,
     Call,
+    Cond,
     Const,
     Expr,
     Plan,
     Selector,
     StatRef,
     Unary,
+    Var,
     all_params,
     expr_stat_refs,
     split_param,
@@ -152,7 +155,8 @@ def map_params(
                 params[param] = None
                 winners.pop(param, None)
                 continue
-            ctx = _Context(node, op, param, rp.binding, stats, stats_source)
+            ctx = _Context(node, op, param, rp.binding, stats, stats_source, table=table, modules=mods,
+                           by_node_name=by_node_name)
             params[param] = ctx.finish(ctx.evaluate(rp.binding.value))
         out[path] = MappedModule(path=path, node=node, op=op, params=params, explain=dict(winners))
     return MappingResult(modules=out, defaults=_default_values(bindings, stats_source), rules=rules)
@@ -171,6 +175,7 @@ def _check_params(bindings: Iterable[Binding]) -> None:
 def _check_selectors(bindings: Sequence[Binding], modules: Sequence[Module], *, by_node_name: bool) -> None:
     # A rule for a quantisable type the model lacks (a recipe's `conv2d` rules on an MLP) is not a mistake:
     # recipes are written for many models. Names, globs and `default` that match nothing are.
+    modules = list(modules)
     problems = [_unmatched_message(b.selector, b, modules, by_node_name) for b in
                 unmatched_selectors(bindings, modules, by_node_name=by_node_name)
                 if not (b.selector.kind == "type" and b.selector.pattern in QUANTISABLE)]
@@ -189,6 +194,19 @@ def _check_selectors(bindings: Sequence[Binding], modules: Sequence[Module], *, 
 def _unmatched_message(selector: Selector, b: Binding, modules: Sequence[Module], by_node_name: bool) -> str:
     head = f"rule at {b.origin}: selector {selector} matched no module of the model"
     quantisable = [(p, op) for p, op in modules if op in QUANTISABLE]
+    if selector.exclude:
+        base = Selector(selector.kind, selector.pattern, selector.scope)
+        if any(selector_matches(base, p, op, by_node_name=by_node_name, modules=modules) for p, op in quantisable):
+            return f"{head}: every module {base} matches is excluded by except"
+    if selector.kind in ("scoped", "first", "last"):
+        if selector.pattern not in {op for _, op in modules}:
+            selector = Selector("type", selector.pattern)  # the type is missing: say so as for a type
+        else:
+            of_type = [p for p, op in modules if op == selector.pattern]
+            close = difflib.get_close_matches(selector.scope, of_type, n=1, cutoff=0.5)
+            hint = f"; did you mean {_or(close)}?" if close else ""
+            sample = ", ".join(json.dumps(p) for p in of_type[:6]) + (", ..." if len(of_type) > 6 else "")
+            return f"{head}{hint} (the {selector.pattern} modules are {sample})"
     if selector.kind == "default":
         types = sorted({op for _, op in modules})
         return f"{head}: no module can be quantised (quantisable types: {', '.join(QUANTISABLE)}; " \
@@ -204,8 +222,8 @@ def _unmatched_message(selector: Selector, b: Binding, modules: Sequence[Module]
         qtypes = sorted({op for _, op in quantisable})
         return f"{head}; its quantisable types are {', '.join(qtypes) or 'none'}"
     # name or glob
-    others = [(p, op) for p, op in modules
-              if op not in QUANTISABLE and selector_matches(selector, p, op, by_node_name=by_node_name)]
+    others = [(p, op) for p, op in modules if op not in QUANTISABLE
+              and selector_matches(selector, p, op, by_node_name=by_node_name, modules=modules)]
     if others:
         which = ", ".join(f"{p} ({op})" for p, op in others[:5])
         return f"{head} that can be quantised: it matches only {which}; quantisable types are " \
@@ -248,12 +266,19 @@ def _default_values(bindings: Sequence[Binding], stats_source: str) -> dict[str,
 
 
 class _Context:
-    """Evaluates one binding's expression for one node and checks the result against the parameter."""
+    """Evaluates one binding's expression for one node and checks the result against the parameter.
+
+    `table` and `modules` (the model's `(path, type)` in order) serve references to another module's
+    statistic (`stat("seq_blocks.1".data_out)...`); `variables` are the names an assertion reads.
+    """
 
     def __init__(self, node: str, op: str, param: str, binding: Binding, stats: ModuleStats | None,
-                 stats_source: str) -> None:
+                 stats_source: str, *, table: StatsTable | None = None, modules: Sequence[Module] = (),
+                 by_node_name: bool = False, variables: dict[str, Any] | None = None) -> None:
         self.node, self.op, self.param, self.binding = node, op, param, binding
         self.stats, self.stats_source = stats, stats_source
+        self.table, self.modules, self.by_node_name = table, list(modules), by_node_name
+        self.variables = variables
 
     def fail(self, problem: str) -> UserError:
         where = f"node {self.node} ({self.op})" if self.op != "default" else "the default selector"
@@ -266,20 +291,50 @@ class _Context:
             return e.value
         if isinstance(e, StatRef):
             return self._stat(e)
+        if isinstance(e, Var):
+            if self.variables is None or e.name not in self.variables:
+                raise self.fail(f"{e.name!r} has no value here")
+            return self.variables[e.name]
         if isinstance(e, Unary):
+            if e.op == "not":
+                return np.logical_not(self._bool(self.evaluate(e.operand), "not"))
             return -self._number(self.evaluate(e.operand), "-")
         if isinstance(e, BinOp):
             return self._binop(e)
+        if isinstance(e, Cond):
+            return self._cond(e)
         if isinstance(e, Call):
             return self._call(e)
         raise self.fail(f"not an expression: {e!r}")
 
+    def _bool(self, v: Any, where: str) -> np.ndarray:
+        if isinstance(v, (bool, np.bool_)) or (isinstance(v, np.ndarray) and v.dtype == np.bool_):
+            return np.asarray(v)
+        shown = format_value(v if not isinstance(v, np.ndarray) else _plain(v))
+        raise self.fail(f"{shown} is not true or false ({where})")
+
+    def _cond(self, e: Cond) -> Any:
+        test = self._bool(self.evaluate(e.test), "if")
+        if test.ndim == 0:
+            return self.evaluate(e.then) if bool(test) else self.evaluate(e.orelse)
+        then, orelse = self.evaluate(e.then), self.evaluate(e.orelse)
+        if any(v is None or isinstance(v, (bool, str)) for v in (then, orelse)):
+            raise self.fail("the condition of if is per-channel, so both branches must be numbers; "
+                            "use min(...) or max(...) to make it one value")
+        return self._broadcast(lambda a, b: np.where(test, a, b), np.asarray(then, dtype=np.float64),
+                               np.asarray(orelse, dtype=np.float64), "if")
+
     def _stat(self, ref: StatRef) -> np.ndarray:
         what = f"statistic {ref.stat.key()}.{ref.field} of {ref.tensor}"
-        result = self.stats.lookup(ref.tensor, ref.stat) if self.stats is not None else None
+        stats = self.stats
+        if ref.module is not None:
+            stats = self._other_module(ref)
+            what += f" of {stats.path if stats is not None else ref.module}"
+        result = stats.lookup(ref.tensor, ref.stat) if stats is not None else None
         if result is None:
+            held = self._held() if ref.module is None else "it was never collected"
             raise self.fail(f"it reads the {what}, but there is no such statistic for this node in "
-                            f"{self.stats_source} ({self._held()})")
+                            f"{self.stats_source} ({held})")
         if ref.field not in result:
             raise self.fail(f"it reads the {what}, but that result in {self.stats_source} has only the "
                             f"fields {', '.join(sorted(result)) or 'none'}")
@@ -293,6 +348,16 @@ class _Context:
             raise self.fail(f"the {what} in {self.stats_source} is not a number or an array of numbers: "
                             f"{format_value(value)}")
         return arr
+
+    def _other_module(self, ref: StatRef) -> ModuleStats | None:
+        """The statistics of the one module `ref.module` picks."""
+        assert ref.module is not None
+        hits = [p for p, op in self.modules
+                if selector_matches(ref.module, p, op, by_node_name=self.by_node_name, modules=self.modules)]
+        if len(hits) != 1:
+            which = "no module" if not hits else f"{len(hits)} modules ({', '.join(hits[:4])})"
+            raise self.fail(f"stat({ref.module}.…) must name one module, but it matches {which}")
+        return (self.table or {}).get(hits[0])
 
     def _held(self) -> str:
         if self.stats is None:
@@ -309,12 +374,24 @@ class _Context:
         return np.asarray(v, dtype=np.float64)
 
     def _binop(self, e: BinOp) -> np.ndarray:
-        left = self._number(self.evaluate(e.left), e.op)
-        right = self._number(self.evaluate(e.right), e.op)
+        if e.op in ("and", "or"):
+            left = self._bool(self.evaluate(e.left), e.op)
+            right = self._bool(self.evaluate(e.right), e.op)
+            return self._broadcast(np.logical_and if e.op == "and" else np.logical_or, left, right, e.op)
+        left_value, right_value = self.evaluate(e.left), self.evaluate(e.right)
+        if e.op in ("==", "!=") and (isinstance(left_value, str) or isinstance(right_value, str)):
+            return np.asarray((left_value == right_value) == (e.op == "=="))
+        left = self._number(left_value, e.op)
+        right = self._number(right_value, e.op)
         if e.op == "/" and np.any(right == 0):
             raise self.fail("division by zero")
-        fn = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide}[e.op]
-        return self._broadcast(fn, left, right, e.op)
+        fn = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide, "**": np.power,
+              "<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal, "==": np.equal,
+              "!=": np.not_equal}[e.op]
+        result = self._broadcast(fn, left, right, e.op)
+        if e.op == "**" and not np.all(np.isfinite(result)):
+            raise self.fail(f"** has no finite value here ({format_value(_plain(left))} ** {format_value(_plain(right))})")
+        return result if e.op not in COMPARISON_OPS else np.asarray(result, dtype=np.bool_)
 
     def _broadcast(self, fn: Any, left: np.ndarray, right: np.ndarray, where: str) -> np.ndarray:
         try:
@@ -328,10 +405,23 @@ class _Context:
         args = [self._number(self.evaluate(a), f"{e.fn}()") for a in e.args]
         if not args:
             raise self.fail(f"{e.fn}() needs an argument")
-        if e.fn == "abs":
+        if e.fn in ("abs", "sqrt", "log2"):
             if len(args) != 1:
-                raise self.fail(f"abs() takes one argument, got {len(args)}")
-            return np.abs(args[0])
+                raise self.fail(f"{e.fn}() takes one argument, got {len(args)}")
+            x = args[0]
+            if e.fn == "sqrt" and np.any(x < 0):
+                raise self.fail(f"sqrt() of a negative number: {format_value(_plain(x))}")
+            if e.fn == "log2" and np.any(x <= 0):
+                raise self.fail(f"log2() of a number that is not positive: {format_value(_plain(x))}")
+            return {"abs": np.abs, "sqrt": np.sqrt, "log2": np.log2}[e.fn](x)
+        if e.fn == "clamp":
+            if len(args) != 3:
+                raise self.fail(f"clamp() takes three arguments (x, lo, hi), got {len(args)}")
+            x, lo, hi = args
+            if np.any(lo > hi):
+                raise self.fail(f"clamp() with lo > hi: {format_value(_plain(lo))} > {format_value(_plain(hi))}")
+            low = self._broadcast(np.maximum, x, lo, "clamp()")
+            return self._broadcast(np.minimum, low, hi, "clamp()")
         if len(args) == 1:
             if args[0].size == 0:
                 raise self.fail(f"{e.fn}() of an empty statistic")
@@ -353,6 +443,8 @@ class _Context:
                                 f"got {format_value(v)}")
             return v
         if kind == "bool":
+            if isinstance(v, np.ndarray) and v.dtype == np.bool_ and v.ndim == 0:
+                v = bool(v)
             if not isinstance(v, (bool, np.bool_)):
                 raise self.fail(f"expected true or false, got {format_value(v)}")
             return bool(v)

@@ -1,11 +1,13 @@
 """Rule precedence: which binding sets each parameter of each module (a pure function, no tensors).
 
-In: the plan's bindings and the model's modules as `(path, type)` pairs (type = `type(module).__name__`
-in lower case, or MASE's `mase_op`). Out: per quantisable module and per parameter, the winning binding and
+In: the plan's bindings and the model's modules as `(path, type)` pairs, in `named_modules()` order (type =
+the type name the runtime gives a module, or MASE's `mase_op`; `first(linear)` / `last(linear)` need the
+order). Out: per quantisable module and per parameter, the winning binding and
 the bindings it overrode.
 
 Precedence, per module and per parameter, among the bindings whose selector matches the module:
-  1. the highest selector specificity wins: exact name (3) > glob (2) > type (1) > default (0);
+  1. the highest selector specificity wins (`plan.SELECTOR_RANKS`): exact name, `first(T)`, `last(T)` (4) >
+     glob, regex (3) > scoped type `T in "glob"` (2) > type (1) > default (0);
   2. at equal specificity the binding with the larger `order` wins, i.e. the later statement (an included
      file's statements come before those of the file that includes it, so the includer wins ties).
 The overridden bindings are listed best first, by the same order.
@@ -51,17 +53,27 @@ def applicable_params(op: str) -> tuple[str, ...]:
 
 
 def to_node_form(selector: Selector) -> Selector:
-    """`selector` with a name/glob pattern in MASE/FX node form (`seq_blocks.1` -> `seq_blocks_1`)."""
+    """`selector` with a name/glob/regex pattern or a scope in MASE/FX node form (`seq_blocks.1` ->
+    `seq_blocks_1`; a regex's `\\.` -> `_`), exclusions too."""
+    exclude = tuple(to_node_form(e) for e in selector.exclude)
     if selector.kind in ("name", "glob"):
-        return Selector(selector.kind, selector.pattern.replace(".", "_"))
-    return selector
+        return Selector(selector.kind, selector.pattern.replace(".", "_"), exclude=exclude)
+    if selector.kind == "regex":
+        return Selector("regex", selector.pattern.replace("\\.", "_"), exclude=exclude)
+    if selector.kind == "scoped":
+        return Selector("scoped", selector.pattern, selector.scope.replace(".", "_"), exclude=exclude)
+    return Selector(selector.kind, selector.pattern, selector.scope, exclude)
 
 
-def selector_matches(selector: Selector, path: str, op: str, *, by_node_name: bool = False) -> bool:
-    """Whether `selector` picks the module `(path, op)`; see the module docstring for `by_node_name`."""
+def selector_matches(
+    selector: Selector, path: str, op: str, *, by_node_name: bool = False, modules: Sequence[Module] | None = None
+) -> bool:
+    """Whether `selector` picks the module `(path, op)`; see the module docstring for `by_node_name`.
+    `modules` (the model's `(path, type)` in order) is needed for `first` / `last`."""
     if by_node_name:
-        return to_node_form(selector).matches(path.replace(".", "_"), op)
-    return selector.matches(path, op)
+        nodes = [(p.replace(".", "_"), t) for p, t in modules] if modules is not None else None
+        return to_node_form(selector).matches(path.replace(".", "_"), op, nodes)
+    return selector.matches(path, op, modules)
 
 
 def _rank(indexed: tuple[int, Binding]) -> tuple[int, int, int]:
@@ -84,6 +96,7 @@ def resolve_bindings(
         no binding reaches maps to `{}`. Parameters no binding sets are absent.
     """
     indexed = list(enumerate(bindings))
+    modules = list(modules)
     out: dict[str, dict[str, ResolvedParam]] = {}
     for path, op in modules:
         params = applicable_params(op)
@@ -95,7 +108,9 @@ def resolve_bindings(
             if b.param not in params:
                 continue
             if b.selector not in matched:
-                matched[b.selector] = selector_matches(b.selector, path, op, by_node_name=by_node_name)
+                matched[b.selector] = selector_matches(
+                    b.selector, path, op, by_node_name=by_node_name, modules=modules
+                )
             if matched[b.selector]:
                 hits.setdefault(b.param, []).append((i, b))
         resolved = {}
@@ -123,13 +138,15 @@ def unmatched_selectors(
     Returns:
         Those bindings in statement order (`order`); empty when every selector hits something.
     """
+    modules = list(modules)
     quantisable = [(p, op) for p, op in modules if op in QUANTISABLE]
     hit: dict[Selector, bool] = {}
     out = []
     for b in _distinct(bindings):
         if b.selector not in hit:
             hit[b.selector] = any(
-                selector_matches(b.selector, p, op, by_node_name=by_node_name) for p, op in quantisable
+                selector_matches(b.selector, p, op, by_node_name=by_node_name, modules=modules)
+                for p, op in quantisable
             )
         if not hit[b.selector]:
             out.append(b)
@@ -147,16 +164,17 @@ def inapplicable_bindings(
     Returns:
         `(binding, matched quantisable modules)` pairs in statement order.
     """
+    modules = list(modules)
     quantisable = [(p, op) for p, op in modules if op in QUANTISABLE]
     out = []
     for b in sorted(bindings, key=lambda b: b.order):
-        if b.selector.kind not in ("name", "glob"):
+        if b.selector.kind not in ("name", "glob", "regex"):
             continue
         split = split_param(b.param)
         if split is None:  # `name`: every quantisable module has it
             continue
         hits = [(p, op) for p, op in quantisable
-                if selector_matches(b.selector, p, op, by_node_name=by_node_name)]
+                if selector_matches(b.selector, p, op, by_node_name=by_node_name, modules=modules)]
         if hits and all(split[0] not in QUANTISABLE[op] for _, op in hits):
             out.append((b, hits))
     return out

@@ -41,6 +41,7 @@ from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import batch_loss, forward_logits, loss_and_accuracy
 from ternqc.runtime.models.train import LiveDesc, threads_for
 from ternqc.runtime.progress import progress as progress_bar
+from ternqc.runtime.quantize import asserts
 from ternqc.runtime.quantize.learned import (
     input_quantizer,
     is_ternary,
@@ -118,6 +119,7 @@ def finetune(
     """
     tune.check()
     teacher = copy.deepcopy(model).eval() if tune.distill > 0 else None
+    modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]  # before conversion
     post = apply(model, plan, settings, rules=rules)
     if not any(is_ternary(m) for m in model.modules()):
         raise UserError(f"nothing to fine-tune: the rules {rules} converted no module of the model to ternary")
@@ -139,7 +141,7 @@ def finetune(
             "history": [attrs.asdict(h) for h in history],
         },
     }
-    result = rebuild_after_training(post, val_ds, extra=extra)
+    result = rebuild_after_training(post, val_ds, plan, modules, extra=extra)
     note = raw_input_note(model)
     if note:
         result = attrs.evolve(result, profile=attrs.evolve(result.profile, notes=(*result.profile.notes, note)))
@@ -210,12 +212,15 @@ def train_quantized(
     return tuple(history)
 
 
-def rebuild_after_training(post: ApplyResult, val_ds: Dataset, *, extra: dict[str, Any]) -> ApplyResult:
+def rebuild_after_training(
+    post: ApplyResult, val_ds: Dataset, plan: Plan, modules: list, *, extra: dict[str, Any]
+) -> ApplyResult:
     """`post` (the converted model's `ApplyResult`) brought up to date after its model was trained in place:
     the validation accuracy and activation zero fractions measured again; each module's Δ (data_in's learned
     one, a weight's tracked one) and data_in's learned α taken from the module into its config and into the
     mapped parameters (`<tensor>_threshold`, `data_in_scale`), so `ternary.ckpt`'s configs and
-    `quant_config.toml` hold what the model applies; the report rebuilt with `extra`'s entries added.
+    `quant_config.toml` hold what the model applies; the report rebuilt with `extra`'s entries added, and the
+    plan's assertions checked again on the fine-tuned model (`modules`: the float model's `(path, type)`).
     (`--explain` still names the rules that set the calibrated values.)"""
     model = post.model
     accuracy, zeros = pipeline._accuracy_and_activation_zeros(model, val_ds)
@@ -244,9 +249,13 @@ def rebuild_after_training(post: ApplyResult, val_ds: Dataset, *, extra: dict[st
         if path in mapped and params:
             mapped[path] = attrs.evolve(mapped[path], params={**mapped[path].params, **params})
     report = pipeline.build_report(model, configs, post.float_accuracy, accuracy, zeros)
-    report.update(extra)
     mapping = attrs.evolve(post.mapping, modules=mapped)
-    return attrs.evolve(post, mapping=mapping, configs=configs, ternary_accuracy=accuracy, report=report)
+    applied = asserts.applied_configs(model, configs)
+    failures = asserts.check_asserts(plan, mapping, applied, report, post.profile.table, modules)
+    asserts.annotate_report(report, plan, failures, dict(post.report.get("left_in_float", {})), mapping)
+    report.update(extra)
+    return attrs.evolve(post, mapping=mapping, configs=configs, ternary_accuracy=accuracy, report=report,
+                        assert_failures=tuple(failures))
 
 
 def raw_input_note(model: nn.Module) -> str | None:

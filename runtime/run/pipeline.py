@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from attrs import frozen
 from torch import nn
@@ -37,6 +38,7 @@ from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
 from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import accuracy
+from ternqc.runtime.quantize import asserts, uncalled
 from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.quantize.modules import TernaryModule
@@ -76,6 +78,8 @@ class ApplyResult:
     float_accuracy: float
     ternary_accuracy: float
     report: dict[str, Any]
+    assert_failures: tuple = ()  # asserts.Failure: the plan's assertions that do not hold
+    warnings: tuple[str, ...] = ()  # e.g. modules the rules select that stay in float (uncalled.py)
 
 
 def load_model(settings: RunSettings) -> nn.Module:
@@ -175,7 +179,9 @@ def calibrate_activation_scales(
     out = dict(configs)
     for path, mq in need.items():
         found = table[path].values["data_in_0"][THRESHOLD_ABS_MEAN]
-        out[path] = mq.with_alpha("data_in", found["abs_mean"])
+        # no |x| above Δ on the calibration data: every value becomes 0, and α is 0 (as for weights)
+        alpha = np.nan_to_num(np.asarray(found["abs_mean"], dtype=np.float64), nan=0.0).tolist()
+        out[path] = mq.with_alpha("data_in", alpha)
         _merge_into(result.table, table[path])
     return out
 
@@ -203,15 +209,26 @@ def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) ->
     """
     result = profile(model, plan, settings)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
-    mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=_absent_parameters(model))
-    configs = build_configs(mapping, rules=rules)
+    # a module the model never calls (MultiheadAttention.out_proj) has no input statistics and stays a float
+    # module: its parameters are not evaluated and no ternary config is built for it
+    left_in_float = uncalled.selected(plan.bindings, modules, uncalled.functional_only(model))
+    types = dict(modules)
+    absent = _absent_parameters(model) | {(p, t) for p in left_in_float for t in QUANTISABLE.get(types[p], ())}
+    mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=absent)
+    called = {p: m for p, m in mapping.modules.items() if p not in left_in_float}
+    configs = build_configs(attrs.evolve(mapping, modules=called), rules=rules)
     configs = calibrate_activation_scales(model, configs, result, settings)
     validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
     float_acc = accuracy(model, validation)
     convert_(model, configs)
     ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
     report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
-    return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report)
+    # language v2: the plan's assertions, its constants and modules left in float go into the report
+    applied = asserts.applied_configs(model, configs)
+    failures = asserts.check_asserts(plan, mapping, applied, report, result.table, modules)
+    asserts.annotate_report(report, plan, failures, left_in_float, mapping)
+    return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report, tuple(failures),
+                       tuple(uncalled.notes(left_in_float)))
 
 
 def _absent_parameters(model: nn.Module) -> set[tuple[str, str]]:

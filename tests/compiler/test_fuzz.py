@@ -29,6 +29,12 @@ TOKENS = [
     "abs", "quantile = 2", "dims = [0, 1.5]", "dims = none", "1e999", "0", "-0.5", '"seq_blocks.*"',
     'include "toy_ternary.tq"', "weight_width = 8", "name", '"ternary"', "threshold_abs_mean", "\x00", "é",
     "9" * 40, "stat(weight).", ".max", "data_in_scaling_factor = true",
+    # language v2
+    "let", "k", "let k = 0.7", "with", "recipe", 'include recipe "twn"', "with { k = 0.5 }", "assert", "model",
+    "first", "last", "first(linear)", "last(relu)", "in", 'in "enc.*"', "except", 're"a\\.b"', 're"(("', "re",
+    "if", "then", "else", "and", "or", "not", "<", "<=", ">", ">=", "==", "!=", "**", "sqrt", "log2", "clamp",
+    "per_channel", "per_tensor", "dims = per_channel", 'stat("seq_blocks.1".data_out)', "stat(first(linear).weight)",
+    "weight_zero_fraction", "quantised_accuracy", '"linear[-1]"', '"re:x"',
 ]
 LARK_WORDS = re.compile(r"__ANON|\$END|\b(?:LPAR|RPAR|LBRACE|RBRACE|LSQB|RSQB|COMMA|DOT|EQUAL|COLON|PLUS|"
                         r"MINUS|STAR|SLASH|CNAME|ESCAPED_STRING)\b")
@@ -67,10 +73,14 @@ _EDIT = st.tuples(
 _TOKEN_RE = re.compile(r"\w+|\S")
 
 
+#: Seeds for mutation: the shipped recipe and the language-v2 tasks (unions, lets, asserts, regexes, ...).
+SEEDS = [TOY] + [p.read_text(encoding="utf-8") for p in sorted(OK_DIR.glob("task*.tq"))]
+
+
 @FUZZ
-@given(st.lists(_EDIT, min_size=1, max_size=6))
-def test_mutated_recipe(edits: list[tuple[str, float, int, str]]) -> None:
-    text = TOY
+@given(st.sampled_from(SEEDS), st.lists(_EDIT, min_size=1, max_size=6))
+def test_mutated_recipe(seed: str, edits: list[tuple[str, float, int, str]]) -> None:
+    text = seed
     for op, where, n, token in edits:
         at = int(where * len(text))
         if op == "delete":
@@ -96,6 +106,16 @@ SELECTORS = {
     "relu": ("data_in",),
     '"seq_blocks.0"': ("data_in", "weight", "bias"),
     '"seq_blocks.*"': ("data_in", "weight", "bias"),
+    "first(linear)": ("data_in", "weight", "bias"),
+    "last(conv2d)": ("data_in", "weight", "bias"),
+    'linear in "enc.*"': ("data_in", "weight", "bias"),
+    're"enc\\.[01]"': ("data_in", "weight", "bias"),
+}
+#: Block selector lists (unions with exclusions) and the tensors all their items have.
+UNIONS = {
+    'linear, conv2d except "enc.0", last(linear)': ("data_in", "weight", "bias"),
+    'relu, "seq_blocks.*"': ("data_in",),
+    'first(linear), last(linear)': ("data_in", "weight", "bias"),
 }
 OPTIONS = {
     "dims": st.sampled_from(["all", "none", "[0]", "[1, -1]"]),
@@ -116,21 +136,27 @@ def stat_call(draw: st.DrawFn) -> tuple[str, str]:
 
 @st.composite
 def number_expr(draw: st.DrawFn, tensors: tuple[str, ...], depth: int = 0) -> str:
-    kind = draw(st.sampled_from(["number", "stat"] + (["binop", "neg", "call"] if depth < 3 else [])))
+    kind = draw(st.sampled_from(["number", "stat", "k"] + (["binop", "neg", "call", "if"] if depth < 3 else [])))
+    if kind == "k":
+        return "k"
+    if kind == "if":
+        test = f"{draw(number_expr(tensors, depth + 1))} {draw(st.sampled_from(['<', '>=', '!=']))} 1"
+        test = draw(st.sampled_from([test, f"not {test}", f"{test} and {test}", f"{test} or true"]))
+        return f"(if {test} then {draw(number_expr(tensors, depth + 1))} else {draw(number_expr(tensors, depth + 1))})"
     if kind == "number":
         return draw(st.sampled_from(["0.7", "2", "1e-3", "0.0097", "100"]))
     if kind == "stat":
         call, name = draw(stat_call())
         field = draw(st.sampled_from(plan.STATISTICS[name].fields))
-        tensor = draw(st.sampled_from([None, *tensors]))
+        tensor = draw(st.sampled_from([None, *tensors, '"seq_blocks.1".data_out', "first(linear).weight"]))
         return f"stat{'' if tensor is None else f'({tensor})'}.{call}.{field}"
     if kind == "neg":
         return "-" + draw(number_expr(tensors, depth + 1))
     if kind == "call":
-        fn = draw(st.sampled_from(["abs", "min", "max"]))
-        n = 1 if fn == "abs" else draw(st.integers(1, 3))
+        fn = draw(st.sampled_from(["abs", "min", "max", "sqrt", "log2", "clamp"]))
+        n = {"abs": 1, "sqrt": 1, "log2": 1, "clamp": 3}.get(fn) or draw(st.integers(1, 3))
         return f"{fn}({', '.join(draw(number_expr(tensors, depth + 1)) for _ in range(n))})"
-    op = draw(st.sampled_from(["+", "-", "*", "/"]))
+    op = draw(st.sampled_from(["+", "-", "*", "/", "**"]))
     return f"({draw(number_expr(tensors, depth + 1))} {op} {draw(number_expr(tensors, depth + 1))})"
 
 
@@ -138,7 +164,12 @@ def number_expr(draw: st.DrawFn, tensors: tuple[str, ...], depth: int = 0) -> st
 def statement(draw: st.DrawFn) -> str:
     sel = draw(st.sampled_from(sorted(SELECTORS)))
     tensors = SELECTORS[sel]
-    kind = draw(st.sampled_from(["profile", "binding", "calibrate"]))
+    kind = draw(st.sampled_from(["profile", "binding", "calibrate", "union", "assert"]))
+    if kind == "union":
+        union = draw(st.sampled_from(sorted(UNIONS)))
+        return f"{union} {{ {draw(st.sampled_from(UNIONS[union]))}_width = 2 }}"
+    if kind == "assert":
+        return f"assert {sel}: stat(data_out).abs_mean.abs_mean >= 0 and {tensors[0]}_zero_fraction <= k"
     if kind == "calibrate":
         return f"calibrate {{ samples = {draw(st.integers(1, 999))} }}"
     if kind == "profile":
@@ -154,7 +185,7 @@ def statement(draw: st.DrawFn) -> str:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(statement(), max_size=10))
 def test_valid_programs_round_trip_and_collect_what_they_read(statements: list[str]) -> None:
-    text = "\n".join(statements)
+    text = "\n".join(["let k = 0.7", *statements])
     try:
         compiled = compile_source(text, FILENAME)
     except CompileError as exc:
@@ -167,13 +198,19 @@ def test_valid_programs_round_trip_and_collect_what_they_read(statements: list[s
     p = compiled.plan
     assert plan.Plan.from_json(p.to_json()) == p
     assert plan.Plan.from_json(p.to_json()).to_dict() == p.to_dict()
-    for b in p.bindings:
-        for r in plan.expr_stat_refs(b.value):
+    readers = [(b.selector, b.value) for b in p.bindings] + [(a.selector, a.test) for a in p.asserts]
+    for selector, value in readers:
+        for r in plan.expr_stat_refs(value):
+            where = r.module or selector
             assert any(
                 q.tensor == r.tensor
                 and r.stat in q.stats
-                and (q.selector == b.selector or (q.selector.kind == "default" and b.selector.kind == "type"))
+                and (q.selector == where
+                     or (q.selector.kind == "default" and where.kind in ("type", "scoped", "first", "last"))
+                     or (q.selector.kind == "type" and where.kind in ("scoped", "first", "last")
+                         and q.selector.pattern == where.pattern))
                 for q in p.profile
-            ), (text, b)
+            ), (text, value)
+    for b in p.bindings:
         if b.param == "data_in_scaling_factor" and b.value == plan.Const(True):
             assert any(q.reason == "derived" and q.selector == b.selector for q in p.profile)

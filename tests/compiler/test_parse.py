@@ -39,7 +39,7 @@ def test_statements() -> None:
                 ),
             ),
         ),
-        ast.Block(ast.Selector("linear", False), (ast.Entry(I("weight_width"), ast.Number(2)),)),
+        ast.Block((ast.Selector("linear", False),), (ast.Entry(I("weight_width"), ast.Number(2)),)),
         ast.Binding(
             ast.Selector("relu", False),
             I("data_in_max"),

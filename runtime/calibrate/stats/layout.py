@@ -9,6 +9,7 @@ import math
 
 from attrs import field, frozen
 
+from ternqc.plan import channel_axis
 from ternqc.runtime.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,6 +57,17 @@ def make_layout(shape: tuple[int, ...], dims: str | tuple[int, ...], batched: bo
         UserError: a dim outside the tensor's dims.
     """
     ndim = len(shape)
+    axis = channel_axis(dims)
+    if axis is not None:  # per channel: keep only `axis`, reduce every other dim
+        start = 1 if batched and ndim else 0
+        if not (-ndim <= axis < ndim) or axis % max(ndim, 1) < start:
+            what = "an activation" if batched else "a parameter"
+            msg = (f"per_channel keeps dim {axis}, which {what} of shape {list(shape)} does not have "
+                   f"(dims index the tensor as the module sees it{', batch first' if batched else ''})")
+            raise UserError(msg)
+        dims = tuple(d for d in range(start, ndim) if d != axis % ndim)
+        if not dims:
+            dims = "none"
     if dims == "all":
         reduce = tuple(range(ndim))
     elif dims == "none" or dims == ():
