@@ -143,3 +143,21 @@ def test_a_ternary_raw_input_gets_a_note(digits_ckpt, tmp_path):
                   builtin_recipe("ternary_full.tq"), "--epochs", 1, "--out", tmp_path, "--no-progress")
     assert run.rc == 0, run.err
     assert 'note: the input of seq_blocks.0' in run.err and '"seq_blocks.0".data_in_width = 32' in run.err
+
+
+def test_assertions_are_checked_on_the_finetuned_model(digits_ckpt, tmp_path):
+    tuned, _ = _finetune(digits_ckpt, "ternary_act.tq")
+    post, after = tuned.post_training_accuracy, tuned.result.ternary_accuracy
+    assert after > post
+    rules = tmp_path / "r.tq"
+    rules.write_text(
+        f'include "{builtin_recipe("ternary_act.tq")}"\n'
+        f'assert model: quantised_accuracy >= {(post + after) / 2}, "fine-tuning must recover"\n'
+        f'assert model: quantised_accuracy >= {after + 0.01}, "more than it can"\n'
+    )
+    plan = compile_file(rules).plan
+    settings = _settings(digits_ckpt)
+    again = finetune(load_model(settings), plan, settings, TUNE, rules=str(rules))
+    messages = [f.render() for f in again.result.assert_failures]
+    assert len(messages) == 1 and "more than it can" in messages[0], messages
+    assert len(again.result.report["assertions"]["failures"]) == 1
