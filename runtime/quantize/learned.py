@@ -3,7 +3,11 @@
 In: a ternary module's calibrated data_in Δ and α. Out: `LearnedTernary`, an `nn.Module` whose parameter
 `step` (s) is trained with the model, and `learned_activations(model)`, a context manager that puts one in
 front of every ternary module's quantised, scaled data_in for the duration of a fine-tuning run and writes
-what was learned back into the module's Δ/α buffers when it ends.
+what was learned back into the module's Δ/α buffers when it ends; and `tracked_weight_thresholds(model)`,
+which keeps each ternary weight's Δ at its calibrated ratio to mean|W| while the weights train.
+
+Only `is_ternary`, `input_quantizer`, `weight_threshold` and `_swap_in` know how `modules.py` stores a
+converted module's quantisers.
 
 The quantiser, with r = Δ/α fixed from calibration (so Δ = r·s and α = s move together):
 
@@ -12,8 +16,9 @@ The quantiser, with r = Δ/α fixed from calibration (so Δ = r·s and α = s mo
 which is the module's own `α·T(x; Δ)` with α = s, Δ = r·s (|x| > s maps to ±1 either way). Gradients, as in
 LSQ with the rounding replaced by T: for x, the identity where |x| ≤ s and 0 where the input saturates; for s,
 `T(v) - v` where |v| ≤ 1 and `sign(v)` beyond, scaled by `1/sqrt(features)` (LSQ's gradient scale, with
-features = the number of values of one input sample that one step governs, read from the input, and Q_P = 1). With r = 1/2 this is LSQ's
-ternary case exactly: `s · clamp(round(x / s), -1, 1)`.
+features = the number of values of one input sample that one step governs, read from the input, and
+Q_P = 1; under Adam, which fine-tuning uses, a constant gradient scale changes nothing). With r = 1/2 this is
+LSQ's ternary case exactly: `s · clamp(round(x / s), -1, 1)`.
 
 A step may be a scalar or per channel (any shape that broadcasts against one input sample, as the calibrated
 α). Δ or α of 0 (an input that was all zeros in calibration) keeps r = 1/2 and a tiny positive step.
