@@ -161,3 +161,12 @@ def test_assertions_are_checked_on_the_finetuned_model(digits_ckpt, tmp_path):
     messages = [f.render() for f in again.result.assert_failures]
     assert len(messages) == 1 and "more than it can" in messages[0], messages
     assert len(again.result.report["assertions"]["failures"]) == 1
+
+
+def test_cli_workers_two_processes_write_once(digits_ckpt, tmp_path):
+    run = run_cli("finetune", "--model", "digits-mlp", "--ckpt", digits_ckpt, "--rules",
+                  builtin_recipe("weights_only.tq"), "--epochs", 1, "--workers", 2, "--out", tmp_path,
+                  "--no-progress")
+    assert run.rc == 0, run.err
+    assert run.out.count("after 1 epochs of fine-tuning") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(APPLY_OUTPUTS)
