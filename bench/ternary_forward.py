@@ -1,7 +1,7 @@
 """Ternary model forward (cached ternary weights, eval mode) / float forward, on the same batches.
 
 The float model is converted with `runtime.convert.convert_` and `ModuleQuant` / `TensorQuant` configs:
-every Linear's weight ternary (Δ = 0.7·mean|W|, α derived from W, cached as `qweight`), activations in
+every Linear's weight ternary (Δ = 0.7·mean|W|, α derived from W, cached by the weight's parametrization), activations in
 float; and for toy also the built-in recipe's kind of config, activations ternary too (Δ = 0.1, α = 1),
 which quantises every Linear input on the fly. Float and ternary models run interleaved in this process.
 Target: <= 1.1 x float with cached ternary weights.

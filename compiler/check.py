@@ -386,6 +386,9 @@ class _Checker:
             msg = f"{key} takes a number, an expression over statistics or na, got a string"
             self.error(expr.span, msg)
             return False
+        if suffix in ("threshold", "scale") and is_number(value) and value < 0:  # caught here, not at map time
+            self.error(expr.span, f"{key} must be >= 0 (a ternary {suffix}), got {value}")
+            return False
         return self.number(expr, _RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written))
 
     def quantiser(self, expr: ast.Expr) -> bool:

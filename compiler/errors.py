@@ -20,6 +20,9 @@ from ternqc.compiler.ast import Span
 
 #: How many diagnostics `CompileError.render` shows before "… and N more".
 RENDER_LIMIT = 20
+#: Longest message (or hint) and source excerpt a diagnostic shows, in characters.
+MESSAGE_LIMIT = 400
+SOURCE_LIMIT = 160
 
 
 @frozen
@@ -42,9 +45,9 @@ class Diagnostic:
 
     def render(self) -> str:
         """`path:line:col: severity: message; hint`, then the source line with a caret under the span."""
-        head = f"{self.span}: {self.severity}: {self.message}"
+        head = f"{self.span}: {self.severity}: {_clip(self.message, MESSAGE_LIMIT)}"
         if self.hint:
-            head += f"; {self.hint}"
+            head += f"; {_clip(self.hint, MESSAGE_LIMIT)}"
         if self.span.line == 0:
             return head
         text = self.source_line.rstrip("\n")
@@ -54,6 +57,12 @@ class Diagnostic:
             width = self.span.end_col - self.span.col
         else:  # a span over several lines (or an empty one): underline to the end of the first line
             width = max(len(text.rstrip()) - start, 1)
+        if len(text) > SOURCE_LIMIT:  # a window around the caret: a 100k-character line is not shown whole
+            left = max(0, start - SOURCE_LIMIT // 4)
+            shown = text[left : left + SOURCE_LIMIT]
+            text = ("…" if left else "") + shown + ("…" if left + SOURCE_LIMIT < len(text) else "")
+            start = start - left + (1 if left else 0)
+            width = max(1, min(width, SOURCE_LIMIT - (start - (1 if left else 0))))
         pad = "".join("\t" if c == "\t" else " " for c in text[:start])
         return "\n".join(
             [
@@ -62,6 +71,14 @@ class Diagnostic:
                 f"    {' ' * len(gutter)} | {pad}{'^' * width}",
             ]
         )
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text`, its middle cut out when longer than `limit` characters (a 100k-character name in a message)."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}…[{len(text) - 2 * keep} characters]…{text[-keep:]}"
 
 
 def with_sources(diagnostics: Iterable[Diagnostic], sources: dict[str, str]) -> list[Diagnostic]:

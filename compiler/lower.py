@@ -164,9 +164,30 @@ def _expr(e: ast.Expr, sel: plan.Selector | None, tensor: str | None, profiled: 
     return plan.StatRef(tensor=ref_tensor, stat=spec, field=e.field.name, module=module)
 
 
-def _covered(points: list[plan.ProfilePoint], sel: plan.Selector, tensor: str, spec: plan.StatSpec) -> bool:
-    """Whether some point collects `spec` on `tensor` for every module `sel` can pick."""
-    return any(p.tensor == tensor and spec in p.stats and covers(p.selector, sel) for p in points)
+class _Coverage:
+    """What the profile points collect, indexed so that each question costs a lookup and a few `covers` calls
+    (a program with 10,000 rules would otherwise cost 10,000 x 10,000 comparisons). The answers are
+    `vocab.covers`' own: a point covers a selector only when it equals it (exclusions aside) or is a `default`
+    or type point, so those are the only candidates asked."""
+
+    def __init__(self, points: list[plan.ProfilePoint]) -> None:
+        self.exact: set[tuple[plan.Selector, str, plan.StatSpec]] = set()
+        self.broad: dict[tuple[str, plan.StatSpec], list[plan.Selector]] = {}
+        for p in points:
+            self.add(p)
+
+    def add(self, p: plan.ProfilePoint) -> None:
+        for spec in p.stats:
+            self.exact.add((p.selector, p.tensor, spec))
+            if p.selector.kind in ("default", "type"):
+                self.broad.setdefault((p.tensor, spec), []).append(p.selector)
+
+    def covers(self, sel: plan.Selector, tensor: str, spec: plan.StatSpec) -> bool:
+        """Whether some point collects `spec` on `tensor` for every module `sel` can pick."""
+        base = plan.Selector(sel.kind, sel.pattern, sel.scope) if sel.exclude else sel  # as `covers` compares
+        if (base, tensor, spec) in self.exact:
+            return True
+        return any(covers(q, sel) for q in self.broad.get((tensor, spec), ()))
 
 
 def _referenced(
@@ -175,15 +196,18 @@ def _referenced(
     """Points for statistics that bindings and assertions read but nothing collects for their selector (or
     for the other module a reference names: `stat("seq_blocks.1".data_out)...`)."""
     added: list[plan.ProfilePoint] = []
+    coverage = _Coverage(points)
     readers = [(b.selector, b.value, b.origin) for b in bindings]
     readers += [(a.selector, a.test, a.origin) for a in asserts]
     for selector, value, origin in readers:
         for ref in plan.expr_stat_refs(value):
             where = ref.module if ref.module is not None else selector
             assert where is not None  # `assert model:` reads statistics of named modules only
-            if _covered(points + added, where, ref.tensor, ref.stat):
+            if coverage.covers(where, ref.tensor, ref.stat):
                 continue
-            added.append(plan.ProfilePoint(where, ref.tensor, (ref.stat,), origin, reason="referenced"))
+            point = plan.ProfilePoint(where, ref.tensor, (ref.stat,), origin, reason="referenced")
+            added.append(point)
+            coverage.add(point)
     return added
 
 

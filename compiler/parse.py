@@ -12,12 +12,13 @@ import functools
 import re
 from typing import Any
 
-from lark import Lark, Token, Transformer, UnexpectedInput, v_args
+from lark import Lark, Token, Transformer, Tree, UnexpectedInput, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
 
 import ternqc.grammar
 from ternqc.compiler import ast
 from ternqc.compiler.errors import CompileError, Diagnostic, one_of, with_sources
+from ternqc.plan import MAX_EXPR_DEPTH
 
 
 @functools.cache
@@ -53,6 +54,9 @@ def parse(text: str, filename: str = "<string>") -> tuple[ast.Statement, ...]:
     except UnexpectedInput as exc:
         found = _syntax_errors(exc, text, filename)
         raise CompileError(with_sources(found, {filename: text})) from None
+    deep = _too_deep_at(tree, filename)
+    if deep is not None:
+        raise CompileError(with_sources([deep], {filename: text}))
     try:
         return _ToAst(filename).transform(tree)
     except VisitError as exc:
@@ -61,6 +65,30 @@ def parse(text: str, filename: str = "<string>") -> tuple[ast.Statement, ...]:
         raise
     except RecursionError:
         raise CompileError([too_deep(filename)]) from None
+
+
+_NESTING = frozenset(
+    {"add", "sub", "mul", "div", "neg", "pow", "call", "cond", "or_", "and_", "not_", "compare", "list", "options"}
+)
+
+
+def _too_deep_at(tree: Tree, filename: str) -> Diagnostic | None:
+    """The diagnostic at the first expression nested deeper than `plan.MAX_EXPR_DEPTH`, found without
+    recursion (the Transformer and every later pass recurse into expressions), or None."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in _NESTING:
+            depth += 1
+            if depth > MAX_EXPR_DEPTH:
+                meta = node.meta
+                span = ast.Span(filename, meta.line, meta.column, meta.end_line, meta.end_column)
+                if meta.line != meta.end_line:
+                    span = ast.Span(filename, meta.line, meta.column, meta.line, meta.column + 1)
+                msg = f"expression nested deeper than {MAX_EXPR_DEPTH} levels"
+                return Diagnostic(span, msg, "split it into smaller rules or simplify it")
+        stack.extend((c, depth) for c in node.children if isinstance(c, Tree))
+    return None
 
 
 def too_deep(filename: str) -> Diagnostic:

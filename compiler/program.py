@@ -17,6 +17,7 @@ from typing import Any
 
 from attrs import frozen
 
+from ternqc import inputs
 from ternqc.compiler import ast
 from ternqc.compiler.errors import CompileError, Diagnostic, did_you_mean
 from ternqc.compiler.lets import NotConstant, bind_lets, fold, substitute
@@ -40,9 +41,9 @@ def shipped_recipes() -> list[str]:
 
 
 def read_text(path: str) -> str:
-    """A rules file's text (UTF-8, a byte-order mark dropped). Raises `OSError` or `UnicodeDecodeError`."""
-    with open(path, encoding="utf-8-sig") as f:
-        return f.read()
+    """A rules file's text (UTF-8, a byte-order mark dropped). Raises `OSError` or `UnicodeDecodeError`;
+    a FIFO, a device or a file over `inputs.MAX_RULES_BYTES` is refused before reading (`InputError`)."""
+    return inputs.read_text(path, "rules file", inputs.MAX_RULES_BYTES)
 
 
 def read_problem(exc: Exception) -> str:

@@ -58,7 +58,7 @@ def _where(sel: plan.Selector, tensor: str) -> str:
 def summarize(p: plan.Plan) -> str:
     """The summary `ternqc compile` prints for plan `p`."""
     included = f" (with {', '.join(p.sources[1:])})" if len(p.sources) > 1 else ""
-    lines = [f"compiled {p.sources[0]}{included}"]
+    lines = [f"compiled {p.sources[0] if p.sources else 'a plan without sources'}{included}"]
     c = p.calibration
     lines.append(
         f"calibrate: {c.samples} samples (rounded up to whole batches of {c.batch_size}) "
@@ -94,19 +94,20 @@ def summarize(p: plan.Plan) -> str:
 
     lines.append("parameters (name, first/last > glob, regex > scoped type > type > default; "
                  "the later rule wins at equal rank):")
-    winners: dict[tuple[plan.Selector, str], list[plan.Binding]] = {}
+    # One pass, grouped by selector (in order of first appearance), then by parameter: linear in the bindings.
+    chains: dict[plan.Selector, dict[str, list[plan.Binding]]] = {}
     for b in p.bindings:
-        winners.setdefault((b.selector, b.param), []).append(b)
-    selectors = sorted({b.selector for b in p.bindings}, key=lambda s: (s.specificity, _first(p, s)))
+        chains.setdefault(b.selector, {}).setdefault(b.param, []).append(b)
+    first = {sel: i for i, sel in enumerate(chains)}
+    selectors = sorted(chains, key=lambda s: (s.specificity, first[s]))
     if not selectors:
         lines.append("  (none)")
     for sel in selectors:
         lines.append(f"  {sel}")
-        params = [k for k in winners if k[0] == sel]
-        pw = max(len(k[1]) for k in params)
-        for key in params:
-            chain = winners[key]
-            text = f"    {key[1]:<{pw}} = {expr_text(chain[-1].value)}"
+        params = chains[sel]
+        pw = max(len(param) for param in params)
+        for param, chain in params.items():
+            text = f"    {param:<{pw}} = {expr_text(chain[-1].value)}"
             if len(chain) > 1:
                 text += f"   (overrides {', '.join(str(b.origin) for b in chain[:-1])})"
             lines.append(text)
@@ -127,6 +128,3 @@ def _constants_and_asserts(p: plan.Plan) -> list[str]:
             lines.append(f"  assert {a.selector or 'model'}: {expr_text(a.test)}{msg}   ({a.origin})")
     return lines
 
-
-def _first(p: plan.Plan, sel: plan.Selector) -> int:
-    return next(i for i, b in enumerate(p.bindings) if b.selector == sel)

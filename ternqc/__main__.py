@@ -1,3 +1,3 @@
-from ternqc.cli import main
+from ternqc.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -42,13 +42,20 @@ def compile_rules(args: argparse.Namespace) -> int:
         print(warning.render(), file=sys.stderr)
     print(summarize(compiled.plan))
     if output_path:
+        from ternqc.options import check_outputs
+        from ternqc.runtime.errors import UserError
+        from ternqc.runtime.io.atomic import atomic_write_text
+
+        check_outputs(args, extra_inputs=compiled.plan.sources)  # an included file is an input too
+        folder = os.path.dirname(os.path.abspath(output_path))
+        if not os.path.isdir(folder):
+            msg = f"cannot write plan to {output_path}: there is no folder {folder}"
+            raise UserError(msg)
         try:
-            with open(output_path, "w", encoding="utf-8") as f:
-                f.write(compiled.plan.to_json())
-        except OSError as exc:
-            msg = f"ternqc: error: cannot write plan to {output_path}: {exc.strerror or exc}"
-            print(msg, file=sys.stderr)
-            return 1
+            atomic_write_text(output_path, compiled.plan.to_json())  # all or nothing, even on a full disk
+        except UserError as exc:
+            msg = f"cannot write plan to {output_path}: {exc}"
+            raise UserError(msg) from exc
         print(f"wrote plan to {os.fspath(output_path)}")
     if args.model:
         return _check_against_model(compiled.plan, args)
@@ -78,14 +85,15 @@ def load_plan(rules: str | None, plan_path: str | None, sets: list[str] | None =
     if plan_path and sets:
         raise UserError("--set changes the rules, so it needs --rules; a compiled --plan has its values fixed")
     if plan_path:
+        from ternqc.inputs import MAX_PLAN_BYTES, read_text
+
         try:
-            with open(plan_path, encoding="utf-8") as f:
-                return Plan.from_json(f.read()), plan_path
+            return Plan.from_json(read_text(plan_path, "plan", MAX_PLAN_BYTES), plan_path), plan_path
         except OSError as exc:
             msg = f"cannot read plan {plan_path!r}: {exc.strerror or exc}"
             raise UserError(msg) from exc
         except ValueError as exc:
-            msg = f"{plan_path}: {exc}"
+            msg = str(exc) if str(exc).startswith(f"{plan_path}:") else f"{plan_path}: {exc}"
             raise UserError(msg) from exc
     from ternqc.compiler import builtin_recipe, compile_file, parse_sets
 
@@ -114,6 +122,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         quantile_budget_mib=args.quantile_budget_mib,
         progress=not args.no_progress,
+        metric=getattr(args, "metric", None),
     )
 
 
@@ -160,7 +169,9 @@ def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
 
         msg = f"--workers must be at least 1, got {args.workers}"
         raise UserError(msg)
-    return workers.run_workers(args.workers, worker, *worker_args), True
+    settings = worker_args[1]  # (plan_dict, settings, ...): the user's model file defines the result's classes
+    preload = lambda: workers.import_user_code(settings)  # noqa: E731
+    return workers.run_workers(args.workers, worker, *worker_args, preload=preload), True
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -179,7 +190,7 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
-    from ternqc.render import format_layer_table, render_explain
+    from ternqc.render import format_layer_table, format_metrics, render_explain
     from ternqc.runtime.run import pipeline, workers
 
     plan, source = load_plan(args.rules, args.plan, args.sets)
@@ -192,10 +203,7 @@ def apply(args: argparse.Namespace) -> int:
     if args.explain:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))
-    print(
-        f"\nvalidation accuracy: float {result.float_accuracy:.4f}  ternary {result.ternary_accuracy:.4f}"
-        f"  ({settings.dataset}, rules {source})"
-    )
+    print(f"\n{format_metrics(result.report)}  ({settings.dataset}, rules {source})")
     print("wrote " + ", ".join(written))
     for warning in result.warnings:
         print(f"ternqc: warning: {warning}", file=sys.stderr)

@@ -29,6 +29,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, rules: bool = True) -> None:
     p.add_argument("--quantile-budget-mib", type=float, default=256.0,
                    help="memory for exact quantile buffers before switching to a sketch (default 256)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--metric", help="FILE.py:fn, fn(output, labels) -> float per batch, for outputs that are "
+                   "neither [batch, classes] nor [batch, seq, vocab] scores")
 
 
 def _add_finetune_options(p: argparse.ArgumentParser) -> None:

@@ -23,6 +23,8 @@ PLAN_VERSION = 2
 #: Plan versions this ternqc reads: version 1 plans (no lets, asserts or selector forms of language v2) mean
 #: the same under version 2.
 READABLE_VERSIONS = (1, 2)
+#: The deepest expression the compiler accepts and a plan may hold (every pass over expressions recurses).
+MAX_EXPR_DEPTH = 100
 
 # ---------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -76,6 +78,7 @@ QUANTISABLE: dict[str, tuple[str, ...]] = {
     "relu": ("data_in",),
     "conv1d": ("data_in", "weight", "bias"),
     "conv2d": ("data_in", "weight", "bias"),
+    "embedding": ("weight",),
 }
 
 #: Quantiser names.
@@ -435,8 +438,14 @@ def expr_to_dict(e: Expr) -> dict[str, Any]:
     raise TypeError(f"not an expression: {e!r}")
 
 
-def expr_from_dict(d: dict[str, Any]) -> Expr:
-    """The inverse of `expr_to_dict`."""
+def expr_from_dict(d: dict[str, Any], _depth: int = 0) -> Expr:
+    """The inverse of `expr_to_dict`. Raises `ValueError` for an expression nested deeper than
+    `MAX_EXPR_DEPTH` (every pass over expressions recurses)."""
+    if _depth > MAX_EXPR_DEPTH:
+        raise ValueError(f"an expression is nested deeper than {MAX_EXPR_DEPTH} levels")
+    sub = lambda e: expr_from_dict(e, _depth + 1)
+    if not isinstance(d, dict):
+        raise ValueError(f"not an expression: {_short(d)}")
     if "const" in d:
         return Const(d["const"])
     if "stat" in d:
@@ -447,15 +456,20 @@ def expr_from_dict(d: dict[str, Any]) -> Expr:
         return Var(d["var"])
     if "cond" in d:
         c = d["cond"]
-        return Cond(expr_from_dict(c["test"]), expr_from_dict(c["then"]), expr_from_dict(c["else"]))
+        return Cond(sub(c["test"]), sub(c["then"]), sub(c["else"]))
     if "unary" in d:
-        return Unary(op=d["unary"]["op"], operand=expr_from_dict(d["unary"]["operand"]))
+        return Unary(op=d["unary"]["op"], operand=sub(d["unary"]["operand"]))
     if "binop" in d:
         b = d["binop"]
-        return BinOp(op=b["op"], left=expr_from_dict(b["left"]), right=expr_from_dict(b["right"]))
+        return BinOp(op=b["op"], left=sub(b["left"]), right=sub(b["right"]))
     if "call" in d:
-        return Call(fn=d["call"]["fn"], args=tuple(expr_from_dict(a) for a in d["call"]["args"]))
-    raise ValueError(f"not an expression: {d!r}")
+        return Call(fn=d["call"]["fn"], args=tuple(sub(a) for a in d["call"]["args"]))
+    raise ValueError(f"not an expression: {_short(d)}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 
 def expr_stat_refs(e: Expr) -> tuple[StatRef, ...]:
@@ -655,10 +669,18 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        """Read a plan written by `to_json`. Raises `ValueError` for invalid JSON, JSON nested deeper than
+        `inputs.MAX_JSON_DEPTH` (with its line and column in `source`), or a malformed plan."""
+        from ternqc.inputs import MAX_JSON_DEPTH, check_nesting
+
+        check_nesting(text, source, MAX_JSON_DEPTH)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             msg = f"not a plan file (invalid JSON): {exc}"
             raise ValueError(msg) from exc
+        except RecursionError:  # check_nesting's limit keeps this out of reach; kept as a safety net
+            msg = "not a plan file: nested too deeply"
+            raise ValueError(msg) from None
         return cls.from_dict(data)

@@ -32,7 +32,10 @@ def format_value(v: Any, limit: int = 6) -> str:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else str(v)
     if isinstance(v, list):
-        flat = np.asarray(v, dtype=np.float64).ravel().tolist() if not _has_non_numbers(v) else None
+        try:
+            flat = np.asarray(v, dtype=np.float64).ravel().tolist() if not _has_non_numbers(v) else None
+        except ValueError:  # a ragged array: shown as written
+            flat = None
         if flat is not None and len(flat) > limit:
             head = ", ".join(format_value(x) for x in flat[:3])
             return f"[{head}, ...] ({len(flat)} values, min {format_value(min(flat))}, max {format_value(max(flat))})"
@@ -57,6 +60,7 @@ def format_layer_table(report: dict[str, Any]) -> str:
         for tensor, t in entry["tensors"].items():
             if not t.get("quantized"):
                 why = " (not called as a module)" if entry.get("left_in_float") else ""
+                why = " (not applied)" if t.get("not_applied") else why
                 rows.append((node, entry["op"], tensor, "float" + why, "", ""))
                 continue
             zeros = t.get("zero_fraction")
@@ -65,7 +69,28 @@ def format_layer_table(report: dict[str, Any]) -> str:
                 (node, entry["op"], tensor, _fmt(t["delta"]), _fmt(alpha), "-" if zeros is None else f"{zeros:.1%}")
             )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for node, entry in report["nodes"].items():
+        if entry.get("calls_per_forward", 1) > 1:
+            lines.append(f"note: {node} is called {entry['calls_per_forward']} times per forward; its statistics "
+                         "count every call")
+        for tensor, t in entry["tensors"].items():
+            if t.get("not_applied"):
+                lines.append(f"not applied: {node} {tensor}: {t['not_applied']}")
+    return "\n".join(lines)
+
+
+def format_metrics(report: dict[str, Any]) -> str:
+    """`validation accuracy: float 0.9922  ternary 0.9727` (or the task's metrics), from a report."""
+    floats, ternary = report.get("float_metrics"), report.get("ternary_metrics")
+    if floats is None or ternary is None:
+        if report.get("float_accuracy") is None:
+            return "not evaluated (no evaluation data)"
+        floats = {"accuracy": report["float_accuracy"]}
+        ternary = {"accuracy": report["ternary_accuracy"]}
+    parts = [f"validation {name.replace('_', ' ')}: float {floats[name]:.4f}  ternary {ternary[name]:.4f}"
+             for name in floats]
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------

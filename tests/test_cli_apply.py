@@ -48,8 +48,9 @@ def _toy_params(ckpt: Path) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in load_like_mase(ckpt).state_dict().items()}
 
 
-def _reload_without_calibrating(ckpt: Path, monkeypatch: pytest.MonkeyPatch):
-    """`load_ternary_checkpoint` with calibration and data loading made to fail: it must need neither."""
+def _reload_without_calibrating(ckpt: Path, monkeypatch: pytest.MonkeyPatch, model=None):
+    """`load_ternary_checkpoint` with calibration and data loading made to fail: it must need neither.
+    `model`: as `load_ternary_checkpoint`'s (a user's model spec must be given by the caller)."""
     import ternqc.runtime.calibrate.hooks as profile_mod
     import ternqc.runtime.calibrate.loop as calibrate_mod
     import ternqc.runtime.models.data as data_mod
@@ -61,7 +62,7 @@ def _reload_without_calibrating(ckpt: Path, monkeypatch: pytest.MonkeyPatch):
         for mod, name in ((calibrate_mod, "calibrate"), (calibrate_mod, "calibration_batches"),
                           (profile_mod, "collect_stats"), (data_mod, "build_dataset")):
             m.setattr(mod, name, refuse)
-        model, configs, meta = load_ternary_checkpoint(ckpt)
+        model, configs, meta = load_ternary_checkpoint(ckpt, model)
     return model, configs, meta
 
 
@@ -294,7 +295,7 @@ conv2d.data_in_threshold = 0.5 * stat(data_in).abs_mean.abs_mean
 
 def test_apply_on_a_user_model_and_dataset_from_files(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ternqc.compiler import compile_file
-    from ternqc.runtime.quantize.modules import TernaryConv2d, TernaryLinear
+    from ternqc.runtime.quantize.modules import is_converted
     from ternqc.runtime.run import pipeline
     from tests.fixtures import user_data
 
@@ -320,9 +321,9 @@ def test_apply_on_a_user_model_and_dataset_from_files(tmp_path, monkeypatch: pyt
     assert nodes["features_1_conv"]["tensors"]["weight"]["delta"] == pytest.approx(0.7 * np.abs(w).mean(),
                                                                                    rel=1e-6)
 
-    model, configs, _ = _reload_without_calibrating(out / "ternary.ckpt", monkeypatch)
-    assert isinstance(model.get_submodule("features.0.conv"), TernaryConv2d)
-    assert isinstance(model.get_submodule("head.fc2"), TernaryLinear)
+    model, configs, _ = _reload_without_calibrating(out / "ternary.ckpt", monkeypatch, str(USER_MODEL))
+    assert is_converted(model.get_submodule("features.0.conv"))
+    assert is_converted(model.get_submodule("head.fc2"))
     # the same outputs as the model converted by an independent in-process run of the same flow
     settings = pipeline.RunSettings(model=USER_MODEL, ckpt=str(ckpt), dataset=USER_DATA, progress=False)
     fresh = pipeline.load_model(settings)

@@ -204,18 +204,24 @@ def test_failed_apply_leaves_previous_outputs_untouched(tmp_path, trained_toy: T
     _assert_untouched(out, before)
 
 
-def test_failed_write_of_one_output_writes_none(tmp_path, trained_toy: Trained) -> None:
-    """report.json cannot be written (a folder is in the way): the other three keep their old content."""
+def test_failed_write_of_one_output_writes_none(tmp_path, trained_toy: Trained, monkeypatch) -> None:
+    """report.json, the last file, cannot be written (the disk fills up): the other three keep their old
+    content, and nothing is left beside the folder. (A folder in the way no longer fails: the output folder
+    is replaced as a whole.)"""
+    from ternqc.runtime.errors import UserError
+    from ternqc.runtime.run import pipeline
+
     out = tmp_path / "out"
     before = _previous_outputs(out)
-    (out / "report.json").unlink()
-    (out / "report.json").mkdir()
-    del before["report.json"]
+
+    def disk_full(path, text, encoding="utf-8"):
+        raise UserError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(pipeline, "atomic_write_text", disk_full)
     run = _apply(out, "--ckpt", trained_toy.ckpt)
-    assert_one_clean_error(run, "report.json")
-    assert (out / "report.json").is_dir()
-    (out / "report.json").rmdir()
+    assert_one_clean_error(run, "report.json", "No space left")
     _assert_untouched(out, before)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")

@@ -17,6 +17,7 @@ from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import accuracy
 from ternqc.runtime.models.train import run_train
 from ternqc.runtime.quantize.convert import load_ternary_checkpoint
+from ternqc.runtime.quantize.learned import input_quantizer
 from ternqc.runtime.run import workers
 from ternqc.runtime.run.finetune import FinetuneSettings, finetune
 from ternqc.runtime.run.pipeline import RunSettings, load_model
@@ -57,9 +58,9 @@ def test_finetuning_ternary_activations_beats_post_training_and_reproduces(digit
     for (k, v), (k2, v2) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     # the configs carry the learned Δ/α the modules apply
-    layer = model.seq_blocks[2]
+    delta, alpha = input_quantizer(model.seq_blocks[2])
     tq = result.configs["seq_blocks.2"].tensor("data_in")
-    assert tq.delta == pytest.approx(float(layer.data_in_delta)) and tq.alpha == pytest.approx(float(layer.data_in_alpha))
+    assert tq.delta == pytest.approx(float(delta)) and tq.alpha == pytest.approx(float(alpha))
     assert result.mapping.modules["seq_blocks.2"].params["data_in_threshold"] == pytest.approx(tq.delta)
 
 
@@ -103,7 +104,7 @@ def test_cli_writes_apply_outputs_with_the_finetuned_model(digits_ckpt, tmp_path
 
 def test_cli_rejects_bad_settings(digits_ckpt, tmp_path):
     run = run_cli("finetune", "--model", "digits-mlp", "--ckpt", digits_ckpt, "--epochs", 0, "--out", tmp_path)
-    assert_one_clean_error(run, "--epochs must be at least 1")
+    assert_one_clean_error(run, "--epochs")
     run = run_cli("finetune", "--model", "digits-mlp", "--ckpt", digits_ckpt, "--distill", 2, "--out", tmp_path)
     assert_one_clean_error(run, "--distill")
 

@@ -161,7 +161,7 @@ def test_wide_input_stays_in_float(tmp_path) -> None:
 
     plan = compile_file(OK / "task6_wide_input_float.tq").plan
     (bound,) = [c.value for c in plan.constants if c.name == "bound"]
-    settings = pipeline.RunSettings(model=BERT, progress=False)
+    settings = pipeline.RunSettings(model=BERT, dataset="toy-tiny", progress=False)
     result = pipeline.apply(pipeline.load_model(settings), plan, settings, rules="task6")
     mmax = StatSpec("range_min_max")
     ranges = {p: ms.lookup("data_in_0", mmax)["range"] for p, ms in result.profile.table.items()
@@ -178,18 +178,22 @@ def _type_name_of_out_proj() -> str:
     return module_type(_model("transformer").encoder.layers[0].self_attn.out_proj)
 
 
-@pytest.mark.xfail(_type_name_of_out_proj() != "linear", strict=True,
-                   reason="needs the runtime's isinstance type names (issue 9): `linear` selects subclasses")
-def test_linear_selects_out_proj_and_says_it_stays_float(tmp_path) -> None:
+def test_linear_selects_out_proj_quantises_its_weight_and_names_its_input(tmp_path) -> None:
+    assert _type_name_of_out_proj() == "linear"  # isinstance type names (issue 9): `linear` selects subclasses
     compiled = run_cli("compile", OK / "task1_first_last_float.tq", "--model", TRANSFORMER)
     assert "encoder.layers.0.self_attn.out_proj" in compiled.out and "left in float" in compiled.err
-    # the toy recipe reads input statistics, which a module that is never called does not have
+    # the toy recipe quantises inputs too: a module that is never called has none to quantise (issue 9: its
+    # weight is quantised in place, its input is named as not applied)
     run, _out, report = _apply(tmp_path, CONFIGS / "toy_ternary.tq", model=TRANSFORMER)
     assert run.rc == 0, run.err
     outs = [f"{p}.out_proj" for p, m in _model("transformer").named_modules() if isinstance(m, nn.MultiheadAttention)]
     assert len(outs) == 3  # two encoder layers and the pooler
-    assert set(report["left_in_float"]) == set(outs)
-    assert all(p in run.err for p in outs) and "not called as a module" in run.out
+    by_path = {n["path"]: n for n in report["nodes"].values()}
+    for path in outs:
+        assert by_path[path]["tensors"]["weight"]["quantized"] is True
+        assert "never called" in by_path[path]["tensors"]["data_in"]["not_applied"]
+        assert f"ternqc: warning: {path}: data_in stays in float" in run.err
+    assert "float (not applied)" in run.out
 
 
 # --- map and profile take --set too ------------------------------------------------------------------------
@@ -265,7 +269,7 @@ def _run_task(name: str, model: str = BERT):
     from ternqc.compiler import compile_file
     from ternqc.runtime.run import pipeline
 
-    settings = pipeline.RunSettings(model=model, progress=False)
+    settings = pipeline.RunSettings(model=model, dataset="toy-tiny", progress=False)
     float_model = pipeline.load_model(settings)
     weights = {p: m.weight.detach().numpy() for p, m in float_model.named_modules() if isinstance(m, nn.Linear)}
     plan = compile_file(OK / name).plan

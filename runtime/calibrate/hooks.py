@@ -25,6 +25,7 @@ from ternqc.runtime.calibrate.stats.feeder import STAGE_BYTES, TensorStats
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.types import param_view
 
 
 class Collector:
@@ -78,8 +79,8 @@ class Collector:
             module = self.model.get_submodule(path)
             for tensor, ts in tensors.items():
                 if tensor in PARAM_TENSORS:
-                    value = getattr(module, tensor, None)
-                    if not isinstance(value, torch.Tensor):
+                    value = param_view(module, tensor)  # as the rules see it: a Conv1D weight is [out, in]
+                    if value is None:
                         msg = f"{path} ({type(module).__name__}) has no {tensor} to profile"
                         raise UserError(msg)
                     _update(ts, value.detach(), path, tensor, None)

@@ -1,6 +1,6 @@
 """Calibration: the batches to calibrate on, and the loop that runs them through the hooked model.
 
-In: a dataset of `(input, label)` pairs, a sample count, a batch size and a seed; then a model and the
+In: a dataset of `(input, label)` pairs (or the other batch forms of `models.batches`), a sample count, a batch size and a seed; then a model and the
 resolved profile points. Out: a list of `(inputs, labels)` batches (MASE's semantics: `ceil(samples /
 batch_size)` batches from a loader shuffled by a seeded generator, every sample of those batches used), and
 a `StatsTable`.
@@ -14,7 +14,7 @@ share of the batches and the statistics are merged, with the same result as one 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from ternqc.runtime.calibrate.points import ResolvedPoints
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.models.batches import batch_count, call_model, split_batch
 from ternqc.runtime.progress import progress as progress_bar
 from ternqc.runtime.run import collectives as distributed
 
@@ -56,19 +57,55 @@ def calibration_batches(dataset, samples: int, batch_size: int, seed: int) -> li
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     wanted = math.ceil(samples / batch_size)
     batches: list[Batch] = []
-    for batch in loader:
-        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-            msg = (
-                f"the calibration dataset ({type(dataset).__name__}) must yield (input, label) pairs; "
-                "a batch "
-                f"of its items is a {type(batch).__name__}"
-                + (f" of {len(batch)} parts" if isinstance(batch, (list, tuple)) else "")
-            )
-            raise UserError(msg)
-        batches.append((batch[0], batch[1]))
+    for batch in _read_batches(loader, dataset, batch_size):
+        batches.append(split_batch(batch, where=f"the calibration dataset ({type(dataset).__name__})"))
         if len(batches) == wanted:
             break
     return batches
+
+
+def batches_from_iterable(data: Iterable, samples: int | None) -> tuple[list[Batch], int]:
+    """`(inputs, labels)` batches read from a DataLoader or any iterable of batches, until they hold at least
+    `samples` samples (all of them when `samples` is None); and how many samples they hold.
+
+    Raises:
+        UserError: a batch in none of the forms of `models.batches`, or no batch at all.
+    """
+    batches: list[Batch] = []
+    count = 0
+    for batch in data:
+        inputs, labels = split_batch(batch, where="the calibration data")
+        batches.append((inputs, labels))
+        count += batch_count(inputs, labels)
+        if samples is not None and count >= samples:
+            break
+    if not batches:
+        msg = "the calibration data yielded no batch"
+        raise UserError(msg)
+    return batches, count
+
+
+def _read_batches(loader: DataLoader, dataset: Any, batch_size: int):
+    """The loader's batches; an exception while reading one (an item that raises, items of different
+    shapes, a `__len__` larger than the data) becomes a `UserError` naming the dataset and the batch."""
+    iterator = iter(loader)
+    number = 0
+    while True:
+        number += 1
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (KeyboardInterrupt, UserError):
+            raise
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:500] or "(no message)"
+            msg = (
+                f"reading calibration batch {number} ({batch_size} samples) from the dataset "
+                f"({type(dataset).__name__}, {len(dataset)} items) failed: {type(exc).__name__}: {detail}"
+            )
+            raise UserError(msg) from exc
+        yield batch
 
 
 def calibrate(
@@ -123,7 +160,7 @@ def calibrate(
             collector.batch = i
             inputs = batches[i][0]
             try:
-                model(inputs)
+                call_model(model, inputs)
             except KeyboardInterrupt:
                 raise
             except UserError as exc:
@@ -152,7 +189,7 @@ def forward_naming_failures(model: nn.Module, inputs: Any, what: str = "calibrat
     """`model(inputs)`; if it raises, a `UserError` naming the innermost module that was running, the error
     and the input shape instead. `what` names the inputs in the message (e.g. "evaluation inputs")."""
     try:
-        return model(inputs)
+        return call_model(model, inputs)
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as exc:
@@ -192,7 +229,9 @@ def _describe_inputs(inputs: Any) -> str:
         return f"input batch shape {list(inputs.shape)}"
     if isinstance(inputs, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in inputs):
         return "input batch shapes " + ", ".join(str(list(t.shape)) for t in inputs)
+    if isinstance(inputs, Mapping) and all(isinstance(t, torch.Tensor) for t in inputs.values()):
+        return "input batch shapes " + ", ".join(f"{k}={list(t.shape)}" for k, t in inputs.items())
     return f"input batch of type {type(inputs).__name__}"
 
 
-__all__ = ["calibrate", "calibration_batches", "describe_failure", "forward_naming_failures"]
+__all__ = ["batches_from_iterable", "calibrate", "calibration_batches", "describe_failure", "forward_naming_failures"]

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from attrs import field, frozen
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, Origin, ProfilePoint, StatSpec
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.types import module_type as _module_type
+from ternqc.runtime.quantize.types import param_view
 
 PARAM_TENSORS = ("weight", "bias")
 #: Staging memory for small activations, all tensors together (each gets at most `stats.STAGE_BYTES`).
@@ -29,8 +30,9 @@ STAGING_BYTES = 64 * 2**20
 
 
 def module_type(module: nn.Module) -> str:
-    """The module type a selector matches: the class name in lower case (`linear`, `conv2d`, ...)."""
-    return type(module).__name__.lower()
+    """The module type a selector matches (`linear`, `conv2d`, `embedding`, ...), decided by `isinstance`:
+    see `ternqc.runtime.quantize.types`. The single entry point for module types."""
+    return _module_type(module)
 
 
 @frozen
@@ -63,7 +65,7 @@ def resolve_profile(
 
     Args:
         points: the plan's profile points, in plan order.
-        model: the model; module type = `type(m).__name__.lower()`, matched by `Selector.matches`.
+        model: the model; module type = `module_type(m)`, matched by `Selector.matches`.
         include_derived: also resolve points with reason `derived` (statistics gathered in a later pass).
         missing_params: `"error"` (the default) or `"skip"`: what to do when a name or glob point asks for
             `weight` or `bias` of a module that has no such tensor (or has it set to None); type and `default`
@@ -91,7 +93,7 @@ def resolve_profile(
             if point.selector.kind == "default" and not _type_has(mtype, point.tensor):
                 continue  # `default` means every quantisable module that has this tensor at all
             hit = True
-            has_param = isinstance(getattr(module, point.tensor, None), torch.Tensor)
+            has_param = param_view(module, point.tensor) is not None
             if point.tensor in PARAM_TENSORS and not has_param:
                 # A type or `default` rule speaks of every module of a kind, some built without a bias
                 # (`Linear(..., bias=False)`): those simply have nothing to profile there. A rule that names

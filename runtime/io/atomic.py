@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Union
 
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.io.outputs import clean_stale, fault_point
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -48,6 +49,7 @@ def _prepare(path: PathLike) -> Path:
     if target.is_dir():
         msg = f"cannot write {target}: it is a folder"
         raise UserError(msg)
+    clean_stale(target)  # temporary files of runs that were killed
     return target
 
 
@@ -82,6 +84,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         if not tmp.exists():
             msg = f"atomic_path({target}): the body wrote nothing to {tmp}"
             raise RuntimeError(msg)  # a bug in the caller, not the user's doing
+        fault_point(f"replace:{target.name}")  # the tests' hook (outputs.FAULT_ENV)
         try:
             _fsync_file(tmp)
             os.replace(tmp, target)
@@ -91,6 +94,38 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             _remove_quietly(tmp)
+
+
+def write_failure(exc: BaseException) -> str:
+    """Why a write failed, in a few words: torch's zip writer reports a full disk (or a file-size limit) as
+    `RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos 704 vs 598`."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = " ".join(str(exc).split())
+    if "unexpected pos" in text or "PytorchStreamWriter failed" in text or "file write failed" in text:
+        return f"the disk is full or the file is too large (torch: {text})"
+    return text
+
+
+def save_torch(path: PathLike, obj: object, what: str = "file") -> None:
+    """`torch.save(obj)` to `path`, atomically. Written through an open file, so the archive's inner folder
+    is always `archive/` and equal objects give byte-identical files (a path would name it after the
+    temporary file). Imports torch only when called.
+
+    Raises:
+        UserError: the file cannot be written (disk full, permissions); `path` is then unchanged.
+    """
+    import torch
+
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "xb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as exc:
+            msg = f"cannot write {what} {os.fspath(path)}: {write_failure(exc)}"
+            raise UserError(msg) from exc
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -106,7 +141,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            msg = f"cannot write {path}: {exc.strerror or exc}"
+            msg = f"cannot write {path}: {write_failure(exc)}"
             raise UserError(msg) from exc
 
 

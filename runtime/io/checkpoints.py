@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ternqc.inputs import check_regular
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.io.atomic import atomic_path
+from ternqc.runtime.io.atomic import atomic_path, write_failure
 
 #: Lightning's prefix for the wrapped model's keys (MASE's `LightningModule` holds the model as `self.model`).
 LIGHTNING_PREFIX = "model."
@@ -50,11 +51,16 @@ def _load_raw(path: str | os.PathLike) -> Any:
         msg = f"checkpoint {str(path)!r} is a directory, not a checkpoint file"
         raise UserError(msg)
     try:
-        with open(p, "rb"):  # permissions and the like, told apart from a broken file below
-            pass
+        check_regular(p, "checkpoint")  # a FIFO would block torch.load forever, /dev/zero never ends
+        with open(p, "rb") as f:  # permissions and the like, told apart from a broken file below
+            head = f.read(8)
     except OSError as exc:
         msg = f"checkpoint {str(path)!r} cannot be read: {exc.strerror or exc}"
         raise UserError(msg) from exc
+    problem = _not_a_checkpoint(head)
+    if problem:
+        msg = f"checkpoint {str(path)!r} is truncated or not a PyTorch checkpoint: {problem}"
+        raise UserError(msg)
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -79,6 +85,20 @@ def _load_raw(path: str | os.PathLike) -> Any:
         raise UserError(msg) from exc
 
 
+def _not_a_checkpoint(head: bytes) -> str | None:
+    """Why the first bytes of a file cannot start a `torch.save` file (a zip archive, or a pickle for the
+    legacy format), or None."""
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "it is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it starts with bytes {head[:4].hex(' ')}, not a zip archive or a pickle"
+    return f"it is text (it starts with {text!r}), not a zip archive or a pickle"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
@@ -95,6 +115,13 @@ def _is_state_dict(obj: Any) -> bool:
 
 def _split_checkpoint(raw: Any, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state_dict keyed like the model, metadata) from a Lightning checkpoint or a plain state_dict."""
+    if isinstance(raw, Mapping) and raw.get("format") == "ternqc-ternary":
+        msg = (
+            f"checkpoint {path!r} is a ternary checkpoint written by `ternqc apply`; --ckpt takes the float "
+            "model's weights (a Lightning checkpoint or a state_dict). Reload a ternary model with "
+            "ternqc.runtime.quantize.convert.load_ternary_checkpoint"
+        )
+        raise UserError(msg)
     if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         state = {
             (k[len(LIGHTNING_PREFIX) :] if k.startswith(LIGHTNING_PREFIX) else k): v
@@ -138,6 +165,7 @@ def _check_keys(model: nn.Module, state: dict[str, Any], path: str, lightning: b
         and state[k].shape != expected[k].shape
     ]
     if not (missing or unexpected or mismatched):
+        _check_values(model, expected, state, path)
         return
     parts = []
     if missing:
@@ -153,6 +181,56 @@ def _check_keys(model: nn.Module, state: dict[str, Any], path: str, lightning: b
         + ". Was it saved from the same model (--model)?"
     )
     raise UserError(msg)
+
+
+def _check_values(model: nn.Module, expected: dict[str, Any], state: dict[str, Any], path: str) -> None:
+    """Refuse values that `load_state_dict` would reject with a bare message, or silently damage: non-tensors,
+    sparse tensors, complex numbers into real parameters, and NaN or infinite weights (counted)."""
+    for key, want in expected.items():
+        got = state[key]
+        where = f"checkpoint {path!r}: {key}"
+        if not isinstance(want, torch.Tensor):
+            continue
+        if not isinstance(got, torch.Tensor):
+            raise UserError(f"{where} is a {type(got).__name__}, not a tensor")
+        if got.layout != torch.strided:
+            layout = str(got.layout).replace("torch.", "")
+            raise UserError(f"{where} is a {layout} tensor; ternqc loads dense tensors only")
+        if got.is_complex() and not want.is_complex():
+            msg = f"{where} holds complex numbers ({got.dtype}); the model's {key} is real ({want.dtype})"
+            raise UserError(msg)
+        if want.is_floating_point() and not (got.is_floating_point() or got.is_complex()):
+            msg = (
+                f"{where} holds {str(got.dtype).replace('torch.', '')} values; the model's {key} is {want.dtype} "
+                "(was it saved from another model, or cast by mistake?)"
+            )
+            raise UserError(msg)
+        if got.is_floating_point() or got.is_complex():
+            nan, inf = int(torch.isnan(got).sum()), int(torch.isinf(got).sum())
+            if nan or inf:
+                msg = (
+                    f"{where} holds {nan} NaN and {inf} infinite values of {got.numel()}; ternqc quantises "
+                    "finite weights only"
+                )
+                raise UserError(msg)
+
+
+def check_finite_parameters(model: nn.Module, source: str) -> None:
+    """Refuse a model whose floating-point parameters hold NaN or infinity, naming the first such tensor and
+    the counts (they would otherwise surface later as a threshold that cannot be resolved, blamed on a
+    statistic of some downstream module).
+
+    Raises:
+        UserError: "the model 'net.py:make': seq_blocks.0.weight holds 3 NaN and 1 infinite values of 400".
+    """
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            msg = (
+                f"{source}: {name} holds {nan} NaN and {inf} infinite values of {tensor.numel()}; ternqc "
+                "quantises finite weights only"
+            )
+            raise UserError(msg)
 
 
 def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
@@ -256,5 +334,5 @@ def save_lightning_checkpoint(
             with open(tmp, "xb") as f:
                 torch.save(checkpoint, f)
         except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as RuntimeError
-            msg = f"cannot write checkpoint {str(path)!r}: {getattr(exc, 'strerror', None) or exc}"
+            msg = f"cannot write checkpoint {str(path)!r}: {write_failure(exc)}"
             raise UserError(msg) from exc

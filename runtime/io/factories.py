@@ -89,7 +89,12 @@ def _describe(exc: BaseException) -> str:
 def _import_file(path_text: str, *, spec: str, what: str) -> Any:
     path = Path(path_text)
     if not path.is_file():
-        where = "is a directory, not a Python file" if path.is_dir() else "does not exist"
+        if path.is_dir():
+            where = "is a directory, not a Python file"
+        elif path.exists():  # a FIFO or a device: importing it would block or never end
+            where = "is not a regular file"
+        else:
+            where = "does not exist"
         msg = f"{what} file {path_text!r} (from {spec!r}) {where}; paths are relative to {Path.cwd()}"
         raise UserError(msg)
     path = path.resolve()

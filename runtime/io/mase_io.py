@@ -28,18 +28,27 @@ Quantize config (`write_quant_config_toml`): `model`/`dataset` from a base confi
 `by = "name"` and `report = true`, `[passes.quantize.default.config]` (what `default` rules set to
 constants), and `[passes.quantize.<node>.config]` with every key of the node's op, `"NA"` where unset.
 
-All files are written with the `toml` library (MASE uses toml 0.10) and atomically.
+All files are written with the `toml` library (MASE uses toml 0.10) and atomically; they are read with
+`tomllib` (strict TOML 1.0; `tomli` on Python 3.10).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import toml
+
+from ternqc.inputs import MAX_TOML_BYTES, MAX_TOML_DEPTH, check_nesting, read_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from ternqc.plan import DERIVED_STATISTICS, STATISTICS, StatSpec
 from ternqc.runtime.calibrate.table import ModuleStats, StatKey, StatsTable
@@ -222,15 +231,27 @@ def write_stats_toml(path: str | os.PathLike, table: StatsTable) -> None:
 
 
 def _load(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A TOML file as nested dicts, read strictly (TOML 1.0, `tomllib`), refused before parsing when it is
+    not a regular file, larger than `inputs.MAX_TOML_BYTES` or nested deeper than `inputs.MAX_TOML_DEPTH`."""
+    shown = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return toml.load(f)
+        text = read_text(path, what, MAX_TOML_BYTES)
     except FileNotFoundError as exc:
-        raise UserError(f"{what} {os.fspath(path)} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} {os.fspath(path)}: {exc}") from exc
-    except (toml.TomlDecodeError, ValueError, TypeError, IndexError) as exc:
-        raise UserError(f"{what} {os.fspath(path)} is not valid TOML: {exc}") from exc
+        raise UserError(f"{what} {shown} does not exist") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {shown}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read {what} {shown}: it is not UTF-8 text (byte offset {exc.start})") from exc
+    try:
+        check_nesting(text, shown, MAX_TOML_DEPTH, "toml")
+    except ValueError as exc:
+        raise UserError(f"{what} {exc}") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{what} {shown} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # out of reach below MAX_TOML_DEPTH; a safety net
+        raise UserError(f"{what} {shown} is nested too deeply") from exc
 
 
 def _shape(tensor: str, meta: Any) -> tuple[int, ...] | None:
@@ -282,6 +303,9 @@ def stats_from_dict(data: Mapping[str, Any], source: str = "the statistics file"
                     full = specs.get(tensor, {}).get(name) if isinstance(specs.get(tensor), dict) else None
                     spec = parse_spec_key(full if isinstance(full, str) else name)
                     values.setdefault(tensor, {})[spec if spec is not None else name] = dict(fields)
+        if path in table:
+            msg = f"{where}: its module path {path!r} is also that of node [{table[path].node}]; each node needs its own"
+            raise UserError(msg)
         notes = extra.get("notes", [])
         table[path] = ModuleStats(path=path, node=node, op=op, shapes=shapes, values=values,
                                   notes=tuple(str(n) for n in notes) if isinstance(notes, list) else ())

@@ -1,6 +1,7 @@
 """Datasets: the built-in `toy-tiny` and `digits` data, and user factories.
 
-`build_dataset(spec, split) -> Dataset` of `(input, label)` pairs: `spec` is a built-in name (`toy-tiny`,
+`build_dataset(spec, split) -> Dataset` of `(input, label)` pairs (or `((inputs...), label)`, or dicts of
+tensors whose `labels` key is the label: see `batches.py`): `spec` is a built-in name (`toy-tiny`,
 also `toy_tiny`; `digits`, see `digits.py`) or `FILE.py:factory` / `package.module:factory` with `factory(split: str)`. Splits are
 `train`, `validation` and `test`; `val` means `validation`, and factories receive the canonical name.
 Every dataset handed out is a map-style torch `Dataset` with at least one item.
@@ -9,6 +10,7 @@ Every dataset handed out is a map-style torch `Dataset` with at least one item.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -83,9 +85,11 @@ def _check_dataset(spec: str, split: str, dataset: object) -> Dataset:
     except Exception as exc:
         msg = f"dataset {spec!r} split {split!r}: reading item 0 raised {type(exc).__name__}: {exc}"
         raise UserError(msg) from exc
+    if isinstance(item, Mapping):  # Hugging Face style: a dict of tensors, `labels` the label
+        return dataset
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         msg = (
-            f"dataset {spec!r} split {split!r}: items must be (input, label) pairs, "
+            f"dataset {spec!r} split {split!r}: items must be (input, label) pairs or dicts of tensors, "
             f"but item 0 is a {type(item).__name__}"
             + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
         )

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import math
 import os
+from typing import Any
 
 import torch
 from attrs import frozen
@@ -114,6 +115,18 @@ def _check_settings(epochs: int, lr: float, batch_size: int) -> None:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
 
 
+def _check_finite(inputs: Any, dataset: str) -> None:
+    """Refuse a batch of floating-point inputs holding NaN or infinity: training on it only ever "diverges",
+    which would blame the learning rate."""
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        nan, inf = int(torch.isnan(inputs).sum()), int(torch.isinf(inputs).sum())
+        msg = (
+            f"the training data {dataset} holds non-finite inputs ({nan} NaN and {inf} infinite values in a "
+            f"batch of {inputs.numel()}); ternqc trains on finite data only"
+        )
+        raise UserError(msg)
+
+
 def train_model(
     model: nn.Module,
     train_ds: Dataset,
@@ -167,6 +180,7 @@ def train_model(
             for inputs, labels in batches(
                 train_ds, batch_size, name=train_shown, shuffle=True, generator=shuffle
             ):
+                _check_finite(inputs, train_shown)
                 optimizer.zero_grad(set_to_none=True)
                 loss, _ = batch_loss(model, inputs, labels, dataset=train_shown)
                 loss.backward()

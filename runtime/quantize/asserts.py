@@ -39,7 +39,7 @@ from ternqc.render import format_value
 from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.mapping import MappingResult, _Context, _plain
-from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.modules import is_converted, resolved_quant
 from ternqc.runtime.quantize.resolve import Module, selector_matches
 
 
@@ -132,7 +132,7 @@ def _array(v: Any) -> Any:
 def applied_configs(model: nn.Module, configs: dict[str, Any]) -> dict[str, Any]:
     """Each module's config as the converted module applies it (Δ and every α filled in)."""
     found = dict(model.named_modules())
-    return {p: found[p].resolved_quant() if isinstance(found.get(p), TernaryModule) else c
+    return {p: resolved_quant(found[p]) if p in found and is_converted(found[p]) else c
             for p, c in configs.items()}
 
 

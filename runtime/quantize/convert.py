@@ -1,13 +1,20 @@
-"""Conversion: swap float modules for ternary ones, and the ternary checkpoint that reloads them.
+"""Conversion: quantise float modules in place, and the ternary checkpoint that reloads them.
 
 In: a model and `{module_path: ModuleQuant}` (dotted paths such as `seq_blocks.0`). Out: the same model
-with each configured module replaced, through its parent, by its ternary counterpart
+with each configured module quantised in place by its kind
 (`modules.TERNARY_MODULES`); and `ternary.ckpt`, a file holding the model spec, the configs and the
-converted model's `state_dict`, which `load_ternary_checkpoint` rebuilds without calibrating again.
+converted model's `state_dict`, which `load_ternary_checkpoint` rebuilds without calibrating again: into a
+model the caller supplies (the spec stored in the file is never imported or run; only a built-in one is
+built unasked).
 
 Checkpoint layout (loadable with `torch.load(..., weights_only=True)`: only tensors and plain values):
-`{"format": "ternqc-ternary", "version": 1, "model_spec": str, "configs": {path: ModuleQuant.to_dict()},
-"state_dict": model.state_dict(), **extra}`.
+`{"format": "ternqc-ternary", "version": 2, "model_spec": str, "configs": {path: ModuleQuant.to_dict()},
+"state_dict": model.state_dict(), **extra}`. The configs are the ones the model was converted with (a tensor
+whose quantisation could not take effect is float there). In the state_dict a quantised weight is stored as
+its latent float value, `<path>.parametrizations.weight.original`, with Δ and α beside it
+(`<path>.parametrizations.weight.0.delta`, `.alpha`), an input quantiser as `<path>.ternary_input.delta` /
+`.alpha`; tied parameters (GPT-2's `lm_head.weight` is `wte.weight`) are saved once and stay tied.
+Version 1 (ternqc's earlier swapped-in modules, `qweight` buffers) is refused with a message.
 """
 
 from __future__ import annotations
@@ -21,23 +28,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from ternqc.inputs import check_regular
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.io.atomic import atomic_path
+from ternqc.runtime.io.atomic import save_torch
 from ternqc.runtime.io.checkpoints import non_plain_entry
-from ternqc.runtime.quantize.modules import TERNARY_MODULES, TernaryModule
+from ternqc.runtime.quantize.modules import TERNARY_MODULES
 from ternqc.runtime.quantize.quantizers import ModuleQuant
 
 CHECKPOINT_FORMAT = "ternqc-ternary"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: modules quantised in place (parametrize); 1: swapped-in modules
 _RESERVED = ("format", "version", "model_spec", "configs", "state_dict")
 
 
 def convert_(model: nn.Module, configs: dict[str, ModuleQuant]) -> nn.Module:
-    """Replace, in place, each module named in `configs` by its ternary counterpart.
+    """Quantise, in place, each module named in `configs` (see `modules.py`: the module keeps its class and
+    forward; its weight and bias become parametrized, its input quantised by a pre-hook).
 
     Each path is a dotted module path (`seq_blocks.0`, `encoder.layers.1.fc`; children of Sequential,
-    ModuleList and ModuleDict by their name). Modules whose config quantises nothing are left as they are.
-    Every replacement is built before any is swapped in, so a failure leaves the model unchanged.
+    ModuleList and ModuleDict by their name; `""` is the model itself). Modules whose config quantises
+    nothing are left as they are. Every module is checked and its quantisers built before any is converted,
+    so a failure leaves the model unchanged.
 
     Args:
         model: the float model.
@@ -47,37 +57,27 @@ def convert_(model: nn.Module, configs: dict[str, ModuleQuant]) -> nn.Module:
         `model`, converted.
 
     Raises:
-        UserError: an empty or unknown path (with the closest module names), a module type that has no
-            ternary counterpart or does not match its config's op, an already converted module, or an
-            invalid config (see the `from_float` methods).
+        UserError: an unknown path (with the closest module names), a module whose type does not match its
+            config's op, an already converted module, or an invalid config (see `TernaryModule.prepare`).
     """
     modules = dict(model.named_modules())
-    new: dict[str, nn.Module] = {}
+    steps = []
     for path, mq in configs.items():
         if not mq.quantises_anything:
             continue
-        if path == "":
-            msg = f"{mq.node}: cannot convert the model's root module in place; wrap it in an nn.Sequential"
-            raise UserError(msg)
         module = modules.get(path)
         if module is None:
             close = difflib.get_close_matches(path, [n for n in modules if n], n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             msg = f"{mq.node}: the model has no module {path!r}{hint}"
             raise UserError(msg)
-        if isinstance(module, TernaryModule):
-            msg = f"{mq.node}: module {path!r} is already a {type(module).__name__}"
-            raise UserError(msg)
         cls = TERNARY_MODULES.get(mq.op)
         if cls is None:
-            supported = sorted(k for k in TERNARY_MODULES if isinstance(k, str))
-            msg = f"{mq.node}: op {mq.op!r} has no ternary module (supported: {supported})"
+            msg = f"{mq.node}: op {mq.op!r} has no ternary module (supported: {sorted(TERNARY_MODULES)})"
             raise UserError(msg)
-        new[path] = cls.from_float(module, mq)
-    for path, replacement in new.items():
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, replacement)
+        steps.append(cls.prepare(module, mq))
+    for step in steps:
+        step()
     return model
 
 
@@ -120,49 +120,53 @@ def save_ternary_checkpoint(
         "state_dict": model.state_dict(),
         **extra,
     }
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(payload, tmp)
-        except OSError as exc:
-            msg = f"cannot write {os.fspath(path)!r}: {exc}"
-            raise UserError(msg) from exc
+    save_torch(path, payload, "ternary checkpoint")
 
 
 def load_ternary_checkpoint(
-    path: str | os.PathLike, build_model: Callable[[str], nn.Module] | None = None
+    path: str | os.PathLike, model: nn.Module | Callable[[str], nn.Module] | str | None = None
 ) -> tuple[nn.Module, dict[str, ModuleQuant], dict[str, Any]]:
     """Rebuild a converted model from a ternary checkpoint, without calibrating.
 
-    Builds the float model with `build_model(model_spec)`, converts it with the stored configs, loads the
-    stored state strictly and puts the model in eval mode.
+    A checkpoint is untrusted input: it is read with `torch.load(weights_only=True)`, and the model spec
+    stored in it (`net.py:make`, `pkg.mod:make`) is never imported or run. The caller says where the float
+    model comes from; the stored configs convert it and the stored state is loaded strictly (eval mode).
 
     Args:
         path: a file written by `save_ternary_checkpoint`.
-        build_model: `model_spec -> nn.Module`; defaults to `ternqc.runtime.models.build_model`.
+        model: the float model, supplied by the caller:
+            - an `nn.Module`: converted in place and returned;
+            - a callable: called with the stored spec (for information) and returning the float model;
+            - a spec string (`"toy"`, `"net.py:make"`): it must equal the stored spec, then it is built
+              (`ternqc.runtime.models.build_model`), as the caller asked;
+            - `None`: the stored spec must be a built-in model (`toy`); anything else is refused.
 
     Returns:
         `(model, configs, meta)`: meta holds every top-level entry but `configs` and `state_dict`
         (`format`, `version`, `model_spec` and the saved `extra` values).
 
     Raises:
-        UserError: a missing or unreadable file, another format or version, malformed configs, or a state
-            that does not fit the rebuilt model.
+        UserError: a missing, unreadable or non-regular file, another format or version, malformed configs,
+            a stored spec that is not built in (with `model=None`) or differs from the given one, or a state
+            that does not fit the model.
     """
     target = os.fspath(path)
     try:
+        check_regular(target, "ternary checkpoint")
         payload = torch.load(target, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         msg = f"ternary checkpoint {target!r} does not exist"
         raise UserError(msg) from exc
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
-        msg = f"cannot read ternary checkpoint {target!r}: {exc}"
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split()[:40])
+        msg = f"cannot read ternary checkpoint {target!r}: {detail}"
         raise UserError(msg) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         msg = f"{target!r} is not a ternqc ternary checkpoint (no format = {CHECKPOINT_FORMAT!r})"
         raise UserError(msg)
     if payload.get("version") != CHECKPOINT_VERSION:
         msg = (
-            f"ternary checkpoint {target!r} has version {payload.get('version')!r}; this ternqc reads "
+            f"ternary checkpoint {target!r} has version {_short(payload.get('version'))}; this ternqc reads "
             f"version {CHECKPOINT_VERSION}"
         )
         raise UserError(msg)
@@ -170,18 +174,53 @@ def load_ternary_checkpoint(
         spec = payload["model_spec"]
         state = payload["state_dict"]
         configs = {str(p): ModuleQuant.from_dict(d) for p, d in payload["configs"].items()}
+        if not isinstance(spec, str):
+            raise TypeError(f"model_spec is a {type(spec).__name__}, not a string")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        msg = f"ternary checkpoint {target!r} is malformed: {exc!r}"
+        msg = f"ternary checkpoint {target!r} is malformed: {_short(exc)}"
         raise UserError(msg) from exc
-    if build_model is None:
-        from ternqc.runtime.models.builtin import build_model
-    model = build_model(spec)
+    float_model = _float_model(target, spec, model)
     try:
-        convert_(model, configs)
-        model.load_state_dict(state, strict=True)
+        convert_(float_model, configs)
+        float_model.load_state_dict(state, strict=True)
     except (UserError, RuntimeError) as exc:
-        msg = f"ternary checkpoint {target!r} does not fit model {spec!r}: {exc}"
+        msg = f"ternary checkpoint {target!r} does not fit model {_short(spec)}: {exc}"
         raise UserError(msg) from exc
-    model.eval()
+    float_model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("configs", "state_dict")}
-    return model, configs, meta
+    return float_model, configs, meta
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value) if not isinstance(value, BaseException) else f"{type(value).__name__}: {value}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _float_model(target: str, spec: str, model: nn.Module | Callable[[str], nn.Module] | str | None) -> nn.Module:
+    """The float model to convert, from what the caller supplied; never from code the checkpoint names."""
+    from ternqc.runtime.models.builtin import BUILTIN_MODELS, build_model
+
+    if isinstance(model, nn.Module):
+        return model
+    if model is None:
+        if spec not in BUILTIN_MODELS:
+            msg = (
+                f"ternary checkpoint {target!r} was made from model {_short(spec)}, which is not a built-in "
+                f"model; ternqc never imports or runs code named inside a checkpoint. Pass the model yourself: "
+                f"load_ternary_checkpoint(path, model=MyNet()) or model={_short(spec)} if you trust that code"
+            )
+            raise UserError(msg)
+        return build_model(spec)
+    if isinstance(model, str):
+        if model != spec:
+            msg = (
+                f"ternary checkpoint {target!r} was made from model {_short(spec)}, not {model!r}; ternqc builds "
+                "only the model the caller names, and only when the checkpoint names the same one"
+            )
+            raise UserError(msg)
+        return build_model(model)
+    built = model(spec)
+    if not isinstance(built, nn.Module):
+        msg = f"the model factory given for {target!r} returned a {type(built).__name__}, not an nn.Module"
+        raise UserError(msg)
+    return built

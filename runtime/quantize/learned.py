@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.modules import is_converted, latent_param, ternary_param
 
 #: Smallest step: keeps x / s finite if training pushes a step to zero.
 MIN_STEP = 1e-8
@@ -86,37 +86,33 @@ class LearnedTernary(nn.Module):
 
 def is_ternary(module: nn.Module) -> bool:
     """Whether `module` was converted to ternary."""
-    return isinstance(module, TernaryModule)
+    return is_converted(module)
 
 
 def input_quantizer(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The buffers `(Δ, α)` of a converted module's quantised data_in (α None when unscaled), or None."""
-    if not is_ternary(module) or getattr(module, "data_in_delta", None) is None:
-        return None
-    return module.data_in_delta, module.data_in_alpha
+    q = getattr(module, "ternary_input", None) if is_converted(module) else None
+    return None if q is None else (q.delta, q.alpha)
 
 
 def weight_threshold(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(Δ buffer, latent float weight)` of a converted module's quantised weight, or None."""
-    if not is_ternary(module) or getattr(module, "weight_delta", None) is None:
+    """`(Δ buffer, latent float weight in the language's [out, ...] layout)` of a converted module's
+    quantised weight, or None."""
+    p = ternary_param(module, "weight") if is_converted(module) else None
+    if p is None:
         return None
-    return module.weight_delta, module.weight
+    w = latent_param(module, "weight")
+    return p.delta, (w.t() if p.transposed else w)
 
 
 def _swap_in(module: nn.Module, q: LearnedTernary) -> Callable[[], None]:
-    """Make `q` quantise `module`'s data_in instead of its own quantiser; return the function that undoes
-    it. `q` becomes a child module (its step one of the model's parameters, so DistributedDataParallel sees
-    it) and a forward pre-hook applies it; the module's own Δ buffer is parked meanwhile (None: its
-    quantiser passes x through)."""
-    module.add_module("data_in_learned", q)
-    parked = module._buffers["data_in_delta"]
-    module._buffers["data_in_delta"] = None
-    handle = module.register_forward_pre_hook(_quantize_first)
+    """Make `q` quantise `module`'s data_in (the module's pre-hook calls `module.ternary_input`); return the
+    function that puts the module's own quantiser back."""
+    own = module.ternary_input
+    module.ternary_input = q
 
     def undo() -> None:
-        handle.remove()
-        module._buffers["data_in_delta"] = parked
-        del module._modules["data_in_learned"]
+        module.ternary_input = own
 
     return undo
 
@@ -139,8 +135,8 @@ def learnable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def learned_activations(model: nn.Module) -> Iterator[dict]:
     """Give every converted module's scaled data_in a `LearnedTernary` for the duration of the block.
 
-    On entry each such module's data_in is quantised by its `LearnedTernary` (a child module, so the step is
-    one of `model.parameters()`) instead of its own quantiser. On exit, normally or not, the module's own
+    On entry each such module's data_in is quantised by its `LearnedTernary` (it takes the place of the
+    module's `ternary_input`, so the step is one of `model.parameters()`) instead of its own quantiser. On exit, normally or not, the module's own
     quantiser is back and the learned Δ = r·s and α = s are copied into its Δ/α buffers, so the module, its
     `state_dict` and a ternary checkpoint carry the learned values and need nothing from this file to run.
 
@@ -168,13 +164,6 @@ def learned_activations(model: nn.Module) -> Iterator[dict]:
             with torch.no_grad():
                 delta.copy_(learned_delta.reshape(delta.shape))
                 alpha.copy_(learned_alpha.reshape(alpha.shape))
-
-
-def _quantize_first(module: nn.Module, args: tuple):
-    x, *rest = args
-    return (module._modules["data_in_learned"](x), *rest)
-
-
 
 
 @contextlib.contextmanager

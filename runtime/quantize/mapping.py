@@ -345,8 +345,10 @@ class _Context:
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise self.fail(f"the {what} in {self.stats_source} is not a number or an array of numbers: "
-                            f"{format_value(value)}")
+            raise self.fail(f"the {what} in {self.stats_source} is not a number or an array of numbers "
+                            f"(arrays must be rectangular): {format_value(value)}")
+        if arr.size == 0:
+            raise self.fail(f"the {what} in {self.stats_source} is an empty array")
         return arr
 
     def _other_module(self, ref: StatRef) -> ModuleStats | None:

@@ -1,30 +1,43 @@
-"""Ternary modules: drop-in replacements for Linear, ReLU, Conv1d and Conv2d.
+"""Ternary modules: a float module quantised in place, so that every reader of its weight sees q(weight).
 
-In: a float module and its `ModuleQuant` (see `quantizers.py`). Out: `TernaryLinear`, `TernaryReLU`,
-`TernaryConv1d` or `TernaryConv2d`, built with `from_float(module, config)`, and the registry
-`TERNARY_MODULES` (float type or op name -> ternary class) that `convert.py` swaps them in with.
+In: a float module and its `ModuleQuant` (see `quantizers.py`). Out: the same module object, converted by
+`TernaryLinear.from_float(module, config)` (likewise `TernaryConv1d`, `TernaryConv2d`, `TernaryReLU`,
+`TernaryEmbedding`; `TERNARY_MODULES` maps each op name of `plan.QUANTISABLE` to its kind).
 
-- Weights and biases are quantised once, at conversion, and cached in the buffers `qweight` / `qbias`
-  (`q(w) = α·T(w)` or `T(w)`), so eval-mode forward is one `F.linear` / `F.conv*d` on the cached tensor.
-  The float `weight` / `bias` Parameters are kept (the same Parameter objects as the float module's, so an
-  optimizer built before conversion still holds them) for fine-tuning: in training mode with grad enabled
-  the forward re-quantises them with a straight-through estimator, `w + (q(w) - w).detach()`. The cache is
-  refreshed whenever the float weight has changed in place (its version counter moved, e.g. after an
-  optimizer step or `load_state_dict`), on `eval()`, and by `refresh_()`.
-- Activations (`data_in`) are quantised on the fly, `q(x) = α·T(x)` with the calibrated α, with the same
-  straight-through estimator when `x` needs a gradient.
-- Δ and α live in buffers named `<tensor>_delta` and `<tensor>_alpha` (α only with scaling), shaped as
-  configured (a 0-dim tensor for a scalar), so a module's whole state is in its `state_dict`. α of a weight
-  or bias without `t_scale` is derived from the tensor (`quantizers.weight_alpha`) and kept in step with it.
+Why in place: a parent may read `child.weight` without calling the child (`MultiheadAttention` reads
+`out_proj.weight`, `TransformerEncoderLayer`'s fused fast path reads `linear1.weight`), and a user's subclass
+or transformers' `Conv1D` has its own forward. Swapping in another module would leave all of those computing
+in float. So the weight and bias get a `torch.nn.utils.parametrize` parametrization (`TernaryParam`):
+`module.weight` *is* q(weight) for every reader, fused paths included, and the module keeps its class
+(`ParametrizedLinear`, still an `nn.Linear`) and its forward.
+
+A converted module holds (its public state, all in its `state_dict`):
+- `module.parametrizations.weight.original`: the latent float weight (the same Parameter object as before
+  conversion, so an optimizer built earlier still holds it); `module.parametrizations.weight[0]`: the
+  `TernaryParam` with buffers `delta` and `alpha` (None when unscaled, or when α is derived from the weight:
+  the mean of |w| over |w| > Δ, kept in step with the weight) and the flags `scaling`, `derived_alpha` and
+  `transposed` (transformers' `Conv1D` stores `[in, out]`; Δ/α are in the language's `[out, in]` layout).
+  The same for `bias`.
+- `module.ternary_input`: a `TernaryInput` (buffers `delta`, `alpha`) when data_in is quantised, applied by
+  a forward pre-hook. Any hook inside a `TransformerEncoderLayer` turns off its fused fast path, which would
+  otherwise skip the module; a module that is never called (MultiheadAttention's `out_proj`) cannot have its
+  input quantised: the pipeline names it instead of converting it (`pipeline.check_effect`).
+- `module.ternary_config`: the `ModuleQuant` it was converted with (a plain attribute).
+
+q(w) is computed once and cached (eval forward costs what float costs); the cache follows the latent
+weight (its version counter, e.g. after an optimizer step or `load_state_dict`) and Δ/α. With gradients
+enabled on a weight that requires them, the parametrization is a straight-through estimator: forward
+q(w), gradient of the identity (`q + (w - w.detach())`, exactly q in value). Activations likewise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ternqc.plan import QUANTISABLE
 from ternqc.runtime.errors import UserError
@@ -36,319 +49,330 @@ from ternqc.runtime.quantize.quantizers import (
     ternarize,
     weight_alpha,
 )
+from ternqc.runtime.quantize.types import MODULE_TYPES, is_transposed, module_type, param_view
 
 PARAM_TENSORS = ("weight", "bias")
+_SYMBOL = {"delta": "Δ", "alpha": "α"}
 
 
-class TernaryModule(nn.Module):
-    """What every ternary module shares: the config, the data_in quantiser, Δ/α buffers and their repr."""
+class TernaryParam(nn.Module):
+    """A parametrization `w -> q(w) = α·T(w)` (or `T(w)` unscaled) for a weight or bias.
 
-    op: ClassVar[str]
-    float_type: ClassVar[type[nn.Module]]
+    Buffers `delta` and `alpha` are in the language's layout (`[out, 1]` per output channel); `transposed`
+    says the stored tensor is the transpose of that layout (transformers' `Conv1D`).
+    """
 
-    def _setup(self, module: nn.Module, mq: ModuleQuant) -> None:
-        """Check that `module` and `mq` belong together and keep `mq`; called first by `from_float`."""
-        if type(module).forward is not self.float_type.forward or not isinstance(module, self.float_type):
-            msg = (
-                f"{mq.node}: cannot convert a {type(module).__name__} to {type(self).__name__}: it needs an "
-                f"nn.{self.float_type.__name__} (a subclass that overrides forward cannot be converted)"
-            )
-            raise UserError(msg)
-        if mq.op != self.op:
-            msg = f"{mq.node}: the config is for a {mq.op} but the module is a {type(module).__name__}"
-            raise UserError(msg)
-        self.config = mq
-        self.node = mq.node
-        self._quant = {t: mq.tensor(t) for t in QUANTISABLE[self.op]}
+    def __init__(self, tq: TensorQuant, like: torch.Tensor, *, transposed: bool = False) -> None:
+        super().__init__()
+        self.scaling = tq.scaling
+        self.derived_alpha = tq.scaling and tq.alpha is None
+        self.transposed = transposed
+        self.register_buffer("delta", as_tensor(tq.delta, like))
+        given = tq.alpha if tq.scaling and tq.alpha is not None else None
+        self.register_buffer("alpha", None if given is None else as_tensor(given, like))
+        self._cache: torch.Tensor | None = None
+        self._key: tuple | None = None
 
-    # --- data_in ----------------------------------------------------------------------------------------
+    def alpha_of(self, w: torch.Tensor) -> torch.Tensor | None:
+        """α applied to the stored tensor `w`: the given one, the one derived from `w`, or None unscaled."""
+        if not self.scaling:
+            return None
+        if self.alpha is not None:
+            return self.alpha
+        return weight_alpha(self._view(w), self.delta)
 
-    def _setup_data_in(self, sample_shape: tuple[int | None, ...] | None, like: torch.Tensor) -> None:
-        """Register data_in's Δ/α buffers. `sample_shape` is the per-sample input shape a per-channel value
-        must broadcast against (None: unknown size, e.g. a spatial dimension; None for the whole: any)."""
-        tq = self._quant["data_in"]
-        self.register_buffer("data_in_delta", None)
-        self.register_buffer("data_in_alpha", None)
-        if not tq.quantize:
-            return
-        if tq.scaling and tq.alpha is None:
-            msg = (
-                f"{self.node}: data_in is quantised with scaling but has no α: the runtime derives it from "
-                "the calibration data (mean of |x| over |x| > Δ), or set data_in_scale"
-            )
-            raise UserError(msg)
-        for kind, value in (("delta", tq.delta), ("alpha", tq.alpha if tq.scaling else None)):
-            if value is None:
-                continue
-            v = as_tensor(value, like)
-            if sample_shape is not None and not _fits_sample(tuple(v.shape), sample_shape):
-                shown = tuple("*" if s is None else s for s in sample_shape)
-                msg = (
-                    f"{self.node}: data_in {_SYMBOL[kind]} has shape {tuple(v.shape)}, which does not "
-                    f"broadcast against one input sample of shape {shown} (a per-channel value must be 1 or "
-                    "the channel count along the channel dimension, right-aligned)"
-                )
-                raise UserError(msg)
-            self.register_buffer(f"data_in_{kind}", v)
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """q(w) for the stored tensor `w`, in the stored layout, without a gradient."""
+        with torch.no_grad():
+            v = self._view(w.detach())
+            q = quantize(v, self.delta, self.alpha_of(w), self.scaling)
+            return q.t() if self.transposed else q
 
-    def _quant_in(self, x: torch.Tensor) -> torch.Tensor:
-        # `_buffers[...]` rather than attribute access: nn.Module's __getattr__ fallback costs a microsecond
-        # per lookup, which is measurable against a small layer's forward
+    def _view(self, w: torch.Tensor) -> torch.Tensor:
+        return w.t() if self.transposed else w
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # Called on every read of `module.weight`: kept to a few attribute reads. A new dtype or device
+        # moves `data_ptr`; an in-place update (optimizer step, load_state_dict) moves `_version`.
         buffers = self._buffers
-        delta = buffers["data_in_delta"]
-        if delta is None:
-            return x
-        q = ternarize(x, delta)
-        alpha = buffers["data_in_alpha"]
-        if alpha is not None:
-            q = q * alpha
-        if x.requires_grad and torch.is_grad_enabled():
-            return x + (q - x).detach()  # straight-through: forward q(x), gradient of the identity
+        delta, alpha = buffers["delta"], buffers["alpha"]
+        key = (w._version, w.data_ptr(), delta._version, None if alpha is None else alpha._version)
+        q = self._cache
+        if q is None or key != self._key:
+            q = self._cache = self.quantize(w)
+            self._key = key
+        if w.requires_grad and torch.is_grad_enabled():
+            return q + (w - w.detach())  # straight-through: the value of q, the gradient of the identity
         return q
 
-    # --- description ------------------------------------------------------------------------------------
-
-    def resolved_quant(self) -> ModuleQuant:
-        """The config as the module applies it: Δ from its buffers and every α filled in, including the
-        ones derived from the weight and bias (float values or nested lists)."""
-        self._sync()
-        tensors = {}
-        for t, tq in self._quant.items():
-            delta = getattr(self, f"{t}_delta", None)
-            if not tq.quantize or delta is None:
-                tensors[t] = TensorQuant.float_()
-                continue
-            alpha = getattr(self, f"{t}_alpha", None)
-            tensors[t] = TensorQuant(
-                quantize=True,
-                delta=delta.tolist(),
-                scaling=tq.scaling,
-                alpha=None if alpha is None else alpha.tolist(),
-            )
-        return ModuleQuant(op=self.op, node=self.node, tensors=tensors)
-
-    def _quant_repr(self) -> str:
-        parts = []
-        for t in self._quant:
-            delta = getattr(self, f"{t}_delta", None)
-            if delta is None:
-                parts.append(f"{t}: float")
-                continue
-            alpha = getattr(self, f"{t}_alpha", None)
-            scale = "no scaling" if alpha is None else f"α={_fmt_values(alpha)}"
-            parts.append(f"{t}: Δ={_fmt_values(delta)} {scale}")
-        return f"node={self.node}, " + ", ".join(parts)
-
-    def _sync(self) -> None:
-        """Bring cached quantised parameters in step with the float ones (weighted modules override)."""
+    def extra_repr(self) -> str:
+        scale = "no scaling" if not self.scaling else ("α derived" if self.alpha is None else
+                                                        f"α={_fmt_values(self.alpha)}")
+        return f"Δ={_fmt_values(self.delta)}, {scale}" + (", transposed" if self.transposed else "")
 
 
-class _TernaryWeighted(TernaryModule):
-    """A ternary module with a weight and an optional bias: caches q(weight) and q(bias)."""
+class TernaryInput(nn.Module):
+    """`x -> q(x) = α·T(x)` (or `T(x)`) for a module's input, with the calibrated Δ and α (buffers)."""
 
-    def _setup_params(self, module: nn.Module) -> None:
-        self.register_parameter("weight", module.weight)
-        self.register_parameter("bias", module.bias)
-        self._versions: dict[str, int] = {}
+    def __init__(self, tq: TensorQuant, like: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("delta", as_tensor(tq.delta, like))
+        self.register_buffer("alpha", as_tensor(tq.alpha, like) if tq.scaling else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = ternarize(x, self.delta)
+        if self.alpha is not None:
+            q = q * self.alpha
+        if x.requires_grad and torch.is_grad_enabled():
+            return q.detach() + (x - x.detach())  # straight-through
+        return q
+
+    def extra_repr(self) -> str:
+        scale = "no scaling" if self.alpha is None else f"α={_fmt_values(self.alpha)}"
+        return f"Δ={_fmt_values(self.delta)}, {scale}"
+
+
+def _quantise_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a converted module: its first positional argument becomes q(x)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (module.ternary_input(args[0]), *args[1:])
+    return None
+
+
+class TernaryModule:
+    """One quantisable type's conversion (`op`, one of `plan.QUANTISABLE`): `from_float(module, config)`
+    quantises `module` in place and returns it. Subclasses say how a data_in value must broadcast."""
+
+    op: ClassVar[str]
+
+    @classmethod
+    def from_float(cls, module: nn.Module, mq: ModuleQuant) -> nn.Module:
+        """Quantise `module` in place with `mq` and return it (see the module docstring for its state).
+
+        Raises:
+            UserError: `module` is not of this type, `mq` is for another op, the module is already
+                converted, a Δ/α does not fit its tensor, or data_in has scaling without α.
+        """
+        return cls.prepare(module, mq)()
+
+    @classmethod
+    def prepare(cls, module: nn.Module, mq: ModuleQuant) -> Callable[[], nn.Module]:
+        """Check everything and build the quantisers, touching nothing; the returned function converts.
+
+        Raises:
+            UserError: as `from_float`.
+        """
+        node = mq.node
+        mtype = module_type(module)
+        if mtype != cls.op:
+            msg = f"{node}: cannot convert a {type(module).__name__} ({mtype}) with {cls.__name__}: it needs a {cls.op}"
+            raise UserError(msg)
+        if mq.op != cls.op:
+            msg = f"{node}: the config is for a {mq.op} but the module is a {type(module).__name__} ({mtype})"
+            raise UserError(msg)
+        if is_converted(module):
+            msg = f"{node}: the module is already converted to ternary"
+            raise UserError(msg)
+        cls._check_module(module, mq)
+        params: dict[str, TernaryParam] = {}
         for t in PARAM_TENSORS:
-            tq = self._quant[t]
-            p = getattr(self, t)
-            self.register_buffer(f"{t}_delta", None)
-            self.register_buffer(f"{t}_alpha", None)
-            self.register_buffer(f"q{t}", None)
+            tq = mq.tensor(t) if t in QUANTISABLE[cls.op] else TensorQuant.float_()
+            p = param_view(module, t)
             if p is None or not tq.quantize:
                 continue
-            with torch.no_grad():
-                delta = as_tensor(tq.delta, p)
-                _check_fits(self.node, t, "delta", delta, p)
-                self.register_buffer(f"{t}_delta", delta)
-                if tq.scaling:
-                    alpha = weight_alpha(p, delta) if tq.alpha is None else as_tensor(tq.alpha, p)
-                    _check_fits(self.node, t, "alpha", alpha, p)
-                    self.register_buffer(f"{t}_alpha", alpha)
-                self.register_buffer(f"q{t}", torch.empty_like(p, requires_grad=False))
-        self.refresh_()
+            param = TernaryParam(tq, p, transposed=t == "weight" and is_transposed(module))
+            _check_fits(node, t, "delta", param.delta, p)
+            if param.alpha is not None:
+                _check_fits(node, t, "alpha", param.alpha, p)
+            params[t] = param
+        data_in = None
+        tq = mq.tensor("data_in")
+        if "data_in" in QUANTISABLE[cls.op] and tq.quantize:
+            data_in = _input_quantiser(node, tq, cls.sample_shape(module), _like(module))
 
-    @torch.no_grad()
-    def refresh_(self) -> None:
-        """Re-quantise the cached `qweight` / `qbias` (and derived α) from the float weight and bias."""
-        for t in PARAM_TENSORS:
-            p, cache = getattr(self, t), getattr(self, f"q{t}")
-            if p is None or cache is None:
-                continue
-            q = self._quantize_param(t, p.detach(), update_alpha=True)
-            cache.copy_(q)
-            self._versions[t] = p._version
+        def apply() -> nn.Module:
+            for t, param in params.items():
+                parametrize.register_parametrization(module, t, param)
+            if data_in is not None:
+                module.ternary_input = data_in
+                module.register_forward_pre_hook(_quantise_input)
+            module.ternary_config = mq
+            return module
 
-    def _quantize_param(self, t: str, p: torch.Tensor, *, update_alpha: bool = False) -> torch.Tensor:
-        tq = self._quant[t]
-        delta, alpha = getattr(self, f"{t}_delta"), getattr(self, f"{t}_alpha")
-        if tq.scaling and tq.alpha is None:  # derived α follows the tensor
-            derived = weight_alpha(p, delta)
-            if update_alpha:
-                alpha.copy_(derived)
-            alpha = derived
-        return quantize(p, delta, alpha, tq.scaling)
+        return apply
 
-    def _param(self, t: str) -> torch.Tensor | None:
-        """The weight or bias the forward uses: cached q(p) in eval / no-grad, STE q(p) when training."""
-        p = self._parameters[t]
-        cache = self._buffers["q" + t]
-        if p is None or cache is None:
-            return p
-        if self.training and p.requires_grad and torch.is_grad_enabled():
-            q = self._quantize_param(t, p.detach())
-            return p + (q - p).detach()  # straight-through: forward q(p), gradient of the identity
-        if p._version != self._versions[t]:
-            self.refresh_()
-        return cache
+    @classmethod
+    def sample_shape(cls, module: nn.Module) -> tuple[int | None, ...] | None:
+        """The per-sample input shape a per-channel data_in value must broadcast against (None: any)."""
+        return None
 
-    def _sync(self) -> None:
-        for t in PARAM_TENSORS:
-            p = getattr(self, t)
-            if p is not None and getattr(self, f"q{t}") is not None and p._version != self._versions[t]:
-                self.refresh_()
-                return
-
-    def train(self, mode: bool = True) -> _TernaryWeighted:
-        """As `nn.Module.train`; switching to eval also refreshes the cached quantised weight and bias."""
-        super().train(mode)
-        if not mode:
-            self.refresh_()
-        return self
+    @classmethod
+    def _check_module(cls, module: nn.Module, mq: ModuleQuant) -> None:
+        """Refuse modules whose quantisation could not take effect (nothing by default)."""
 
 
-class TernaryLinear(_TernaryWeighted):
-    """`nn.Linear` with ternary data_in, weight and/or bias: `F.linear(q(x), q(W), q(b))`."""
+class TernaryLinear(TernaryModule):
+    """`linear` (`nn.Linear` and subclasses, transformers' `Conv1D`): ternary data_in, weight and/or bias."""
 
     op = "linear"
-    float_type = nn.Linear
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, mq: ModuleQuant) -> TernaryLinear:
-        """Build from a float `nn.Linear`, sharing its Parameters and caching q(W), q(b).
-
-        Raises:
-            UserError: `linear` is not an `nn.Linear`, `mq` is not a linear config, a Δ/α does not fit its
-                tensor, or data_in has scaling without α.
-        """
-        self = cls()
-        self._setup(linear, mq)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._setup_params(linear)
-        self._setup_data_in((linear.in_features,), linear.weight)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quant_in(x), self._param("weight"), self._param("bias"))
-
-    def extra_repr(self) -> str:
-        head = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{head}, bias={self.bias is not None}, {self._quant_repr()}"
+    def sample_shape(cls, module: nn.Module) -> tuple[int | None, ...]:
+        return (param_view(module, "weight").shape[1],)
 
 
-class TernaryReLU(TernaryModule):
-    """`nn.ReLU` with a ternary data_in: `relu(q(x))`."""
-
-    op = "relu"
-    float_type = nn.ReLU
-
-    @classmethod
-    def from_float(cls, relu: nn.ReLU, mq: ModuleQuant) -> TernaryReLU:
-        """Build from a float `nn.ReLU`.
-
-        Raises:
-            UserError: `relu` is not an `nn.ReLU`, `mq` is not a relu config, or data_in has scaling
-                without α.
-        """
-        self = cls()
-        self._setup(relu, mq)
-        self.inplace = relu.inplace
-        self._setup_data_in(None, torch.empty(0))
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.data_in_delta is None:
-            return F.relu(x, inplace=self.inplace)
-        return F.relu(self._quant_in(x))  # q(x) is a new tensor: in place would gain nothing
-
-    def extra_repr(self) -> str:
-        return self._quant_repr()
-
-
-class _TernaryConvNd(_TernaryWeighted):
-    """Shared by the ternary Conv1d and Conv2d: `conv(q(x), q(W), q(b))` with the float conv's settings."""
-
+class _TernaryConvNd(TernaryModule):
     spatial_dims: ClassVar[int]
 
     @classmethod
-    def from_float(cls, conv: nn.Module, mq: ModuleQuant) -> _TernaryConvNd:
-        """Build from a float conv of the same dimensionality, sharing its Parameters and caching q(W), q(b).
-
-        Raises:
-            UserError: the module is not the matching `nn.ConvNd`, `mq` is for another op, a Δ/α does not fit
-                its tensor, or data_in has scaling without α.
-        """
-        self = cls()
-        self._setup(conv, mq)
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, name, getattr(conv, name))
-        self.padding_mode = conv.padding_mode
-        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
-        self._setup_params(conv)
-        self._setup_data_in((conv.in_channels,) + (None,) * self.spatial_dims, conv.weight)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._quant_in(x)
-        w, b = self._param("weight"), self._param("bias")
-        conv = F.conv1d if self.spatial_dims == 1 else F.conv2d
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(x, w, b, self.stride, 0, self.dilation, self.groups)
-        return conv(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        head = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"bias={self.bias is not None}, padding_mode={self.padding_mode}"
-        )
-        return f"{head}, {self._quant_repr()}"
+    def sample_shape(cls, module: nn.Module) -> tuple[int | None, ...]:
+        return (module.in_channels,) + (None,) * cls.spatial_dims
 
 
 class TernaryConv1d(_TernaryConvNd):
-    """`nn.Conv1d` with ternary data_in, weight and/or bias."""
+    """`conv1d` (`nn.Conv1d`): ternary data_in, weight and/or bias."""
 
     op = "conv1d"
-    float_type = nn.Conv1d
     spatial_dims = 1
 
 
 class TernaryConv2d(_TernaryConvNd):
-    """`nn.Conv2d` with ternary data_in, weight and/or bias."""
+    """`conv2d` (`nn.Conv2d`): ternary data_in, weight and/or bias."""
 
     op = "conv2d"
-    float_type = nn.Conv2d
     spatial_dims = 2
 
 
-#: Float module type, or op name (`plan.QUANTISABLE`'s keys), -> its ternary replacement.
-TERNARY_MODULES: dict[Any, type[TernaryModule]] = {
-    nn.Linear: TernaryLinear,
-    nn.ReLU: TernaryReLU,
-    nn.Conv1d: TernaryConv1d,
-    nn.Conv2d: TernaryConv2d,
-    "linear": TernaryLinear,
-    "relu": TernaryReLU,
-    "conv1d": TernaryConv1d,
-    "conv2d": TernaryConv2d,
+class TernaryReLU(TernaryModule):
+    """`relu` (`nn.ReLU`): ternary data_in, `relu(q(x))`."""
+
+    op = "relu"
+
+
+class TernaryEmbedding(TernaryModule):
+    """`embedding` (`nn.Embedding`): a ternary weight (per row = per token with Δ shaped `[num, 1]`)."""
+
+    op = "embedding"
+
+    @classmethod
+    def _check_module(cls, module: nn.Module, mq: ModuleQuant) -> None:
+        if getattr(module, "max_norm", None) is not None and mq.tensor("weight").quantize:
+            msg = (
+                f"{mq.node}: an Embedding with max_norm renormalises its weight in place on every lookup, "
+                "which a quantised weight cannot follow; build it without max_norm or leave its weight in float"
+            )
+            raise UserError(msg)
+
+
+#: Op name (`plan.QUANTISABLE`'s keys, `types.MODULE_TYPES`' keys) -> its conversion.
+TERNARY_MODULES: dict[str, type[TernaryModule]] = {
+    k.op: k for k in (TernaryLinear, TernaryConv1d, TernaryConv2d, TernaryReLU, TernaryEmbedding)
 }
+assert set(TERNARY_MODULES) == set(MODULE_TYPES) == set(QUANTISABLE), "types, modules and plan disagree"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a converted module
+# ---------------------------------------------------------------------------------------------------------
+
+
+def is_converted(module: nn.Module) -> bool:
+    """Whether `module` was converted by a `from_float`."""
+    return isinstance(getattr(module, "ternary_config", None), ModuleQuant)
+
+
+def ternary_param(module: nn.Module, tensor: str) -> TernaryParam | None:
+    """The `TernaryParam` of `module.<tensor>` (`weight` / `bias`), or None when it is not quantised."""
+    if not parametrize.is_parametrized(module, tensor):
+        return None
+    found = [p for p in module.parametrizations[tensor] if isinstance(p, TernaryParam)]
+    return found[-1] if found else None
+
+
+def quantized_param(module: nn.Module, tensor: str) -> torch.Tensor | None:
+    """q(weight) / q(bias) of a converted module in the language's layout (`[out, in]`), or None."""
+    p = ternary_param(module, tensor)
+    if p is None:
+        return None
+    with torch.no_grad():
+        q = getattr(module, tensor)
+    return q.t() if p.transposed else q
+
+
+def latent_param(module: nn.Module, tensor: str) -> torch.Tensor | None:
+    """The float weight / bias behind a quantised one (the Parameter fine-tuning updates), or None."""
+    if not parametrize.is_parametrized(module, tensor):
+        return None
+    return module.parametrizations[tensor].original
+
+
+def resolved_quant(module: nn.Module) -> ModuleQuant:
+    """The config as the converted module applies it: Δ from its buffers and every α filled in, including
+    the ones derived from the weight and bias (float values or nested lists)."""
+    mq: ModuleQuant = module.ternary_config
+    tensors = {}
+    for t in QUANTISABLE[mq.op]:
+        if t == "data_in":
+            q = getattr(module, "ternary_input", None)
+            delta, alpha = (None, None) if q is None else (q.delta, q.alpha)
+        else:
+            p = ternary_param(module, t)
+            if p is None:
+                delta = alpha = None
+            else:
+                delta = p.delta
+                with torch.no_grad():
+                    alpha = p.alpha_of(latent_param(module, t))
+        if delta is None:
+            tensors[t] = TensorQuant.float_()
+            continue
+        tensors[t] = TensorQuant(
+            quantize=True,
+            delta=delta.tolist(),
+            scaling=alpha is not None,
+            alpha=None if alpha is None else alpha.tolist(),
+        )
+    return ModuleQuant(op=mq.op, node=mq.node, tensors=tensors)
+
+
+def converted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """`{path: module}` of every converted module of `model`."""
+    return {path: m for path, m in model.named_modules() if is_converted(m)}
 
 
 # ---------------------------------------------------------------------------------------------------------
 
-_SYMBOL = {"delta": "Δ", "alpha": "α"}
+
+def _like(module: nn.Module) -> torch.Tensor:
+    """A tensor with the module's parameter dtype and device (float32 CPU when it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p
+    return torch.empty(0)
+
+
+def _input_quantiser(
+    node: str, tq: TensorQuant, sample_shape: tuple[int | None, ...] | None, like: torch.Tensor
+) -> TernaryInput:
+    if tq.scaling and tq.alpha is None:
+        msg = (
+            f"{node}: data_in is quantised with scaling but has no α: the runtime derives it from "
+            "the calibration data (mean of |x| over |x| > Δ), or set data_in_scale"
+        )
+        raise UserError(msg)
+    q = TernaryInput(tq, like)
+    for kind in ("delta", "alpha"):
+        v = getattr(q, kind)
+        if v is None or sample_shape is None or _fits_sample(tuple(v.shape), sample_shape):
+            continue
+        shown = tuple("*" if s is None else s for s in sample_shape)
+        msg = (
+            f"{node}: data_in {_SYMBOL[kind]} has shape {tuple(v.shape)}, which does not broadcast against one "
+            f"input sample of shape {shown} (a per-channel value must be 1 or the channel count along the "
+            "channel dimension, right-aligned)"
+        )
+        raise UserError(msg)
+    return q
 
 
 def _check_fits(node: str, t: str, kind: str, value: torch.Tensor, p: torch.Tensor) -> None:
@@ -378,11 +402,20 @@ def _fmt_values(v: torch.Tensor) -> str:
     return f"[{v.numel()} values, mean {v.float().mean().item():.4g}]"
 
 
-__all__ = [
+__all__: list[Any] = [
     "TERNARY_MODULES",
     "TernaryConv1d",
     "TernaryConv2d",
+    "TernaryEmbedding",
+    "TernaryInput",
     "TernaryLinear",
     "TernaryModule",
+    "TernaryParam",
     "TernaryReLU",
+    "converted_modules",
+    "is_converted",
+    "latent_param",
+    "quantized_param",
+    "resolved_quant",
+    "ternary_param",
 ]

@@ -1,6 +1,6 @@
 """The ternary quantiser: its math, and its parameters resolved from a module's mapped values.
 
-In: per module, the op (`linear`, `relu`, `conv1d`, `conv2d`), its node name and the mapped quantiser
+In: per module, the op (`linear`, `relu`, `conv1d`, `conv2d`, `embedding`), its node name and the mapped quantiser
 parameters `{param_name: value}` (names from `ternqc.plan.all_params()`; a value is `None` for unset/`na`, a
 bool, an int, a str, a float, or nested lists of floats for per-channel values already shaped to broadcast
 against the tensor). Out: a `ModuleQuant` holding one `TensorQuant` per tensor of the op, and the functions
@@ -12,7 +12,9 @@ For each tensor t (`data_in`, `weight`, `bias`) the module has:
   float; any other width is an error. `name` must be `"ternary"` when any tensor is quantised.
 - Threshold Δ, the first that applies:
   `t_threshold` if set (every element >= 0); else `0.75·|t_mean|`, `0.75·|t_median|`, `0.05·|t_max|`, the
-  first that is set and non-zero; else an error naming the node, the tensor and the rules file.
+  first that is set and non-zero; else, when some of them are set but all are zero (a zero-initialised
+  bias), Δ = 0 from the first set one (an all-zero tensor quantises to zeros); else, none set, an error
+  naming the node, the tensor and the rules file.
   A per-channel (vector) source counts as non-zero when *any* element is non-zero, and then the whole
   vector is used: a channel whose element is 0 gets Δ = 0 (every non-zero value becomes ±1). Fall-through
   is decided for the whole source, never element by element, so Δ always comes from one rule.
@@ -342,14 +344,19 @@ def _resolve_threshold(node: str, t: str, values: dict[str, Any], rules: str) ->
     threshold = values.get(f"{t}_threshold")
     if threshold is not None:
         return threshold
+    zero = None
     for source, factor in THRESHOLD_SOURCES:
         v = values.get(f"{t}_{source}")
         if v is not None and np.any(np.asarray(v) != 0):
             return factor * np.abs(v)
+        if v is not None and zero is None:
+            zero = factor * np.abs(v)
+    if zero is not None:  # every source that is set is zero (an all-zero bias): Δ = 0, and 0 quantises to 0
+        return zero
     tried = ", ".join(f"{t}_{s}" for s, _ in THRESHOLD_SOURCES)
     msg = (
         f"{node}: cannot resolve the ternary threshold of {t} (rules: {rules}): {t}_threshold is unset and "
-        f"{tried} are all unset or zero. Set {t}_threshold, give one of them a non-zero value, or set "
+        f"so are {tried}. Set {t}_threshold, give one of them a value, or set "
         f"{t}_width = {FLOAT_WIDTH} to leave {t} in float."
     )
     raise UserError(msg)

@@ -2,9 +2,10 @@
 
 `nn.MultiheadAttention` keeps its output projection as a module (`out_proj`, a `NonDynamicallyQuantizableLinear`:
 an `nn.Linear`), but its forward reads `out_proj.weight` and `out_proj.bias` directly: the module is never
-called, so no hook sees its input and swapping it for a ternary module changes nothing. Until such weights
-are quantised in place, a rule that selects one leaves it in float, and the user is told so by name (in
-`ternqc compile --model`, in the apply table, in report.json and as a warning).
+called, so no hook sees its input. Its weight and bias are quantised in place like any other (a
+parametrization: every reader sees the quantised tensor), but a quantised input cannot take effect; the user
+is told so by name (in `ternqc compile --model` here; in apply's table, report.json and a warning by
+`runtime/run/effects.py`, which finds every module the forward never calls).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 from ternqc.plan import Binding
 from ternqc.runtime.quantize.resolve import resolve_bindings
 
-REASON = "nn.MultiheadAttention reads this weight without calling the module, so it is left in float"
+REASON = ("nn.MultiheadAttention reads its weight without calling the module: weight and bias are quantised in "
+          "place, but its input is left in float")
 
 
 def functional_only(model: nn.Module) -> dict[str, str]:

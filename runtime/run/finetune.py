@@ -49,7 +49,8 @@ from ternqc.runtime.quantize.learned import (
     tracked_weight_thresholds,
     weight_threshold,
 )
-from ternqc.runtime.run import collectives, pipeline
+from ternqc.runtime.quantize.types import module_type
+from ternqc.runtime.run import collectives, effects, pipeline
 from ternqc.runtime.run.pipeline import ApplyResult, RunSettings, apply
 
 DEFAULT_EPOCHS = 10
@@ -119,8 +120,10 @@ def finetune(
     """
     tune.check()
     teacher = copy.deepcopy(model).eval() if tune.distill > 0 else None
-    modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]  # before conversion
-    post = apply(model, plan, settings, rules=rules)
+    if settings.dataset is None:
+        raise UserError("fine-tuning needs a dataset with a train split: name one (--dataset)")
+    data = pipeline.dataset_data(plan, settings, evaluation=True)
+    post = apply(model, plan, settings, rules=rules, data=data)
     if not any(is_ternary(m) for m in model.modules()):
         raise UserError(f"nothing to fine-tune: the rules {rules} converted no module of the model to ternary")
     train_ds = build_dataset(settings.dataset, "train")
@@ -141,7 +144,7 @@ def finetune(
             "history": [attrs.asdict(h) for h in history],
         },
     }
-    result = rebuild_after_training(post, val_ds, plan, modules, extra=extra)
+    result = rebuild_after_training(post, data, plan, extra=extra)
     note = raw_input_note(model)
     if note:
         result = attrs.evolve(result, profile=attrs.evolve(result.profile, notes=(*result.profile.notes, note)))
@@ -212,18 +215,18 @@ def train_quantized(
     return tuple(history)
 
 
-def rebuild_after_training(
-    post: ApplyResult, val_ds: Dataset, plan: Plan, modules: list, *, extra: dict[str, Any]
-) -> ApplyResult:
+def rebuild_after_training(post: ApplyResult, data, plan: Plan, *, extra: dict[str, Any]) -> ApplyResult:
     """`post` (the converted model's `ApplyResult`) brought up to date after its model was trained in place:
-    the validation accuracy and activation zero fractions measured again; each module's Δ (data_in's learned
-    one, a weight's tracked one) and data_in's learned α taken from the module into its config and into the
-    mapped parameters (`<tensor>_threshold`, `data_in_scale`), so `ternary.ckpt`'s configs and
-    `quant_config.toml` hold what the model applies; the report rebuilt with `extra`'s entries added, and the
-    plan's assertions checked again on the fine-tuned model (`modules`: the float model's `(path, type)`).
-    (`--explain` still names the rules that set the calibrated values.)"""
+    the metrics and activation zero fractions measured again on `data.evaluation`; each module's Δ (data_in's
+    learned one, a weight's tracked one) and data_in's learned α taken from the module into its config and into
+    the mapped parameters (`<tensor>_threshold`, `data_in_scale`), so `ternary.ckpt`'s configs and
+    `quant_config.toml` hold what the model applies; the report rebuilt (with what `apply` recorded about the
+    conversion: calls, warnings, notes, tensors whose quantisation cannot take effect) and `extra`'s entries
+    added; the plan's assertions checked again on the fine-tuned model. (`--explain` still names the rules that
+    set the calibrated values.)"""
     model = post.model
-    accuracy, zeros = pipeline._accuracy_and_activation_zeros(model, val_ds)
+    check = effects.check_model(model, data.calibration[0], data.evaluation)
+    metrics, zeros = pipeline._metrics_and_activation_zeros(model, data.evaluation, check.task)
     modules = dict(model.named_modules())
     configs = dict(post.configs)
     mapped = dict(post.mapping.modules)
@@ -248,14 +251,24 @@ def rebuild_after_training(
         configs[path] = attrs.evolve(mq, tensors=tensors)
         if path in mapped and params:
             mapped[path] = attrs.evolve(mapped[path], params={**mapped[path].params, **params})
-    report = pipeline.build_report(model, configs, post.float_accuracy, accuracy, zeros)
+    before = post.report
+    calls = {n["path"]: n["calls_per_forward"] for n in before.get("nodes", {}).values() if "calls_per_forward" in n}
+    report = pipeline.build_report(
+        model, configs, post.float_metrics, metrics, zeros, calls=calls, warnings=post.warnings,
+        notes=before.get("notes", ()), headline=before.get("metric"),
+    )
+    for node, entry in report["nodes"].items():  # tensors apply found could not be quantised stay so reported
+        for t, info in before.get("nodes", {}).get(node, {}).get("tensors", {}).items():
+            if "not_applied" in info:
+                entry["tensors"][t] = info
     mapping = attrs.evolve(post.mapping, modules=mapped)
     applied = asserts.applied_configs(model, configs)
-    failures = asserts.check_asserts(plan, mapping, applied, report, post.profile.table, modules)
-    asserts.annotate_report(report, plan, failures, dict(post.report.get("left_in_float", {})), mapping)
+    types = [(name, module_type(m)) for name, m in model.named_modules() if name]
+    failures = asserts.check_asserts(plan, mapping, applied, report, post.profile.table, types)
+    asserts.annotate_report(report, plan, failures, {}, mapping)
     report.update(extra)
-    return attrs.evolve(post, mapping=mapping, configs=configs, ternary_accuracy=accuracy, report=report,
-                        assert_failures=tuple(failures))
+    return attrs.evolve(post, mapping=mapping, configs=configs, ternary_accuracy=report["ternary_accuracy"],
+                        ternary_metrics=metrics, report=report, assert_failures=tuple(failures))
 
 
 def raw_input_note(model: nn.Module) -> str | None:
@@ -265,7 +278,7 @@ def raw_input_note(model: nn.Module) -> str | None:
         if weight_threshold(module) is not None:
             if input_quantizer(module) is None:
                 return None
-            node = getattr(module, "node", path)
+            node = module.ternary_config.node
             return (
                 f"the input of {path} ({node}), the first ternary layer, is ternary too: if it is the raw "
                 f'data, fine-tuning cannot recover what three levels lose; keep it in float with "{path}".'

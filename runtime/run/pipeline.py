@@ -13,18 +13,17 @@ second pass over the same calibration batches once Δ is known (the plan lists i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 import torch
-from attrs import frozen
+from attrs import field, frozen
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
 from ternqc.runtime.calibrate import loop as calib
@@ -32,34 +31,76 @@ from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import ModuleStats, StatsTable
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.io.atomic import atomic_path, atomic_write_text
-from ternqc.runtime.io.checkpoints import load_checkpoint_
+from ternqc.runtime.io.atomic import atomic_write_text
+from ternqc.runtime.io.checkpoints import check_finite_parameters, load_checkpoint_
+from ternqc.runtime.io.factories import load_factory
 from ternqc.runtime.io.mase_io import write_quant_config_toml, write_stats_toml
+from ternqc.runtime.io.outputs import APPLY_OUTPUTS, write_output_set
 from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
-from ternqc.runtime.models.evaluate import accuracy
-from ternqc.runtime.quantize import asserts, uncalled
+from ternqc.runtime.models.metrics import evaluate
+from ternqc.runtime.quantize import asserts
 from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
-from ternqc.runtime.quantize.modules import TernaryModule
+from ternqc.runtime.quantize.modules import is_converted, quantized_param, resolved_quant
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
+from ternqc.runtime.quantize.types import param_view
+from ternqc.runtime.run import effects
 
 THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
 VALIDATION_SPLIT = "validation"
 
 
+def _spec(what: str, optional: bool = False):
+    def check(_inst: Any, _attr: Any, value: Any) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str):
+            kind = type(value).__name__
+            msg = (
+                f"RunSettings.{what} takes a spec string (a built-in name or FILE.py:factory), got a {kind}; "
+                "to quantise a model with data you already hold, call ternqc.quantize_(model, rules, "
+                "calibration_data, eval_data=...)"
+            )
+            raise TypeError(msg)
+
+    return check
+
+
+def _int_or_none(_inst: Any, attr: Any, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        msg = f"RunSettings.{attr.name} must be an int or None, got {value!r}"
+        raise TypeError(msg)
+
+
 @frozen
 class RunSettings:
-    """Where the model and data come from and how to calibrate; `None` keeps the plan's value."""
+    """Where the model and data come from and how to calibrate; `None` keeps the plan's value.
 
-    model: str = "toy"
-    ckpt: str | None = None
-    dataset: str = "toy-tiny"
-    samples: int | None = None
-    batch_size: int | None = None
+    `dataset` has no default: a model is calibrated on data someone chose (`toy-tiny` for the built-in
+    `toy`), or on batches handed to `profile` / `apply` directly. `metric` is `FILE.py:fn` for outputs that are
+    neither classification nor language-model scores (see `models.metrics`).
+    """
+
+    model: str = field(default="toy", validator=_spec("model"))
+    ckpt: str | None = field(default=None, validator=_spec("ckpt", optional=True))
+    dataset: str | None = field(default=None, validator=_spec("dataset", optional=True))
+    samples: int | None = field(default=None, validator=_int_or_none)
+    batch_size: int | None = field(default=None, validator=_int_or_none)
     seed: int = 0
     quantile_budget_mib: float = 256.0
     progress: bool = True
+    metric: str | None = field(default=None, validator=_spec("metric", optional=True))
+
+
+@frozen
+class RunData:
+    """The batches a run uses: `calibration` as `(inputs, labels)` pairs, `evaluation` any re-iterable of
+    batches (None: nothing is evaluated), and notes about them (fewer samples than asked for)."""
+
+    calibration: tuple
+    evaluation: Any = None
+    notes: tuple[str, ...] = ()
 
 
 @frozen
@@ -71,22 +112,28 @@ class ProfileResult:
 
 @frozen
 class ApplyResult:
+    """`float_accuracy` / `ternary_accuracy` hold the headline metric (accuracy, next-token accuracy or the
+    user's metric; None when nothing was evaluated); `float_metrics` / `ternary_metrics` all of them."""
+
     profile: ProfileResult
     mapping: MappingResult
     configs: dict[str, ModuleQuant]
     model: nn.Module  # converted in place
-    float_accuracy: float
-    ternary_accuracy: float
+    float_accuracy: float | None
+    ternary_accuracy: float | None
     report: dict[str, Any]
+    float_metrics: dict[str, float] | None = None
+    ternary_metrics: dict[str, float] | None = None
+    warnings: tuple[str, ...] = ()
     assert_failures: tuple = ()  # asserts.Failure: the plan's assertions that do not hold
-    warnings: tuple[str, ...] = ()  # e.g. modules the rules select that stay in float (uncalled.py)
 
 
 def load_model(settings: RunSettings) -> nn.Module:
-    """Build the float model and load its checkpoint, if any."""
+    """Build the float model and load its checkpoint, if any; refuse NaN or infinite weights."""
     model = build_model(settings.model)
     if settings.ckpt:
         load_checkpoint_(model, settings.ckpt)
+    check_finite_parameters(model, f"the model {settings.model!r}")
     return model.eval()
 
 
@@ -97,19 +144,50 @@ def _check_positive(name: str, value: int) -> int:
     return value
 
 
-def profile(model: nn.Module, plan: Plan, settings: RunSettings) -> ProfileResult:
-    """Calibrate `model` on the plan's split and collect the plan's (non-derived) statistics."""
-    cal = plan.calibration
+def _samples(plan: Plan, settings: RunSettings) -> int:
     # `is None`, not `or`: an explicit --samples 0 is an error, not "use the plan's value"
-    samples = _check_positive("samples", cal.samples if settings.samples is None else settings.samples)
+    cal = plan.calibration
+    return _check_positive("samples", cal.samples if settings.samples is None else settings.samples)
+
+
+def dataset_data(plan: Plan, settings: RunSettings, *, evaluation: bool = False) -> RunData:
+    """The calibration batches (the plan's split of `settings.dataset`) and, with `evaluation`, its
+    validation split in batches of 256.
+
+    Raises:
+        UserError: no dataset named, or the dataset cannot be built or read.
+    """
+    if settings.dataset is None:
+        msg = (
+            "no calibration data: name a dataset (RunSettings(dataset='toy-tiny' or 'FILE.py:factory'), "
+            "--dataset), or hand the batches over (ternqc.quantize_(model, rules, loader))"
+        )
+        raise UserError(msg)
+    cal = plan.calibration
+    samples = _samples(plan, settings)
     batch_size = _check_positive(
         "batch size", cal.batch_size if settings.batch_size is None else settings.batch_size
     )
     dataset = build_dataset(settings.dataset, cal.split)
     batches = calib.calibration_batches(dataset, samples, batch_size, settings.seed)
+    notes = ()
+    if samples > len(dataset):
+        notes = (f"asked for {samples} calibration samples, but {settings.dataset} ({cal.split}) holds only "
+                 f"{len(dataset)}: calibrating on {len(dataset)}",)
+    validation = None
+    if evaluation:
+        validation = DataLoader(build_dataset(settings.dataset, VALIDATION_SPLIT), batch_size=256)
+    return RunData(calibration=tuple(batches), evaluation=validation, notes=notes)
+
+
+def profile(model: nn.Module, plan: Plan, settings: RunSettings, data: RunData | None = None) -> ProfileResult:
+    """Calibrate `model` on `data` (default: `dataset_data`) and collect the plan's (non-derived) statistics."""
+    if data is None:
+        data = dataset_data(plan, settings)
+    batches = list(data.calibration)
     resolved = prof.resolve_profile(plan.profile, model)
     # Recipes carry rules for every quantisable type; one the model lacks (conv2d on an MLP) is not news.
-    notes = tuple(
+    notes = data.notes + tuple(
         f"profile rule at {p.origin} ({p.selector}.{p.tensor}) matched no module of the model"
         for p in resolved.unmatched
         if not (p.selector.kind == "type" and p.selector.pattern in QUANTISABLE)
@@ -202,33 +280,65 @@ def _merge_into(table: StatsTable, extra: ModuleStats) -> None:
     table[extra.path] = attrs.evolve(have, values=values, shapes={**extra.shapes, **have.shapes})
 
 
-def apply(model: nn.Module, plan: Plan, settings: RunSettings, *, rules: str) -> ApplyResult:
-    """The whole flow: calibrate, map statistics to parameters, derive activation scales, convert, evaluate.
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    settings: RunSettings,
+    *,
+    rules: str,
+    data: RunData | None = None,
+    metric: Callable | None = None,
+) -> ApplyResult:
+    """The whole flow: check the model on one batch, calibrate, map statistics to parameters, derive
+    activation scales, convert, evaluate.
 
-    `model` is converted in place. `rules` names where the plan came from, for messages.
+    `model` is converted in place. `rules` names where the plan came from, for messages. `data` defaults to
+    `dataset_data(plan, settings, evaluation=True)`; `metric` (a function) overrides `settings.metric`.
+
+    Raises:
+        UserError: anything the user can fix: the model fails on a batch or returns what ternqc cannot
+            evaluate (found before calibrating), a rule cannot be evaluated, a config is invalid.
     """
-    result = profile(model, plan, settings)
-    modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
-    # a module the model never calls (MultiheadAttention.out_proj) has no input statistics and stays a float
-    # module: its parameters are not evaluated and no ternary config is built for it
-    left_in_float = uncalled.selected(plan.bindings, modules, uncalled.functional_only(model))
-    types = dict(modules)
-    absent = _absent_parameters(model) | {(p, t) for p in left_in_float for t in QUANTISABLE.get(types[p], ())}
-    mapping = map_params(plan, result.table, rules=rules, modules=modules, absent_tensors=absent)
-    called = {p: m for p, m in mapping.modules.items() if p not in left_in_float}
-    configs = build_configs(attrs.evolve(mapping, modules=called), rules=rules)
+    if data is None:
+        data = dataset_data(plan, settings, evaluation=True)
+    if metric is None and settings.metric is not None:
+        metric = load_factory(settings.metric, what="metric")
+    if not data.calibration:
+        raise UserError("the calibration data holds no batch")
+    check = effects.check_model(model, data.calibration[0], data.evaluation, metric)
+    result = profile(model, plan, settings, data)
+    types = {name: prof.module_type(m) for name, m in model.named_modules() if name}
+    # a module the checked batch did not reach but calibration did (a data-dependent branch) is not idle
+    reached = {path for path, ms in result.table.items() if "data_in_0" in ms.values}
+    calls = {path: n or int(path in reached) for path, n in check.calls.items()}
+    unset, idle = effects.never_called(plan, calls, list(types.items()))
+    absent = _absent_parameters(model) | unset
+    mapping = map_params(plan, result.table, rules=rules, modules=list(types.items()), absent_tensors=absent)
+    configs = build_configs(mapping, rules=rules)
     configs = calibrate_activation_scales(model, configs, result, settings)
-    validation = build_dataset(settings.dataset, VALIDATION_SPLIT)
-    float_acc = accuracy(model, validation)
+    float_metrics = None
+    if data.evaluation is not None:
+        float_metrics = evaluate(model, data.evaluation, check.task, what="the evaluation data")
+    owners = effects.parameter_owners(model)
     convert_(model, configs)
-    ternary_acc, zero_fractions = _accuracy_and_activation_zeros(model, validation)
-    report = build_report(model, configs, float_acc, ternary_acc, zero_fractions)
-    # language v2: the plan's assertions, its constants and modules left in float go into the report
+    ternary_metrics, zero_fractions = _metrics_and_activation_zeros(model, data.evaluation, check.task)
+    warnings = tuple(str(e) for e in idle)
+    notes = effects.conversion_notes(model, owners, {p: n for p, n in calls.items() if p in configs})
+    report = build_report(model, configs, float_metrics, ternary_metrics, zero_fractions,
+                          calls=calls, not_applied=idle, warnings=warnings, notes=result.notes + notes,
+                          headline=None if check.task is None else check.task.headline)
+    # language v2: the plan's assertions and its constants go into the report; no module is left in float as
+    # a whole any more (a module that is never called has its weights quantised in place, its input named)
     applied = asserts.applied_configs(model, configs)
+    modules = list(types.items())
     failures = asserts.check_asserts(plan, mapping, applied, report, result.table, modules)
-    asserts.annotate_report(report, plan, failures, left_in_float, mapping)
-    return ApplyResult(result, mapping, configs, model, float_acc, ternary_acc, report, tuple(failures),
-                       tuple(uncalled.notes(left_in_float)))
+    asserts.annotate_report(report, plan, failures, {}, mapping)
+    profile_result = attrs.evolve(result, notes=result.notes + notes)
+    return ApplyResult(
+        profile_result, mapping, configs, model,
+        report["float_accuracy"], report["ternary_accuracy"], report,
+        float_metrics, ternary_metrics, warnings, tuple(failures),
+    )
 
 
 def _absent_parameters(model: nn.Module) -> set[tuple[str, str]]:
@@ -236,15 +346,17 @@ def _absent_parameters(model: nn.Module) -> set[tuple[str, str]]:
     (`Linear(..., bias=False)`)."""
     absent = set()
     for path, module in model.named_modules():
-        for tensor in QUANTISABLE.get(type(module).__name__.lower(), ()):
-            if tensor in ("weight", "bias") and not isinstance(getattr(module, tensor, None), torch.Tensor):
+        for tensor in QUANTISABLE.get(prof.module_type(module), ()):
+            if tensor in ("weight", "bias") and param_view(module, tensor) is None:
                 absent.add((path, tensor))
     return absent
 
 
-def _accuracy_and_activation_zeros(model: nn.Module, dataset) -> tuple[float, dict[str, float]]:
-    """The converted model's accuracy on `dataset`, and per module the fraction of its quantised input values
-    that become 0 (|x| <= Δ), counted in the same pass."""
+def _metrics_and_activation_zeros(model: nn.Module, batches, task) -> tuple[dict | None, dict[str, float]]:
+    """The converted model's metrics on `batches` (None without), and per module the fraction of its
+    quantised input values that become 0 (|x| <= Δ), counted in the same pass."""
+    if batches is None:
+        return None, {}
     zeros: dict[str, list[float]] = {}
     handles = []
 
@@ -258,15 +370,16 @@ def _accuracy_and_activation_zeros(model: nn.Module, dataset) -> tuple[float, di
         return hook
 
     for path, module in model.named_modules():
-        if isinstance(module, TernaryModule) and module.config.tensor("data_in").quantize:
-            delta = _as_tensor(module.config.tensor("data_in").delta)
-            handles.append(module.register_forward_pre_hook(hook_for(path, delta)))
+        quantiser = getattr(module, "ternary_input", None)
+        if is_converted(module) and quantiser is not None:
+            # prepend: it sees the input before the quantiser's own pre-hook replaces it
+            handles.append(module.register_forward_pre_hook(hook_for(path, quantiser.delta), prepend=True))
     try:
-        acc = accuracy(model, dataset)
+        metrics = evaluate(model, batches, task, what="the evaluation data")
     finally:
         for h in handles:
             h.remove()
-    return acc, {path: z / n for path, (z, n) in zeros.items() if n}
+    return metrics, {path: z / n for path, (z, n) in zeros.items() if n}
 
 
 def _summary(value: Any) -> Any:
@@ -280,27 +393,41 @@ def _summary(value: Any) -> Any:
 def build_report(
     model: nn.Module,
     configs: dict[str, ModuleQuant],
-    float_acc: float,
-    ternary_acc: float,
+    float_metrics: dict[str, float] | None,
+    ternary_metrics: dict[str, float] | None,
     zero_fractions: dict[str, float],
+    *,
+    calls: dict[str, int] | None = None,
+    not_applied: Sequence[Any] = (),
+    warnings: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    headline: str | None = None,
 ) -> dict[str, Any]:
-    """`report.json`'s content: accuracies, and per node its op, and Δ, α and zero fraction per tensor."""
+    """`report.json`'s content: the headline metric as `float_accuracy` / `ternary_accuracy` (None when
+    nothing was evaluated), every metric, warnings (a rule whose quantisation cannot take effect) and notes,
+    and per node its op, calls per forward and per tensor Δ, α and zero fraction, or why it stays float."""
     modules = dict(model.named_modules())
+    skipped = {(e.path, e.tensor): e.reason for e in not_applied}
     nodes: dict[str, Any] = {}
     for path, mq in configs.items():
         module = modules.get(path)
-        applied = module.resolved_quant() if isinstance(module, TernaryModule) else mq
+        applied = resolved_quant(module) if module is not None and is_converted(module) else mq
         tensors: dict[str, Any] = {}
-        for name in mq.tensors:
+        for name in QUANTISABLE[mq.op]:
             tq = applied.tensor(name)
+            if (path, name) in skipped:
+                tensors[name] = {"quantized": False, "not_applied": skipped[(path, name)]}
+                continue
+            if name not in mq.tensors:
+                continue
             if not tq.quantize:
                 tensors[name] = {"quantized": False}
                 continue
             if name == "data_in":
                 zeros = zero_fractions.get(path)
             else:
-                cached = getattr(module, "q" + name, None)
-                zeros = None if cached is None else float((cached == 0).float().mean())
+                q = quantized_param(module, name) if module is not None else None
+                zeros = None if q is None else float((q == 0).float().mean())
             tensors[name] = {
                 "quantized": True,
                 "delta": _summary(tq.delta),
@@ -308,35 +435,47 @@ def build_report(
                 "alpha": _summary(tq.alpha),
                 "zero_fraction": zeros,
             }
-        nodes[mq.node] = {"path": path, "op": mq.op, "tensors": tensors}
-    return {"float_accuracy": float_acc, "ternary_accuracy": ternary_acc, "nodes": nodes}
+        entry = {"path": path, "op": mq.op, "tensors": tensors}
+        if calls is not None and path in calls:
+            entry["calls_per_forward"] = calls[path]
+        nodes[mq.node] = entry
+
+    def headline_of(metrics: dict[str, float] | None) -> float | None:
+        return None if metrics is None else metrics[headline or next(iter(metrics))]
+
+    return {
+        "float_accuracy": headline_of(float_metrics),
+        "ternary_accuracy": headline_of(ternary_metrics),
+        "metric": headline,
+        "float_metrics": float_metrics,
+        "ternary_metrics": ternary_metrics,
+        "warnings": list(warnings),
+        "notes": list(notes),
+        "nodes": nodes,
+    }
 
 
 def write_apply_outputs(out_dir: str, result: ApplyResult, settings: RunSettings) -> list[str]:
     """Write `stats.toml`, `quant_config.toml`, `ternary.ckpt` and `report.json` into `out_dir`, all or
-    nothing; return the paths written.
+    nothing (`outputs.write_output_set`: a fresh folder beside it, swapped in with one rename, even under
+    SIGINT, SIGTERM or SIGKILL); return the paths written.
 
     Raises:
-        UserError: one of the files cannot be written (named); then none of the four was replaced.
+        UserError: one of the files cannot be written (named), or `out_dir` is not a folder ternqc may
+            replace; then the previous outputs are as they were.
     """
-    names = ("stats.toml", "quant_config.toml", "ternary.ckpt", "report.json")
-    paths = {name: os.path.join(out_dir, name) for name in names}
-    # All or nothing: each file is first written to a temporary file next to its target; the targets are
-    # replaced only once all four are written. A failure on any of them (a folder in the way, disk full)
-    # removes the temporary files and leaves every previous output as it was.
-    with contextlib.ExitStack() as stack:
-        tmp = {name: stack.enter_context(atomic_path(path)) for name, path in paths.items()}
-        write_stats_toml(tmp["stats.toml"], result.profile.table)
-        write_quant_config_toml(tmp["quant_config.toml"], result.mapping)
-        save_ternary_checkpoint(
-            tmp["ternary.ckpt"],
-            result.model,
-            result.configs,
-            model_spec=settings.model,
-            extra={"float_accuracy": result.float_accuracy, "ternary_accuracy": result.ternary_accuracy},
-        )
-        atomic_write_text(tmp["report.json"], json.dumps(_finite(result.report), indent=2) + "\n")
-    return list(paths.values())
+    extra = {"float_accuracy": result.float_accuracy, "ternary_accuracy": result.ternary_accuracy,
+             "warnings": list(result.warnings)}
+    report = json.dumps(_finite(result.report), indent=2) + "\n"
+    writers = (
+        ("stats.toml", lambda p: write_stats_toml(p, result.profile.table)),
+        ("quant_config.toml", lambda p: write_quant_config_toml(p, result.mapping)),
+        ("ternary.ckpt", lambda p: save_ternary_checkpoint(
+            p, result.model, result.configs, model_spec=settings.model, extra=extra)),
+        ("report.json", lambda p: atomic_write_text(p, report)),
+    )
+    assert tuple(name for name, _ in writers) == APPLY_OUTPUTS
+    return write_output_set(out_dir, writers)
 
 
 def _finite(value: Any) -> Any:

@@ -103,7 +103,7 @@ def check_plan(
     lines += [f"  {s:<{widths[0]}}  {o:<{widths[1]}}  {h}" for s, o, h in rows] or ["  (no selectors)"]
     for path, why in functional.items():
         if any(path in _hits(b.selector, modules, True) for b in plan.bindings):
-            lines.append(f"  left in float: {path} ({why})")
+            lines.append(f"  input left in float: {path} ({why})")
     if explain:
         lines.append("")
         lines.append(_explain(plan, modules))

@@ -9,6 +9,7 @@ worker's `UserError`.
 import os
 import pickle
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Callable
@@ -20,20 +21,26 @@ import torch.distributed as dist
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.run.collectives import TIMEOUT, broadcast_model_, shutdown
 
+_SPAWNED = "TERNQC_SPAWNED_WORKER"  # set in the processes `run_workers` starts
+
 # ---------------------------------------------------------------------------------------------------------
 # --workers N: local processes on 127.0.0.1
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_workers(n: int, fn: Callable[..., Any], *args: Any) -> Any:
+def run_workers(n: int, fn: Callable[..., Any], *args: Any, preload: Callable[[], None] | None = None) -> Any:
     """Run `fn(*args)` in `n` spawned processes that form a gloo process group on 127.0.0.1, and return
     rank 0's return value. `fn` must be a module-level function and `args` picklable (pass plans as
-    `Plan.to_dict()`). Each process gets `torch.get_num_threads() // n` threads (at least 1).
+    `Plan.to_dict()`). Each process gets `torch.get_num_threads() // n` threads (at least 1). `preload`
+    runs here before rank 0's result is unpickled: it imports what the result's classes live in (a user's
+    model file, see `import_user_code`).
 
     With `n <= 1` it calls `fn(*args)` here.
 
     Raises:
-        UserError: a worker raised one (same message).
+        UserError: a worker failed: its `UserError`'s message, or its exception's type and message, or how it
+            died (a signal, an exit code); the other workers are stopped.
+        KeyboardInterrupt: after stopping every worker.
     """
     if n <= 1:
         return fn(*args)
@@ -41,29 +48,100 @@ def run_workers(n: int, fn: Callable[..., Any], *args: Any) -> Any:
 
     outdir = tempfile.mkdtemp(prefix="ternqc-workers-")
     threads = max(1, torch.get_num_threads() // n)
+    context = None
     try:
         try:
-            mp.start_processes(
+            context = mp.start_processes(
                 _worker,
                 args=(n, _free_port(), threads, outdir, fn, args),
                 nprocs=n,
-                join=True,
+                join=False,
                 start_method=_start_method(),
             )
-        except mp.ProcessExitedException:
-            pass  # a worker's UserError: its message is in outdir (read below)
-        errors = sorted(f for f in os.listdir(outdir) if f.startswith("error-"))
-        if errors:
-            with open(os.path.join(outdir, errors[0]), encoding="utf-8") as f:
-                raise UserError(f.read())
+            while not context.join():
+                pass
+        except mp.ProcessExitedException as exc:
+            _raise_worker_error(outdir, n, exc, context)
+        except mp.ProcessRaisedException as exc:  # not ours: `_worker` reports every exception itself
+            _raise_worker_error(outdir, n, exc, context)
+        except BaseException:
+            _stop(context)
+            raise
+        _raise_worker_error(outdir, n, None, context)
         path = os.path.join(outdir, "result.pkl")
         if not os.path.exists(path):
             msg = f"the {n} calibration workers stopped without a result (one was killed?)"
             raise UserError(msg)
+        if preload is not None:
+            preload()
         with open(path, "rb") as f:
-            return pickle.load(f)
+            try:
+                return pickle.load(f)
+            except (ModuleNotFoundError, AttributeError) as exc:
+                msg = f"the result of the calibration workers could not be read back in this process: {exc}"
+                raise UserError(msg) from exc
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
+
+
+def _stop(context: Any) -> None:
+    """Terminate and reap every worker still running."""
+    if context is None:
+        return
+    for process in context.processes:
+        if process.is_alive():
+            process.terminate()
+    for process in context.processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+#: Words of a worker's error that only says another worker went away (gloo's view of a crash elsewhere).
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def _raise_worker_error(outdir: str, n: int, exc: BaseException | None, context: Any = None) -> None:
+    """Raise the root cause of a failed run as a `UserError`: a worker's own report (its `UserError`, or its
+    exception); else a worker that died of a signal; else a report that only says a peer went away; else
+    `exc` (how the first failed worker ended). Returns when nothing failed."""
+    reports = {}
+    for name in sorted(f for f in os.listdir(outdir) if f.startswith("error-")):
+        with open(os.path.join(outdir, name), encoding="utf-8") as f:
+            reports[int(name[len("error-"):])] = f.read()
+    own = {i: text for i, text in reports.items() if not any(w in text for w in _LOST_PEER)}
+    if own:
+        raise UserError(own[min(own)])
+    killed = []
+    if getattr(exc, "signal_name", None):
+        killed.append((exc.error_index, exc.signal_name))
+    for i, process in enumerate(getattr(context, "processes", ())):
+        code = process.exitcode
+        if code is not None and code < 0 and i not in reports and -code != signal.SIGTERM:  # SIGTERM: ours
+            killed.append((i, signal.Signals(-code).name))
+    if killed:
+        index, name = killed[0]
+        how = f"was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        raise UserError(f"calibration worker {index} of {n} {how}") from None
+    if reports:
+        raise UserError(reports[min(reports)])
+    if exc is None:
+        return
+    last = str(exc).strip().splitlines()[-1:] or [type(exc).__name__]
+    msg = f"calibration worker {getattr(exc, 'error_index', '?')} of {n} failed: {last[0]}"
+    raise UserError(msg) from None
+
+
+def import_user_code(settings: Any) -> None:
+    """Import the user's model and dataset files named in `settings` (`FILE.py:factory`), so objects of their
+    classes can be unpickled in this process (they are registered under the same module names as in the
+    workers)."""
+    from ternqc.runtime.io.factories import is_factory_spec, load_factory
+
+    for spec, what in ((settings.model, "model"), (settings.dataset, "dataset")):
+        if spec and is_factory_spec(spec):
+            load_factory(spec, what=what)
 
 
 def _start_method() -> str:
@@ -80,6 +158,16 @@ def _start_method() -> str:
         multiprocessing.set_forkserver_preload(
             ["torch", "ternqc.runtime.run.workers", "ternqc.runtime.run.pipeline"]
         )
+        # Started with Ctrl-C ignored (an ignored signal stays ignored across exec): a Ctrl-C while the server
+        # imports torch would print its traceback. This process stops the workers itself (`_stop`).
+        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread: leave the server as multiprocessing starts it
+            return "forkserver"
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     return "forkserver"
 
 
@@ -91,8 +179,10 @@ def _free_port() -> int:
 
 def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callable, args: tuple) -> None:
     """One spawned process: join the group, run `fn`, hand rank 0's result (or a UserError) to the parent."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores Ctrl-C; a worker stops on it
     torch.set_num_threads(threads)
     os.environ.update(
+        {_SPAWNED: "1"},
         RANK=str(index),
         WORLD_SIZE=str(n),
         LOCAL_RANK=str(index),
@@ -108,12 +198,26 @@ def _worker(index: int, n: int, port: int, threads: int, outdir: str, fn: Callab
             with open(os.path.join(outdir, "result.pkl.tmp"), "wb") as f:
                 pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(os.path.join(outdir, "result.pkl.tmp"), os.path.join(outdir, "result.pkl"))
-    except UserError as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure goes to the parent as one message
+        text = str(exc)
+        if not isinstance(exc, UserError):
+            text = f"calibration worker {index} of {n} failed: {_describe(exc)}"
         with open(os.path.join(outdir, f"error-{index:05d}"), "w", encoding="utf-8") as f:
-            f.write(str(exc))
+            f.write(text)
         raise SystemExit(1) from None  # the parent stops the other workers
     finally:
         shutdown()
+
+
+def _describe(exc: BaseException) -> str:
+    """`TypeName: message (at file.py:12 in func)`."""
+    import traceback
+
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        text += f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name})"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +255,33 @@ def apply_worker(plan_dict: dict, settings, rules: str) -> Any:
 
     plan, model = _prepared(plan_dict, settings)
     result = pipeline.apply(model, plan, settings, rules=rules)
-    return attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
+    result = attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
+    if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state
+        result = attrs.evolve(result, model=_Rebuild(settings.model, result.configs, result.model.state_dict()))
+    return result
+
+
+class _Rebuild:
+    """A converted model on its way to the parent process: unpickles as the model itself, rebuilt from its
+    spec, configs and state (torch pickles parametrized modules only through their state_dict)."""
+
+    def __init__(self, spec: str, configs: dict, state: dict) -> None:
+        self.args = (spec, {p: mq.to_dict() for p, mq in configs.items()}, state)
+
+    def __reduce__(self):
+        return rebuild_converted, self.args
+
+
+def rebuild_converted(spec: str, configs: dict, state: dict):
+    """The float model `spec` converted with `configs` and loaded with `state` (in eval mode)."""
+    from ternqc.runtime.models.builtin import build_model
+    from ternqc.runtime.quantize.convert import convert_
+    from ternqc.runtime.quantize.quantizers import ModuleQuant
+
+    model = build_model(spec)
+    convert_(model, {p: ModuleQuant.from_dict(d) for p, d in configs.items()})
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def finetune_worker(plan_dict: dict, settings, tune, rules: str) -> Any:
@@ -164,6 +294,7 @@ def finetune_worker(plan_dict: dict, settings, tune, rules: str) -> Any:
 
     plan, model = _prepared(plan_dict, settings)
     tuned = finetune(model, plan, settings, tune, rules=rules)
-    result = tuned.result
-    result = attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
+    result = attrs.evolve(tuned.result, profile=attrs.evolve(tuned.result.profile, batches=()))
+    if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state
+        result = attrs.evolve(result, model=_Rebuild(settings.model, result.configs, result.model.state_dict()))
     return attrs.evolve(tuned, result=result)

@@ -36,8 +36,14 @@ def test_collects_what_mase_collects() -> None:
     for t in cfg["target_activation_nodes"]:
         expected |= {(t, "data_in_0", _spec(n, o)) for n, o in cfg["activation_statistics"].items()}
     p = _plan()
-    got = {(q.selector.pattern, q.tensor, s) for q in p.profile if q.reason == "profiled" for s in q.stats}
+    every = {(q.selector.pattern, q.tensor, s) for q in p.profile if q.reason == "profiled" for s in q.stats}
+    named = set(cfg["target_weight_nodes"]) | set(cfg["target_activation_nodes"])
+    got = {e for e in every if e[0] in named}
     assert got == expected
+    # convolutions, which the document's model has none of, follow the linear layers' flow
+    convs = {e for e in every if e[0] not in named}
+    assert {e[0] for e in convs} == {"conv1d", "conv2d"}
+    assert {(e[1], e[2]) for e in convs} == {(e[1], e[2]) for e in expected if e[0] == "linear"}
     assert p.calibration.samples == cfg["num_samples"]
 
 

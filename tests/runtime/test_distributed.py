@@ -74,7 +74,7 @@ def setup(tmp_path_factory):
     torch.save(ToyNet(hidden=300).state_dict(), folder / "wide.pt")
     plan = compile_source(RULES, "rules.tq").plan
     model = f"{folder / 'wide.py'}:wide"
-    settings = pipeline.RunSettings(model=model, ckpt=str(folder / "wide.pt"), progress=False)
+    settings = pipeline.RunSettings(model=model, ckpt=str(folder / "wide.pt"), dataset="toy-tiny", progress=False)
     return plan, settings
 
 

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from ternqc.runtime.quantize.convert import convert_
-from ternqc.runtime.quantize.learned import LearnedTernary, learned_activations, tracked_weight_thresholds
+from ternqc.runtime.quantize.learned import (
+    LearnedTernary,
+    input_quantizer,
+    learned_activations,
+    tracked_weight_thresholds,
+    weight_threshold,
+)
 from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
 
 
@@ -70,24 +76,24 @@ def test_learned_activations_train_then_write_back_and_leave_no_trace():
         with torch.no_grad():
             quantizers["2"].step.mul_(2.0)  # as if training doubled the step
         trained = model(x)
-    assert set(model.state_dict()) == keys  # no child, no extra parameter left
-    assert not model[2]._forward_pre_hooks
-    torch.testing.assert_close(model[2].data_in_alpha, torch.tensor(1.8))
-    torch.testing.assert_close(model[2].data_in_delta, torch.tensor(0.6))
+    assert set(model.state_dict()) == keys  # the module's own quantiser is back, no extra parameter left
+    delta, alpha = input_quantizer(model[2])
+    torch.testing.assert_close(alpha, torch.tensor(1.8))
+    torch.testing.assert_close(delta, torch.tensor(0.6))
     torch.testing.assert_close(model(x), trained)  # the module's own quantiser now applies the learned values
 
 
 def test_tracked_weight_threshold_keeps_its_ratio_to_mean_abs_weight():
     model = _converted_mlp()
-    layer = model[2]
-    before = layer.weight_delta.clone()
-    mean = layer.weight.detach().abs().mean(dim=1, keepdim=True)
+    delta, weight = weight_threshold(model[2])
+    before = delta.clone()
+    mean = weight.detach().abs().mean(dim=1, keepdim=True)
     with tracked_weight_thresholds(model):
         with torch.no_grad():
-            layer.weight.mul_(3.0)
+            weight.mul_(3.0)
         model.train()
         model(torch.randn(4, 6))
-    torch.testing.assert_close(layer.weight_delta, before / mean * (3.0 * mean))
+    torch.testing.assert_close(weight_threshold(model[2])[0], before / mean * (3.0 * mean))
 
 
 def test_per_channel_steps_quantise_each_channel_with_its_own_values():

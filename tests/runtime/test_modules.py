@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ternqc.plan import QUANTISABLE
+from ternqc.runtime.calibrate.points import module_type
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.modules import (
     TERNARY_MODULES,
@@ -19,8 +21,13 @@ from ternqc.runtime.quantize.modules import (
     TernaryConv2d,
     TernaryLinear,
     TernaryReLU,
+    latent_param,
+    quantized_param,
+    resolved_quant,
+    ternary_param,
 )
 from ternqc.runtime.quantize.quantizers import ModuleQuant, TensorQuant
+from ternqc.runtime.quantize.types import MODULE_TYPES
 
 # --- independent reference -----------------------------------------------------------------------------
 
@@ -112,57 +119,87 @@ def ref_linear(x, lin, cfg: ModuleQuant):
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))
 def test_linear_eval_matches_reference(case):
     lin = make_linear()
+    ref = copy.deepcopy(lin)  # the float module, for the reference
     cfg = mq("linear", **LINEAR_CASES[case])
     t = TernaryLinear.from_float(lin, cfg).eval()
+    assert t is lin and isinstance(t, nn.Linear)  # converted in place: same object, still a Linear
     x = torch.randn(9, IN)
     with torch.no_grad():
         got = t(x).numpy()
-    np.testing.assert_allclose(got, ref_linear(x, lin, cfg), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, ref_linear(x, ref, cfg), rtol=1e-5, atol=1e-5)
     if case == "no_weight_above_delta":
-        assert torch.count_nonzero(t.qweight) == 0 and torch.count_nonzero(t.qbias) == 0
+        assert torch.count_nonzero(quantized_param(t, "weight")) == 0
+        assert torch.count_nonzero(quantized_param(t, "bias")) == 0
         np.testing.assert_allclose(got, 0.0)
+
+
+def test_weight_reads_quantised_for_every_reader():
+    lin = make_linear()
+    ref = copy.deepcopy(lin)
+    cfg = mq("linear", weight=TQ([[0.1]] * OUT, True), bias=TQ(0.1))
+    TernaryLinear.from_float(lin, cfg)
+    x = torch.randn(4, IN)
+    # a functional call that reads `.weight` / `.bias` directly, as a parent module would
+    with torch.no_grad():
+        got = F.linear(x, lin.weight, lin.bias).numpy()
+    np.testing.assert_allclose(got, ref_linear(x, ref, cfg), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lin.weight.detach().numpy(), ref_q(np_(ref.weight), cfg.tensor("weight")),
+                               rtol=1e-6)
 
 
 def test_linear_without_bias_and_3d_input():
     lin = make_linear(bias=False)
+    ref = copy.deepcopy(lin)
     cfg = mq("linear", data_in=TQ(0.3, True, 0.9), weight=TQ(0.1, True), bias=TQ(0.1))
     t = TernaryLinear.from_float(lin, cfg).eval()
     x = torch.randn(2, 3, IN)
     got = t(x).detach().numpy()
-    np.testing.assert_allclose(got, ref_linear(x, lin, cfg), rtol=1e-5, atol=1e-5)
-    assert t.bias is None and t.qbias is None
+    np.testing.assert_allclose(got, ref_linear(x, ref, cfg), rtol=1e-5, atol=1e-5)
+    assert t.bias is None and ternary_param(t, "bias") is None
 
 
-def test_cached_weight_is_in_state_dict_and_shares_the_float_parameter():
+def test_state_dict_holds_latent_weight_delta_alpha_and_shares_the_float_parameter():
     lin = make_linear()
+    weight, bias = lin.weight, lin.bias
+    ref = copy.deepcopy(lin)
     cfg = mq("linear", data_in=TQ([0.1] * IN, True, 0.5), weight=TQ([[0.1]] * OUT, True), bias=TQ(0.1))
     t = TernaryLinear.from_float(lin, cfg)
-    assert t.weight is lin.weight and t.bias is lin.bias
+    assert latent_param(t, "weight") is weight and latent_param(t, "bias") is bias  # optimizers keep them
     keys = set(t.state_dict())
-    assert {"weight", "bias", "qweight", "qbias", "weight_delta", "weight_alpha", "bias_delta"} <= keys
-    assert {"data_in_delta", "data_in_alpha"} <= keys
-    assert "bias_alpha" not in keys  # no scaling on the bias
-    np.testing.assert_allclose(t.qweight.numpy(), ref_q(np_(lin.weight), cfg.tensor("weight")), rtol=1e-6)
-    np.testing.assert_allclose(t.weight_alpha.numpy(), ref_alpha(np_(lin.weight), [[0.1]] * OUT), rtol=1e-6)
+    assert {"parametrizations.weight.original", "parametrizations.weight.0.delta",
+            "parametrizations.bias.original", "parametrizations.bias.0.delta",
+            "ternary_input.delta", "ternary_input.alpha"} == keys
+    np.testing.assert_allclose(quantized_param(t, "weight").numpy(), ref_q(np_(ref.weight), cfg.tensor("weight")),
+                               rtol=1e-6)
+    alpha = resolved_quant(t).tensors["weight"].alpha
+    np.testing.assert_allclose(alpha, ref_alpha(np_(ref.weight), [[0.1]] * OUT), rtol=1e-6)
 
 
 def test_cache_follows_weight_updates():
     lin = make_linear()
     cfg = mq("linear", weight=TQ(0.1, True))
     t = TernaryLinear.from_float(lin, cfg).eval()
+    latent = latent_param(t, "weight")
     x = torch.randn(4, IN)
+
+    def reference():
+        ref = copy.deepcopy(make_linear())
+        with torch.no_grad():
+            ref.weight.copy_(latent)
+        return ref_linear(x, ref, cfg)
+
     with torch.no_grad():
-        lin.weight.mul_(-1.5)  # e.g. an optimizer step: in place, version counter moves
+        t(x)
+        latent.mul_(-1.5)  # e.g. an optimizer step: in place, version counter moves
         got = t(x).numpy()
-    np.testing.assert_allclose(got, ref_linear(x, lin, cfg), rtol=1e-5, atol=1e-5)
-    lin.weight.data.copy_(torch.randn(OUT, IN))  # not tracked by the version counter ...
-    t.train().eval()  # ... but eval() refreshes
+    np.testing.assert_allclose(got, reference(), rtol=1e-5, atol=1e-5)
+    t.load_state_dict({**t.state_dict(), "parametrizations.weight.original": torch.randn(OUT, IN)})
     with torch.no_grad():
-        np.testing.assert_allclose(t(x).numpy(), ref_linear(x, lin, cfg), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(t(x).numpy(), reference(), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
-        lin.weight.mul_(0.5)
+        latent.mul_(0.5)
         got = t(x).clone().numpy()
-    np.testing.assert_allclose(got, ref_linear(x, lin, cfg), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, reference(), rtol=1e-5, atol=1e-5)
 
 
 # --- straight-through estimator -----------------------------------------------------------------------------
@@ -170,21 +207,23 @@ def test_cache_follows_weight_updates():
 
 def test_linear_ste_gradients_equal_identity_ste_expectation():
     lin = make_linear()
+    ref = copy.deepcopy(lin)
+    weight, bias = lin.weight, lin.bias
     cfg = mq("linear", data_in=TQ(0.5, True, 0.8), weight=TQ([[0.1]] * OUT, True), bias=TQ(0.1, True))
     t = TernaryLinear.from_float(lin, cfg).train()
     x = torch.randn(7, IN, requires_grad=True)
     g = torch.randn(7, OUT)
     y = t(x)
-    np.testing.assert_allclose(y.detach().numpy(), ref_linear(x, lin, cfg), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.detach().numpy(), ref_linear(x, ref, cfg), rtol=1e-5, atol=1e-5)
     (y * g).sum().backward()
     xq = ref_q(np_(x), cfg.tensor("data_in"))
-    wq = ref_q(np_(lin.weight), cfg.tensor("weight"))
+    wq = ref_q(np_(ref.weight), cfg.tensor("weight"))
     gn = g.numpy().astype(np.float64)
     # identity STE: dL/dx = g @ q(W), dL/dW = g^T @ q(x), dL/db = sum g
     np.testing.assert_allclose(x.grad.numpy(), gn @ wq, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lin.weight.grad.numpy(), gn.T @ xq, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lin.bias.grad.numpy(), gn.sum(0), rtol=1e-5, atol=1e-5)
-    assert torch.count_nonzero(x.grad) > 0 and torch.count_nonzero(lin.weight.grad) > 0
+    np.testing.assert_allclose(weight.grad.numpy(), gn.T @ xq, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bias.grad.numpy(), gn.sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(x.grad) > 0 and torch.count_nonzero(weight.grad) > 0
 
 
 def test_training_step_changes_ternary_output():
@@ -193,14 +232,14 @@ def test_training_step_changes_ternary_output():
     t = TernaryLinear.from_float(lin, mq("linear", weight=TQ(0.2, True))).train()
     opt = torch.optim.SGD(t.parameters(), lr=1.0)
     x = torch.randn(32, IN)
-    before = t.qweight.clone()
+    before = quantized_param(t, "weight").clone()
     loss = t(x).pow(2).mean()
     loss.backward()
     opt.step()
     t.eval()
-    want = ref_q(np_(lin.weight), t.config.tensor("weight"))
-    np.testing.assert_allclose(t.qweight.numpy(), want, rtol=1e-6)
-    assert not torch.equal(before, t.qweight)
+    want = ref_q(np_(latent_param(t, "weight")), t.ternary_config.tensor("weight"))
+    np.testing.assert_allclose(quantized_param(t, "weight").numpy(), want, rtol=1e-6)
+    assert not torch.equal(before, quantized_param(t, "weight"))
 
 
 def test_relu_matches_reference_and_ste():
@@ -264,9 +303,9 @@ def test_conv_matches_reference(case):
     shape = (2, conv.in_channels, 9) if isinstance(conv, nn.Conv1d) else (2, conv.in_channels, 7, 6)
     x = torch.randn(*shape)
     with torch.no_grad():
-        ref_conv.weight.copy_(torch.from_numpy(ref_q(np_(conv.weight), cfg.tensor("weight"))))
-        if conv.bias is not None:
-            ref_conv.bias.copy_(torch.from_numpy(ref_q(np_(conv.bias), cfg.tensor("bias"))))
+        ref_conv.weight.copy_(torch.from_numpy(ref_q(np_(ref_conv.weight), cfg.tensor("weight"))))
+        if ref_conv.bias is not None:
+            ref_conv.bias.copy_(torch.from_numpy(ref_q(np_(ref_conv.bias), cfg.tensor("bias"))))
         want = ref_conv(torch.from_numpy(ref_q(np_(x), cfg.tensor("data_in")))).numpy()
         got = t(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -275,49 +314,52 @@ def test_conv_matches_reference(case):
 def test_conv_weight_ste_gradient():
     torch.manual_seed(2)
     conv = nn.Conv2d(2, 3, 3)
+    weight, w0 = conv.weight, conv.weight.detach().clone()
     cfg = mq("conv2d", data_in=TQ(0.3, True, 0.5), weight=TQ(0.1, True))
     t = TernaryConv2d.from_float(conv, cfg).train()
     x = torch.randn(2, 2, 5, 5, requires_grad=True)
     t(x).sum().backward()
     xq = torch.from_numpy(ref_q(np_(x), cfg.tensor("data_in")))
-    wq = torch.from_numpy(ref_q(np_(conv.weight), cfg.tensor("weight"))).requires_grad_()
+    wq = torch.from_numpy(ref_q(np_(w0), cfg.tensor("weight"))).requires_grad_()
     xr = xq.clone().requires_grad_()
     F.conv2d(xr, wq, conv.bias.detach()).sum().backward()
-    torch.testing.assert_close(conv.weight.grad, wq.grad)  # dL/dW of the conv on q(x), q(W)
+    torch.testing.assert_close(weight.grad, wq.grad)  # dL/dW of the conv on q(x), q(W)
     torch.testing.assert_close(x.grad, xr.grad)  # identity STE through q(x)
-    assert torch.count_nonzero(conv.weight.grad) > 0
+    assert torch.count_nonzero(weight.grad) > 0
 
 
 # --- repr, resolved config, registry ---------------------------------------------------------------------
 
 
-def test_extra_repr_shows_delta_and_alpha():
+def test_repr_shows_delta_and_alpha():
     lin = nn.Linear(100, 3)
     cfg = mq("linear", data_in=TQ(0.25, True, 0.5), weight=TQ(0.03125, True), bias=TQ([0.01, 0.02, 0.03]))
     text = repr(TernaryLinear.from_float(lin, cfg))
-    assert "data_in: Δ=0.25 α=0.5" in text
-    assert "weight: Δ=0.03125 α=" in text
-    assert "bias: Δ=[3 values, mean 0.02] no scaling" in text
-    cfg2 = mq("linear", weight=TQ([[0.03125]] * 3, True))
-    text2 = repr(TernaryLinear.from_float(nn.Linear(100, 3), cfg2))
-    assert "weight: Δ=[3 values, mean 0.03125] α=[3 values, mean" in text2 and "data_in: float" in text2
+    assert "TernaryInput(Δ=0.25, α=0.5)" in text
+    assert "TernaryParam(Δ=0.03125, α derived)" in text
+    assert "TernaryParam(Δ=[3 values, mean 0.02], no scaling)" in text
 
 
 def test_resolved_quant_fills_in_derived_alpha():
     lin = make_linear()
+    ref = copy.deepcopy(lin)
     cfg = mq("linear", weight=TQ([[0.1]] * OUT, True), bias=TQ(0.1, True))
-    r = TernaryLinear.from_float(lin, cfg).resolved_quant()
-    want = ref_alpha(np_(lin.weight), [[0.1]] * OUT)
+    r = resolved_quant(TernaryLinear.from_float(lin, cfg))
+    want = ref_alpha(np_(ref.weight), [[0.1]] * OUT)
     np.testing.assert_allclose(r.tensors["weight"].alpha, want, rtol=1e-6)
-    assert r.tensors["bias"].alpha == pytest.approx(float(ref_alpha(np_(lin.bias), 0.1)), rel=1e-6)
+    assert r.tensors["bias"].alpha == pytest.approx(float(ref_alpha(np_(ref.bias), 0.1)), rel=1e-6)
     assert not r.tensors["data_in"].quantize
 
 
-def test_registry_by_type_and_op():
-    pairs = ((nn.Linear, "linear"), (nn.ReLU, "relu"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"))
-    for float_type, op in pairs:
-        assert TERNARY_MODULES[float_type] is TERNARY_MODULES[op]
-        assert TERNARY_MODULES[op].op == op
+def test_every_quantisable_type_has_a_module_type_and_a_ternary_module_and_vice_versa():
+    assert set(QUANTISABLE) == set(MODULE_TYPES) == set(TERNARY_MODULES)
+    for op, kind in TERNARY_MODULES.items():
+        assert kind.op == op
+    examples = {"linear": nn.Linear(2, 2), "relu": nn.ReLU(), "conv1d": nn.Conv1d(2, 2, 1),
+                "conv2d": nn.Conv2d(2, 2, 1), "embedding": nn.Embedding(4, 2)}
+    assert set(examples) == set(QUANTISABLE)
+    for op, module in examples.items():
+        assert module_type(module) == op
 
 
 # --- errors --------------------------------------------------------------------------------------------
@@ -328,11 +370,23 @@ class MyLinear(nn.Linear):
         return super().forward(x) * 2
 
 
+def test_subclass_overriding_forward_keeps_its_forward_on_the_quantised_weight():
+    torch.manual_seed(4)
+    lin = MyLinear(IN, OUT)
+    ref = copy.deepcopy(lin)
+    cfg = mq("linear", weight=TQ(0.1, True))
+    TernaryLinear.from_float(lin, cfg)
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        np.testing.assert_allclose(lin(x).numpy(), 2 * ref_linear(x, ref, cfg), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "build",
     [
         lambda: TernaryLinear.from_float(nn.ReLU(), mq("linear", "fc9", weight=TQ(0.1))),
-        lambda: TernaryLinear.from_float(MyLinear(2, 2), mq("linear", "fc9", weight=TQ(0.1))),
+        lambda: TernaryLinear.from_float(TernaryLinear.from_float(nn.Linear(2, 2), mq("linear", "fc8", weight=TQ(0.1))),
+                                         mq("linear", "fc9", weight=TQ(0.1))),
         lambda: TernaryLinear.from_float(nn.Linear(2, 2), mq("relu", "fc9", data_in=TQ(0.1))),
         lambda: TernaryConv1d.from_float(nn.Conv2d(2, 2, 1), mq("conv1d", "fc9", weight=TQ(0.1))),
         lambda: TernaryLinear.from_float(nn.Linear(2, 2), mq("linear", "fc9", data_in=TQ(0.1, True))),
@@ -349,7 +403,7 @@ class MyLinear(nn.Linear):
     ],
     ids=[
         "not_linear",
-        "subclass_overriding_forward",
+        "already_converted",
         "config_for_relu",
         "conv2d_as_conv1d",
         "data_in_scaling_without_alpha",

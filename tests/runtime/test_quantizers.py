@@ -129,20 +129,30 @@ def test_document_flow_values():
     assert mq.tensors["bias"].delta == pytest.approx(0.75 * 0.01, rel=1e-15)
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(),
-        dict(mean=0.0),
-        dict(mean=0.0, median=0.0, max=0.0),
-        dict(mean=None, median="NA", max=[0.0, 0.0]),
-    ],
-)
+@pytest.mark.parametrize("kw", [dict(), dict(mean=None, median="NA", max=None)])
 def test_unresolvable_threshold_names_node_tensor_and_rules(kw):
     with pytest.raises(UserError) as exc:
         tq_of(lin("weight", **kw))
     msg = str(exc.value)
     assert "seq_blocks_0" in msg and "weight" in msg and RULES in msg and "threshold" in msg
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(mean=0.0), dict(mean=0.0, median=0.0, max=0.0), dict(mean=None, median="NA", max=[0.0, 0.0])]
+)
+def test_sources_set_but_all_zero_give_a_zero_threshold(kw):
+    # a zero-initialised bias has mean, median and max 0: Δ = 0 (shaped like the first set source), and an
+    # all-zero tensor quantises to zeros instead of failing
+    tq = tq_of(lin("weight", **kw))
+    assert np.all(np.asarray(tq.delta) == 0)
+    first = next(v for k, v in kw.items() if v not in (None, "NA"))
+    assert np.shape(tq.delta) == np.shape(first)
+    import torch
+
+    from ternqc.runtime.quantize.quantizers import quantize
+
+    zeros = torch.zeros(3, 2)
+    assert torch.equal(quantize(zeros, tq.delta, torch.tensor(0.0), True), zeros)
 
 
 def test_vector_source_with_some_zeros_is_used_whole():
