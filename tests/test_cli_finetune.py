@@ -124,6 +124,11 @@ def test_python_entry_point_writes_outputs(digits_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(APPLY_OUTPUTS)
     with pytest.raises(UserError, match="no built-in recipe"):
         ternqc.finetune("digits-mlp", digits_ckpt, "nope.tq", epochs=1, progress=False)
+    held = load_model(_settings(digits_ckpt))  # a model the caller holds: trained in place
+    tuned = ternqc.finetune(held, rules="weights_only.tq", dataset="digits", epochs=1, progress=False)
+    assert tuned.result.model is held
+    with pytest.raises(UserError, match="needs dataset="):
+        ternqc.finetune(held, rules="weights_only.tq", epochs=1, progress=False)
 
 
 def test_weights_only_inner_holds_up_post_training(digits_ckpt):
