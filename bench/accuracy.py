@@ -26,9 +26,9 @@ from ternqc.runtime.run.finetune import FinetuneSettings, finetune, train_quanti
 from ternqc.runtime.run.pipeline import RunSettings, apply, load_model
 
 MODELS = ("digits-mlp", "digits-cnn", "toy")
-POST_RECIPES = ("weights_only.tq", "weights_only_inner.tq", "twn.tq", "bitnet.tq", "ternary_act.tq",
-                "ternary_full.tq")
-WEIGHTS_ONLY = ("weights_only.tq", "weights_only_inner.tq", "twn.tq", "bitnet.tq")
+POST_RECIPES = ("weights_only.tq", "weights_only_inner.tq", "twn.tq", "bitnet.tq", "w2a8_first_last_int8.tq",
+                "ternary_act.tq", "ternary_full.tq")
+WEIGHTS_ONLY = ("weights_only.tq", "weights_only_inner.tq", "twn.tq")  # activations in float
 FINETUNED = {"digits-mlp": ("weights_only.tq", "ternary_act.tq"), "digits-cnn": ("weights_only.tq", "ternary_act.tq"),
              "toy": ("weights_only.tq", "ternary_full.tq")}
 #: Fine-tuning variants: the defaults, and distillation from the float model (`--distill 0.5`) where it helps.

@@ -1,9 +1,11 @@
 """`make bench`: every benchmark of ternqc, one table each, measured in this run on this machine.
 
-Tables: calibration / plain forward (toy, MLP, transformer); quantile methods (exact buffers, sketch,
+Tables: calibration / plain forward (toy, MLP, transformer); apply of ternary_full.tq / calibration and
+the fixed cost of a calibration; ternqc vs a model of MASE's pass; quantile methods (exact buffers, sketch,
 numpy, torch); ternary forward / float forward; `ternqc compile` wall time; calibration of the MLP in 1 vs 2
-processes; peak memory with N vs 4N batches; accuracy of the shipped recipes on digits and toy-tiny,
-post-training and fine-tuned. Each states its target and PASS/MISS with the margin. About
+processes; peak memory with N vs 4N batches; the integer engine and the packed export (speed against fp32
+and quantize_dynamic, size against the float state_dict); accuracy of the shipped recipes on digits and
+toy-tiny, post-training and fine-tuned. Each states its target and PASS/MISS with the margin. About
 5 minutes on a 2-core machine; `--quick` runs fewer repetitions and smaller cases (about 2 minutes).
 Timings on a shared machine vary by 30-100% from run to run: ratios are medians of interleaved runs.
 
@@ -20,8 +22,11 @@ import sys
 import time
 
 import accuracy
+import apply_cost
 import calibration
 import compile_time
+import engine
+import mase_compare
 import memory
 import processes
 import quantile_methods
@@ -51,11 +56,14 @@ def compile_table(quick: bool) -> str:
 
 SECTIONS = {
     "calibration": calibration.run,
+    "apply": apply_cost.run,
+    "mase": mase_compare.run,
     "quantiles": quantile_methods.run,
     "ternary": ternary_forward.run,
     "compile": compile_table,
     "processes": processes.run,
     "memory": memory.run,
+    "engine": engine.run,
     "accuracy": accuracy.run,
 }
 

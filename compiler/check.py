@@ -369,9 +369,11 @@ class _Checker:
         if split is None:  # `name`
             return self.quantiser(expr)
         tensor, suffix = split
+        kind = plan.PARAM_SUFFIXES[suffix]
+        if kind == "quantiser":  # `<tensor>_quantiser`: `na` leaves `name` in charge
+            return literal(expr) is None or self.quantiser(expr, key)
         if suffix == "width":
             return self.width(key, tensor, expr)
-        kind = plan.PARAM_SUFFIXES[suffix]
         if kind == "int":
             return self.count(key, expr)
         if kind == "bool":
@@ -391,10 +393,10 @@ class _Checker:
             return False
         return self.number(expr, _RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written))
 
-    def quantiser(self, expr: ast.Expr) -> bool:
+    def quantiser(self, expr: ast.Expr, key: str = "name") -> bool:
         value = literal(expr)
         if not isinstance(value, str):
-            msg = f'name takes a quantiser name in quotes, e.g. name = "ternary", got {_kind_of(expr)}'
+            msg = f'{key} takes a quantiser name in quotes, e.g. {key} = "ternary", got {_kind_of(expr)}'
             self.error(expr.span, msg)
             return False
         if value not in plan.QUANTISERS:
@@ -405,13 +407,15 @@ class _Checker:
 
     def width(self, key: str, tensor: str, expr: ast.Expr) -> bool:
         value = literal(expr)
-        widths = (plan.TERNARY_WIDTH, plan.FLOAT_WIDTH)
+        # The kind may be set in another rule, so any kind's width passes here; the runtime checks the pair.
+        widths = sorted({w for ws in plan.QUANTISER_WIDTHS.values() for w in ws} | {plan.FLOAT_WIDTH})
         if value is None or (is_int(value) and value in widths):
             return True
+        kinds = ", ".join(f"{k} {_widths_text(ws)}" for k, ws in plan.QUANTISER_WIDTHS.items())
         if is_int(value):
-            msg = f"{key} must be {widths[0]} (ternary) or {widths[1]} (leave {tensor} in float), got {value}"
+            msg = f"{key} must be a quantiser's width ({kinds}) or {plan.FLOAT_WIDTH} (leave {tensor} in float), got {value}"
         else:
-            msg = f"{key} takes an integer ({widths[0]} or {widths[1]}), got {_kind_of(expr)}"
+            msg = f"{key} takes an integer ({kinds}, or {plan.FLOAT_WIDTH} for float), got {_kind_of(expr)}"
         self.error(expr.span, msg)
         return False
 
@@ -724,7 +728,7 @@ def assert_variables(tensors: tuple[str, ...] | None) -> dict[str, str]:
     """The names `assert SELECTOR:` may read, with their kinds: parameters and measured values of the
     tensors the selected modules have (all of them when the compiler cannot tell)."""
     tensors = tensors or plan.PARAM_TENSORS
-    kinds = {"int": "number", "number": "number", "bool": "bool"}
+    kinds = {"int": "number", "number": "number", "bool": "bool", "quantiser": "string"}
     out = {"name": "string"}
     for t in tensors:
         for suffix, kind in plan.PARAM_SUFFIXES.items():
@@ -821,3 +825,10 @@ def _differences(spec: plan.StatSpec, among: list[plan.StatSpec]) -> list[tuple[
 
     mine = values(spec)
     return [(k, _option_text(v)) for k, v in mine.items() if any(values(o)[k] != v for o in among)]
+
+
+def _widths_text(widths: tuple[int, ...]) -> str:
+    """`(2,)` -> `2`, `(2, 3, ..., 16)` -> `2-16`."""
+    if len(widths) > 1 and list(widths) == list(range(widths[0], widths[-1] + 1)):
+        return f"{widths[0]}-{widths[-1]}"
+    return "/".join(map(str, widths))

@@ -11,7 +11,7 @@ One call on a model you hold: `ternqc.quantize_(model, "weights_only", loader, e
 
 from ternqc.plan import Plan
 
-__all__ = ["Plan", "Report", "__version__", "compile_rules", "finetune", "quantize_"]
+__all__ = ["Plan", "Report", "__version__", "compile_rules", "finetune", "load_packed", "quantize_"]
 __version__ = "0.1.0"
 
 _LAZY = {"quantize_": "ternqc.api", "compile_rules": "ternqc.api", "Report": "ternqc.api", "finetune": "ternqc.tuning"}
@@ -25,3 +25,14 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ternqc' has no attribute {name!r}")
+
+
+def load_packed(path, model=None):
+    """Rebuild a model saved by `ternqc export --format packed` on the integer engine.
+
+    `model` is the float model to convert in place (default: the built-in model the file names). The result
+    gives outputs equal bit for bit to the exported engine model. See docs/PACKED.md.
+    """
+    from ternqc.runtime.engine.packed import load_packed as _load_packed
+
+    return _load_packed(path, model)

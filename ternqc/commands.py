@@ -204,6 +204,12 @@ def apply(args: argparse.Namespace) -> int:
         print(render_explain(result.mapping))
     print(format_layer_table(result.report))
     print(f"\n{format_metrics(result.report)}  ({settings.dataset}, rules {source})")
+    if args.engine == "int":
+        from ternqc.runtime.engine.evaluate import engine_accuracy
+
+        acc, report = engine_accuracy(result.model, settings.dataset)
+        print(f"integer engine: {len(report.engine)} layers on int8 matmuls, accuracy {acc:.4f}"
+              + "".join(f"\n  {path}: simulated ({why})" for path, why in report.simulated.items()))
     print("wrote " + ", ".join(written))
     for warning in result.warnings:
         print(f"ternqc: warning: {warning}", file=sys.stderr)
@@ -255,6 +261,16 @@ def finetune(args: argparse.Namespace) -> int:
     return 1 if result.assert_failures else 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from ternqc.runtime.engine.packed import export_checkpoint
+
+    report, sizes = export_checkpoint(args.ckpt, args.output, args.ternary_packing)
+    print(f"packed {len(report.engine)} layers for the integer engine"
+          + "".join(f"\n  {path}: kept simulated ({why})" for path, why in report.simulated.items()))
+    print(f"wrote {args.output}: {sizes[1] / 2**20:.3f} MiB (the ternary checkpoint's state: {sizes[0] / 2**20:.3f} MiB)")
+    return 0
+
+
 def map_stats(args: argparse.Namespace) -> int:
     from ternqc.render import render_explain
     from ternqc.runtime.io.mase_io import read_config_toml, read_stats_toml, write_quant_config_toml
@@ -300,5 +316,6 @@ COMMANDS = {
     "apply": apply,
     "finetune": finetune,
     "map": map_stats,
+    "export": export,
     "demo": demo,
 }

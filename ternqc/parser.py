@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--out", default="ternqc-out", help="output folder (default ternqc-out/)")
     p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
+    p.add_argument("--engine", choices=("sim", "int"), default="sim",
+                   help="also evaluate on the integer engine (int: int8 matmuls, see docs/PACKED.md); default sim")
+
+    p = sub.add_parser("export", help="write a ternary checkpoint as a packed integer-engine model (safetensors)")
+    p.add_argument("ckpt", help="a ternary.ckpt written by `ternqc apply`")
+    p.add_argument("--format", choices=("packed",), default="packed",
+                   help="packed: codes at their width (ternary 2 bits), scales and config as metadata")
+    p.add_argument("-o", "--output", default="model.safetensors", help="file to write (default model.safetensors)")
+    p.add_argument("--ternary-packing", choices=("2bit", "base3"), default="2bit",
+                   help="ternary codes 4 a byte (2bit, default) or 5 a byte (base3, 1.6 bits a code)")
 
     p = sub.add_parser("finetune", help="apply, then fine-tune the ternary model with the quantisers in the loop")
     _add_run_options(p)

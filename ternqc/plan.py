@@ -37,8 +37,8 @@ TENSOR_ALIASES: dict[str, str] = {
     "weight": "weight",
     "bias": "bias",
 }
-#: Tensors a quantiser parameter can be about (`data_in_max`, `weight_width`, ...).
-PARAM_TENSORS: tuple[str, ...] = ("data_in", "weight", "bias")
+#: Tensors a quantiser parameter can be about (`data_in_max`, `weight_width`, `data_out_width`, ...).
+PARAM_TENSORS: tuple[str, ...] = ("data_in", "weight", "bias", "data_out")
 
 
 @frozen
@@ -74,15 +74,31 @@ COMMON_STAT_OPTIONS: dict[str, Any] = {"dims": "all", "abs": False}
 
 #: Module types that can be quantised, and the tensors each has.
 QUANTISABLE: dict[str, tuple[str, ...]] = {
-    "linear": ("data_in", "weight", "bias"),
-    "relu": ("data_in",),
-    "conv1d": ("data_in", "weight", "bias"),
-    "conv2d": ("data_in", "weight", "bias"),
+    "linear": ("data_in", "weight", "bias", "data_out"),
+    "relu": ("data_in", "data_out"),
+    "conv1d": ("data_in", "weight", "bias", "data_out"),
+    "conv2d": ("data_in", "weight", "bias", "data_out"),
     "embedding": ("weight",),
 }
 
+#: Quantiser kinds and the widths each takes (`FLOAT_WIDTH` or `na` always leaves a tensor in float). The
+#: runtime's kind registry (`ternqc.runtime.quantize.kinds`) holds the same names, widths and parameters; a
+#: test pins the two equal. `name` is a module's default kind, `<tensor>_quantiser` overrides it per tensor.
+QUANTISER_WIDTHS: dict[str, tuple[int, ...]] = {
+    "ternary": (2,),
+    "binary": (1,),
+    "integer": tuple(range(2, 17)),
+}
+#: Per-tensor parameter suffixes each kind reads (besides `width` and `quantiser`); setting one a tensor's
+#: kind does not read is allowed (it may be meant for another kind) and ignored.
+QUANTISER_PARAMS: dict[str, tuple[str, ...]] = {
+    "ternary": ("scaling_factor", "mean", "median", "max", "threshold", "scale", "group_size", "per_channel"),
+    "binary": ("scaling_factor", "scale", "group_size", "per_channel", "dynamic"),
+    "integer": ("max", "scale", "group_size", "per_channel", "dynamic"),
+}
+
 #: Quantiser names.
-QUANTISERS: tuple[str, ...] = ("ternary",)
+QUANTISERS: tuple[str, ...] = tuple(QUANTISER_WIDTHS)
 
 #: Per-tensor parameter suffixes and the kind of value each takes:
 #: "int", "bool", or "number" (a number, an expression over statistics, or `na`).
@@ -95,8 +111,12 @@ PARAM_SUFFIXES: dict[str, str] = {
     "max": "number",
     "threshold": "number",
     "scale": "number",
+    "quantiser": "quantiser",  # a kind of QUANTISERS, overriding `name` for this tensor
+    "group_size": "int",  # weight/bias: one scale per group of N consecutive input elements of a row
+    "per_channel": "bool",  # weight/bias: one derived scale per output channel
+    "dynamic": "bool",  # data_in/data_out: scales computed per row (token) at run time from |x|'s max
 }
-#: Width of a tensor the ternary quantiser quantises; `FLOAT_WIDTH` (or `na`) leaves the tensor in float.
+#: Width of a tensor the ternary quantiser quantises (see `QUANTISER_WIDTHS` for every kind); `FLOAT_WIDTH` (or `na`) leaves the tensor in float.
 TERNARY_WIDTH = 2
 FLOAT_WIDTH = 32
 

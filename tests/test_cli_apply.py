@@ -157,7 +157,7 @@ def test_ternary_checkpoint_reloads_without_calibrating_and_computes_the_numpy_n
     with torch.no_grad():
         got = model(inputs).numpy()
     quant = {
-        node: {t: (v["delta"], v["alpha"]) for t, v in entry["tensors"].items()}
+        node: {t: (v["delta"], v["alpha"]) for t, v in entry["tensors"].items() if v["quantized"]}
         for node, entry in report["nodes"].items()
     }
     want = _np_toy_forward(inputs.numpy(), _toy_params(trained_toy.ckpt), quant)

@@ -44,6 +44,7 @@ class Collector:
         expected_batches: int | None,
         planned_batches: int | None = None,
         eager: bool = True,
+        bracket: bool = True,
     ) -> None:
         self.model = model
         self.resolved = resolved
@@ -70,6 +71,7 @@ class Collector:
                     plan_hint=None if tensor in PARAM_TENSORS else (planned_batches or expected_batches),
                     eager=eager,
                     stage_bytes=stage_bytes,
+                    bracket=bracket and tensor not in PARAM_TENSORS,
                 )
                 for tensor, specs in tensors.items()
             }
@@ -102,6 +104,26 @@ class Collector:
         """The activation statistics, in resolution order (the same in every process)."""
         return [ts for tensors in self.stats.values() for t, ts in tensors.items() if t not in PARAM_TENSORS]
 
+    def pending(self) -> dict[tuple[str, str], TensorStats]:
+        """`(path, tensor) -> TensorStats` of the tensors that hold pending statistics (a derived statistic
+        waiting for a threshold known only after calibration; see `TensorStats.pending`)."""
+        return {
+            (path, t): ts
+            for path, tensors in self.stats.items()
+            for t, ts in tensors.items()
+            if ts.updates and ts.pending()  # a tensor never seen holds nothing (its module was never called)
+        }
+
+    def missed(self) -> dict[str, dict[str, tuple]]:
+        """`{path: {tensor: specs}}` of the statistics to collect again (bracketed quantiles that missed)."""
+        out: dict[str, dict[str, tuple]] = {}
+        for path, tensors in self.stats.items():
+            for t, ts in tensors.items():
+                specs = ts.missed()
+                if specs:
+                    out.setdefault(path, {})[t] = tuple(specs)
+        return out
+
     def sync(self, gather=None) -> None:
         """Merge the activation statistics with the other processes' (`distributed.sync_stats`, over
         `gather`, default `all_gather_object`); parameters are the same everywhere and were read locally."""
@@ -126,7 +148,10 @@ class Collector:
                 shape = ts.shape if tensor in PARAM_TENSORS else ts.shape[1:]
                 shapes[tensor] = tuple(shape)
                 ts.freeze()  # results computed once; quantile buffers go back to the pool
-                values[tensor] = ts.results()
+                results = ts.results()
+                if not results:  # only pending statistics: they join the table once finished
+                    continue
+                values[tensor] = results
                 if ts.nonfinite:
                     notes.append(f"{tensor}: {ts.nonfinite} NaN/Inf values left out")
                 notes.extend(f"{tensor}: {n}" for n in ts.notes())
@@ -199,6 +224,7 @@ def collect_stats(
     expected_batches: int | None = None,
     planned_batches: int | None = None,
     eager: bool = True,
+    bracket: bool = True,
 ) -> Iterator[Collector]:
     """Collect `resolved`'s statistics from every forward run inside the block.
 
@@ -221,6 +247,8 @@ def collect_stats(
             sketch as one process would; default `expected_batches`).
         eager: fold per-batch partials as they come; False in a process of a distributed run, which keeps
             them until `collector.sync`.
+        bracket: quantiles over a whole activation keep only the values near their ranks (`bracket.py`);
+            `collector.missed()` lists those to collect again.
     """
     collector = Collector(
         model,
@@ -230,6 +258,7 @@ def collect_stats(
         expected_batches,
         planned_batches,
         eager,
+        bracket,
     )
     handles: list[Any] = []
     try:

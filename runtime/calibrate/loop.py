@@ -17,12 +17,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
+from attrs import field, frozen
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ternqc.runtime.calibrate.hooks import collect_stats
 from ternqc.runtime.calibrate.points import ResolvedPoints
+from ternqc.runtime.calibrate.stats.feeder import TensorStats
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
@@ -62,6 +65,15 @@ def calibration_batches(dataset, samples: int, batch_size: int, seed: int) -> li
         if len(batches) == wanted:
             break
     return batches
+
+
+@frozen
+class Calibrated:
+    """A calibration's `table`, and the tensors whose `pending` statistics (derived ones, resolved without a
+    threshold) still wait for it: `(path, tensor) -> TensorStats` (see `derived.py`)."""
+
+    table: StatsTable
+    pending: dict[tuple[str, str], TensorStats] = field(factory=dict, eq=False, repr=False)
 
 
 def batches_from_iterable(data: Iterable, samples: int | None) -> tuple[list[Batch], int]:
@@ -117,7 +129,26 @@ def calibrate(
     thresholds: Mapping[tuple[str, str], Any] | None = None,
     progress: bool = True,
     desc: str = "calibrate",
+    bracket: bool = True,
 ) -> StatsTable:
+    """`calibrate_pass(...).table`: the statistics (see `calibrate_pass`)."""
+    return calibrate_pass(
+        model, batches, resolved, quantile_budget=quantile_budget, thresholds=thresholds, progress=progress,
+        desc=desc, bracket=bracket,
+    ).table
+
+
+def calibrate_pass(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    resolved: ResolvedPoints,
+    *,
+    quantile_budget: QuantileBudget | None = None,
+    thresholds: Mapping[tuple[str, str], Any] | None = None,
+    progress: bool = True,
+    desc: str = "calibrate",
+    bracket: bool = True,
+) -> Calibrated:
     """Run `batches` through `model` (in eval mode, without gradients) and collect `resolved`'s statistics.
 
     Distributed: when `torch.distributed` is initialised with W > 1 processes, process r runs
@@ -132,9 +163,14 @@ def calibrate(
         batches: `(inputs, labels)` pairs; `model(inputs)` is called for each.
         resolved: what to collect where (`profile.resolve_profile`).
         quantile_budget: shared by every quantile statistic (default 256 MiB); per process.
-        thresholds: `(module_path, tensor) -> Δ` for `threshold_abs_mean` statistics.
+        thresholds: `(module_path, tensor) -> Δ` for `threshold_abs_mean` statistics; one without a
+            threshold is pending: its values are kept (within the quantile budget) in `Calibrated.pending`.
         progress: draw a progress bar on stderr.
         desc: the progress bar's label.
+        bracket: quantiles over a whole activation keep only the values near their ranks (`bracket.py`).
+            When the data drift a wanted rank out of its bracket, that statistic (only) is collected again
+            in a second pass over the batches without brackets: exact when its values fit the budget, else
+            the certified sketch. Never an approximate answer from a bracket.
 
     Raises:
         UserError: the model's forward raised (naming the module and the input shape), or a statistic cannot
@@ -155,6 +191,7 @@ def calibrate(
         expected_batches=len(mine),
         planned_batches=len(batches),
         eager=world == 1,
+        bracket=bracket,
     ) as collector:
         for i in progress_bar(mine, total=len(mine), desc=desc, enabled=progress and rank == 0):
             collector.batch = i
@@ -182,7 +219,30 @@ def calibrate(
         collector.sync()
     elif error is not None:
         raise error from failure[1]
-    return collector.table()
+    missed = collector.missed()  # the same in every process (decided on merged data)
+    table = collector.table()
+    if missed:
+        again = calibrate(
+            model, batches, ResolvedPoints.from_mapping(missed), quantile_budget=quantile_budget,
+            progress=progress, desc=f"{desc} (again)", bracket=False,
+        )
+        table = _with(table, again, collector)
+    return Calibrated(table, collector.pending())
+
+
+def _with(table: StatsTable, again: StatsTable, collector) -> StatsTable:
+    """`table` with `again`'s results added, each tensor's statistics in the order they were asked for."""
+    out = dict(table)
+    for path, ms in again.items():
+        have = out[path]
+        values = {t: dict(v) for t, v in have.values.items()}
+        for tensor, results in ms.values.items():
+            merged = {**values.get(tensor, {}), **results}
+            order = list(collector.stats[path][tensor].states)
+            values[tensor] = {s: merged[s] for s in order if s in merged}
+        notes = have.notes + tuple(n for n in ms.notes if n not in have.notes)
+        out[path] = attrs.evolve(have, values=values, shapes={**ms.shapes, **have.shapes}, notes=notes)
+    return out
 
 
 def forward_naming_failures(model: nn.Module, inputs: Any, what: str = "calibration inputs") -> Any:
@@ -234,4 +294,12 @@ def _describe_inputs(inputs: Any) -> str:
     return f"input batch of type {type(inputs).__name__}"
 
 
-__all__ = ["batches_from_iterable", "calibrate", "calibration_batches", "describe_failure", "forward_naming_failures"]
+__all__ = [
+    "Calibrated",
+    "batches_from_iterable",
+    "calibrate",
+    "calibrate_pass",
+    "calibration_batches",
+    "describe_failure",
+    "forward_naming_failures",
+]

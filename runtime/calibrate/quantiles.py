@@ -209,8 +209,9 @@ class ExactValues:
 def wanted_ranks(qs: tuple[float, ...], finite: np.ndarray) -> list[int]:
     """The 0-based integer ranks (floor and ceil of `q·(n-1)`) that the quantiles `qs` of one row need."""
     out = set()
+    n1 = max(int(finite[0]) - 1, 0)
     for q in qs:
-        r = float(rank_of(q, finite)[0])
+        r = float(q) * float(n1)  # `rank_of` for one row, without numpy's per-call cost
         out.update((math.floor(r), math.ceil(r)))
     return sorted(out)
 
@@ -223,11 +224,12 @@ def quantiles_from_ranks(
     if int(finite[0]) == 0:
         return [torch.full((1,), float("nan")) for _ in qs]
     out = []
+    n1 = max(int(finite[0]) - 1, 0)
     for q in qs:
-        r = rank_of(q, finite)
-        lo = np.array([values[math.floor(float(r[0]))]], dtype=np.float32)
-        hi = np.array([values[math.ceil(float(r[0]))]], dtype=np.float32)
-        out.append(lerp(lo, hi, r))
+        r = float(q) * float(n1)  # `rank_of` for one row
+        lo = torch.tensor([values[math.floor(r)]], dtype=torch.float32)
+        hi = torch.tensor([values[math.ceil(r)]], dtype=torch.float32)
+        out.append(torch.lerp(lo, hi, torch.tensor([r - math.floor(r)], dtype=torch.float32)))
     return out
 
 

@@ -341,7 +341,7 @@ def _config_value(v: Any) -> Any:
 def quant_config_dict(mapping: MappingResult, *, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The quantize config as nested dicts (what `write_quant_config_toml` writes)."""
     out: dict[str, Any] = {k: base[k] for k in ("model", "dataset") if base and k in base}
-    default = {p: _config_value(v) for p, v in mapping.defaults.items()}
+    default = _mase_keys({p: _config_value(v) for p, v in mapping.defaults.items()})
     quantize: dict[str, Any] = {"by": "name", "report": True, "default": {"config": default}}
     for m in mapping.modules.values():
         if m.node in _RESERVED_NODES or m.node in quantize:
@@ -349,9 +349,21 @@ def quant_config_dict(mapping: MappingResult, *, base: Mapping[str, Any] | None 
             msg = f"node {m.node!r} (module {m.path}) cannot be written to [passes.quantize]: its name " \
                   f"collides with {clash}"
             raise UserError(msg)
-        quantize[m.node] = {"config": {p: _config_value(v) for p, v in m.params.items()}}
+        quantize[m.node] = {"config": _mase_keys({p: _config_value(v) for p, v in m.params.items()})}
     out["passes"] = {"quantize": quantize}
     return out
+
+
+#: MASE's ternary quantiser keys are `<tensor>_<suffix>` for these; ternqc's own parameters (other kinds,
+#: groups, dynamic scales, data_out) are written only where set, so a ternary config stays MASE's.
+_MASE_TENSORS = ("data_in", "weight", "bias")
+_MASE_SUFFIXES = ("width", "frac_width", "scaling_factor", "mean", "median", "max", "threshold", "scale")
+
+
+def _mase_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` without ternqc's own keys that are unset (`"NA"`)."""
+    mase = {"name"} | {f"{t}_{s}" for t in _MASE_TENSORS for s in _MASE_SUFFIXES}
+    return {k: v for k, v in config.items() if k in mase or v != "NA"}
 
 
 def write_quant_config_toml(
@@ -362,7 +374,7 @@ def write_quant_config_toml(
     Args:
         path: the file to write.
         mapping: the mapped parameters; every quantisable node gets `[passes.quantize.<node>.config]` with
-            every key of its op, `"NA"` where unset.
+            every MASE key of its op, `"NA"` where unset (ternqc's own keys only where set).
         base: a MASE config whose top-level `model` and `dataset` are copied (nothing else is taken).
 
     Raises:

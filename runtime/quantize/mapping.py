@@ -438,8 +438,8 @@ class _Context:
         if v is None:
             return None
         split = split_param(self.param)
-        kind = "name" if split is None else PARAM_SUFFIXES[split[1]]
-        if kind == "name":
+        kind = "quantiser" if split is None else PARAM_SUFFIXES[split[1]]
+        if kind == "quantiser":  # `name` or `<tensor>_quantiser`
             if not isinstance(v, str) or v not in QUANTISERS:
                 raise self.fail(f"the quantiser must be one of {', '.join(map(json.dumps, QUANTISERS))}, "
                                 f"got {format_value(v)}")

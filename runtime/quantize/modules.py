@@ -22,7 +22,16 @@ A converted module holds (its public state, all in its `state_dict`):
   a forward pre-hook. Any hook inside a `TransformerEncoderLayer` turns off its fused fast path, which would
   otherwise skip the module; a module that is never called (MultiheadAttention's `out_proj`) cannot have its
   input quantised: the pipeline names it instead of converting it (`pipeline.check_effect`).
+- `module.ternary_output`: the same for data_out when it is quantised, applied by a forward hook on the
+  module's output.
 - `module.ternary_config`: the `ModuleQuant` it was converted with (a plain attribute).
+
+Every quantiser delegates to its tensor's kind (`kinds/`: ternary, binary, integer; per tensor, per output
+channel, per group of a weight row, or dynamic per row for activations): `delta` is the ternary threshold
+(None for the other kinds), `alpha` the scale (α or the integer step; for a weight without `t_scale` it is
+derived from the weight by the kind, per tensor / channel / group, and kept in step with it; for a dynamic
+activation it is computed per row at run time). The names say "ternary" for history: the class names and
+attributes are the same whichever kind a tensor has.
 
 q(w) is computed once and cached (eval forward costs what float costs); the cache follows the latent
 weight (its version counter, e.g. after an optimizer step or `load_state_dict`) and Δ/α. With gradients
@@ -35,19 +44,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import attrs
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ternqc.plan import QUANTISABLE
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.kinds import get_kind, granularity, row_dims
+from ternqc.runtime.quantize.kinds.registry import check_groups, scale_for
 from ternqc.runtime.quantize.quantizers import (
     ModuleQuant,
     TensorQuant,
     as_tensor,
-    quantize,
     ternarize,
-    weight_alpha,
 )
 from ternqc.runtime.quantize.types import MODULE_TYPES, is_transposed, module_type, param_view
 
@@ -56,37 +66,53 @@ _SYMBOL = {"delta": "Δ", "alpha": "α"}
 
 
 class TernaryParam(nn.Module):
-    """A parametrization `w -> q(w) = α·T(w)` (or `T(w)` unscaled) for a weight or bias.
+    """A parametrization `w -> q(w) = s·c(w)` (or `c(w)` unscaled) for a weight or bias, by its kind.
 
-    Buffers `delta` and `alpha` are in the language's layout (`[out, 1]` per output channel); `transposed`
-    says the stored tensor is the transpose of that layout (transformers' `Conv1D`).
+    Buffers `delta` (the ternary threshold; None for the other kinds) and `alpha` (the given scale; None
+    when unscaled or derived from the weight) are in the language's layout (`[out, 1]` per output channel,
+    `[out, n_groups]` per group); `transposed` says the stored tensor is the transpose of that layout
+    (transformers' `Conv1D`). `tq` is the tensor's config (kind, width, granularity).
     """
 
     def __init__(self, tq: TensorQuant, like: torch.Tensor, *, transposed: bool = False) -> None:
         super().__init__()
+        self.tq = tq
+        self.kind = get_kind(tq.kind)
         self.scaling = tq.scaling
         self.derived_alpha = tq.scaling and tq.alpha is None
         self.transposed = transposed
-        self.register_buffer("delta", as_tensor(tq.delta, like))
+        self.register_buffer("delta", None if tq.delta is None else as_tensor(tq.delta, like))
         given = tq.alpha if tq.scaling and tq.alpha is not None else None
         self.register_buffer("alpha", None if given is None else as_tensor(given, like))
         self._cache: torch.Tensor | None = None
         self._key: tuple | None = None
 
     def alpha_of(self, w: torch.Tensor) -> torch.Tensor | None:
-        """α applied to the stored tensor `w`: the given one, the one derived from `w`, or None unscaled."""
+        """The scale applied to the stored tensor `w` as stored (not expanded over groups): the given one,
+        the one the kind derives from `w`, or None unscaled."""
         if not self.scaling:
             return None
         if self.alpha is not None:
             return self.alpha
-        return weight_alpha(self._view(w), self.delta)
+        with torch.no_grad():
+            return self.kind.derive_scale(self._view(w.detach()), self.tq, self.delta)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         """q(w) for the stored tensor `w`, in the stored layout, without a gradient."""
         with torch.no_grad():
             v = self._view(w.detach())
-            q = quantize(v, self.delta, self.alpha_of(w), self.scaling)
+            alpha = self.alpha_of(w)
+            scale = None if alpha is None else scale_for(alpha, tuple(v.shape), self.tq)
+            q = self.kind.quantize(v, self.tq, self.delta, scale)
             return q.t() if self.transposed else q
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer codes c(w) of the stored tensor `w` in the language's layout (float tensor)."""
+        with torch.no_grad():
+            v = self._view(w.detach())
+            alpha = self.alpha_of(w)
+            scale = None if alpha is None else scale_for(alpha, tuple(v.shape), self.tq)
+            return self.kind.codes(v, self.tq, self.delta, scale)
 
     def _view(self, w: torch.Tensor) -> torch.Tensor:
         return w.t() if self.transposed else w
@@ -96,7 +122,8 @@ class TernaryParam(nn.Module):
         # moves `data_ptr`; an in-place update (optimizer step, load_state_dict) moves `_version`.
         buffers = self._buffers
         delta, alpha = buffers["delta"], buffers["alpha"]
-        key = (w._version, w.data_ptr(), delta._version, None if alpha is None else alpha._version)
+        key = (w._version, w.data_ptr(), None if delta is None else delta._version,
+               None if alpha is None else alpha._version)
         q = self._cache
         if q is None or key != self._key:
             q = self._cache = self.quantize(w)
@@ -106,36 +133,76 @@ class TernaryParam(nn.Module):
         return q
 
     def extra_repr(self) -> str:
-        scale = "no scaling" if not self.scaling else ("α derived" if self.alpha is None else
-                                                        f"α={_fmt_values(self.alpha)}")
-        return f"Δ={_fmt_values(self.delta)}, {scale}" + (", transposed" if self.transposed else "")
+        return _describe(self.tq, self.delta, self.alpha, derived=self.derived_alpha) + (
+            ", transposed" if self.transposed else "")
 
 
 class TernaryInput(nn.Module):
-    """`x -> q(x) = α·T(x)` (or `T(x)`) for a module's input, with the calibrated Δ and α (buffers)."""
+    """`x -> q(x) = s·c(x)` (or `c(x)`) for a module's input (or output: `ternary_output`), by its kind: the
+    calibrated Δ and α / step (buffers), or per-row scales computed at run time (dynamic)."""
 
-    def __init__(self, tq: TensorQuant, like: torch.Tensor) -> None:
+    def __init__(self, tq: TensorQuant, like: torch.Tensor, op: str = "linear") -> None:
         super().__init__()
-        self.register_buffer("delta", as_tensor(tq.delta, like))
-        self.register_buffer("alpha", as_tensor(tq.alpha, like) if tq.scaling else None)
+        self.tq = tq
+        self.op = op
+        self.kind = get_kind(tq.kind)
+        self.register_buffer("delta", None if tq.delta is None else as_tensor(tq.delta, like))
+        self.register_buffer("alpha", as_tensor(tq.alpha, like) if tq.scaling and tq.alpha is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = ternarize(x, self.delta)
-        if self.alpha is not None:
-            q = q * self.alpha
+        tq = self.tq
+        if tq.kind == "ternary":  # the common case, without the generic dispatch
+            q = ternarize(x, self._buffers["delta"])
+            alpha = self._buffers["alpha"]
+            if alpha is not None:
+                q = q * alpha
+        else:
+            scale = self.kind.dynamic_scale(x, tq, row_dims(self.op, x)) if tq.dynamic else self.alpha
+            q = self.kind.quantize(x, tq, self.delta, scale)
         if x.requires_grad and torch.is_grad_enabled():
             return q.detach() + (x - x.detach())  # straight-through
         return q
 
+    def zero_mask_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A function `x -> bool mask of the elements whose code is 0`, or None where the kind has no
+        zero code or the scale is per row (binary, dynamic)."""
+        tq = self.tq
+        if tq.kind == "ternary":
+            return lambda x, d=self.delta: x.abs() <= d
+        if self.kind.has_zero and not tq.dynamic:
+            return lambda x, k=self.kind, t=tq, a=self.alpha: k.codes(x, t, None, a) == 0
+        return None
+
     def extra_repr(self) -> str:
-        scale = "no scaling" if self.alpha is None else f"α={_fmt_values(self.alpha)}"
-        return f"Δ={_fmt_values(self.delta)}, {scale}"
+        return _describe(self.tq, self.delta, self.alpha)
+
+
+def _describe(tq: TensorQuant, delta: torch.Tensor | None, alpha: torch.Tensor | None, *, derived: bool = False) -> str:
+    if not tq.scaling:
+        scale = "no scaling"
+    elif tq.dynamic:
+        scale = "α per row"
+    elif alpha is None:
+        scale = "α derived"
+    else:
+        scale = f"α={_fmt_values(alpha)}"
+    head = "" if delta is None else f"Δ={_fmt_values(delta)}, "
+    kind = "" if tq.kind == "ternary" and not tq.group_size and not tq.per_channel else (
+        f"{tq.kind} {tq.width}-bit {granularity(tq)}, ")
+    return f"{kind}{head}{scale}"
 
 
 def _quantise_input(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook of a converted module: its first positional argument becomes q(x)."""
     if args and isinstance(args[0], torch.Tensor):
         return (module.ternary_input(args[0]), *args[1:])
+    return None
+
+
+def _quantise_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook of a converted module with a quantised data_out: a tensor output becomes q(y)."""
+    if isinstance(output, torch.Tensor):
+        return module.ternary_output(output)
     return None
 
 
@@ -180,22 +247,35 @@ class TernaryModule:
             p = param_view(module, t)
             if p is None or not tq.quantize:
                 continue
-            param = TernaryParam(tq, p, transposed=t == "weight" and is_transposed(module))
-            _check_fits(node, t, "delta", param.delta, p)
-            if param.alpha is not None:
-                _check_fits(node, t, "alpha", param.alpha, p)
+            transposed = t == "weight" and is_transposed(module)
+            param = TernaryParam(tq, p, transposed=transposed)
+            shape = p  # param_view: already in the language's layout
+            if param.delta is not None:
+                _check_fits(node, t, "delta", param.delta, shape)
+            if tq.group_size:
+                try:
+                    check_groups(tuple(shape.shape), tq.group_size)
+                except ValueError as exc:
+                    raise UserError(f"{node}: {t}_group_size = {tq.group_size}: {exc}") from exc
+            if param.alpha is not None and not tq.group_size:
+                _check_fits(node, t, "alpha", param.alpha, shape)
             params[t] = param
-        data_in = None
-        tq = mq.tensor("data_in")
-        if "data_in" in QUANTISABLE[cls.op] and tq.quantize:
-            data_in = _input_quantiser(node, tq, cls.sample_shape(module), _like(module))
+        activations: dict[str, TernaryInput] = {}
+        for t in ("data_in", "data_out"):
+            tq = mq.tensor(t)
+            if t in QUANTISABLE[cls.op] and tq.quantize:
+                sample = cls.sample_shape(module) if t == "data_in" else None
+                activations[t] = _input_quantiser(node, t, tq, sample, _like(module), cls.op)
 
         def apply() -> nn.Module:
             for t, param in params.items():
                 parametrize.register_parametrization(module, t, param)
-            if data_in is not None:
-                module.ternary_input = data_in
+            if "data_in" in activations:
+                module.ternary_input = activations["data_in"]
                 module.register_forward_pre_hook(_quantise_input)
+            if "data_out" in activations:
+                module.ternary_output = activations["data_out"]
+                module.register_forward_hook(_quantise_output)
             module.ternary_config = mq
             return module
 
@@ -306,30 +386,35 @@ def latent_param(module: nn.Module, tensor: str) -> torch.Tensor | None:
     return module.parametrizations[tensor].original
 
 
+def activation_quantiser(module: nn.Module, tensor: str) -> TernaryInput | None:
+    """The quantiser of a converted module's `data_in` / `data_out`, or None when it stays float."""
+    return getattr(module, {"data_in": "ternary_input", "data_out": "ternary_output"}[tensor], None)
+
+
 def resolved_quant(module: nn.Module) -> ModuleQuant:
     """The config as the converted module applies it: Δ from its buffers and every α filled in, including
-    the ones derived from the weight and bias (float values or nested lists)."""
+    the ones derived from the weight and bias (float values or nested lists; a dynamic activation's α stays
+    None: it is per row at run time)."""
     mq: ModuleQuant = module.ternary_config
     tensors = {}
     for t in QUANTISABLE[mq.op]:
-        if t == "data_in":
-            q = getattr(module, "ternary_input", None)
-            delta, alpha = (None, None) if q is None else (q.delta, q.alpha)
+        tq = mq.tensor(t)
+        if t in ("data_in", "data_out"):
+            q = activation_quantiser(module, t)
+            if q is None:
+                tensors[t] = TensorQuant.float_()
+                continue
+            delta, alpha = q.delta, q.alpha
         else:
             p = ternary_param(module, t)
             if p is None:
-                delta = alpha = None
-            else:
-                delta = p.delta
-                with torch.no_grad():
-                    alpha = p.alpha_of(latent_param(module, t))
-        if delta is None:
-            tensors[t] = TensorQuant.float_()
-            continue
-        tensors[t] = TensorQuant(
-            quantize=True,
-            delta=delta.tolist(),
-            scaling=alpha is not None,
+                tensors[t] = TensorQuant.float_()
+                continue
+            delta = p.delta
+            alpha = p.alpha_of(latent_param(module, t))
+        tensors[t] = attrs.evolve(
+            tq,
+            delta=None if delta is None else delta.tolist(),
             alpha=None if alpha is None else alpha.tolist(),
         )
     return ModuleQuant(op=mq.op, node=mq.node, tensors=tensors)
@@ -352,22 +437,24 @@ def _like(module: nn.Module) -> torch.Tensor:
 
 
 def _input_quantiser(
-    node: str, tq: TensorQuant, sample_shape: tuple[int | None, ...] | None, like: torch.Tensor
+    node: str, t: str, tq: TensorQuant, sample_shape: tuple[int | None, ...] | None, like: torch.Tensor, op: str
 ) -> TernaryInput:
-    if tq.scaling and tq.alpha is None:
-        msg = (
-            f"{node}: data_in is quantised with scaling but has no α: the runtime derives it from "
-            "the calibration data (mean of |x| over |x| > Δ), or set data_in_scale"
-        )
+    if tq.scaling and tq.alpha is None and not tq.dynamic:
+        derived = {"ternary": "mean of |x| over |x| > Δ", "binary": "mean of |x|"}.get(tq.kind)
+        if t == "data_in" and derived:
+            how = f"the runtime derives it from the calibration data ({derived}), or set {t}_scale"
+        else:
+            how = f"set {t}_scale" + (f" or {t}_max" if tq.kind == "integer" else "")
+        msg = f"{node}: {t} is quantised with scaling but has no α: {how}"
         raise UserError(msg)
-    q = TernaryInput(tq, like)
+    q = TernaryInput(tq, like, op)
     for kind in ("delta", "alpha"):
         v = getattr(q, kind)
         if v is None or sample_shape is None or _fits_sample(tuple(v.shape), sample_shape):
             continue
         shown = tuple("*" if s is None else s for s in sample_shape)
         msg = (
-            f"{node}: data_in {_SYMBOL[kind]} has shape {tuple(v.shape)}, which does not broadcast against one "
+            f"{node}: {t} {_SYMBOL[kind]} has shape {tuple(v.shape)}, which does not broadcast against one "
             f"input sample of shape {shown} (a per-channel value must be 1 or the channel count along the "
             "channel dimension, right-aligned)"
         )
@@ -412,6 +499,7 @@ __all__: list[Any] = [
     "TernaryModule",
     "TernaryParam",
     "TernaryReLU",
+    "activation_quantiser",
     "converted_modules",
     "is_converted",
     "latent_param",

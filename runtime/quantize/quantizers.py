@@ -1,15 +1,16 @@
-"""The ternary quantiser: its math, and its parameters resolved from a module's mapped values.
+"""Quantiser configs resolved from a module's mapped values, and the ternary kind's math.
 
 In: per module, the op (`linear`, `relu`, `conv1d`, `conv2d`, `embedding`), its node name and the mapped quantiser
 parameters `{param_name: value}` (names from `ternqc.plan.all_params()`; a value is `None` for unset/`na`, a
 bool, an int, a str, a float, or nested lists of floats for per-channel values already shaped to broadcast
 against the tensor). Out: a `ModuleQuant` holding one `TensorQuant` per tensor of the op, and the functions
-that quantise tensors with it.
+that quantise tensors with the ternary kind (the other kinds live in `kinds/`).
 
-For each tensor t (`data_in`, `weight`, `bias`) the module has:
+For each tensor t (`data_in`, `weight`, `bias`, `data_out`) the module has:
 
-- t is quantised iff `t_width == 2` (`plan.TERNARY_WIDTH`); `32` (`plan.FLOAT_WIDTH`) or unset leaves it in
-  float; any other width is an error. `name` must be `"ternary"` when any tensor is quantised.
+- t's kind is `t_quantiser` if set, else `name` (`plan.QUANTISERS`); t is quantised iff `t_width` is set
+  and not `32` (`plan.FLOAT_WIDTH`), and then the width must be one of its kind's (`plan.QUANTISER_WIDTHS`;
+  ternary 2). The kind turns the parameters into the `TensorQuant` (`kinds/<kind>.py`); for ternary:
 - Threshold Δ, the first that applies:
   `t_threshold` if set (every element >= 0); else `0.75·|t_mean|`, `0.75·|t_median|`, `0.05·|t_max|`, the
   first that is set and non-zero; else, when some of them are set but all are zero (a zero-initialised
@@ -133,10 +134,17 @@ class TensorQuant:
     alpha: Value = field(
         default=None, converter=_freeze, validator=_check_nonnegative_finite, repr=_repr_value
     )
+    kind: str = field(default="ternary", validator=attrs.validators.in_(QUANTISERS))
+    width: int = field(default=TERNARY_WIDTH, validator=attrs.validators.instance_of(int))
+    group_size: int | None = field(default=None)
+    per_channel: bool = field(default=False, validator=attrs.validators.instance_of(bool))
+    dynamic: bool = field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self) -> None:
-        if self.quantize and self.delta is None:
+        if self.quantize and self.kind == "ternary" and self.delta is None:
             raise ValueError("a quantised tensor needs a threshold delta")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (nested lists for per-channel values)."""
@@ -145,12 +153,28 @@ class TensorQuant:
             "delta": _thaw(self.delta),
             "scaling": self.scaling,
             "alpha": _thaw(self.alpha),
+            "kind": self.kind,
+            "width": self.width,
+            "group_size": self.group_size,
+            "per_channel": self.per_channel,
+            "dynamic": self.dynamic,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorQuant:
-        """Read `to_dict`'s output. Raises `ValueError` (or `KeyError`/`TypeError`) when malformed."""
-        return cls(quantize=d["quantize"], delta=d["delta"], scaling=d["scaling"], alpha=d["alpha"])
+        """Read `to_dict`'s output (files from before the kinds: ternary, width 2). Raises `ValueError` (or
+        `KeyError`/`TypeError`) when malformed."""
+        return cls(
+            quantize=d["quantize"],
+            delta=d["delta"],
+            scaling=d["scaling"],
+            alpha=d["alpha"],
+            kind=d.get("kind", "ternary"),
+            width=d.get("width", TERNARY_WIDTH),
+            group_size=d.get("group_size"),
+            per_channel=d.get("per_channel", False),
+            dynamic=d.get("dynamic", False),
+        )
 
     @classmethod
     def float_(cls) -> TensorQuant:
@@ -242,32 +266,42 @@ def module_quant_from_params(op: str, node: str, params: dict[str, Any], *, rule
     }
     values = {k: v for k, v in values.items() if v is not None}
 
+    from ternqc.runtime.quantize.kinds import get_kind
+
     tensors: dict[str, TensorQuant] = {}
     for t in QUANTISABLE[op]:
         width = values.get(f"{t}_width")
         if width is None or width == FLOAT_WIDTH:
             tensors[t] = TensorQuant.float_()
             continue
-        if width != TERNARY_WIDTH:
+        kind_name = values.get(f"{t}_quantiser") or values.get("name")
+        if kind_name not in QUANTISERS:
             msg = (
-                f"{node}: {t}_width = {width} is not supported (rules: {rules}); use {TERNARY_WIDTH} for "
-                f"ternary or {FLOAT_WIDTH} (or na) to leave {t} in float"
+                f"{node}: name = {kind_name!r} but {t} has width {width} (rules: {rules}); set name = "
+                f"{QUANTISERS[0]!r} (or {t}_quantiser, one of {list(QUANTISERS)}) to quantise, or leave the "
+                "widths unset to stay in float"
             )
             raise UserError(msg)
-        delta = _resolve_threshold(node, t, values, rules)
-        scaling = bool(values.get(f"{t}_scaling_factor", False))
-        tensors[t] = TensorQuant(quantize=True, delta=delta, scaling=scaling, alpha=values.get(f"{t}_scale"))
-
-    if any(tq.quantize for tq in tensors.values()):
-        name = values.get("name")
-        if name not in QUANTISERS:
-            quantised = [t for t, tq in tensors.items() if tq.quantize]
+        kind = get_kind(kind_name)
+        if width not in kind.widths:
+            shown = f"{kind.widths[0]}-{kind.widths[-1]}" if len(kind.widths) > 1 else str(kind.widths[0])
             msg = (
-                f"{node}: name = {name!r} but {', '.join(quantised)} has width {TERNARY_WIDTH} "
-                f"(rules: {rules}); set name = {QUANTISERS[0]!r} to quantise, or leave the widths unset to "
-                "stay in float"
+                f"{node}: {t}_width = {width} is not supported by the {kind_name} quantiser (rules: {rules}); "
+                f"use {shown} for {kind_name} or {FLOAT_WIDTH} (or na) to leave {t} in float"
             )
             raise UserError(msg)
+        group_size = values.get(f"{t}_group_size")
+        if group_size is not None and group_size < 1:
+            msg = f"{node}: {t}_group_size must be at least 1, got {group_size} (rules: {rules})"
+            raise UserError(msg)
+        for param in ("group_size", "per_channel"):
+            if values.get(f"{t}_{param}") and t not in ("weight", "bias"):
+                msg = f"{node}: {t}_{param} applies to weight and bias only (rules: {rules}); use {t}_dynamic"
+                raise UserError(msg)
+        if values.get(f"{t}_dynamic") and t in ("weight", "bias"):
+            msg = f"{node}: {t}_dynamic applies to data_in and data_out only (rules: {rules})"
+            raise UserError(msg)
+        tensors[t] = kind.config(node, t, width, values, rules)
     return ModuleQuant(op=op, node=node, tensors=tensors)
 
 
@@ -276,7 +310,7 @@ def _check_value(node: str, param: str, value: Any, rules: str) -> Any:
     if value is None or (isinstance(value, str) and value.upper() == "NA"):
         return None
     where = f"{node}: {param}"
-    if param == "name":
+    if param == "name" or _param_kind(param) == "quantiser":
         if not isinstance(value, str):
             msg = f"{where} must be a quantiser name such as 'ternary', got {value!r} (rules: {rules})"
             raise UserError(msg)
@@ -339,7 +373,7 @@ def _only_numbers(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def _resolve_threshold(node: str, t: str, values: dict[str, Any], rules: str) -> Any:
+def resolve_threshold(node: str, t: str, values: dict[str, Any], rules: str) -> Any:
     """Δ of tensor `t` by the threshold rule (module docstring); values are already validated."""
     threshold = values.get(f"{t}_threshold")
     if threshold is not None:
@@ -452,6 +486,7 @@ __all__ = [
     "as_tensor",
     "module_quant_from_params",
     "quantize",
+    "resolve_threshold",
     "ternarize",
     "weight_alpha",
 ]

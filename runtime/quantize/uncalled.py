@@ -18,7 +18,7 @@ from ternqc.plan import Binding
 from ternqc.runtime.quantize.resolve import resolve_bindings
 
 REASON = ("nn.MultiheadAttention reads its weight without calling the module: weight and bias are quantised in "
-          "place, but its input is left in float")
+          "place, but its input and output are left in float")
 
 
 def functional_only(model: nn.Module) -> dict[str, str]:

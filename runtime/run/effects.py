@@ -133,8 +133,8 @@ def never_called(
 ) -> tuple[set[tuple[str, str]], list[Effect]]:
     """What cannot be evaluated or take effect on modules that never run as modules (`calls[path] == 0`):
 
-    - their input: no hook sees it (always left unset; an `Effect` when a rule quantises it, i.e. the winning
-      `data_in_width` is not a plain 32 or unset);
+    - their input and output: no hook sees them (always left unset; an `Effect` when a rule quantises one,
+      i.e. the winning `data_in_width` / `data_out_width` is not a plain 32 or unset);
     - a weight or bias whose parameters read the module's own input or output statistics (there are none; an
       `Effect` when its width is not a plain 32 or unset).
     Their weights otherwise are quantised as the rules say (a parametrization needs no call).
@@ -156,12 +156,13 @@ def never_called(
             own = {p: rp for p, rp in winners.items() if (split_param(p) or ("",))[0] == tensor}
             width = own.get(f"{tensor}_width")
             wanted = width is not None and not _is_float_width(width.binding)
-            if tensor == "data_in":
+            if tensor in ("data_in", "data_out"):
                 absent.add((path, tensor))
                 if wanted:
+                    what = "input" if tensor == "data_in" else "output"
                     reason = (
                         "the module is never called during the forward (its parent uses its weight directly, as "
-                        "MultiheadAttention does with out_proj), so no quantiser can see its input (rule at "
+                        f"MultiheadAttention does with out_proj), so no quantiser can see its {what} (rule at "
                         f"{width.binding.origin}); its weight and bias are still quantised in place"
                     )
                     effects.append(Effect(path, tensor, reason))
@@ -193,7 +194,8 @@ def fast_path_notes(model: nn.Module) -> list[str]:
         if not isinstance(block, FUSED_BLOCKS):
             continue
         inner = [f"{path}.{p}" if path else p for p, m in block.named_modules()
-                 if p and getattr(m, "ternary_input", None) is not None]
+                 if p and (getattr(m, "ternary_input", None) is not None
+                           or getattr(m, "ternary_output", None) is not None)]
         if inner:
             notes.append(
                 f"{path or 'the model'} ({type(block).__name__}): fused fast path off, so that the input "

@@ -7,8 +7,10 @@ ternary configs, float and ternary accuracy, a per-node report), and `write_appl
 succeeded and all or nothing: a failed run, or a failure to write any one of the four, leaves no half-written
 file and every previous output as it was.
 
-The activation scale α (mean |x| over |x| > Δ) needs Δ, which needs the statistics: it is gathered in a
-second pass over the same calibration batches once Δ is known (the plan lists it as a derived statistic).
+The activation scale α (mean |x| over |x| > Δ) needs Δ, which needs the statistics: the plan lists it as a
+derived statistic, which the first pass keeps the values of when they fit the quantile budget, so that α
+comes from that one pass once Δ is known; the tensors that did not fit take a second pass over the same
+batches, hooks on their modules only (`calibrate/derived.py`). report.json says which per tensor.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from attrs import field, frozen
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ternqc.plan import QUANTISABLE, Plan, StatSpec, split_param
+from ternqc.plan import QUANTISABLE, TENSOR_ALIASES, Plan, split_param
+from ternqc.runtime.calibrate import derived as derived_stats
 from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
@@ -41,13 +44,13 @@ from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.metrics import evaluate
 from ternqc.runtime.quantize import asserts
 from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
+from ternqc.runtime.quantize.kinds import granularity
 from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
 from ternqc.runtime.quantize.modules import is_converted, quantized_param, resolved_quant
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
 from ternqc.runtime.quantize.types import param_view
 from ternqc.runtime.run import effects
 
-THRESHOLD_ABS_MEAN = StatSpec("threshold_abs_mean")
 VALIDATION_SPLIT = "validation"
 
 
@@ -108,6 +111,8 @@ class ProfileResult:
     table: StatsTable
     notes: tuple[str, ...]  # rules that matched nothing, NaN/Inf reports, ...
     batches: tuple  # the calibration batches, reused by a second pass
+    # derived statistics still waiting for their threshold (`derived.finish_derived`); not pickled
+    pending: dict = attrs.field(factory=dict, eq=False, repr=False)
 
 
 @frozen
@@ -180,24 +185,29 @@ def dataset_data(plan: Plan, settings: RunSettings, *, evaluation: bool = False)
     return RunData(calibration=tuple(batches), evaluation=validation, notes=notes)
 
 
-def profile(model: nn.Module, plan: Plan, settings: RunSettings, data: RunData | None = None) -> ProfileResult:
-    """Calibrate `model` on `data` (default: `dataset_data`) and collect the plan's (non-derived) statistics."""
+def profile(
+    model: nn.Module, plan: Plan, settings: RunSettings, data: RunData | None = None, *, derived: bool = False
+) -> ProfileResult:
+    """Calibrate `model` on `data` (default: `dataset_data`) and collect the plan's statistics; with
+    `derived`, also keep the values of its derived statistics (within the quantile budget) in `pending`, for
+    `apply`."""
     if data is None:
         data = dataset_data(plan, settings)
     batches = list(data.calibration)
-    resolved = prof.resolve_profile(plan.profile, model)
+    resolved = prof.resolve_profile(plan.profile, model, include_derived=derived)
     # Recipes carry rules for every quantisable type; one the model lacks (conv2d on an MLP) is not news.
     notes = data.notes + tuple(
         f"profile rule at {p.origin} ({p.selector}.{p.tensor}) matched no module of the model"
         for p in resolved.unmatched
-        if not (p.selector.kind == "type" and p.selector.pattern in QUANTISABLE)
+        if not (p.selector.kind == "type" and p.selector.pattern in QUANTISABLE) and p.reason != "derived"
     )
     budget = QuantileBudget(int(settings.quantile_budget_mib * 2**20))
-    table = calib.calibrate(
+    done = calib.calibrate_pass(
         model, batches, resolved, quantile_budget=budget, progress=settings.progress, desc="calibrate"
     )
+    table = done.table
     notes += tuple(f"{ms.path}: {n}" for ms in table.values() for n in ms.notes)
-    return ProfileResult(table=table, notes=notes, batches=tuple(batches))
+    return ProfileResult(pending=done.pending, table=table, notes=notes, batches=tuple(batches))
 
 
 def build_configs(mapping: MappingResult, *, rules: str) -> dict[str, ModuleQuant]:
@@ -238,30 +248,44 @@ def _rules_behind(m: MappedModule, rules: str) -> str:
 
 
 def calibrate_activation_scales(
-    model: nn.Module, configs: dict[str, ModuleQuant], result: ProfileResult, settings: RunSettings
-) -> dict[str, ModuleQuant]:
-    """Second pass: α of every quantised, scaled `data_in` without a given scale = mean |x| over |x| > Δ on
-    the calibration batches. Adds the `threshold_abs_mean` results to `result.table`."""
+    model: nn.Module, configs: dict[str, ModuleQuant], result: ProfileResult, settings: RunSettings, plan: Plan
+) -> tuple[dict[str, ModuleQuant], dict[str, int]]:
+    """α of every quantised, scaled `data_in` without a given scale = the plan's derived statistic (mean |x|
+    over |x| > Δ) on the calibration batches: from the first pass's kept values, or a second pass for the
+    tensors that did not fit (`calibrate/derived.py`). Adds the results to `result.table`; returns the
+    configs and, per module, how many passes its α took."""
+    tensor = TENSOR_ALIASES["data_in"]
     need = {
         path: mq
         for path, mq in configs.items()
-        if mq.tensor("data_in").quantize and mq.tensor("data_in").scaling and mq.tensor("data_in").alpha is None
+        if (tq := mq.tensor("data_in")).quantize and tq.scaling and tq.alpha is None and not tq.dynamic
+        and tq.kind in ("ternary", "binary")
     }
     if not need:
-        return configs
-    points = prof.ResolvedPoints.from_mapping({path: {"data_in_0": (THRESHOLD_ABS_MEAN,)} for path in need})
-    thresholds = {(path, "data_in_0"): _as_tensor(mq.tensor("data_in").delta) for path, mq in need.items()}
-    table = calib.calibrate(
-        model, list(result.batches), points, thresholds=thresholds, progress=settings.progress, desc="scales"
+        return configs, {}
+    # binary: α is the mean of |x| over every element (any |x| exceeds a threshold of -1)
+    thresholds = {
+        (path, tensor): _as_tensor(-1.0 if mq.tensor("data_in").kind == "binary" else mq.tensor("data_in").delta)
+        for path, mq in need.items()
+    }
+    first = calib.Calibrated(result.table, result.pending)
+    done = derived_stats.finish_derived(
+        model,
+        list(result.batches),
+        derived_stats.resolve_derived(plan.profile, model),
+        first,
+        thresholds,
+        progress=settings.progress,
     )
     out = dict(configs)
     for path, mq in need.items():
-        found = table[path].values["data_in_0"][THRESHOLD_ABS_MEAN]
+        (found,) = done.values[(path, tensor)].values()
         # no |x| above Δ on the calibration data: every value becomes 0, and α is 0 (as for weights)
         alpha = np.nan_to_num(np.asarray(found["abs_mean"], dtype=np.float64), nan=0.0).tolist()
         out[path] = mq.with_alpha("data_in", alpha)
-        _merge_into(result.table, table[path])
-    return out
+    for extra in done.table.values():
+        _merge_into(result.table, extra)
+    return out, {path: done.passes[(path, tensor)] for path in need}
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -306,16 +330,18 @@ def apply(
     if not data.calibration:
         raise UserError("the calibration data holds no batch")
     check = effects.check_model(model, data.calibration[0], data.evaluation, metric)
-    result = profile(model, plan, settings, data)
+    result = profile(model, plan, settings, data, derived=True)
     types = {name: prof.module_type(m) for name, m in model.named_modules() if name}
     # a module the checked batch did not reach but calibration did (a data-dependent branch) is not idle
     reached = {path for path, ms in result.table.items() if "data_in_0" in ms.values}
+    reached |= {path for path, tensor in result.pending if tensor == "data_in_0"}
     calls = {path: n or int(path in reached) for path, n in check.calls.items()}
     unset, idle = effects.never_called(plan, calls, list(types.items()))
     absent = _absent_parameters(model) | unset
     mapping = map_params(plan, result.table, rules=rules, modules=list(types.items()), absent_tensors=absent)
     configs = build_configs(mapping, rules=rules)
-    configs = calibrate_activation_scales(model, configs, result, settings)
+    configs, alpha_passes = calibrate_activation_scales(model, configs, result, settings, plan)
+    result = attrs.evolve(result, pending={})
     float_metrics = None
     if data.evaluation is not None:
         float_metrics = evaluate(model, data.evaluation, check.task, what="the evaluation data")
@@ -325,7 +351,7 @@ def apply(
     warnings = tuple(str(e) for e in idle)
     notes = effects.conversion_notes(model, owners, {p: n for p, n in calls.items() if p in configs})
     report = build_report(model, configs, float_metrics, ternary_metrics, zero_fractions,
-                          calls=calls, not_applied=idle, warnings=warnings, notes=result.notes + notes,
+                          calls=calls, not_applied=idle, alpha_passes=alpha_passes, warnings=warnings, notes=result.notes + notes,
                           headline=None if check.task is None else check.task.headline)
     # language v2: the plan's assertions and its constants go into the report; no module is left in float as
     # a whole any more (a module that is never called has its weights quantised in place, its input named)
@@ -360,20 +386,21 @@ def _metrics_and_activation_zeros(model: nn.Module, batches, task) -> tuple[dict
     zeros: dict[str, list[float]] = {}
     handles = []
 
-    def hook_for(path: str, delta: torch.Tensor) -> Callable:
+    def hook_for(path: str, zero: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         def hook(_module, args):
             x = args[0]
             stats = zeros.setdefault(path, [0.0, 0.0])
-            stats[0] += float((x.abs() <= delta).sum())
+            stats[0] += float(zero(x).sum())
             stats[1] += x.numel()
 
         return hook
 
     for path, module in model.named_modules():
         quantiser = getattr(module, "ternary_input", None)
-        if is_converted(module) and quantiser is not None:
+        zero = quantiser.zero_mask_fn() if is_converted(module) and quantiser is not None else None
+        if zero is not None:
             # prepend: it sees the input before the quantiser's own pre-hook replaces it
-            handles.append(module.register_forward_pre_hook(hook_for(path, quantiser.delta), prepend=True))
+            handles.append(module.register_forward_pre_hook(hook_for(path, zero), prepend=True))
     try:
         metrics = evaluate(model, batches, task, what="the evaluation data")
     finally:
@@ -402,10 +429,13 @@ def build_report(
     warnings: Sequence[str] = (),
     notes: Sequence[str] = (),
     headline: str | None = None,
+    alpha_passes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """`report.json`'s content: the headline metric as `float_accuracy` / `ternary_accuracy` (None when
     nothing was evaluated), every metric, warnings (a rule whose quantisation cannot take effect) and notes,
-    and per node its op, calls per forward and per tensor Δ, α and zero fraction, or why it stays float."""
+    and per node its op, calls per forward and per tensor Δ, α and zero fraction, or why it stays float
+    (`alpha_passes`: for an activation α computed from the calibration data, 1 when it came from the first
+    calibration pass, 2 when it took a second one)."""
     modules = dict(model.named_modules())
     skipped = {(e.path, e.tensor): e.reason for e in not_applied}
     nodes: dict[str, Any] = {}
@@ -421,7 +451,8 @@ def build_report(
             if name not in mq.tensors:
                 continue
             if not tq.quantize:
-                tensors[name] = {"quantized": False}
+                if name != "data_out":  # an output in float is the norm: not worth a row
+                    tensors[name] = {"quantized": False}
                 continue
             if name == "data_in":
                 zeros = zero_fractions.get(path)
@@ -430,11 +461,16 @@ def build_report(
                 zeros = None if q is None else float((q == 0).float().mean())
             tensors[name] = {
                 "quantized": True,
+                "kind": tq.kind,
+                "width": tq.width,
+                "granularity": granularity(tq),
                 "delta": _summary(tq.delta),
                 "scaling": tq.scaling,
                 "alpha": _summary(tq.alpha),
                 "zero_fraction": zeros,
             }
+            if name == "data_in" and path in (alpha_passes or {}):
+                tensors[name]["alpha_passes"] = alpha_passes[path]
         entry = {"path": path, "op": mq.op, "tensors": tensors}
         if calls is not None and path in calls:
             entry["calls_per_forward"] = calls[path]

@@ -177,7 +177,9 @@ def statement(draw: st.DrawFn) -> str:
         return f"profile {sel}.{draw(st.sampled_from(tensors))}: {', '.join(c for c, _ in calls)}"
     tensor = draw(st.sampled_from(tensors))
     suffix = draw(st.sampled_from(sorted(plan.PARAM_SUFFIXES)))
-    literals = {"width": ["2", "32", "na"], "frac_width": ["0", "4"], "scaling_factor": ["true", "false"]}
+    literals = {"width": ["2", "32", "na"], "frac_width": ["0", "4"], "scaling_factor": ["true", "false"],
+                "quantiser": ['"ternary"', '"integer"', '"binary"', "na"], "group_size": ["4", "64"],
+                "per_channel": ["true", "false"], "dynamic": ["true", "false"]}
     value = st.sampled_from(literals[suffix]) if suffix in literals else st.one_of(st.just("na"), number_expr(tensors))
     if suffix in ("threshold", "scale"):  # a negative constant threshold or scale is a compile error
         value = value.filter(lambda v: not re.fullmatch(r"-(--)*[0-9.e-]+", v))

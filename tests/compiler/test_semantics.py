@@ -341,7 +341,7 @@ def test_render_matches_the_mypy_style() -> None:
 
 def test_all_errors_in_one_run_across_files(tmp_path: pathlib.Path) -> None:
     (tmp_path / "broken.tq").write_text("linear {\n")
-    (tmp_path / "main.tq").write_text('include "broken.tq"\nrelu.weight_max = 1\nlinear.weight_width = 3\n')
+    (tmp_path / "main.tq").write_text('include "broken.tq"\nrelu.weight_max = 1\nlinear.weight_width = 33\n')
     with pytest.raises(CompileError) as info:
         compile_file(tmp_path / "main.tq")
     places = [(pathlib.Path(d.span.file).name, d.span.line) for d in info.value.diagnostics]
@@ -349,7 +349,7 @@ def test_all_errors_in_one_run_across_files(tmp_path: pathlib.Path) -> None:
 
 
 def test_render_is_capped() -> None:
-    text = "\n".join(f"linear.weight_width = {i + 3}" for i in range(25))
+    text = "\n".join(f"linear.weight_width = {i + 33}" for i in range(25))
     with pytest.raises(CompileError) as info:
         compile_(text)
     assert len(info.value.diagnostics) == 25

@@ -284,7 +284,7 @@ def test_negative_median_is_fine():
         ("data_in_width", Const(0), "at least 1"),
         ("data_in_frac_width", Const(-1), "at least 0"),
         ("data_in_scaling_factor", Const(1), "true or false"),
-        ("name", Const("binary"), "quantiser"),
+        ("name", Const("quaternary"), "quantiser"),
         ("name", Const(3), "quantiser"),
         ("data_in_max", Const("big"), "expected a number"),
         ("data_in_max", Const(True), "expected a number"),

@@ -97,9 +97,10 @@ def test_placeholder_and_function_nodes_get_no_parameters():
 
 
 @pytest.mark.parametrize("node", ["seq_blocks_1", "seq_blocks_3"])
-def test_relu_nodes_have_only_data_in_parameters(node):
+def test_relu_nodes_have_only_data_in_and_data_out_parameters(node):
     result = map_params(toy_plan(), read_stats_toml(DOC_STATS), rules=TOY_FILE, by_node_name=True)
     params = result.by_node()[node].params
-    assert set(params) == {"name"} | {p for p in params if p.startswith("data_in_")}
+    assert set(params) == {"name"} | {p for p in params if p.startswith(("data_in_", "data_out_"))}
+    assert not any(p.startswith(("weight_", "bias_")) for p in params)
     assert {"data_in_median", "data_in_max"} <= set(params)  # the recipe's ReLU rules did apply
     assert not any(p.startswith(("weight", "bias")) for p in params)

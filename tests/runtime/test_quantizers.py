@@ -173,14 +173,14 @@ def test_width_float_or_unset_leaves_tensor_in_float_and_needs_no_name():
     params = {"data_in_width": 32, "weight_width": None, "bias_max": 1.0}
     mq = module_quant_from_params("linear", "n", params, rules=RULES)
     assert not mq.quantises_anything
-    assert set(mq.tensors) == {"data_in", "weight", "bias"}
+    assert set(mq.tensors) == {"data_in", "weight", "bias", "data_out"}
     assert all(not t.quantize and t.delta is None for t in mq.tensors.values())
 
 
 def test_params_of_tensors_the_op_lacks_are_ignored():
     params = {"name": "ternary", "data_in_width": 2, "data_in_max": 4.0, "weight_width": 8}
     mq = module_quant_from_params("relu", "seq_blocks_1", params, rules=RULES)
-    assert set(mq.tensors) == {"data_in"}
+    assert set(mq.tensors) == {"data_in", "data_out"}
     assert mq.tensors["data_in"].delta == pytest.approx(0.2)
 
 
@@ -203,7 +203,7 @@ BAD_PARAMS = {
     "width_str": ({"name": "ternary", "weight_width": "2", "weight_max": 1.0}, "weight_width"),
     "width_fraction": ({"name": "ternary", "weight_width": 2.5, "weight_max": 1.0}, "weight_width"),
     "name_unset": ({"weight_width": 2, "weight_max": 1.0}, "name"),
-    "name_other": ({"name": "integer", "weight_width": 2, "weight_max": 1.0}, "name"),
+    "name_other": ({"name": "int8", "weight_width": 2, "weight_max": 1.0}, "name"),
     "name_not_str": ({"name": 3, "weight_width": 2, "weight_max": 1.0}, "name"),
     "nan_mean": (lin("weight", mean=float("nan"), max=1.0), "weight_mean"),
     "inf_max": (lin("weight", max=float("inf")), "weight_max"),

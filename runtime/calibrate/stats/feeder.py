@@ -14,7 +14,7 @@ import torch
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.buffers import give_back, take_buffer
 from ternqc.runtime.calibrate.quantiles import QuantileBudget
-from ternqc.runtime.calibrate.stats.states import SumState, make_state
+from ternqc.runtime.calibrate.stats.states import StatState, make_state
 from ternqc.runtime.calibrate.stats.sums import FLOATS, Block, as_float
 
 #: A batch's key is `batch index * KEY_CALLS + call within the batch` (a module called twice per forward).
@@ -41,11 +41,18 @@ class _Stage:
     def __init__(self) -> None:
         self.flat: torch.Tensor | None = None
         self.buf: torch.Tensor | None = None
-        self.rows: list[torch.Tensor] = []  # buf[0], buf[1], ... (indexing costs a call per batch)
+        # buf[0], buf[1], ...: made on first use and kept (indexing costs a call per batch; making all of them
+        # up front with `unbind` costs ~1 ms per tensor, a fixed cost of every calibration)
+        self.rows: list[torch.Tensor | None] = []
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
         self.k = 0
         self.keys: list[int] = []
+
+    def row(self, k: int) -> torch.Tensor:
+        """`buf[k]`, made once."""
+        view = self.rows[k] = self.buf[k]
+        return view
 
 
 class TensorStats:
@@ -56,7 +63,9 @@ class TensorStats:
     `results()` maps each `StatSpec` to its result; `nonfinite` counts the NaN/Inf values left out; `shape`
     is the first shape seen; `updates` counts the calls. `eager=False` keeps per-batch partials until
     `sync` (a process of a distributed run). `freeze()` computes the results and drops the buffers.
-    `stage_bytes` bounds the staging buffer of small batches.
+    `stage_bytes` bounds the staging buffer of small batches. `bracket`: quantiles over everything keep only the
+    values near their ranks (`bracket.py`); one that misses is left out of `results()` and listed by
+    `missed()`, for the caller to collect again.
     """
 
     def __init__(
@@ -70,17 +79,15 @@ class TensorStats:
         plan_hint: int | None = None,
         eager: bool = True,
         stage_bytes: int = STAGE_BYTES,
+        bracket: bool = False,
     ) -> None:
         self.batched = batched
         self._stage_bytes = stage_bytes
-        options = {"quantile_budget": quantile_budget, "threshold": threshold}
+        options = {"quantile_budget": quantile_budget, "threshold": threshold, "eager": eager, "bracket": bracket}
         self.states = {
             spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
             for spec in specs
         }
-        for state in self.states.values():
-            if isinstance(state, SumState):
-                state._partials.eager = eager
         self._plain = [s for s in self.states.values() if not s.wants_abs]
         self._abs = [s for s in self.states.values() if s.wants_abs]
         self._nonfinite = 0
@@ -113,7 +120,8 @@ class TensorStats:
         shape = x.shape
         st = self._stage
         if st is not None and shape == st.shape and x.dtype is st.dtype:  # the common case: stage it
-            st.rows[st.k].copy_(x)
+            row = st.rows[st.k]
+            (st.row(st.k) if row is None else row).copy_(x)
             st.keys.append(key)
             st.k += 1
             if st.k == len(st.rows):
@@ -137,7 +145,8 @@ class TensorStats:
 
     def update_staged(self, x: torch.Tensor, key: int) -> None:
         st = self._stage
-        st.rows[st.k].copy_(x)
+        row = st.rows[st.k]
+        (st.row(st.k) if row is None else row).copy_(x)
         st.keys.append(key)
         st.k += 1
         if st.k == len(st.rows):
@@ -154,7 +163,7 @@ class TensorStats:
         if flat is None or flat.numel() < kmax * per or flat.dtype != x.dtype or flat.device != x.device:
             flat = st.flat = _empty(kmax * per, x.dtype, x.device)
         st.buf = flat[: kmax * per].view((kmax, *x.shape))
-        st.rows = list(st.buf.unbind(0))
+        st.rows = [None] * kmax
         st.shape, st.dtype = x.shape, x.dtype
 
     def flush(self) -> None:
@@ -183,10 +192,26 @@ class TensorStats:
         return self._nonfinite
 
     def results(self) -> dict[StatSpec, dict[str, Any]]:
+        """Each statistic's result, pending ones (a derived statistic still waiting for its threshold,
+        see `pending()`) left out."""
         if self._frozen is not None:
             return self._frozen
         self.flush()
-        return {spec: state.result() for spec, state in self.states.items()}
+        return {
+            spec: state.result() for spec, state in self.states.items() if not (state.pending or state.missed)
+        }
+
+    def missed(self) -> list[StatSpec]:
+        """The statistics that could not be answered exactly from what was kept (a bracketed quantile whose
+        rank drifted out of its bracket): collect them again."""
+        self.flush()
+        return [spec for spec, state in self.states.items() if state.missed]
+
+    def pending(self) -> dict[StatSpec, StatState]:
+        """The states still waiting for a threshold (`ThresholdAbsMeanState` of a derived point): they keep
+        their values through `freeze` and `sync` until the caller sets the threshold and merges them."""
+        self.flush()
+        return {spec: state for spec, state in self.states.items() if state.pending}
 
     def freeze(self) -> None:
         """Compute the results now and release the memory behind them (buffers go back to the pool)."""
@@ -208,7 +233,7 @@ class TensorStats:
         (`distributed.sync_stats`)."""
         self.flush()
         gens: dict[Any, Generator] = {"meta": self._sync_meta()}
-        gens.update((i, state.sync()) for i, state in enumerate(self.states.values()))
+        gens.update((i, state.sync()) for i, state in enumerate(self.states.values()) if not state.pending)
         return gens
 
     def _sync_meta(self) -> Generator:

@@ -5,6 +5,7 @@ In: a tensor shape, `dims` and whether dim 0 is a batch. Out: a `Layout`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from attrs import field, frozen
@@ -50,6 +51,7 @@ class Layout:
         set_(self, "keep_shape", tuple(keep))
 
 
+@functools.lru_cache(maxsize=1024)  # a frozen value: every calibration asks for the same few
 def make_layout(shape: tuple[int, ...], dims: str | tuple[int, ...], batched: bool) -> Layout:
     """The layout of a statistic with `dims` on a tensor of `shape` (see the module docstring).
 

@@ -1,27 +1,33 @@
 """Statistic states: one mergeable accumulator class per statistic, registered by name.
 
 In: a `StatSpec` and tensors (`update`), other states (`merge`). Out: `result()`, MASE's fields.
-Add a statistic: its fields in `plan.STATISTICS`, a class here decorated `@register_stat("name")`.
+Add a statistic: its fields in `plan.STATISTICS`, a class here decorated `@register_stat("name")` whose
+constructor takes `(spec, ctx: StatContext)` (`registry.py`); `make_state` only looks the class up.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 
 from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.bracket import HEAD_VALUES, Bracket, BracketMissed, bracket_protocol
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
     quantiles_from_ranks,
+    run_local,
     select_protocol,
     wanted_ranks,
 )
 from ternqc.runtime.calibrate.sketch import CompactorSketch, rank_error_bound, sketch_bytes, sketch_k_for
 from ternqc.runtime.calibrate.stats.layout import Layout, make_layout, pseudo_layout, result_form
+from ternqc.runtime.calibrate.stats.registry import STAT_REGISTRY, StatContext, register_stat
 from ternqc.runtime.calibrate.stats.sums import (
     Block,
     Partials,
@@ -48,9 +54,11 @@ class StatState:
 
     takes_abs = False  # the statistic is defined on |x| whatever `spec.abs` says
 
-    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        ctx = ctx if ctx is not None else StatContext()
         self.spec = spec
-        self.batched = batched
+        self.ctx = ctx
+        self.batched = ctx.batched
         self.wants_abs = spec.abs or self.takes_abs
         self.count = 0
         self.nonfinite = 0
@@ -135,6 +143,16 @@ class StatState:
     def exact(self) -> bool:
         return True
 
+    @property
+    def pending(self) -> bool:
+        """Waiting for something only known after calibration (a derived statistic's threshold)."""
+        return False
+
+    @property
+    def missed(self) -> bool:
+        """No exact answer from what was kept (a bracketed quantile whose rank drifted out): collect again."""
+        return False
+
     def note(self) -> str | None:
         """A line for the report when the result needs one (e.g. a sketch was used)."""
         return None
@@ -175,9 +193,14 @@ class StatState:
             self.layout = pseudo_layout(shape, bool(tensors["scalar"]))
             self._load(tensors)
 
+    @classmethod
+    def from_spec(cls, spec: StatSpec, ctx: StatContext) -> StatState:
+        """A fresh state for `spec` (the one constructor shape of every registered class)."""
+        return cls(spec, ctx)
+
     def _blank(self) -> StatState:
-        """An empty state with this one's configuration."""
-        return type(self)(self.spec, self.batched)
+        """An empty state with this one's configuration, as a merge target (folds once everything is in)."""
+        return type(self)(self.spec, attrs.evolve(self.ctx, size_hint=None, plan_hint=None, eager=False))
 
     def sync(self) -> Generator:
         """A protocol generator (see `distributed.run_protocols`): send `to_tensors()`, receive every
@@ -208,6 +231,7 @@ class StatState:
         raise NotImplementedError
 
 
+@register_stat("range_min_max")
 class MinMaxState(StatState):
     """`range_min_max`: running min and max (exact, in the input's dtype; range in that dtype, as MASE).
 
@@ -216,8 +240,8 @@ class MinMaxState(StatState):
     ones fragment the heap (measured: +1.5 MiB resident per batch).
     """
 
-    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
-        super().__init__(spec, batched)
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
         self._lo, self._hi = _INF, -_INF
         self._mn: torch.Tensor | None = None
         self._mx: torch.Tensor | None = None
@@ -270,6 +294,10 @@ class MinMaxState(StatState):
             self._fold(*got)
 
     def _result(self):
+        if self._mn is None and self._lo != _INF:  # one position: numpy scalars, no tensor round trip
+            dtype = np.float64 if self._dtype is torch.float64 else np.float32
+            mn, mx = np.array([self._lo], dtype=dtype), np.array([self._hi], dtype=dtype)
+            return {"min": mn, "max": mx, "range": mx - mn}
         got = self._bounds()
         if got is None:
             nan = torch.full((self.layout.rows,), float("nan"))
@@ -300,14 +328,9 @@ class SumState(StatState):
     _names: tuple[str, ...] = ()
     _fold = staticmethod(fold_sums)
 
-    def __init__(self, spec: StatSpec, batched: bool = True) -> None:
-        super().__init__(spec, batched)
-        self._partials = Partials(self._fold)
-
-    def _blank(self) -> StatState:
-        blank = super()._blank()
-        blank._partials.eager = False  # a merge target: fold once everybody's partials are in
-        return blank
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
+        self._partials = Partials(self._fold, eager=self.ctx.eager)
 
     def _rows(self) -> int:
         return self.layout.rows
@@ -344,6 +367,7 @@ class SumState(StatState):
         self._auto = max(p.last + 1, int(p.keys().max()) + 1 if len(p.keys()) else 0)
 
 
+@register_stat("variance_precise", "variance_online", "range_n_sigma")
 class MomentsState(SumState):
     """`variance_precise`, `variance_online`, `range_n_sigma`: count, mean and the sum of squared deviations
     per position. Each batch gives its mean (float64, from the chunked sum) and its sum of squared deviations
@@ -385,6 +409,7 @@ class MomentsState(SumState):
         return {"min": lo, "max": hi, "range": hi - lo}
 
 
+@register_stat("abs_mean")
 class AbsMeanState(SumState):
     """`abs_mean`: mean of |x| (chunked float32 sums per batch, float64 across chunks and batches)."""
 
@@ -405,22 +430,38 @@ class AbsMeanState(SumState):
             return {"abs_mean": np.where(n > 0, total / n, np.nan)}
 
 
+@register_stat("threshold_abs_mean")
 class ThresholdAbsMeanState(AbsMeanState):
-    """`threshold_abs_mean`: mean of |x| over the elements with |x| > threshold; count = how many."""
+    """`threshold_abs_mean`: mean of |x| over the elements with |x| > threshold; count = how many.
 
-    def __init__(self, spec: StatSpec, batched: bool = True, threshold: Any = None) -> None:
-        super().__init__(spec, batched)
-        if threshold is None:
-            msg = "threshold_abs_mean needs the threshold it is taken above"
-            raise ValueError(msg)
-        self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
+    With the threshold given (`ctx.threshold`) it sums batch by batch. Without it (the plan's derived point in
+    the first calibration pass, before Δ is known) the state is *pending*: it keeps every |x| it is fed in
+    one buffer under the quantile budget (batch order, with each block's keys and shape) and sums them, block
+    by block exactly as a second pass would, when `set_threshold(Δ)` comes: the same bits as a second pass.
+    When the values would not fit the budget it keeps nothing and `overflowed` is set: the caller must then
+    gather the statistic in a second pass with the threshold known.
+    """
+
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
+        self.threshold = None if self.ctx.threshold is None else torch.as_tensor(self.ctx.threshold, dtype=torch.float32)
+        self.overflowed = False
+        self._kept: ExactValues | None = None
+        self._blocks: list[tuple[np.ndarray, tuple[int, ...]]] = []  # (keys, block shape) in buffer order
+
+    @property
+    def pending(self) -> bool:
+        """No threshold yet: the values are kept (or overflowed) until `set_threshold`."""
+        return self.threshold is None
 
     def _blank(self) -> StatState:
-        blank = type(self)(self.spec, self.batched, self.threshold)
-        blank._partials.eager = False
-        return blank
+        ctx = attrs.evolve(self.ctx, threshold=self.threshold, size_hint=None, plan_hint=None, eager=False)
+        return type(self)(self.spec, ctx)
 
     def _observe(self, block):
+        if self.threshold is None:
+            self._keep(block)
+            return
         lay, x = self.layout, block.x
         if self.threshold.device != x.device:
             self.threshold = self.threshold.to(x.device)
@@ -430,11 +471,71 @@ class ThresholdAbsMeanState(AbsMeanState):
         sums = batch_sums(torch.where(above, x, 0.0), lay)
         self._partials.add(block.keys, (batch_counts(above, lay), sums), lay.rows)
 
+    def _keep(self, block: Block) -> None:
+        """Keep the block's |x| (float32, CPU) for `set_threshold`, or overflow when the budget refuses."""
+        if self.overflowed:
+            return
+        x = block.x
+        m = x.numel()
+        if self._kept is None:
+            self._kept = ExactValues(1, self.ctx.budget if self.ctx.budget is not None else QuantileBudget())
+            planned = (m // block.k) * (self.ctx.plan_hint or 0)
+            local = (m // block.k) * (self.ctx.size_hint or self.ctx.plan_hint or 0)
+            if planned * 4 > self._kept.budget.available:
+                self._overflow()
+                return
+            if local:
+                self._kept.budget.force((planned - local) * 4)  # the other processes' share
+                self._kept.reserve(local)
+        slot = self._kept.slot(m)
+        if slot is None:
+            self._overflow()
+            return
+        slot[0, :] = x.reshape(-1).cpu().numpy() if x.dtype == torch.float32 else x.reshape(-1).float().cpu().numpy()
+        self._blocks.append((np.asarray(block.keys, dtype=np.int64).copy(), tuple(x.shape)))
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        if self._kept is not None:
+            self._kept.release()
+        self._kept = None
+        self._blocks = []
+
+    def set_threshold(self, threshold: Any) -> None:
+        """Give the pending state its threshold: the kept values are summed block by block (as a second pass
+        would sum the same batches) and released. Not for an overflowed state (its values are gone)."""
+        if self.overflowed:
+            msg = "threshold_abs_mean overflowed the quantile budget: gather it in a second pass"
+            raise ValueError(msg)
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
+        if self._kept is not None:
+            flat = torch.from_numpy(self._kept.values()[0])
+            start = 0
+            for keys, shape in self._blocks:
+                n = math.prod(shape)
+                self._observe(Block.prepare(flat[start : start + n].view(shape), keys))
+                start += n
+            self._kept.release()
+        self._kept = None
+        self._blocks = []
+
+    def release(self) -> None:
+        if not self.pending:
+            self.discard()
+
+    def discard(self) -> None:
+        """Give the kept values back (their threshold will not come)."""
+        if self._kept is not None:
+            self._kept.release()
+        self._kept = None
+        self._blocks = []
+
     def _count(self) -> int:
         got = self._acc()
         return 0 if got is None else round(float(got[0].sum()))
 
 
+@register_stat("range_quantile")
 class QuantileState(StatState):
     """`range_quantile`: exact while the shared `QuantileBudget` allows, then a `CompactorSketch`.
 
@@ -444,30 +545,27 @@ class QuantileState(StatState):
     values of every process (this process allocates only its own).
     """
 
-    def __init__(
-        self,
-        spec: StatSpec,
-        batched: bool = True,
-        budget: QuantileBudget | None = None,
-        size_hint: int | None = None,
-        plan_hint: int | None = None,
-    ) -> None:
-        super().__init__(spec, batched)
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
         self.q = spec.option("quantile")
-        self.budget = budget if budget is not None else QuantileBudget()
-        self.size_hint = size_hint  # updates expected here: the first buffer is sized for all of them
-        self.plan_hint = plan_hint or size_hint  # updates expected by every process together
+        self.budget = self.ctx.budget if self.ctx.budget is not None else QuantileBudget()
+        self.size_hint = self.ctx.size_hint  # updates expected here: the first buffer is sized for all of them
+        self.plan_hint = self.ctx.plan_hint or self.ctx.size_hint  # updates expected by every process together
         self._exact: ExactValues | None = None
         self._sketch: CompactorSketch | None = None
         self._final: dict[str, torch.Tensor] | None = None  # the result, after a merge across processes
         self._seen = 0  # values per row so far, left-out ones included
         self._left_out: np.ndarray | None = None  # per row, when any
         self._promised = 0  # bytes promised to this state's sketch in the budget
+        self._head = False  # bracketing: the exact buffer is the head the brackets are placed from
+        self._per_update = 0  # values per update, from the first batch (sizes the bracket buffers)
+        self._bracket: Bracket | None = None
+        self._missed = False
         if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
             self._promise(1)
 
     def _blank(self) -> StatState:
-        return type(self)(self.spec, self.batched, self.budget)
+        return type(self)(self.spec, attrs.evolve(self.ctx, budget=self.budget, size_hint=None, plan_hint=None))
 
     def _promise(self, rows: int) -> None:
         # a default sketch (0.8 MB a row), but for many rows no more than an eighth of the budget: such a
@@ -481,6 +579,17 @@ class QuantileState(StatState):
     def exact(self) -> bool:
         return self._sketch is None
 
+    @property
+    def bracketing(self) -> bool:
+        """Whether this state may keep only the values near its ranks (`ctx.bracket`, one row)."""
+        return self.ctx.bracket and self.spec.dims == "all"
+
+    @property
+    def missed(self) -> bool:
+        if self._bracket is not None and self._final is None and not self._missed:
+            self._final = self._compute()
+        return self._missed
+
     def note(self) -> str | None:
         if self._sketch is None:
             return None
@@ -491,9 +600,12 @@ class QuantileState(StatState):
         )
 
     def release(self) -> None:
-        if self._final is None and self.layout is not None:
+        if self._final is None and self.layout is not None and not self._missed:
             self._final = self._compute()
         self._release_exact()
+        if self._bracket is not None:
+            self._bracket.release()
+            self._bracket = None
         self.budget.cancel(self._promised)  # no sketch will be needed any more
         self._promised = 0
 
@@ -503,6 +615,10 @@ class QuantileState(StatState):
         rows = self.layout.rows
         self._promise(rows)
         self._exact = ExactValues(rows, self.budget)
+        planned = per_update * (self.plan_hint or 0)
+        if self.bracketing and (not planned or planned > 2 * HEAD_VALUES or planned * 4 > self.budget.available):
+            self._head = True  # keep the head, then brackets (`_begin_bracket`); never a sketch
+            return
         if not self.plan_hint:
             return
         planned = per_update * self.plan_hint
@@ -527,16 +643,46 @@ class QuantileState(StatState):
             x = torch.where(mask, x, float("nan"))
         m = x.numel() // lay.rows
         self._seen += m
+        if self._bracket is not None:
+            self._bracket.add(rows_view(x, lay)[0], m - block.bad)
+            return
         if self._sketch is None:
             if self._exact is None:
-                self._start(m // block.k)
+                self._per_update = m // block.k
+                self._start(self._per_update)
+            if self._head:
+                slot = self._exact.slot(m)
+                if slot is not None:
+                    write_rows(slot, x, lay)
+                if slot is None or self._exact.n >= HEAD_VALUES:
+                    self._begin_bracket(None if slot is not None else (rows_view(x, lay)[0], m - block.bad))
+                return
             if self._sketch is None:
                 slot = self._exact.slot(m)
                 if slot is not None:
                     write_rows(slot, x, lay)
                     return
+                if self.bracketing:  # more values than planned (a module called more often): brackets
+                    self._begin_bracket((rows_view(x, lay)[0], m - block.bad))
+                    return
                 self._to_sketch()
         self._sketch.add(rows_view(x, lay))
+
+    def _begin_bracket(self, extra: tuple[np.ndarray, int] | None) -> None:
+        """Place brackets from the head (or from `extra`, a block the head had no room for), count the head
+        into them and give the head back; then count `extra` too."""
+        head = self._exact.values()[0]
+        source = head if head.size or extra is None else extra[0]
+        self._bracket = Bracket.start(source, (1.0 - self.q, self.q), self.budget)
+        finite = head.size - (int(np.count_nonzero(np.isnan(head))) if self._left_out is not None else 0)
+        if head.size:
+            self._bracket.add(head, finite)
+            planned = self._per_update * (self.size_hint or self.plan_hint or 0)
+            self._bracket.reserve(head.size, planned - head.size)
+        self._release_exact()
+        self._head = False
+        if extra is not None:
+            self._bracket.add(*extra)
 
     def _add_left_out(self, per_row: np.ndarray) -> None:
         per_row = per_row.astype(np.int64)
@@ -556,6 +702,9 @@ class QuantileState(StatState):
         self._sketch = sketch
 
     def _merge(self, other):
+        if self._bracket is not None or other._bracket is not None:
+            msg = "a bracketed quantile merges only through its sync protocol"
+            raise ValueError(msg)
         self._final = None
         self._seen += other._seen
         if other._left_out is not None:
@@ -585,10 +734,21 @@ class QuantileState(StatState):
         finite = np.full(self.layout.rows, self._seen, dtype=np.int64)
         return finite if self._left_out is None else finite - self._left_out
 
-    def _compute(self) -> dict[str, torch.Tensor]:
+    def _compute(self) -> dict[str, torch.Tensor] | None:
+        """The result; None, with `missed` set, when a bracket cannot answer exactly."""
         rows = self.layout.rows
         qs = (1.0 - self.q, self.q)
-        if self._sketch is not None:
+        if self._bracket is not None:
+            finite = self._finite_per_row()
+            if int(finite[0]) == 0:
+                lo = hi = torch.full((1,), float("nan"))
+                return {"min": lo, "max": hi, "range": hi - lo}
+            found = run_local(bracket_protocol(self._bracket, wanted_ranks(qs, finite), self._bracket.overflowed))
+            if found is None:
+                self._missed = True
+                return None
+            lo, hi = quantiles_from_ranks(qs, finite, found)
+        elif self._sketch is not None:
             lo, hi = self._sketch.quantiles(qs, self._finite_per_row())
         elif self._exact is not None:
             lo, hi = self._exact.quantiles(qs, self._finite_per_row())
@@ -597,11 +757,17 @@ class QuantileState(StatState):
         return {"min": lo, "max": hi, "range": hi - lo}
 
     def _result(self):
-        if self._final is None:
+        if self._final is None and not self._missed:
             self._final = self._compute()  # kept: selection is the expensive part
+        if self._missed:
+            msg = f"{self.spec.key()}: the wanted rank left its bracket; collect this statistic again"
+            raise BracketMissed(msg)
         return self._final
 
     def _tensors(self):
+        if self._bracket is not None:
+            msg = "a bracketed quantile merges only through its sync protocol"
+            raise ValueError(msg)
         out = {"seen": torch.tensor(self._seen, dtype=torch.int64)}
         if self._left_out is not None:
             out["left_out"] = torch.from_numpy(self._left_out.copy())
@@ -630,7 +796,9 @@ class QuantileState(StatState):
         """Merge across processes. Exact single-row states stay where they are: `select_protocol` finds the
         wanted ranks from samples, counts and the few values inside its brackets. Sketches (and exact values
         when some process has a sketch) are pooled and merged in process order; exact per-channel values are
-        pooled."""
+        pooled. A bracketing state (`ctx.bracket`, one row) runs `bracket_protocol` instead."""
+        if self.bracketing:
+            return (yield from self._sync_bracket())
         rows = self.layout.rows if self.layout is not None else 0
         mode = "empty" if self.layout is None else "sketch" if self._sketch is not None else "exact"
         message = {
@@ -688,6 +856,48 @@ class QuantileState(StatState):
         self._final = {"min": lo, "max": hi, "range": hi - lo}
         self._release_exact()
 
+    def _sync_bracket(self) -> Generator:
+        """Merge a bracketing state: totals first, then `bracket_protocol` over every process's bracket or
+        head; a miss anywhere is a miss everywhere (the caller collects the statistic again)."""
+        message = {
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+            "seen": self._seen,
+            "left_out": self._left_out,
+            "form": None if self.layout is None else result_form(self.layout),
+        }
+        everyone = yield message
+        forms = [m["form"] for m in everyone if m["form"] is not None]
+        if not forms:
+            return
+        if self.layout is None:
+            self.layout = pseudo_layout(forms[0][1], forms[0][0])
+        self.count = sum(m["count"] for m in everyone)
+        self.nonfinite = sum(m["nonfinite"] for m in everyone)
+        self._seen = sum(m["seen"] for m in everyone)
+        lefts = [m["left_out"] for m in everyone if m["left_out"] is not None]
+        self._left_out = np.sum(lefts, axis=0).astype(np.int64) if lefts else None
+        finite = self._finite_per_row()
+        qs = (1.0 - self.q, self.q)
+        self._final = None
+        if int(finite[0]) == 0:
+            lo = hi = torch.full((1,), float("nan"))
+            self._final = {"min": lo, "max": hi, "range": hi - lo}
+        else:
+            bracket = self._bracket
+            local = bracket if bracket is not None else (self._exact.values()[0] if self._exact is not None else None)
+            missed = bracket is not None and bracket.overflowed
+            found = yield from bracket_protocol(local, wanted_ranks(qs, finite), missed)
+            if found is None:
+                self._missed = True
+            else:
+                lo, hi = quantiles_from_ranks(qs, finite, found)
+                self._final = {"min": lo, "max": hi, "range": hi - lo}
+        self._release_exact()
+        if self._bracket is not None:
+            self._bracket.release()
+            self._bracket = None
+
     def _release_exact(self) -> None:
         if self._exact is not None:
             self._exact.release()
@@ -698,17 +908,6 @@ class QuantileState(StatState):
 # Construction
 # ---------------------------------------------------------------------------------------------------------
 
-_STATES = {
-    "range_min_max": MinMaxState,
-    "range_quantile": QuantileState,
-    "variance_precise": MomentsState,
-    "variance_online": MomentsState,
-    "range_n_sigma": MomentsState,
-    "abs_mean": AbsMeanState,
-    "threshold_abs_mean": ThresholdAbsMeanState,
-}
-
-
 def make_state(
     spec: StatSpec,
     *,
@@ -717,23 +916,24 @@ def make_state(
     batched: bool = True,
     size_hint: int | None = None,
     plan_hint: int | None = None,
+    eager: bool = True,
+    bracket: bool = False,
 ) -> StatState:
-    """A fresh state for `spec`.
+    """A fresh state for `spec`: the registered class's `from_spec(spec, StatContext(...))`.
 
     Args:
         spec: the statistic and its options.
         quantile_budget: shared by every quantile state of a run (a private 256 MiB one when None).
-        threshold: for `threshold_abs_mean` only: Δ, a float or a tensor that broadcasts against x.
+        threshold: for `threshold_abs_mean` only: Δ, a float or a tensor that broadcasts against x; None
+            makes the state pending (values kept until `set_threshold`).
         batched: True for activations (dim 0 is the batch, always reduced), False for parameters.
         size_hint: the number of `update` calls expected (quantile buffers are sized for all at once).
         plan_hint: the number of `update` calls all processes expect together (decides exact or sketch).
+        eager: fold per-batch partials as they come (False in a process of a distributed run).
+        bracket: a quantile over everything may keep only the values near its ranks (`bracket.py`).
     """
-    cls = _STATES[spec.name]
-    if cls is QuantileState:
-        return QuantileState(spec, batched, quantile_budget, size_hint, plan_hint)
-    if cls is ThresholdAbsMeanState:
-        return ThresholdAbsMeanState(spec, batched, threshold)
-    return cls(spec, batched)
+    ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager, bracket)
+    return STAT_REGISTRY[spec.name].from_spec(spec, ctx)
 
 
 def from_tensors(

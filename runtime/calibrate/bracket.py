@@ -1,0 +1,238 @@
+"""Exact quantiles of a stream without keeping the stream: brackets from the first values, counts outside them,
+the values inside them.
+
+In: one row of float32 values, block by block (NaN = left out), and the rank fractions that will be asked
+(`1 - q` and `q` of `range_quantile`). Out: the value at each wanted 0-based rank, exactly, or a *miss*.
+
+`Bracket.start(head, fractions)` picks, from a sorted strided sample of the first values (the head), an
+interval `[lo, hi]` around each fraction, `WIDTH` of the values wide on each side plus five standard
+deviations of the sample's rank error; edges the sample holds twice are probable atoms (a ReLU's zeros), whose
+edge counts are kept too. Every block then costs one chunked pass (`quantiles._scan_part`, ~1 ns a value,
+on data still in cache): counts of values <= lo and < hi (and < lo, <= hi at an atom) and a copy of the few
+values strictly inside, kept under the quantile budget. At the end a rank between the counts is found among
+the kept values; a rank on an atom edge by the counts.
+
+A miss (the data drifted so that a wanted rank left its interval, or the values inside outgrew the budget)
+is never answered approximately: the caller collects that statistic again in a second pass, exactly when the
+values fit the budget, else with the certified sketch (`loop.calibrate_pass`).
+
+Across processes (`bracket_protocol`) each process brings its own intervals (from its own head); the
+processes agree on the intersections, each counts its values against them and sends the few values inside,
+so every process finds the same exact values, equal to one process's answer whenever none misses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ternqc.runtime.calibrate.quantiles import (
+    ExactValues,
+    QuantileBudget,
+    _prime_at_least,
+    _repeated,
+    _scan_part,
+)
+
+#: Values a state keeps exactly before it places its brackets (and the total up to which it never does).
+HEAD_VALUES = 2**18
+#: Values a bracket keeps on each side of its rank fraction (a margin for batch-to-batch drift).
+WIDTH = 0.01
+#: Sample of the head that places the brackets.
+HEAD_SAMPLE = 2**15
+
+_INF = np.float32(np.inf)
+
+
+class BracketMissed(RuntimeError):
+    """A bracketed quantile whose wanted rank left its brackets: collect it again (never answered
+    approximately)."""
+
+
+class Bracket:
+    """Counts outside and values inside intervals around the wanted rank fractions (see the module doc).
+
+    `groups`: `[(lo, hi, atom_lo, atom_hi)]`, disjoint and sorted; `counts[g]`: `[le_lo, lt_hi, lt_lo, le_hi]`
+    (the last two only meaningful at an atom edge); `overflowed`: the values inside outgrew the budget (a
+    miss whatever is asked)."""
+
+    def __init__(self, groups: list[tuple[np.float32, np.float32, bool, bool]], budget: QuantileBudget) -> None:
+        self.groups = groups
+        self.counts = [[0, 0, 0, 0] for _ in groups]
+        self.inside = [ExactValues(1, budget) for _ in groups]
+        self.overflowed = False
+
+    @classmethod
+    def start(cls, head: np.ndarray, fractions: tuple[float, ...], budget: QuantileBudget) -> Bracket:
+        """Brackets placed from `head` (1-D, NaN = left out), around each of `fractions`."""
+        stride = _prime_at_least(max(1, head.size // HEAD_SAMPLE))
+        sample = np.sort(head[::stride])
+        sample = sample[: int(np.count_nonzero(~np.isnan(sample)))]
+        s = sample.size
+        groups: list[list] = []
+        for f in sorted(set(fractions)):
+            if s == 0:
+                lo, hi = -_INF, _INF
+            else:
+                j = f * (s - 1)
+                d = int(5.0 * math.sqrt(s * f * (1.0 - f)) + WIDTH * s) + 8
+                i_lo, i_hi = math.floor(j) - d, math.ceil(j) + d
+                lo = sample[i_lo] if i_lo >= 0 else -_INF
+                hi = sample[i_hi] if i_hi < s else _INF
+            if groups and lo <= groups[-1][1]:
+                groups[-1][1] = max(groups[-1][1], hi)
+            else:
+                groups.append([lo, hi])
+        out = [
+            (np.float32(lo), np.float32(hi), _repeated(sample, np.float32(lo)), _repeated(sample, np.float32(hi)))
+            for lo, hi in groups
+        ]
+        return cls(out, budget)
+
+    def add(self, values: np.ndarray, finite: int) -> None:
+        """Count a block (`values` 1-D float32, `finite` of them not NaN) and keep what falls inside."""
+        if self.overflowed:
+            return
+        for g, ((*_, b), (gt_lo, between, lt_lo, gt_hi)) in enumerate(
+            zip(self.groups, _scan_counts(values, self.groups))
+        ):
+            c = self.counts[g]
+            c[0] += finite - gt_lo
+            c[1] += finite - gt_lo + between[0]
+            c[2] += lt_lo
+            c[3] += finite - gt_hi if b else 0
+            mids = between[1]
+            if mids.size:
+                slot = self.inside[g].slot(mids.size)
+                if slot is None:
+                    self.overflow()
+                    return
+                slot[0] = mids
+
+    def reserve(self, seen: int, coming: int) -> None:
+        """Size each group's buffer once for `coming` more values, from the share of the `seen` values that
+        fell inside it (+25%): growing by doubling would leave the smaller buffers in the pool."""
+        if seen <= 0 or coming <= 0:
+            return
+        for values in self.inside:
+            values.reserve(values.n + int(values.n / seen * coming * 1.25) + 4096)
+
+    def overflow(self) -> None:
+        self.overflowed = True
+        self.release()
+
+    def release(self) -> None:
+        for values in self.inside:
+            values.release()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.inside)
+
+    def message(self) -> dict:
+        """What this process brings to `bracket_protocol`."""
+        return {"mode": "missed" if self.overflowed else "bracket", "groups": self.groups}
+
+    def against(self, lo: np.float32, hi: np.float32) -> tuple[list[int | None], np.ndarray]:
+        """Counts `[<= lo, < hi, < lo, <= hi]` (None: unknown) and the values strictly between, for an interval
+        inside one of this bracket's groups."""
+        for g, (glo, ghi, a, b) in enumerate(self.groups):
+            if glo <= lo and hi <= ghi:
+                le_glo, lt_ghi, lt_glo, le_ghi = self.counts[g]
+                mids = self.inside[g].values()[0]
+                le_lo = le_glo if lo == glo else le_glo + int(np.count_nonzero(mids <= lo))
+                lt_lo = (lt_glo if a else None) if lo == glo else le_glo + int(np.count_nonzero(mids < lo))
+                lt_hi = lt_ghi if hi == ghi else le_glo + int(np.count_nonzero(mids < hi))
+                le_hi = (le_ghi if b else None) if hi == ghi else le_glo + int(np.count_nonzero(mids <= hi))
+                return [le_lo, lt_hi, lt_lo, le_hi], mids[(mids > lo) & (mids < hi)]
+        msg = "interval outside every bracket"
+        raise ValueError(msg)
+
+
+def _scan_counts(values: np.ndarray, groups) -> list[tuple[int, tuple[int, np.ndarray], int, int]]:
+    """Per group: count > lo, (count strictly between, the values between), count < lo, count > hi."""
+    got = _scan_part(values, [(lo, hi, a, b) for lo, hi, a, b in groups])
+    return [(c[0], (c[1], mids), c[2], c[3]) for c, mids in got]
+
+
+def _values_against(values: np.ndarray, lo: np.float32, hi: np.float32) -> tuple[list[int], np.ndarray]:
+    """`[<= lo, < hi, < lo, <= hi]` and the values strictly between, for a process holding every value."""
+    return (
+        [
+            int(np.count_nonzero(values <= lo)),
+            int(np.count_nonzero(values < hi)),
+            int(np.count_nonzero(values < lo)),
+            int(np.count_nonzero(values <= hi)),
+        ],
+        values[(values > lo) & (values < hi)],
+    )
+
+
+def bracket_protocol(local: Bracket | np.ndarray | None, ranks: list[int], missed: bool = False):
+    """A protocol generator (driven by `quantiles.run_local` or `collectives.run_protocols`) that finds the
+    values at the 0-based global `ranks` from every process's `local`: a `Bracket`, or an array holding every
+    value it saw (1-D, NaN = left out; None: none). Returns `{rank: float32}`, or None (a miss) in every
+    process alike. `missed` says this process already knows it cannot answer (e.g. an overflow)."""
+    if isinstance(local, Bracket):
+        message = local.message()
+        if missed:
+            message["mode"] = "missed"
+    else:
+        message = {"mode": "missed" if missed else "all", "groups": None}
+    everyone = yield message
+    if any(m["mode"] == "missed" for m in everyone):
+        return None
+    brackets = [m["groups"] for m in everyone if m["mode"] == "bracket"]
+    if brackets:
+        intervals = _intersections(brackets)
+    else:
+        intervals = [(-_INF, _INF)]
+    if not intervals:
+        return None
+    if isinstance(local, Bracket):
+        mine = [local.against(lo, hi) for lo, hi in intervals]
+    else:
+        values = np.empty(0, dtype=np.float32) if local is None else local
+        mine = [_values_against(values, lo, hi) for lo, hi in intervals]
+    everyone = yield mine
+    out: dict[int, float] = {}
+    for i, (lo, hi) in enumerate(intervals):
+        counts = [[part[i][0][j] for part in everyone] for j in range(4)]
+        le_lo, lt_hi, lt_lo, le_hi = (None if any(c is None for c in col) else sum(col) for col in counts)
+        between = None
+        for k in ranks:
+            if k in out:
+                continue
+            if le_lo <= k < lt_hi:
+                if between is None:
+                    between = np.concatenate([part[i][1] for part in everyone])
+                    between.sort()
+                out[k] = between[k - le_lo]
+            elif lt_lo is not None and lt_lo <= k < le_lo:
+                out[k] = lo
+            elif le_hi is not None and lt_hi <= k < le_hi:
+                out[k] = hi
+    if any(k not in out for k in ranks):
+        return None
+    return {k: np.float32(v) for k, v in out.items()}
+
+
+def _intersections(brackets: list[list[tuple]]) -> list[tuple[np.float32, np.float32]]:
+    """The intervals every process knows: each group of the first bracket intersected with the overlapping
+    group of every other (the one overlapping it most); empty intersections dropped."""
+    out = []
+    for lo, hi, _, _ in brackets[0]:
+        for other in brackets[1:]:
+            best = None
+            for olo, ohi, _, _ in other:
+                a, b = max(lo, olo), min(hi, ohi)
+                if a <= b and (best is None or b - a > best[1] - best[0]):
+                    best = (a, b)
+            if best is None:
+                lo, hi = _INF, -_INF
+                break
+            lo, hi = best
+        if lo <= hi:  # lo == hi: an atom holds the whole bracket (its edge counts answer)
+            out.append((np.float32(lo), np.float32(hi)))
+    return out

@@ -1,0 +1,219 @@
+"""Bracketed exact quantiles (`calibrate/bracket.py`): exact whenever they answer, a miss (never a wrong value)
+when the data drift out of the brackets, and then the statistic is collected again by `calibrate_pass`.
+References are `torch.quantile` over every value (all below its 2^24 limit)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate import bracket as bracket_mod
+from ternqc.runtime.calibrate import loop
+from ternqc.runtime.calibrate.points import ResolvedPoints
+from ternqc.runtime.calibrate.quantiles import QuantileBudget
+from ternqc.runtime.calibrate.stats.feeder import TensorStats
+from tests.runtime.test_distributed_sync import run_distributed, same
+
+
+def quantile(q, abs_=False):
+    return StatSpec("range_quantile", abs=abs_, options=(("quantile", q),))
+
+
+def reference(batches, q, abs_=False):
+    """torch.quantile's definition (linear interpolation at rank q·(n-1), `torch.lerp` in float32) with the
+    rank in float64, as ternqc defines it, over every value sorted by numpy."""
+    x = torch.cat([b.reshape(-1) for b in batches])
+    x = x[torch.isfinite(x)]
+    x = np.sort((x.abs() if abs_ else x).numpy())
+    out = []
+    for f in (1 - q, q):
+        r = f * (x.size - 1)
+        lo, hi = math.floor(r), math.ceil(r)
+        w = torch.tensor(r - lo, dtype=torch.float32)
+        out.append(float(torch.lerp(torch.tensor(x[lo]), torch.tensor(x[hi]), w)))
+    return tuple(out)
+
+
+def feed(batches, specs, budget=None, world_hint=None):
+    ts = TensorStats(specs, bracket=True, quantile_budget=budget or QuantileBudget(), plan_hint=world_hint)
+    for i, b in enumerate(batches):
+        ts.update(b, i)
+    return ts
+
+
+def gaussian(n_batches=8, shape=(64, 2048), seed=0, scale=lambda i: 1.0, shift=lambda i: 0.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * scale(i) + shift(i) for i in range(n_batches)]
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.975, 0.999])
+@pytest.mark.parametrize("abs_", [False, True])
+def test_bracketed_quantiles_are_exact_and_keep_a_fraction_of_the_values(q, abs_):
+    batches = gaussian(n_batches=16, shape=(64, 4096))
+    budget = QuantileBudget()
+    ts = feed(batches, [quantile(q, abs_)], budget)
+    (state,) = ts.states.values()
+    assert state._bracket is not None  # brackets in use, not a buffer of everything
+    (result,) = ts.results().values()
+    lo, hi = reference(batches, q, abs_)
+    assert (result["min"], result["max"]) == (lo, hi)
+    assert result.get("exact", True) and not ts.missed()
+    every_value = sum(b.numel() for b in batches) * 4
+    assert budget.peak < every_value / 4
+
+
+def test_relu_zeros_on_the_median_are_found_by_the_edge_counts():
+    batches = [torch.relu(b - 0.3) for b in gaussian()]  # ~62% zeros: the median is the atom at 0
+    ts = feed(batches, [quantile(0.5), quantile(0.7)])
+    got = ts.results()
+    assert not ts.missed()
+    for q in (0.5, 0.7):
+        assert (got[quantile(q)]["min"], got[quantile(q)]["max"]) == reference(batches, q)
+
+
+def test_nonfinite_values_are_left_out_of_the_ranks():
+    batches = gaussian()
+    batches[0][0, :10] = float("nan")
+    batches[5][3, 7] = float("inf")
+    ts = feed(batches, [quantile(0.5)])
+    (result,) = ts.results().values()
+    assert (result["min"], result["max"]) == reference(batches, 0.5)
+    assert result["nonfinite"] == 11
+
+
+DRIFTS = {
+    "shift": dict(shift=lambda i: 3.0 * i),  # the median walks out of the first batch's bracket
+    "collapse": dict(scale=lambda i: 1.0 if i == 0 else 1e-3, shift=lambda i: 0.0 if i == 0 else 0.5),
+    "one_sided": dict(shift=lambda i: 0.0 if i < 2 else -5.0),
+}
+
+
+@pytest.mark.parametrize("drift", DRIFTS)
+def test_drift_out_of_the_bracket_is_a_miss_never_a_wrong_value(drift):
+    batches = gaussian(**DRIFTS[drift])
+    ts = feed(batches, [quantile(0.5), quantile(0.975)])
+    assert ts.missed()  # these drifts leave the bracket of at least one quantile
+    for spec, result in ts.results().items():  # whatever still answers is exact
+        assert (result["min"], result["max"]) == reference(batches, spec.option("quantile"))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_drifts_are_exact_or_missed(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    steps = torch.randn(8, generator=g) * float(torch.rand(1, generator=g) * 2)
+    scales = torch.exp(torch.randn(8, generator=g))
+    batches = gaussian(seed=seed, shift=lambda i: float(steps[: i + 1].sum()), scale=lambda i: float(scales[i]))
+    if seed % 3 == 0:
+        batches = [torch.relu(b) for b in batches]
+    specs = [quantile(q) for q in (0.5, 0.9, 0.99)]
+    ts = feed(batches, specs)
+    missed = set(ts.missed())
+    for spec in specs:
+        if spec not in missed:
+            got = ts.results()[spec]
+            assert (got["min"], got["max"]) == reference(batches, spec.option("quantile")), spec.key()
+
+
+def test_values_inside_that_outgrow_the_budget_are_a_miss():
+    batches = [torch.randn(64, 4096) * 1e-3 for _ in range(8)]
+    batches[0] = torch.randn(64, 4096) * 100  # a wide bracket from a wide head, then everything inside it
+    ts = feed(batches, [quantile(0.5)], QuantileBudget(2 * 2**20))
+    assert ts.missed()
+
+
+class Single(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Identity()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(("drift", "budget_mib", "exact"), [("shift", 256, True), ("collapse", 256, True),
+                                                            ("shift", 1, False)])
+def test_calibration_collects_a_missed_quantile_again(monkeypatch, drift, budget_mib, exact):
+    batches = [(b, None) for b in gaussian(**DRIFTS[drift])]
+    specs = (quantile(0.5), StatSpec("abs_mean"), quantile(0.975))
+    points = ResolvedPoints.from_mapping({"inner": {"data_in_0": specs}})
+    calls = []
+    real = loop.calibrate_pass
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("bracket", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "calibrate_pass", spy)
+    table = loop.calibrate(Single(), batches, points, quantile_budget=QuantileBudget(int(budget_mib * 2**20)),
+                           progress=False)
+    assert calls[-1] is False  # a second pass without brackets
+    results = table["inner"].values["data_in_0"]
+    assert list(results) == list(specs)  # in the order asked for
+    values = torch.cat([b.reshape(-1) for b, _ in batches])
+    n = values.numel()
+    for spec in (quantile(0.5), quantile(0.975)):
+        got = results[spec]
+        q = spec.option("quantile")
+        if exact:
+            assert (got["min"], got["max"]) == reference([b for b, _ in batches], q)
+        else:  # the sketch: within its certified rank error, and said so
+            assert got["exact"] is False
+            rank = float((values < got["max"]).sum()) / n
+            assert abs(rank - q) <= 1e-4 + 1 / n
+
+
+def test_calibration_without_drift_needs_no_second_pass(monkeypatch):
+    batches = [(b, None) for b in gaussian()]
+    points = ResolvedPoints.from_mapping({"inner": {"data_in_0": (quantile(0.5),)}})
+    calls = []
+    real = loop.calibrate_pass
+    monkeypatch.setattr(loop, "calibrate_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    table = loop.calibrate(Single(), batches, points, progress=False)
+    assert len(calls) == 1
+    got = table["inner"].values["data_in_0"][quantile(0.5)]
+    assert (got["min"], got["max"]) == reference([b for b, _ in batches], 0.5)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("drift", [None, "shift"])
+def test_processes_merge_brackets_to_the_single_process_answer(world, drift):
+    batches = gaussian(n_batches=9, **(DRIFTS[drift] if drift else {}))
+    specs = [quantile(0.5), quantile(0.99), quantile(0.9, abs_=True)]
+
+    def make(eager):
+        return TensorStats(specs, eager=eager, bracket=True, plan_hint=len(batches))
+
+    single = make(True)
+    for i, b in enumerate(batches):
+        single.update(b, i)
+    missed_single = set(single.missed())
+    everyone = run_distributed(make, batches, world)
+    for results, _, _ in everyone:
+        for spec in specs:
+            if spec in results:  # answered: exact, so the single process's answer bit for bit
+                want = reference(batches, spec.option("quantile"), spec.abs)
+                assert same([results[spec]["min"], results[spec]["max"]], list(want))
+            if spec not in missed_single and drift is None:
+                assert spec in results
+    assert len({tuple(sorted(s.key() for s in r)) for r, _, _ in everyone}) == 1  # the same misses everywhere
+
+
+def test_bracket_width_is_a_module_constant():
+    assert 0 < bracket_mod.WIDTH < 0.1
+
+
+def test_more_calls_than_planned_turn_to_brackets_not_to_a_sketch():
+    """Planned small (one update), fed many: the exact buffer's room runs out and brackets take over."""
+    batches = gaussian(n_batches=6, shape=(64, 2048))
+    budget = QuantileBudget(3 * 2**20)
+    ts = TensorStats([quantile(0.5)], bracket=True, quantile_budget=budget, plan_hint=1, size_hint=1)
+    for i, b in enumerate(batches):
+        ts.update(b, i)
+    (result,) = ts.results().values()
+    assert result.get("exact", True)
+    assert (result["min"], result["max"]) == reference(batches, 0.5)
