@@ -4,7 +4,8 @@ Tables: calibration / plain forward (toy, MLP, transformer); apply of ternary_fu
 the fixed cost of a calibration; ternqc vs a model of MASE's pass; quantile methods (exact buffers, sketch,
 numpy, torch); ternary forward / float forward; `ternqc compile` wall time; calibration of the MLP in 1 vs 2
 processes; peak memory with N vs 4N batches; the integer engine and the packed export (speed against fp32
-and quantize_dynamic, size against the float state_dict). Each states its target and PASS/MISS with the margin. About
+and quantize_dynamic, size against the float state_dict); accuracy of the shipped recipes on digits and
+toy-tiny, post-training and fine-tuned. Each states its target and PASS/MISS with the margin. About
 5 minutes on a 2-core machine; `--quick` runs fewer repetitions and smaller cases (about 2 minutes).
 Timings on a shared machine vary by 30-100% from run to run: ratios are medians of interleaved runs.
 
@@ -20,6 +21,7 @@ import statistics
 import sys
 import time
 
+import accuracy
 import apply_cost
 import calibration
 import compile_time
@@ -62,6 +64,7 @@ SECTIONS = {
     "processes": processes.run,
     "memory": memory.run,
     "engine": engine.run,
+    "accuracy": accuracy.run,
 }
 
 

@@ -1,7 +1,8 @@
 """ternqc: a rule language and compiler for ternary quantisation of PyTorch models.
 
 Flow: `compile` a rules file (.tq) into a `Plan`; the runtime prepares hooks from the plan, calibrates,
-maps statistics to quantiser parameters and converts modules to ternary ones.
+maps statistics to quantiser parameters and converts modules to ternary ones; `finetune(...)` then trains the
+ternary model with the quantisers in the loop (`ternqc.tuning`).
 
 One call on a model you hold: `ternqc.quantize_(model, "weights_only", loader, eval_data=val_loader)`
 (see `ternqc.api`). Importing ternqc imports neither torch nor lark: `quantize_`, `compile_rules` and
@@ -10,10 +11,10 @@ One call on a model you hold: `ternqc.quantize_(model, "weights_only", loader, e
 
 from ternqc.plan import Plan
 
-__all__ = ["Plan", "Report", "__version__", "compile_rules", "load_packed", "quantize_"]
+__all__ = ["Plan", "Report", "__version__", "compile_rules", "finetune", "load_packed", "quantize_"]
 __version__ = "0.1.0"
 
-_LAZY = {"quantize_": "ternqc.api", "compile_rules": "ternqc.api", "Report": "ternqc.api"}
+_LAZY = {"quantize_": "ternqc.api", "compile_rules": "ternqc.api", "Report": "ternqc.api", "finetune": "ternqc.tuning"}
 
 
 def __getattr__(name: str):

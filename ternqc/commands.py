@@ -1,5 +1,5 @@
-"""Command handlers behind `ternqc compile | train | profile | apply | map | report | sweep | demo`, and `COMMANDS`, the table
-`cli.main` dispatches through.
+"""Command handlers behind `ternqc compile | train | profile | apply | finetune | map | report | sweep | demo`, and
+`COMMANDS`, the table `cli.main` dispatches through.
 
 Each takes the parsed argparse namespace and returns an exit code. This is the one place where the two
 halves meet: a handler compiles the rules (`ternqc.compiler`, which never imports torch) and hands the plan
@@ -111,10 +111,12 @@ def _settings(args: argparse.Namespace):
     if not args.quantile_budget_mib >= 0:  # also refuses NaN
         msg = f"--quantile-budget-mib must be a number >= 0, got {args.quantile_budget_mib}"
         raise UserError(msg)
+    from ternqc.runtime.models.builtin import default_dataset
+
     return RunSettings(
         model=args.model,
         ckpt=args.ckpt,
-        dataset=args.dataset,
+        dataset=args.dataset or default_dataset(args.model),
         samples=args.samples,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -131,11 +133,12 @@ def _print_notes(notes) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
+    from ternqc.runtime.models.builtin import default_dataset
     from ternqc.runtime.models.train import run_train
 
     result = run_train(
         args.model,
-        args.dataset,
+        args.dataset or default_dataset(args.model),
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
@@ -237,6 +240,47 @@ def sweep(args: argparse.Namespace) -> int:
     from ternqc.sweep import run_sweep_command
 
     return run_sweep_command(args)
+def finetune(args: argparse.Namespace) -> int:
+    """`ternqc finetune`: what `apply` does, then fine-tuning with the quantisers in the loop (one process,
+    `--workers N` or every process of a torchrun job, data-parallel); rank 0 writes `apply`'s four outputs,
+    with the fine-tuned model, and prints the accuracy before and after."""
+    from ternqc.render import format_layer_table, render_explain
+    from ternqc.runtime.run import pipeline, workers
+    from ternqc.runtime.run.finetune import FinetuneSettings
+
+    plan, source = load_plan(args.rules, args.plan, args.sets)
+    settings = _settings(args)
+    tune = FinetuneSettings(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.train_batch_size,
+        learn_activations=not args.fixed_activations,
+        distill=args.distill,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    tune.check()
+    tuned, writes = _calibrate_in_processes(args, workers.finetune_worker, plan.to_dict(), settings, tune, source)
+    if not writes:
+        return 0
+    result = tuned.result
+    _print_notes(result.profile.notes)
+    written = pipeline.write_apply_outputs(args.out, result, settings)
+    if args.explain:
+        print(render_explain(result.mapping))
+    print(format_layer_table(result.report))
+    print(
+        f"\nvalidation accuracy: float {result.float_accuracy:.4f}  ternary {tuned.post_training_accuracy:.4f}"
+        f" post-training, {result.ternary_accuracy:.4f} after {tune.epochs} epochs of fine-tuning"
+        f"  ({settings.dataset}, rules {source})"
+    )
+    print("wrote " + ", ".join(written))
+    for warning in result.warnings:
+        print(f"ternqc: warning: {warning}", file=sys.stderr)
+    for failure in result.assert_failures:  # checked on the fine-tuned model; the outputs are written
+        print(f"ternqc: error: {failure.render()}", file=sys.stderr)
+    return 1 if result.assert_failures else 0
 
 
 def export(args: argparse.Namespace) -> int:
@@ -300,6 +344,7 @@ COMMANDS = {
     "train": train,
     "profile": profile,
     "apply": apply,
+    "finetune": finetune,
     "map": map_stats,
     "report": report,
     "sweep": sweep,

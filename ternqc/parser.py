@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 
+MODEL_HELP = "built-in name (toy, digits-mlp, digits-cnn) or FILE.py:factory / pkg.mod:factory"
+DATASET_HELP = "built-in name (toy-tiny, digits) or FILE.py:factory; default: the model's own (toy-tiny for a factory)"
+
 
 def _add_run_options(p: argparse.ArgumentParser, *, rules: bool = True, sets: bool = True) -> None:
     """Options shared by the commands that load a model and calibrate it (`sets`: with `--set NAME=VALUE`)."""
-    p.add_argument("--model", default="toy", help="built-in name (toy) or FILE.py:factory / pkg.mod:factory")
+    p.add_argument("--model", default="toy", help=MODEL_HELP)
     p.add_argument("--ckpt", help="Lightning checkpoint or plain state_dict to load into the model")
-    p.add_argument("--dataset", default="toy-tiny", help="built-in name (toy-tiny) or FILE.py:factory")
+    p.add_argument("--dataset", help=DATASET_HELP)
     if rules:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--rules", help="rules file (.tq); default: the built-in configs/toy_ternary.tq")
@@ -29,6 +32,18 @@ def _add_run_options(p: argparse.ArgumentParser, *, rules: bool = True, sets: bo
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--metric", help="FILE.py:fn, fn(output, labels) -> float per batch, for outputs that are "
                    "neither [batch, classes] nor [batch, seq, vocab] scores")
+
+
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    """Options of `ternqc finetune` (see runtime/run/finetune.py)."""
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate, cosine-decayed to 0 (default 3e-3)")
+    p.add_argument("--train-batch-size", type=int, default=64, help="fine-tuning batch size (default 64)")
+    p.add_argument("--fixed-activations", action="store_true",
+                   help="keep the calibrated activation Δ/α instead of learning them (LSQ)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of distillation from the float model in the loss (default 0: off)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
 
 
 def _add_set_option(p: argparse.ArgumentParser) -> None:
@@ -50,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="with --model: the rule that sets each parameter")
 
     p = sub.add_parser("train", help="train a model and write a Lightning-layout checkpoint")
-    p.add_argument("--model", default="toy", help="built-in name (toy) or FILE.py:factory / pkg.mod:factory")
-    p.add_argument("--dataset", default="toy-tiny", help="built-in name (toy-tiny) or FILE.py:factory")
-    p.add_argument("--epochs", type=int, default=30, help="epochs (default 30); the best validation loss is kept")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
+    p.add_argument("--model", default="toy", help=MODEL_HELP)
+    p.add_argument("--dataset", help=DATASET_HELP)
+    p.add_argument("--epochs", type=int, help="epochs (default per model: toy 30, digits-* 40); the best validation loss is kept")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default per model: toy 1e-2, digits-* 3e-3)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling (default 0)")
     p.add_argument("--out", default="best.ckpt", help="checkpoint to write, Lightning layout (default best.ckpt)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="model.safetensors", help="file to write (default model.safetensors)")
     p.add_argument("--ternary-packing", choices=("2bit", "base3"), default="2bit",
                    help="ternary codes 4 a byte (2bit, default) or 5 a byte (base3, 1.6 bits a code)")
+
+    p = sub.add_parser("finetune", help="apply, then fine-tune the ternary model with the quantisers in the loop")
+    _add_run_options(p)
+    p.add_argument("--out", default="ternqc-out", help="output folder (default ternqc-out/)")
+    p.add_argument("--explain", action="store_true", help="print the rule that set every parameter")
+    _add_finetune_options(p)
 
     p = sub.add_parser("report", help="write DIR/report.html from the report.json that `apply` wrote in DIR")
     p.add_argument("dir", help="an output folder of `ternqc apply` or `ternqc sweep` (or its .json)")

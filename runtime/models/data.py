@@ -1,8 +1,8 @@
-"""Datasets: the built-in `toy-tiny` data and user factories.
+"""Datasets: the built-in `toy-tiny` and `digits` data, and user factories.
 
 `build_dataset(spec, split) -> Dataset` of `(input, label)` pairs (or `((inputs...), label)`, or dicts of
 tensors whose `labels` key is the label: see `batches.py`): `spec` is a built-in name (`toy-tiny`,
-also `toy_tiny`) or `FILE.py:factory` / `package.module:factory` with `factory(split: str)`. Splits are
+also `toy_tiny`; `digits`, see `digits.py`) or `FILE.py:factory` / `package.module:factory` with `factory(split: str)`. Splits are
 `train`, `validation` and `test`; `val` means `validation`, and factories receive the canonical name.
 Every dataset handed out is a map-style torch `Dataset` with at least one item.
 """
@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.factories import call_factory, is_factory_spec, load_factory, unknown_builtin_message
+from ternqc.runtime.models.digits import Digits
 
 TOY_TINY_SEEDS = {"train": 0, "validation": 1, "test": 2}
 TOY_TINY_SIZE = 512
@@ -44,7 +45,7 @@ class ToyTiny(Dataset):
         return self.inputs[i], self.labels[i]
 
 
-BUILTIN_DATASETS = {"toy-tiny": ToyTiny, "toy_tiny": ToyTiny}
+BUILTIN_DATASETS = {"toy-tiny": ToyTiny, "toy_tiny": ToyTiny, "digits": Digits}
 
 
 def canonical_split(split: str) -> str:
@@ -100,7 +101,7 @@ def build_dataset(spec: str, split: str) -> Dataset:
     """Build split `split` of the dataset named by `spec`.
 
     Args:
-        spec: `toy-tiny` (or `toy_tiny`), `path/to/file.py:factory` (relative to the working directory) or
+        spec: `toy-tiny` (or `toy_tiny`), `digits`, `path/to/file.py:factory` (relative to the working directory) or
             `package.module:factory`, where `factory(split)` returns a torch `Dataset` of `(input, label)`.
         split: `train`, `validation` (or `val`) or `test`; a factory receives the canonical name.
 

@@ -1,5 +1,5 @@
 """`--workers N`: N local processes on 127.0.0.1 that form a gloo group, and the worker entry points of the
-commands that calibrate (`profile_worker`, `apply_worker`).
+commands that calibrate (`profile_worker`, `apply_worker`, `finetune_worker`).
 
 In: a module-level function and picklable arguments. Out: rank 0's return value (pickled back), or the first
 worker's `UserError`.
@@ -282,3 +282,19 @@ def rebuild_converted(spec: str, configs: dict, state: dict):
     convert_(model, {p: ModuleQuant.from_dict(d) for p, d in configs.items()})
     model.load_state_dict(state)
     return model.eval()
+
+
+def finetune_worker(plan_dict: dict, settings, tune, rules: str) -> Any:
+    """`finetune.finetune` in every process (calibration sharded and merged, training data-parallel); returns
+    rank 0's `FinetuneResult` without the calibration batches. For
+    `run_workers(n, finetune_worker, plan.to_dict(), settings, tune, source)`."""
+    import attrs
+
+    from ternqc.runtime.run.finetune import finetune
+
+    plan, model = _prepared(plan_dict, settings)
+    tuned = finetune(model, plan, settings, tune, rules=rules)
+    result = attrs.evolve(tuned.result, profile=attrs.evolve(tuned.result.profile, batches=()))
+    if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state
+        result = attrs.evolve(result, model=_Rebuild(settings.model, result.configs, result.model.state_dict()))
+    return attrs.evolve(tuned, result=result)
