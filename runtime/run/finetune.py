@@ -50,6 +50,7 @@ from ternqc.runtime.quantize.learned import (
     weight_threshold,
 )
 from ternqc.runtime.quantize.types import module_type
+from ternqc.runtime.report import details as report_details
 from ternqc.runtime.run import collectives, effects, pipeline
 from ternqc.runtime.run.pipeline import ApplyResult, RunSettings, apply
 
@@ -266,6 +267,9 @@ def rebuild_after_training(post: ApplyResult, data, plan: Plan, *, extra: dict[s
     types = [(name, module_type(m)) for name, m in model.named_modules() if name]
     failures = asserts.check_asserts(plan, mapping, applied, report, post.profile.table, types)
     asserts.annotate_report(report, plan, failures, {}, mapping)
+    # the HTML report's details: weights and errors of the fine-tuned model, the calibrated inputs' histograms
+    report_details.add_details(report, model, configs, mapping, None, before.get("run", {}))
+    report_details.carry_inputs(report, before)
     report.update(extra)
     return attrs.evolve(post, mapping=mapping, configs=configs, ternary_accuracy=report["ternary_accuracy"],
                         ternary_metrics=metrics, report=report, assert_failures=tuple(failures))
