@@ -170,7 +170,7 @@ def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
 
         msg = f"--workers must be at least 1, got {args.workers}"
         raise UserError(msg)
-    settings = worker_args[1]  # (plan_dict, settings, ...): the user's model file defines the result's classes
+    settings = worker_args[1]  # (plan, settings, ...): the user's model file defines the result's classes
     preload = lambda: workers.import_user_code(settings)  # noqa: E731
     return workers.run_workers(args.workers, worker, *worker_args, preload=preload), True
 
@@ -180,7 +180,7 @@ def profile(args: argparse.Namespace) -> int:
     from ternqc.runtime.run import workers
 
     plan, _source = load_plan(args.rules, args.plan, args.sets)
-    result, writes = _calibrate_in_processes(args, workers.profile_worker, plan.to_dict(), _settings(args))
+    result, writes = _calibrate_in_processes(args, workers.profile_worker, plan, _settings(args))
     if not writes:
         return 0
     _print_notes(result.notes)
@@ -200,7 +200,7 @@ def apply(args: argparse.Namespace) -> int:
         require_matplotlib()  # before the run, not after it
     plan, source = load_plan(args.rules, args.plan, args.sets)
     settings = _settings(args)
-    result, writes = _calibrate_in_processes(args, workers.apply_worker, plan.to_dict(), settings, source)
+    result, writes = _calibrate_in_processes(args, workers.apply_worker, plan, settings, source)
     if not writes:
         return 0
     _print_notes(result.profile.notes)
@@ -261,7 +261,7 @@ def finetune(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     tune.check()
-    tuned, writes = _calibrate_in_processes(args, workers.finetune_worker, plan.to_dict(), settings, tune, source)
+    tuned, writes = _calibrate_in_processes(args, workers.finetune_worker, plan, settings, tune, source)
     if not writes:
         return 0
     result = tuned.result

@@ -31,7 +31,7 @@ _SPAWNED = "TERNQC_SPAWNED_WORKER"  # set in the processes `run_workers` starts
 def run_workers(n: int, fn: Callable[..., Any], *args: Any, preload: Callable[[], None] | None = None) -> Any:
     """Run `fn(*args)` in `n` spawned processes that form a gloo process group on 127.0.0.1, and return
     rank 0's return value. `fn` must be a module-level function and `args` picklable (pass plans as
-    `Plan.to_dict()`). Each process gets `torch.get_num_threads() // n` threads (at least 1). `preload`
+    `Plan` values pickle as they are). Each process gets `torch.get_num_threads() // n` threads (at least 1). `preload`
     runs here before rank 0's result is unpickled: it imports what the result's classes live in (a user's
     model file, see `import_user_code`).
 
@@ -225,35 +225,35 @@ def _describe(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _prepared(plan_dict: dict, settings):
-    from ternqc.plan import Plan
+def _prepared(plan, settings):
+    """The plan as given (a `Plan` pickles as itself: no dict round trip) and this process's model, with rank
+    0's weights."""
     from ternqc.runtime.run import pipeline
 
-    model = broadcast_model_(pipeline.load_model(settings))
-    return Plan.from_dict(plan_dict), model
+    return plan, broadcast_model_(pipeline.load_model(settings))
 
 
-def profile_worker(plan_dict: dict, settings) -> Any:
+def profile_worker(plan, settings) -> Any:
     """`pipeline.profile` in every process (calibration sharded and merged); returns the `ProfileResult`
-    without its batches. For `run_workers(n, profile_worker, plan.to_dict(), settings)`."""
+    without its batches. For `run_workers(n, profile_worker, plan, settings)`."""
     import attrs
 
     from ternqc.runtime.run import pipeline
 
-    plan, model = _prepared(plan_dict, settings)
+    plan, model = _prepared(plan, settings)
     result = pipeline.profile(model, plan, settings)
     return attrs.evolve(result, batches=())
 
 
-def apply_worker(plan_dict: dict, settings, rules: str) -> Any:
+def apply_worker(plan, settings, rules: str) -> Any:
     """`pipeline.apply` in every process (both calibration passes sharded and merged; evaluation runs in
     every process); returns rank 0's `ApplyResult` (its model converted) without the batches. For
-    `run_workers(n, apply_worker, plan.to_dict(), settings, source)`."""
+    `run_workers(n, apply_worker, plan, settings, source)`."""
     import attrs
 
     from ternqc.runtime.run import pipeline
 
-    plan, model = _prepared(plan_dict, settings)
+    plan, model = _prepared(plan, settings)
     result = pipeline.apply(model, plan, settings, rules=rules)
     result = attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
     if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state
@@ -284,15 +284,15 @@ def rebuild_converted(spec: str, configs: dict, state: dict):
     return model.eval()
 
 
-def finetune_worker(plan_dict: dict, settings, tune, rules: str) -> Any:
+def finetune_worker(plan, settings, tune, rules: str) -> Any:
     """`finetune.finetune` in every process (calibration sharded and merged, training data-parallel); returns
     rank 0's `FinetuneResult` without the calibration batches. For
-    `run_workers(n, finetune_worker, plan.to_dict(), settings, tune, source)`."""
+    `run_workers(n, finetune_worker, plan, settings, tune, source)`."""
     import attrs
 
     from ternqc.runtime.run.finetune import finetune
 
-    plan, model = _prepared(plan_dict, settings)
+    plan, model = _prepared(plan, settings)
     tuned = finetune(model, plan, settings, tune, rules=rules)
     result = attrs.evolve(tuned.result, profile=attrs.evolve(tuned.result.profile, batches=()))
     if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state

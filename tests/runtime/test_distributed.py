@@ -80,8 +80,8 @@ def setup(tmp_path_factory):
 
 def test_two_processes_give_the_single_process_statistics_and_parameters(setup):
     plan, settings = setup
-    single = workers.apply_worker(plan.to_dict(), settings, "rules.tq")
-    two = workers.run_workers(2, workers.apply_worker, plan.to_dict(), settings, "rules.tq")
+    single = workers.apply_worker(plan, settings, "rules.tq")
+    two = workers.run_workers(2, workers.apply_worker, plan, settings, "rules.tq")
 
     assert list(two.profile.table) == list(single.profile.table)
     names = set()
@@ -110,9 +110,9 @@ def test_a_workers_user_error_reaches_the_parent_with_its_message(setup):
     data = settings.model.replace(":wide", ":three_features")
     bad = pipeline.RunSettings(model=settings.model, ckpt=settings.ckpt, dataset=data, progress=False)
     with pytest.raises(UserError) as info:
-        workers.run_workers(2, workers.profile_worker, plan.to_dict(), bad)
+        workers.run_workers(2, workers.profile_worker, plan, bad)
     with pytest.raises(UserError) as here:
-        workers.profile_worker(plan.to_dict(), bad)
+        workers.profile_worker(plan, bad)
     assert str(info.value) == str(here.value)
     assert "rejected the calibration inputs" in str(here.value)
 
