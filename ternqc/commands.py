@@ -15,6 +15,7 @@ import os
 import sys
 
 from ternqc.plan import Plan
+from ternqc.runargs import calibrate_in_processes, load_plan, print_notes, settings_from_args
 
 
 def compile_rules(args: argparse.Namespace) -> int:
@@ -74,64 +75,6 @@ def _check_against_model(plan: Plan, args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
-def load_plan(rules: str | None, plan_path: str | None, sets: list[str] | None = None) -> tuple[Plan, str]:
-    """The plan from `--plan P.json`, `--rules R.tq`, or the built-in default recipe; and its source name.
-    `sets` are the `--set NAME=VALUE` overrides of the rules' top-level `let`s.
-
-    Compile warnings go to stderr.
-    """
-    from ternqc.runtime.errors import UserError
-
-    if plan_path and sets:
-        raise UserError("--set changes the rules, so it needs --rules; a compiled --plan has its values fixed")
-    if plan_path:
-        from ternqc.inputs import MAX_PLAN_BYTES, read_text
-
-        try:
-            return Plan.from_json(read_text(plan_path, "plan", MAX_PLAN_BYTES), plan_path), plan_path
-        except OSError as exc:
-            msg = f"cannot read plan {plan_path!r}: {exc.strerror or exc}"
-            raise UserError(msg) from exc
-        except ValueError as exc:
-            msg = str(exc) if str(exc).startswith(f"{plan_path}:") else f"{plan_path}: {exc}"
-            raise UserError(msg) from exc
-    from ternqc.compiler import builtin_recipe, compile_file, parse_sets
-
-    path = rules or str(builtin_recipe())
-    compiled = compile_file(path, parse_sets(sets or []))
-    for warning in compiled.warnings:
-        print(warning.render() if hasattr(warning, "render") else str(warning), file=sys.stderr)
-    return compiled.plan, (rules or "configs/toy_ternary.tq")
-
-
-def _settings(args: argparse.Namespace):
-    from ternqc.runtime.errors import UserError
-    from ternqc.runtime.run.pipeline import RunSettings
-
-    if not args.quantile_budget_mib >= 0:  # also refuses NaN
-        msg = f"--quantile-budget-mib must be a number >= 0, got {args.quantile_budget_mib}"
-        raise UserError(msg)
-    from ternqc.runtime.models.builtin import default_dataset
-
-    return RunSettings(
-        model=args.model,
-        ckpt=args.ckpt,
-        dataset=args.dataset or default_dataset(args.model),
-        samples=args.samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        quantile_budget_mib=args.quantile_budget_mib,
-        progress=not args.no_progress,
-        metric=getattr(args, "metric", None),
-        sensitivity=getattr(args, "sensitivity", False),
-    )
-
-
-def _print_notes(notes) -> None:
-    for note in notes:
-        print(f"ternqc: note: {note}", file=sys.stderr)
-
-
 def train(args: argparse.Namespace) -> int:
     from ternqc.runtime.models.builtin import default_dataset
     from ternqc.runtime.models.train import run_train
@@ -153,37 +96,15 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate_in_processes(args: argparse.Namespace, worker, *worker_args):
-    """Run a pipeline worker (`workers.profile_worker` / `apply_worker`) here, in every process of a
-    torchrun job, or in `--workers N` local processes; return `(result, writes)`: rank 0's result, and
-    whether this process writes outputs (rank 0 only)."""
-    from ternqc.runtime.run import collectives as distributed
-    from ternqc.runtime.run import workers
-
-    if distributed.init_from_env():  # under torchrun: this process is one rank
-        try:
-            return worker(*worker_args), distributed.is_main_process()
-        finally:
-            distributed.shutdown()
-    if args.workers < 1:
-        from ternqc.runtime.errors import UserError
-
-        msg = f"--workers must be at least 1, got {args.workers}"
-        raise UserError(msg)
-    settings = worker_args[1]  # (plan, settings, ...): the user's model file defines the result's classes
-    preload = lambda: workers.import_user_code(settings)  # noqa: E731
-    return workers.run_workers(args.workers, worker, *worker_args, preload=preload), True
-
-
 def profile(args: argparse.Namespace) -> int:
     from ternqc.runtime.io.mase_io import write_stats_toml
     from ternqc.runtime.run import workers
 
     plan, _source = load_plan(args.rules, args.plan, args.sets)
-    result, writes = _calibrate_in_processes(args, workers.profile_worker, plan, _settings(args))
+    result, writes = calibrate_in_processes(args, workers.profile_worker, plan, settings_from_args(args))
     if not writes:
         return 0
-    _print_notes(result.notes)
+    print_notes(result.notes)
     write_stats_toml(args.out, result.table)
     counts = sum(len(v) for ms in result.table.values() for v in ms.values.values())
     print(f"profiled {len(result.table)} modules ({counts} statistics); wrote {args.out}")
@@ -199,11 +120,11 @@ def apply(args: argparse.Namespace) -> int:
 
         require_matplotlib()  # before the run, not after it
     plan, source = load_plan(args.rules, args.plan, args.sets)
-    settings = _settings(args)
-    result, writes = _calibrate_in_processes(args, workers.apply_worker, plan, settings, source)
+    settings = settings_from_args(args)
+    result, writes = calibrate_in_processes(args, workers.apply_worker, plan, settings, source)
     if not writes:
         return 0
-    _print_notes(result.profile.notes)
+    print_notes(result.profile.notes)
     written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.report:
         from ternqc.runtime.report.write import write_report
@@ -249,7 +170,7 @@ def finetune(args: argparse.Namespace) -> int:
     from ternqc.runtime.run.finetune import FinetuneSettings
 
     plan, source = load_plan(args.rules, args.plan, args.sets)
-    settings = _settings(args)
+    settings = settings_from_args(args)
     tune = FinetuneSettings(
         epochs=args.epochs,
         lr=args.lr,
@@ -261,11 +182,11 @@ def finetune(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     tune.check()
-    tuned, writes = _calibrate_in_processes(args, workers.finetune_worker, plan, settings, tune, source)
+    tuned, writes = calibrate_in_processes(args, workers.finetune_worker, plan, settings, tune, source)
     if not writes:
         return 0
     result = tuned.result
-    _print_notes(result.profile.notes)
+    print_notes(result.profile.notes)
     written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.explain:
         print(render_explain(result.mapping))

@@ -100,7 +100,7 @@ def combinations(swept: dict[str, list[str]]) -> list[dict[str, str]]:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """The `ternqc sweep` handler (registered in `commands.COMMANDS`)."""
-    from ternqc.commands import _calibrate_in_processes, _print_notes, _settings
+    from ternqc.runargs import calibrate_in_processes, print_notes, settings_from_args
     from ternqc.runtime.errors import UserError
     from ternqc.runtime.report.plots import require_matplotlib
     from ternqc.runtime.run import sweep
@@ -122,13 +122,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                 warned.append(warning)
                 print(warning, file=sys.stderr)
         plans.append(({k: display_value(v) for k, v in combo.items()}, plan.to_dict()))
-    settings = _settings(args)
-    result, writes = _calibrate_in_processes(
+    settings = settings_from_args(args)
+    result, writes = calibrate_in_processes(
         args, sweep.sweep_worker, plans, settings, args.rules, args.reports
     )
     if not writes:
         return 0
-    _print_notes(result.notes)
+    print_notes(result.notes)
     doc = sweep.sweep_document(
         result, {k: [display_value(v) for v in vs] for k, vs in swept.items()}, settings, args.rules
     )

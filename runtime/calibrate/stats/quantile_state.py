@@ -1,0 +1,408 @@
+"""`QuantileState`: `range_quantile`, exact under the quantile budget (a whole buffer, or brackets around the
+wanted ranks), a KLL sketch beyond it.
+
+In: a `StatSpec` and a `StatContext`. Out: `min`/`max` at the (1-q) and q quantiles, `exact`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import attrs
+import numpy as np
+import torch
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.bracket import HEAD_VALUES, Bracket, BracketMissed, bracket_protocol
+from ternqc.runtime.calibrate.quantiles import (
+    ExactValues,
+    QuantileBudget,
+    quantiles_from_ranks,
+    run_local,
+    select_protocol,
+    wanted_ranks,
+)
+from ternqc.runtime.calibrate.sketch import CompactorSketch, rank_error_bound, sketch_bytes, sketch_k_for
+from ternqc.runtime.calibrate.stats.base import StatState
+from ternqc.runtime.calibrate.stats.layout import pseudo_layout, result_form
+from ternqc.runtime.calibrate.stats.registry import StatContext, register_stat
+from ternqc.runtime.calibrate.stats.sums import (
+    batch_counts,
+    rows_view,
+    write_rows,
+)
+
+
+@register_stat("range_quantile")
+class QuantileState(StatState):
+    """`range_quantile`: exact while the shared `QuantileBudget` allows, then a `CompactorSketch`.
+
+    With a size hint (the number of updates to expect) the choice is made at the first batch: exact when all
+    the values will fit, else a sketch straight away. `plan_hint` is the number of updates of all processes
+    together: the choice then is the one a single process would make, and the budget accounts for the
+    values of every process (this process allocates only its own).
+    """
+
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
+        self.q = spec.option("quantile")
+        self.budget = self.ctx.budget if self.ctx.budget is not None else QuantileBudget()
+        self.size_hint = self.ctx.size_hint  # updates expected here: the first buffer is sized for all of them
+        self.plan_hint = self.ctx.plan_hint or self.ctx.size_hint  # updates expected by every process together
+        self._exact: ExactValues | None = None
+        self._sketch: CompactorSketch | None = None
+        self._final: dict[str, torch.Tensor] | None = None  # the result, after a merge across processes
+        self._seen = 0  # values per row so far, left-out ones included
+        self._left_out: np.ndarray | None = None  # per row, when any
+        self._promised = 0  # bytes promised to this state's sketch in the budget
+        self._head = False  # bracketing: the exact buffer is the head the brackets are placed from
+        self._per_update = 0  # values per update, from the first batch (sizes the bracket buffers)
+        self._bracket: Bracket | None = None
+        self._missed = False
+        if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
+            self._promise(1)
+
+    def _blank(self) -> StatState:
+        return type(self)(self.spec, attrs.evolve(self.ctx, budget=self.budget, size_hint=None, plan_hint=None))
+
+    def _promise(self, rows: int) -> None:
+        # a default sketch (0.8 MB a row), but for many rows no more than an eighth of the budget: such a
+        # state then gets a smaller sketch (a larger rank error, which its note states), not all the room
+        want = min(sketch_bytes(rows), max(sketch_bytes(1), self.budget.limit // 8))
+        if self._sketch is None and want > self._promised:
+            self.budget.promise(want - self._promised)
+            self._promised = want
+
+    @property
+    def exact(self) -> bool:
+        return self._sketch is None
+
+    @property
+    def bracketing(self) -> bool:
+        """Whether this state may keep only the values near its ranks (`ctx.bracket`, one row)."""
+        return self.ctx.bracket and self.spec.dims == "all"
+
+    @property
+    def missed(self) -> bool:
+        if self._bracket is not None and self._final is None and not self._missed:
+            self._final = self._compute()
+        return self._missed
+
+    def note(self) -> str | None:
+        if self._sketch is None:
+            return None
+        return (
+            f"{self.spec.key()}: more values than the quantile memory budget holds "
+            f"({self.budget.limit / 2**20:g} MiB); used a sketch with rank error <= "
+            f"{rank_error_bound(self._sketch.k):.1e}"
+        )
+
+    def release(self) -> None:
+        if self._final is None and self.layout is not None and not self._missed:
+            self._final = self._compute()
+        self._release_exact()
+        if self._bracket is not None:
+            self._bracket.release()
+            self._bracket = None
+        self.budget.cancel(self._promised)  # no sketch will be needed any more
+        self._promised = 0
+
+    def _start(self, per_update: int) -> None:
+        """The first batch: an exact buffer (sized from the hint) or, when the hint says the values cannot
+        fit, a sketch."""
+        rows = self.layout.rows
+        self._promise(rows)
+        self._exact = ExactValues(rows, self.budget)
+        planned = per_update * (self.plan_hint or 0)
+        if self.bracketing and (not planned or planned > 2 * HEAD_VALUES or planned * 4 > self.budget.available):
+            self._head = True  # keep the head, then brackets (`_begin_bracket`); never a sketch
+            return
+        if not self.plan_hint:
+            return
+        planned = per_update * self.plan_hint
+        local = per_update * (self.size_hint or self.plan_hint)
+        if planned * rows * 4 > self.budget.available + self._promised:
+            self._exact = None
+            self._to_sketch()
+            return
+        self.budget.cancel(self._promised)
+        self._promised = 0
+        self.budget.force((planned - local) * rows * 4)  # the other processes' share of the values
+        self._exact.reserve(local)
+
+    def _observe(self, block):
+        self._final = None
+        lay, x, mask = self.layout, block.x, block.mask
+        if x.device.type != "cpu":
+            x = x.cpu()
+            mask = None if mask is None else mask.cpu()
+        if mask is not None:
+            self._add_left_out(batch_counts(~mask, lay).sum(0).numpy())
+            x = torch.where(mask, x, float("nan"))
+        m = x.numel() // lay.rows
+        self._seen += m
+        if self._bracket is not None:
+            self._bracket.add(rows_view(x, lay)[0], m - block.bad)
+            return
+        if self._sketch is None:
+            if self._exact is None:
+                self._per_update = m // block.k
+                self._start(self._per_update)
+            if self._head:
+                slot = self._exact.slot(m)
+                if slot is not None:
+                    write_rows(slot, x, lay)
+                if slot is None or self._exact.n >= HEAD_VALUES:
+                    self._begin_bracket(None if slot is not None else (rows_view(x, lay)[0], m - block.bad))
+                return
+            if self._sketch is None:
+                slot = self._exact.slot(m)
+                if slot is not None:
+                    write_rows(slot, x, lay)
+                    return
+                if self.bracketing:  # more values than planned (a module called more often): brackets
+                    self._begin_bracket((rows_view(x, lay)[0], m - block.bad))
+                    return
+                self._to_sketch()
+        self._sketch.add(rows_view(x, lay))
+
+    def _begin_bracket(self, extra: tuple[np.ndarray, int] | None) -> None:
+        """Place brackets from the head (or from `extra`, a block the head had no room for), count the head
+        into them and give the head back; then count `extra` too."""
+        head = self._exact.values()[0]
+        source = head if head.size or extra is None else extra[0]
+        self._bracket = Bracket.start(source, (1.0 - self.q, self.q), self.budget)
+        finite = head.size - (int(np.count_nonzero(np.isnan(head))) if self._left_out is not None else 0)
+        if head.size:
+            self._bracket.add(head, finite)
+            planned = self._per_update * (self.size_hint or self.plan_hint or 0)
+            self._bracket.reserve(head.size, planned - head.size)
+        self._release_exact()
+        self._head = False
+        if extra is not None:
+            self._bracket.add(*extra)
+
+    def _add_left_out(self, per_row: np.ndarray) -> None:
+        per_row = per_row.astype(np.int64)
+        self._left_out = per_row if self._left_out is None else self._left_out + per_row
+
+    def _to_sketch(self) -> None:
+        rows = self.layout.rows
+        self._promise(rows)
+        freed = self._exact.nbytes if self._exact is not None else 0
+        sketch = CompactorSketch(rows, sketch_k_for(rows, self.budget.available + freed + self._promised))
+        if self._exact is not None:
+            sketch.add(self._exact.values())
+            self._exact.release()
+            self._exact = None
+        self.budget.claim(self._promised, sketch.reserved_bytes())
+        self._promised = 0
+        self._sketch = sketch
+
+    def _merge(self, other):
+        if self._bracket is not None or other._bracket is not None:
+            msg = "a bracketed quantile merges only through its sync protocol"
+            raise ValueError(msg)
+        self._final = None
+        self._seen += other._seen
+        if other._left_out is not None:
+            self._add_left_out(other._left_out)
+        if other._sketch is not None:
+            if self._sketch is None:
+                self._to_sketch()
+            self._sketch.merge(other._sketch)
+            return
+        if other._exact is None or other._exact.n == 0:
+            return
+        self._add_values(other._exact.values())
+
+    def _add_values(self, values: np.ndarray) -> None:
+        if self._sketch is None:
+            if self._exact is None:
+                self._promise(self.layout.rows)
+                self._exact = ExactValues(self.layout.rows, self.budget)
+            slot = self._exact.slot(values.shape[1])
+            if slot is not None:
+                slot[...] = values
+                return
+            self._to_sketch()
+        self._sketch.add(values)
+
+    def _finite_per_row(self) -> np.ndarray:
+        finite = np.full(self.layout.rows, self._seen, dtype=np.int64)
+        return finite if self._left_out is None else finite - self._left_out
+
+    def _compute(self) -> dict[str, torch.Tensor] | None:
+        """The result; None, with `missed` set, when a bracket cannot answer exactly."""
+        rows = self.layout.rows
+        qs = (1.0 - self.q, self.q)
+        if self._bracket is not None:
+            finite = self._finite_per_row()
+            if int(finite[0]) == 0:
+                lo = hi = torch.full((1,), float("nan"))
+                return {"min": lo, "max": hi, "range": hi - lo}
+            found = run_local(bracket_protocol(self._bracket, wanted_ranks(qs, finite), self._bracket.overflowed))
+            if found is None:
+                self._missed = True
+                return None
+            lo, hi = quantiles_from_ranks(qs, finite, found)
+        elif self._sketch is not None:
+            lo, hi = self._sketch.quantiles(qs, self._finite_per_row())
+        elif self._exact is not None:
+            lo, hi = self._exact.quantiles(qs, self._finite_per_row())
+        else:
+            lo = hi = torch.full((rows,), float("nan"))
+        return {"min": lo, "max": hi, "range": hi - lo}
+
+    def _result(self):
+        if self._final is None and not self._missed:
+            self._final = self._compute()  # kept: selection is the expensive part
+        if self._missed:
+            msg = f"{self.spec.key()}: the wanted rank left its bracket; collect this statistic again"
+            raise BracketMissed(msg)
+        return self._final
+
+    def _tensors(self):
+        if self._bracket is not None:
+            msg = "a bracketed quantile merges only through its sync protocol"
+            raise ValueError(msg)
+        out = {"seen": torch.tensor(self._seen, dtype=torch.int64)}
+        if self._left_out is not None:
+            out["left_out"] = torch.from_numpy(self._left_out.copy())
+        if self._sketch is not None:
+            arrays = self._sketch.to_arrays()
+            out.update({f"sketch_{k}": torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        elif self._exact is not None:
+            out["values"] = torch.from_numpy(self._exact.values().copy())
+        return out
+
+    def _load(self, tensors):
+        self._final = None
+        rows = self.layout.rows
+        self._seen = int(tensors["seen"])
+        if "left_out" in tensors:
+            self._left_out = tensors["left_out"].numpy().astype(np.int64).copy()
+        if "sketch_k" in tensors:
+            arrays = {k[len("sketch_") :]: v.numpy() for k, v in tensors.items() if k.startswith("sketch_")}
+            self._sketch = CompactorSketch.from_arrays(arrays, rows)
+            self.budget.claim(self._promised, self._sketch.reserved_bytes())
+            self._promised = 0
+        elif "values" in tensors:
+            self._add_values(tensors["values"].numpy())
+
+    def sync(self) -> Generator:
+        """Merge across processes. Exact single-row states stay where they are: `select_protocol` finds the
+        wanted ranks from samples, counts and the few values inside its brackets. Sketches (and exact values
+        when some process has a sketch) are pooled and merged in process order; exact per-channel values are
+        pooled. A bracketing state (`ctx.bracket`, one row) runs `bracket_protocol` instead."""
+        if self.bracketing:
+            return (yield from self._sync_bracket())
+        rows = self.layout.rows if self.layout is not None else 0
+        mode = "empty" if self.layout is None else "sketch" if self._sketch is not None else "exact"
+        message = {
+            "mode": mode,
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+            "seen": self._seen,
+            "left_out": self._left_out,
+            "form": None if self.layout is None else result_form(self.layout),
+            "sketch": self._sketch.to_arrays() if mode == "sketch" else None,
+            "values": self._exact.values() if rows > 1 and self._exact is not None else None,
+        }
+        everyone = yield message
+        forms = [m["form"] for m in everyone if m["form"] is not None]
+        if not forms:
+            return
+        scalar, shape = forms[0]
+        if self.layout is None:
+            self.layout = pseudo_layout(shape, scalar)
+        rows = self.layout.rows
+        local = self._exact.values()[0] if mode == "exact" and rows == 1 and self._exact is not None else None
+        local_finite = int(self._finite_per_row()[0]) if self._seen else 0
+        self.count = sum(m["count"] for m in everyone)
+        self.nonfinite = sum(m["nonfinite"] for m in everyone)
+        self._seen = sum(m["seen"] for m in everyone)
+        lefts = [m["left_out"] for m in everyone if m["left_out"] is not None]
+        self._left_out = np.sum(lefts, axis=0).astype(np.int64) if lefts else None
+        modes = [m["mode"] for m in everyone]
+        if "sketch" in modes:
+            values = everyone
+            if rows == 1 and "exact" in modes:
+                values = yield local  # the exact processes' values join the sketch
+            sketch = CompactorSketch(rows, max(m["sketch"]["k"] for m in everyone if m["sketch"] is not None))
+            for m, v in zip(everyone, values):
+                if m["sketch"] is not None:
+                    sketch.merge(CompactorSketch.from_arrays(m["sketch"], rows))
+                elif m["mode"] == "exact":
+                    values_of = v if rows == 1 else m["values"]
+                    if values_of is not None:
+                        sketch.add(np.asarray(values_of).reshape(rows, -1))
+            self._release_exact()
+            self._sketch = sketch
+            self._final = None
+            return
+        if rows > 1:
+            pooled = np.concatenate([m["values"] for m in everyone if m["values"] is not None], axis=1)
+            self._release_exact()
+            self._exact = ExactValues.from_array(pooled)
+            self._final = None
+            return
+        finite = self._finite_per_row()
+        qs = (1.0 - self.q, self.q)
+        found = yield from select_protocol(local, local_finite, wanted_ranks(qs, finite), len(everyone))
+        lo, hi = quantiles_from_ranks(qs, finite, found)
+        self._final = {"min": lo, "max": hi, "range": hi - lo}
+        self._release_exact()
+
+    def _sync_bracket(self) -> Generator:
+        """Merge a bracketing state: totals first, then `bracket_protocol` over every process's bracket or
+        head; a miss anywhere is a miss everywhere (the caller collects the statistic again)."""
+        message = {
+            "count": self.count,
+            "nonfinite": self.nonfinite,
+            "seen": self._seen,
+            "left_out": self._left_out,
+            "form": None if self.layout is None else result_form(self.layout),
+        }
+        everyone = yield message
+        forms = [m["form"] for m in everyone if m["form"] is not None]
+        if not forms:
+            return
+        if self.layout is None:
+            self.layout = pseudo_layout(forms[0][1], forms[0][0])
+        self.count = sum(m["count"] for m in everyone)
+        self.nonfinite = sum(m["nonfinite"] for m in everyone)
+        self._seen = sum(m["seen"] for m in everyone)
+        lefts = [m["left_out"] for m in everyone if m["left_out"] is not None]
+        self._left_out = np.sum(lefts, axis=0).astype(np.int64) if lefts else None
+        finite = self._finite_per_row()
+        qs = (1.0 - self.q, self.q)
+        self._final = None
+        if int(finite[0]) == 0:
+            lo = hi = torch.full((1,), float("nan"))
+            self._final = {"min": lo, "max": hi, "range": hi - lo}
+        else:
+            bracket = self._bracket
+            local = bracket if bracket is not None else (self._exact.values()[0] if self._exact is not None else None)
+            missed = bracket is not None and bracket.overflowed
+            found = yield from bracket_protocol(local, wanted_ranks(qs, finite), missed)
+            if found is None:
+                self._missed = True
+            else:
+                lo, hi = quantiles_from_ranks(qs, finite, found)
+                self._final = {"min": lo, "max": hi, "range": hi - lo}
+        self._release_exact()
+        if self._bracket is not None:
+            self._bracket.release()
+            self._bracket = None
+
+    def _release_exact(self) -> None:
+        if self._exact is not None:
+            self._exact.release()
+            self._exact = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Construction
+# ---------------------------------------------------------------------------------------------------------
+
