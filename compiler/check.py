@@ -35,6 +35,21 @@ from attrs import frozen
 
 from ternqc import plan
 from ternqc.compiler import ast
+from ternqc.compiler.check_support import (
+    KIND_WORDS,
+    MODEL_VARIABLES,
+    RefContext,
+    ambiguous,
+    assert_hint,
+    assert_variables,
+    in_range,
+    kind_of,
+    mistaken_pattern,
+    name_hint,
+    sel_text,
+    valid_selector,
+    widths_text,
+)
 from ternqc.compiler.errors import Diagnostic, and_list, did_you_mean, one_of
 from ternqc.compiler.vocab import (
     CALIBRATE_KEYS,
@@ -86,34 +101,6 @@ class _Set:
     span: ast.Span
 
 
-def _hint(word: str, known: Iterable[str], what: str) -> str:
-    """"did you mean 'x'?" when a known name is close, else "<what> a, b and c"."""
-    known = list(known)
-    return did_you_mean(word, known) or f"{what} {and_list(known)}"
-
-
-def _kind_of(expr: ast.Expr) -> str:
-    """What a value is, for "takes X, got Y" messages."""
-    value = literal(expr)
-    if value is None:
-        return "na"
-    if isinstance(value, bool):
-        return "a bool"
-    if is_int(value):
-        return f"the integer {value}"
-    if is_number(value):
-        return f"the number {value}"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(expr, ast.List):
-        return "a list"
-    if isinstance(expr, ast.StatRef):
-        return "a statistic"
-    if isinstance(expr, ast.Name):
-        return f"the name '{expr.name}'"
-    return "an expression"
-
-
 class _Checker:
     def __init__(
         self, let_names: dict[str, tuple[str, ...]] | None = None, broken_lets: set[tuple[str, str]] | None = None
@@ -157,16 +144,16 @@ class _Checker:
             seen[key] = entry
             if key not in CALIBRATE_KEYS:
                 msg = f"unknown calibrate setting '{key}'"
-                self.error(entry.key.span, msg, _hint(key, CALIBRATE_KEYS, "the settings are"))
+                self.error(entry.key.span, msg, name_hint(key, CALIBRATE_KEYS, "the settings are"))
                 continue
             value = literal(entry.value)
             if CALIBRATE_KEYS[key] == "count":
                 if not is_int(value) or value <= 0:
-                    msg = f"{key} takes a positive integer, got {_kind_of(entry.value)}"
+                    msg = f"{key} takes a positive integer, got {kind_of(entry.value)}"
                     self.error(entry.value.span, msg)
                     continue
             elif not isinstance(value, str) or not value:
-                msg = f'{key} takes a split name in quotes, e.g. "train", got {_kind_of(entry.value)}'
+                msg = f'{key} takes a split name in quotes, e.g. "train", got {kind_of(entry.value)}'
                 self.error(entry.value.span, msg)
                 continue
             self.sets.append(_Set(("calibrate", key), f"calibrate {key}", entry.span))
@@ -185,7 +172,7 @@ class _Checker:
             if sel is None or tensor is None:
                 continue
             if (sel, tensor) in seen_targets:
-                msg = f"{_sel_text(target.selector)}.{target.tensor.name} is listed twice in this statement"
+                msg = f"{sel_text(target.selector)}.{target.tensor.name} is listed twice in this statement"
                 self.error(target.span, msg)
                 continue
             seen_targets.add((sel, tensor))
@@ -230,7 +217,7 @@ class _Checker:
             if not sel.text.strip():
                 self.error(sel.span, "empty module name", 'write a module path such as "seq_blocks.0"')
                 return None
-            mistaken = _mistaken_pattern(sel.text)
+            mistaken = mistaken_pattern(sel.text)
             if mistaken:
                 self.error(sel.span, f'"{sel.text}" would be read as a module name or glob', mistaken)
                 return None
@@ -251,7 +238,7 @@ class _Checker:
         ):
             known = ["default", *plan.QUANTISABLE]
             msg = f"'{sel.text}' is not a quantisable type"
-            self.error(sel.span, msg, _hint(sel.text, known, "the quantisable types are"))
+            self.error(sel.span, msg, name_hint(sel.text, known, "the quantisable types are"))
             return None
         return result
 
@@ -260,14 +247,14 @@ class _Checker:
         selected modules lack."""
         canonical = canonical_tensor(word.name)
         if canonical is None:
-            hint = _hint(word.name, TENSOR_WORDS, "the tensors are")
+            hint = name_hint(word.name, TENSOR_WORDS, "the tensors are")
             self.error(word.span, f"unknown tensor '{word.name}'", hint)
             return None
         known = type_tensors(sel) if sel is not None else None
         if not tensor_allowed(canonical, known):
             assert known is not None and sel is not None
-            msg = f"{_sel_text(written)} has no tensor '{word.name}'"
-            self.error(word.span, msg, f"{_sel_text(written)} has {and_list([*known, 'data_out'])}")
+            msg = f"{sel_text(written)} has no tensor '{word.name}'"
+            self.error(word.span, msg, f"{sel_text(written)} has {and_list([*known, 'data_out'])}")
             return None
         return canonical
 
@@ -291,7 +278,7 @@ class _Checker:
         for written in stmt.selectors:
             key = (written.text, written.quoted, written.form, written.scope)
             if key in seen:
-                msg = f"{_sel_text(written)} is listed twice in this block (first at column {seen[key].span.col})"
+                msg = f"{sel_text(written)} is listed twice in this block (first at column {seen[key].span.col})"
                 self.error(written.span, msg)
                 continue
             seen[key] = written
@@ -299,21 +286,21 @@ class _Checker:
 
     def assertion(self, stmt: ast.Assert) -> None:
         if stmt.selector is None:
-            ctx = _RefContext("assert", "", None, None, variables=MODEL_VARIABLES)
+            ctx = RefContext("assert", "", None, None, variables=MODEL_VARIABLES)
             self.typed(stmt.test, ctx, "bool", "an assertion")
             return
         sel = self.selector(stmt.selector, binding=True)
         tensors = type_tensors(sel) if sel is not None else None
         names = assert_variables(tensors)
-        ctx = _RefContext("assert", "", sel, stmt.selector, variables=names)
+        ctx = RefContext("assert", "", sel, stmt.selector, variables=names)
         self.typed(stmt.test, ctx, "bool", "an assertion")
 
-    def typed(self, expr: ast.Expr, ctx: _RefContext, want: str, what: str) -> bool:
+    def typed(self, expr: ast.Expr, ctx: RefContext, want: str, what: str) -> bool:
         kind = self.expr(expr, ctx)
         if kind is None:
             return False
         if kind != want:
-            self.error(expr.span, f"{what} must be {_KIND_WORDS[want]}, got {_KIND_WORDS[kind]}")
+            self.error(expr.span, f"{what} must be {KIND_WORDS[want]}, got {KIND_WORDS[kind]}")
             return False
         return True
 
@@ -327,7 +314,7 @@ class _Checker:
     ) -> None:
         sel = self.selector(written, binding=True)
         if sel is not None and excludes:
-            valid = [selector_of(e) for e in excludes if _valid_selector(e)]
+            valid = [selector_of(e) for e in excludes if valid_selector(e)]
             sel = attrs.evolve(sel, exclude=tuple(valid)) if len(valid) == len(excludes) else None
         tensors = type_tensors(sel) if sel is not None else None
         seen: dict[str, ast.Entry] = {}
@@ -344,8 +331,8 @@ class _Checker:
             split = plan.split_param(key)
             if split is not None and tensors is not None and split[0] not in tensors:
                 assert sel is not None
-                msg = f"{_sel_text(written)} has no tensor '{split[0]}', so '{key}' cannot be set"
-                self.error(entry.key.span, msg, f"{_sel_text(written)} has {and_list(tensors)}")
+                msg = f"{sel_text(written)} has no tensor '{split[0]}', so '{key}' cannot be set"
+                self.error(entry.key.span, msg, f"{sel_text(written)} has {and_list(tensors)}")
                 continue
             ok = self.value(key, split, entry.value, sel, written)
             if ok and sel is not None:
@@ -362,7 +349,7 @@ class _Checker:
         """Check the value of parameter `key` (`split` is `plan.split_param(key)`); `True` when valid."""
         if isinstance(expr, ast.Cond) and (split is None or plan.PARAM_SUFFIXES[split[1]] != "number"):
             # a parameter that takes an integer, a bool or a string: each branch must be one
-            ctx = _RefContext(key, plan.TENSOR_ALIASES[split[0]] if split else "data_in_0", sel, written)
+            ctx = RefContext(key, plan.TENSOR_ALIASES[split[0]] if split else "data_in_0", sel, written)
             ok = self.typed(expr.test, ctx, "bool", "the condition of if")
             ok &= self.value(key, split, expr.then, sel, written)
             return self.value(key, split, expr.orelse, sel, written) and ok
@@ -378,7 +365,7 @@ class _Checker:
             return self.count(key, expr)
         if kind == "bool":
             if isinstance(expr, (ast.BinOp, ast.Not, ast.Cond)):  # a condition evaluated per module
-                ctx = _RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written)
+                ctx = RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written)
                 return self.typed(expr, ctx, "bool", key)
             return self.boolean(key, expr)
         value = literal(expr)
@@ -391,17 +378,17 @@ class _Checker:
         if suffix in ("threshold", "scale") and is_number(value) and value < 0:  # caught here, not at map time
             self.error(expr.span, f"{key} must be >= 0 (a ternary {suffix}), got {value}")
             return False
-        return self.number(expr, _RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written))
+        return self.number(expr, RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written))
 
     def quantiser(self, expr: ast.Expr, key: str = "name") -> bool:
         value = literal(expr)
         if not isinstance(value, str):
-            msg = f'{key} takes a quantiser name in quotes, e.g. {key} = "ternary", got {_kind_of(expr)}'
+            msg = f'{key} takes a quantiser name in quotes, e.g. {key} = "ternary", got {kind_of(expr)}'
             self.error(expr.span, msg)
             return False
         if value not in plan.QUANTISERS:
             msg = f"unknown quantiser '{value}'"
-            self.error(expr.span, msg, _hint(value, plan.QUANTISERS, "the quantisers are"))
+            self.error(expr.span, msg, name_hint(value, plan.QUANTISERS, "the quantisers are"))
             return False
         return True
 
@@ -411,11 +398,11 @@ class _Checker:
         widths = sorted({w for ws in plan.QUANTISER_WIDTHS.values() for w in ws} | {plan.FLOAT_WIDTH})
         if value is None or (is_int(value) and value in widths):
             return True
-        kinds = ", ".join(f"{k} {_widths_text(ws)}" for k, ws in plan.QUANTISER_WIDTHS.items())
+        kinds = ", ".join(f"{k} {widths_text(ws)}" for k, ws in plan.QUANTISER_WIDTHS.items())
         if is_int(value):
             msg = f"{key} must be a quantiser's width ({kinds}) or {plan.FLOAT_WIDTH} (leave {tensor} in float), got {value}"
         else:
-            msg = f"{key} takes an integer ({kinds}, or {plan.FLOAT_WIDTH} for float), got {_kind_of(expr)}"
+            msg = f"{key} takes an integer ({kinds}, or {plan.FLOAT_WIDTH} for float), got {kind_of(expr)}"
         self.error(expr.span, msg)
         return False
 
@@ -423,7 +410,7 @@ class _Checker:
         value = literal(expr)
         if value is None or (is_int(value) and value >= 0):
             return True
-        self.error(expr.span, f"{key} takes a non-negative integer, got {_kind_of(expr)}")
+        self.error(expr.span, f"{key} takes a non-negative integer, got {kind_of(expr)}")
         return False
 
     def boolean(self, key: str, expr: ast.Expr) -> bool:
@@ -431,7 +418,7 @@ class _Checker:
             return True
         if isinstance(expr, ast.Name) and expr.name not in VALUE_NAMES:
             return self.unknown_name(expr, ("true", "false"))
-        self.error(expr.span, f"{key} takes true or false, got {_kind_of(expr)}")
+        self.error(expr.span, f"{key} takes true or false, got {kind_of(expr)}")
         return False
 
     def unknown_name(self, expr: ast.Name, known: Iterable[str], hint: str = "") -> bool:
@@ -440,20 +427,20 @@ class _Checker:
         self.error(expr.span, f"unknown name '{expr.name}'", hint)
         return False
 
-    def number(self, expr: ast.Expr, ctx: _RefContext) -> bool:
+    def number(self, expr: ast.Expr, ctx: RefContext) -> bool:
         """Check a numeric expression (not `na` on its own); `True` when valid."""
         kind = self.expr(expr, ctx)
         if kind is None:
             return False
         if kind != "number":
-            self.error(expr.span, f"{ctx.key} takes a number, got {_KIND_WORDS[kind]}")
+            self.error(expr.span, f"{ctx.key} takes a number, got {KIND_WORDS[kind]}")
             return False
         return True
 
-    def expr(self, expr: ast.Expr, ctx: _RefContext) -> str | None:
+    def expr(self, expr: ast.Expr, ctx: RefContext) -> str | None:
         """The kind of an expression ("number", "bool" or "string"), or `None` after reporting an error."""
         if isinstance(expr, ast.Number):
-            if not _in_range(expr.value):
+            if not in_range(expr.value):
                 self.error(expr.span, "number out of range")
                 return None
             return "number"
@@ -470,7 +457,7 @@ class _Checker:
             if (expr.span.file, expr.name) in self.broken_lets:
                 return None  # its let has no value, and says so
             if ctx.key == "assert":
-                hint = _assert_hint(expr.name, ctx)
+                hint = assert_hint(expr.name, ctx)
                 self.error(expr.span, f"unknown name '{expr.name}'", hint)
                 return None
             hint = "a value is a number, an expression, stat.STAT.FIELD or na"
@@ -488,8 +475,8 @@ class _Checker:
             if test is None or then is None or orelse is None:
                 return None
             if then != orelse:
-                msg = (f"the branches of if must be of one kind: then gives {_KIND_WORDS[then]}, "
-                       f"else {_KIND_WORDS[orelse]}")
+                msg = (f"the branches of if must be of one kind: then gives {KIND_WORDS[then]}, "
+                       f"else {KIND_WORDS[orelse]}")
                 self.error(expr.span, msg)
                 return None
             return then
@@ -497,19 +484,19 @@ class _Checker:
             return "number" if self.call(expr, ctx) else None
         if isinstance(expr, ast.StatRef):
             return "number" if self.stat_ref(expr, ctx) else None
-        self.error(expr.span, f"{ctx.key} takes a number, got {_kind_of(expr)}")
+        self.error(expr.span, f"{ctx.key} takes a number, got {kind_of(expr)}")
         return None
 
-    def operand(self, expr: ast.Expr, ctx: _RefContext, want: str, op: str) -> str | None:
+    def operand(self, expr: ast.Expr, ctx: RefContext, want: str, op: str) -> str | None:
         kind = self.expr(expr, ctx)
         if kind is None:
             return None
         if kind != want:
-            self.error(expr.span, f"'{op}' needs {_KIND_WORDS[want]}, got {_KIND_WORDS[kind]}")
+            self.error(expr.span, f"'{op}' needs {KIND_WORDS[want]}, got {KIND_WORDS[kind]}")
             return None
         return want
 
-    def binop(self, expr: ast.BinOp, ctx: _RefContext) -> str | None:
+    def binop(self, expr: ast.BinOp, ctx: RefContext) -> str | None:
         if expr.op in plan.LOGICAL_OPS:
             left = self.operand(expr.left, ctx, "bool", expr.op)
             right = self.operand(expr.right, ctx, "bool", expr.op)
@@ -519,7 +506,7 @@ class _Checker:
             if left is None or right is None:
                 return None
             if left != right:
-                self.error(expr.span, f"'{expr.op}' compares {_KIND_WORDS[left]} with {_KIND_WORDS[right]}")
+                self.error(expr.span, f"'{expr.op}' compares {KIND_WORDS[left]} with {KIND_WORDS[right]}")
                 return None
             return "bool"
         left = self.expr(expr.left, ctx)
@@ -529,7 +516,7 @@ class _Checker:
         for side, kind in ((expr.left, left), (expr.right, right)):
             if kind != "number":
                 what = "a comparison" if expr.op in plan.COMPARISON_OPS else "arithmetic"
-                self.error(side.span, f"{_KIND_WORDS[kind]} cannot be used in {what} ('{expr.op}')",
+                self.error(side.span, f"{KIND_WORDS[kind]} cannot be used in {what} ('{expr.op}')",
                            "a statistic field or a number is needed here")
                 return None
         if expr.op == "/" and literal(expr.right) == 0:
@@ -537,10 +524,10 @@ class _Checker:
             return None
         return "bool" if expr.op in plan.COMPARISON_OPS else "number"
 
-    def call(self, expr: ast.Call, ctx: _RefContext) -> bool:
+    def call(self, expr: ast.Call, ctx: RefContext) -> bool:
         fn = expr.fn.name
         if fn not in FUNCTIONS:
-            self.error(expr.fn.span, f"unknown function '{fn}'", _hint(fn, FUNCTIONS, "the functions are"))
+            self.error(expr.fn.span, f"unknown function '{fn}'", name_hint(fn, FUNCTIONS, "the functions are"))
             return False
         low, high = FUNCTIONS[fn]
         if len(expr.args) < low or (high is not None and len(expr.args) > high):
@@ -557,7 +544,7 @@ class _Checker:
             msg = f"'{name.name}' is added by the compiler where it is needed and cannot be named"
             self.error(name.span, msg, "set data_in_scaling_factor = true to have it collected")
             return False
-        hint = _hint(name.name, plan.STATISTICS, "the statistics are")
+        hint = name_hint(name.name, plan.STATISTICS, "the statistics are")
         self.error(name.span, f"unknown statistic '{name.name}'", hint)
         return False
 
@@ -580,7 +567,7 @@ class _Checker:
                     msg = f"{stat} takes no option '{name}' (only {one_of(elsewhere)} does)"
                     self.error(opt.name.span, msg, f"its options are {and_list(known)}")
                 else:
-                    hint = _hint(name, known, "the options are")
+                    hint = name_hint(name, known, "the options are")
                     self.error(opt.name.span, f"unknown option '{name}'", hint)
                 ok = False
                 continue
@@ -599,7 +586,7 @@ class _Checker:
                     return False
                 for item, value in zip(expr.items, items):
                     if not is_int(value):
-                        self.error(item.span, f"dims lists dimensions as integers, got {_kind_of(item)}")
+                        self.error(item.span, f"dims lists dimensions as integers, got {kind_of(item)}")
                         return False
                 if len(set(items)) != len(items):
                     self.error(expr.span, "dims lists a dimension twice")
@@ -607,7 +594,7 @@ class _Checker:
                 return True
             if isinstance(expr, ast.Name) and expr.name not in VALUE_NAMES:
                 return self.unknown_name(expr, ("all", "none", *GRANULARITY))
-            msg = f"dims takes all, none or a list of dimensions such as [0, 1], got {_kind_of(expr)}"
+            msg = f"dims takes all, none or a list of dimensions such as [0, 1], got {kind_of(expr)}"
             self.error(expr.span, msg)
             return False
         if name == "abs":
@@ -615,10 +602,10 @@ class _Checker:
                 return True
             if isinstance(expr, ast.Name) and expr.name not in VALUE_NAMES:
                 return self.unknown_name(expr, ("true", "false"))
-            self.error(expr.span, f"abs takes true or false, got {_kind_of(expr)}")
+            self.error(expr.span, f"abs takes true or false, got {kind_of(expr)}")
             return False
         if not is_number(value):
-            self.error(expr.span, f"{name} takes a number, got {_kind_of(expr)}")
+            self.error(expr.span, f"{name} takes a number, got {kind_of(expr)}")
             return False
         if name == "quantile" and not 0 <= value <= 1:
             self.error(expr.span, f"quantile must be between 0 and 1, got {value}")
@@ -628,7 +615,7 @@ class _Checker:
             return False
         return True
 
-    def stat_ref(self, ref: ast.StatRef, ctx: _RefContext) -> bool:
+    def stat_ref(self, ref: ast.StatRef, ctx: RefContext) -> bool:
         ok = True
         tensor = ctx.tensor
         sel, written_sel = ctx.sel, ctx.written
@@ -671,7 +658,7 @@ class _Checker:
             found = candidates(self.profiled, ref.sel, ref.tensor, ref.node.stat.name, ref.written)
             if len(found) < 2:
                 continue
-            self.error(ref.node.span, _ambiguous(ref, found))
+            self.error(ref.node.span, ambiguous(ref, found))
 
     # --- shadowed rules ----------------------------------------------------------------------------------
     def shadowed(self) -> None:
@@ -704,131 +691,3 @@ class _Checker:
                     break
 
 
-@frozen
-class _RefContext:
-    """What a statistic reference inside the value of parameter `key` refers to (`key` is "assert" in an
-    assertion, where `variables` are the names it may read, with their kinds)."""
-
-    key: str
-    tensor: str  # canonical tensor of the parameter's prefix; "" in an assertion (say which)
-    sel: plan.Selector | None
-    written: ast.Selector | None
-    variables: dict[str, str] = attrs.field(factory=dict)
-
-
-_KIND_WORDS = {"number": "a number", "bool": "a bool", "string": "a string"}
-
-#: What `assert model:` may read.
-MODEL_VARIABLES = {"float_accuracy": "number", "quantised_accuracy": "number"}
-#: What conversion measures per quantised tensor, readable by `assert SELECTOR:`.
-MEASURED_SUFFIXES = ("delta", "alpha", "zero_fraction")
-
-
-def assert_variables(tensors: tuple[str, ...] | None) -> dict[str, str]:
-    """The names `assert SELECTOR:` may read, with their kinds: parameters and measured values of the
-    tensors the selected modules have (all of them when the compiler cannot tell)."""
-    tensors = tensors or plan.PARAM_TENSORS
-    kinds = {"int": "number", "number": "number", "bool": "bool", "quantiser": "string"}
-    out = {"name": "string"}
-    for t in tensors:
-        for suffix, kind in plan.PARAM_SUFFIXES.items():
-            out[f"{t}_{suffix}"] = kinds[kind]
-        for suffix in MEASURED_SUFFIXES:
-            out[f"{t}_{suffix}"] = "number"
-    return out
-
-
-def _assert_hint(name: str, ctx: _RefContext) -> str:
-    close = did_you_mean(name, ctx.variables)
-    if close:
-        return close
-    if ctx.sel is None:
-        return "assert model: reads float_accuracy and quantised_accuracy"
-    return "an assertion reads parameters (weight_width), measured values (weight_delta, weight_alpha, " \
-           "weight_zero_fraction) and statistics (stat(weight).abs_mean.abs_mean)"
-
-
-_MISTAKEN_INDEX = re.compile(r"(?P<type>[a-z_][a-z0-9_]*)\[(?P<index>-?\d+)\]")
-
-
-def _mistaken_pattern(text: str) -> str:
-    """A hint when a quoted pattern looks like a selector written wrong (`"linear[-1]"`, `"re:..."`), else ""."""
-    if text.startswith(("re:", "regex:")):
-        pattern = text.split(":", 1)[1]
-        return f're"{pattern}" is a regular expression'
-    m = _MISTAKEN_INDEX.fullmatch(text)
-    if m and m["type"] in plan.QUANTISABLE:
-        index = int(m["index"])
-        if index == -1:
-            return f"the last {m['type']} is last({m['type']})"
-        if index == 0:
-            return f"the first {m['type']} is first({m['type']}); a module named {m['type']}0 is \"{m['type']}0\""
-        if index < 0:
-            return f"a glob [..] matches one character; the last {m['type']} is last({m['type']})"
-    return ""
-
-
-def _in_range(value: int | float) -> bool:
-    """Whether a number converts to a finite float (`1e999` and 400-digit integers do not)."""
-    return abs(value) <= 1e300 if isinstance(value, int) else math.isfinite(value)
-
-
-def _valid_selector(sel: ast.Selector) -> bool:
-    """Whether `selector_of(sel)` gives a valid plan selector (a regular expression compiles)."""
-    if sel.form != "regex":
-        return True
-    try:
-        re.compile(sel.text)
-    except re.error:
-        return False
-    return True
-
-
-def _sel_text(sel: ast.Selector) -> str:
-    return f'"{sel.text}"' if sel.quoted else sel.text
-
-
-def _ambiguous(ref: _Ref, found: list[plan.StatSpec]) -> str:
-    """"ambiguous: range_quantile is collected with quantile=0.5 and quantile=0.99 on weight; say which,
-    e.g. stat.range_quantile(quantile = 0.99).max"."""
-    stat = ref.node.stat.name
-    described = [_differences(spec, found) for spec in found]
-    example_opts = dict(described[-1])
-    if ref.tensor in ("weight", "bias") and {k for d in described for k, _ in d} == {"dims"}:
-        # per-output-channel layouts of different types ([1] on a Linear, [1, 2, 3] on a Conv2d): one of
-        # them would fail on the other type; per_channel means the right one for each
-        example_opts["dims"] = "per_channel"
-    for opt in ref.node.options or ():
-        example_opts.setdefault(opt.name.name, _option_text(ref.written[opt.name.name]))
-    head = f"stat({ref.node.tensor.name})" if ref.node.tensor is not None else "stat"
-    opts = ", ".join(f"{k} = {v}" for k, v in example_opts.items())
-    example = f"{head}.{stat}({opts}).{ref.node.field.name}"
-    listed = and_list([", ".join(f"{k}={v}" for k, v in d) for d in described])
-    return (f"ambiguous: {stat} is collected with {listed} on {tensor_word(ref.tensor)}; "
-            f"say which, e.g. {example}")
-
-
-def _option_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return "[" + ", ".join(map(str, value)) + "]"
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    return str(value)
-
-
-def _differences(spec: plan.StatSpec, among: list[plan.StatSpec]) -> list[tuple[str, str]]:
-    """The options of `spec` whose values differ among `among`, as (name, text)."""
-    def values(s: plan.StatSpec) -> dict[str, Any]:
-        return {"dims": s.dims, "abs": s.abs, **dict(s.options)}
-
-    mine = values(spec)
-    return [(k, _option_text(v)) for k, v in mine.items() if any(values(o)[k] != v for o in among)]
-
-
-def _widths_text(widths: tuple[int, ...]) -> str:
-    """`(2,)` -> `2`, `(2, 3, ..., 16)` -> `2-16`."""
-    if len(widths) > 1 and list(widths) == list(range(widths[0], widths[-1] + 1)):
-        return f"{widths[0]}-{widths[-1]}"
-    return "/".join(map(str, widths))

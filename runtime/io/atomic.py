@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Union
 
 from ternqc.runtime.errors import UserError
-from ternqc.runtime.io.outputs import clean_stale, fault_point
+from ternqc.runtime.io.outputs import clean_stale, fault_point, fsync_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -53,16 +53,6 @@ def _prepare(path: PathLike) -> Path:
     return target
 
 
-def _fsync_file(path: Path) -> None:
-    # Data reaches the disk before the rename makes it visible (a crash then leaves old or new, never half).
-    with contextlib.suppress(FileNotFoundError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it over `path`, on failure remove it.
@@ -86,7 +76,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             raise RuntimeError(msg)  # a bug in the caller, not the user's doing
         fault_point(f"replace:{target.name}")  # the tests' hook (outputs.FAULT_ENV)
         try:
-            _fsync_file(tmp)
+            # data reach the disk before the rename makes them visible (a crash leaves old or new, never half)
+            fsync_path(tmp, FileNotFoundError)
             os.replace(tmp, target)
         except OSError as exc:
             msg = f"cannot write {target}: {exc.strerror or exc}"

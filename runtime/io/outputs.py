@@ -162,8 +162,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
+def fsync_path(path: Path, ignore: type[OSError] | tuple[type[OSError], ...] = OSError) -> None:
+    """Flush a file's or a folder's entries to the disk (a rename made visible only after its data are there);
+    the errors in `ignore` are best-effort misses (a folder that cannot be opened, a file already gone)."""
+    with contextlib.suppress(ignore):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -251,7 +253,7 @@ def write_output_set(
         for name, write in writers:
             write(tmp / name)
             fault_point(name)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         fault_point("commit")
         with signals.deferred():
             try:
@@ -276,4 +278,4 @@ def _commit(tmp: Path, target: Path) -> None:
         os.rename(target, old)
         os.rename(tmp, target)
         os.rename(old, tmp)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
