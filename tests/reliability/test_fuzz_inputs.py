@@ -82,10 +82,12 @@ def _toml_value(v: Any) -> str:
 @st.composite
 def stats_files(draw) -> str:
     text = _base_stats()
-    fields = [m.start() for m in re.finditer(r"(?m)^(min|max|count|mean|abs_mean) = ", text)]
     for _ in range(draw(st.integers(0, 3))):
+        # positions are found again after each replacement: a replaced value changes the offsets after it
+        fields = [m.start() for m in re.finditer(r"(?m)^(min|max|count|mean|abs_mean) = ", text)]
         start = draw(st.sampled_from(fields))
-        end = text.index("\n", start)
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
         key = text[start:end].split(" = ")[0]
         text = text[:start] + f"{key} = {_toml_value(draw(toml_values))}" + text[end:]
     kind = draw(st.sampled_from(["values", "punctuation", "truncate"]))
