@@ -200,8 +200,11 @@ class ExactValues:
         """
         a = self.values()
         if self.rows == 1:
-            return quantiles_from_ranks(qs, finite, run_local(select_protocol(a[0], int(finite[0]),
-                                                                             wanted_ranks(qs, finite))))
+            ranks = wanted_ranks(qs, finite)
+            if a.shape[1] <= SAMPLE_SIZE:  # what the protocol's first round would do: sort them all
+                every = np.sort(a[0])  # NaN sorts last, past the finite ones
+                return quantiles_from_ranks(qs, finite, {k: every[k] for k in ranks if 0 <= k < int(finite[0])})
+            return quantiles_from_ranks(qs, finite, run_local(select_protocol(a[0], int(finite[0]), ranks)))
         return partition_quantiles(a, qs, finite)
 
 
@@ -223,14 +226,12 @@ def quantiles_from_ranks(
     like `torch.quantile`; NaN when the row has no finite value."""
     if int(finite[0]) == 0:
         return [torch.full((1,), float("nan")) for _ in qs]
-    out = []
     n1 = max(int(finite[0]) - 1, 0)
-    for q in qs:
-        r = float(q) * float(n1)  # `rank_of` for one row
-        lo = torch.tensor([values[math.floor(r)]], dtype=torch.float32)
-        hi = torch.tensor([values[math.ceil(r)]], dtype=torch.float32)
-        out.append(torch.lerp(lo, hi, torch.tensor([r - math.floor(r)], dtype=torch.float32)))
-    return out
+    rs = [float(q) * float(n1) for q in qs]  # `rank_of` for one row
+    lo = torch.tensor([values[math.floor(r)] for r in rs], dtype=torch.float32)
+    hi = torch.tensor([values[math.ceil(r)] for r in rs], dtype=torch.float32)
+    got = torch.lerp(lo, hi, torch.tensor([r - math.floor(r) for r in rs], dtype=torch.float32))
+    return list(got.reshape(-1, 1))  # one lerp for every q: element-wise, the same bits as one at a time
 
 
 def partition_quantiles(a: np.ndarray, qs: tuple[float, ...], finite: np.ndarray) -> list[torch.Tensor]:
