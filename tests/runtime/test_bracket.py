@@ -217,3 +217,45 @@ def test_more_calls_than_planned_turn_to_brackets_not_to_a_sketch():
     (result,) = ts.results().values()
     assert result.get("exact", True)
     assert (result["min"], result["max"]) == reference(batches, 0.5)
+
+
+def _kept_inside(ts) -> int:
+    (state,) = ts.states.values()
+    return sum(v.n for v in state._bracket.inside)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9])
+def test_narrowed_brackets_stay_exact_and_keep_far_fewer_values(monkeypatch, q):
+    """After `NARROW_AFTER_HEADS` heads the brackets shrink to the values near the current ranks: the answer is
+    still torch.quantile's, from half or less of the values kept without narrowing."""
+    batches = gaussian(n_batches=16, shape=(64, 4096))
+    narrowed = feed(batches, [quantile(q)])
+    (state,) = narrowed.states.values()
+    assert state._bracket.fractions is None  # narrowed (once)
+    (result,) = narrowed.results().values()
+    assert (result["min"], result["max"]) == reference(batches, q)
+    assert not narrowed.missed()
+    monkeypatch.setattr(bracket_mod, "NARROW_AFTER_HEADS", 10**9)
+    wide = feed(batches, [quantile(q)])
+    assert wide.states[quantile(q)]._bracket.fractions is not None  # never narrowed
+    assert _kept_inside(narrowed) * 2 < _kept_inside(wide)
+
+
+def test_repeated_values_at_the_narrowed_edges_are_counted_as_atoms():
+    """Values on a coarse grid (each repeated thousands of times): a narrowed edge falls on a repeated value,
+    whose rank is then found from the edge counts; exact, no miss."""
+    batches = [torch.round(b * 8) / 8 for b in gaussian(n_batches=16, shape=(64, 4096))]
+    for q in (0.5, 0.7, 0.95):
+        ts = feed(batches, [quantile(q)])
+        (result,) = ts.results().values()
+        assert not ts.missed()
+        assert (result["min"], result["max"]) == reference(batches, q)
+
+
+def test_drift_after_narrowing_is_a_miss_never_a_wrong_value():
+    """A shift of 0.2 standard deviations in the second half moves the median ~4% of the ranks: inside the
+    wide bracket's margin, outside the narrowed one's. A miss (collected again by the caller), never a wrong value."""
+    batches = gaussian(n_batches=16, shape=(64, 4096), shift=lambda i: 0.0 if i < 8 else 0.2)
+    ts = feed(batches, [quantile(0.5)])
+    assert ts.missed()
+    assert quantile(0.5) not in ts.results()

@@ -143,6 +143,8 @@ class QuantileState(StatState):
         self._seen += m
         if self._bracket is not None:
             self._bracket.add(rows_view(x, lay)[0], m - block.bad)
+            if self._bracket.narrow_due():
+                self._bracket.narrow()
             return
         if self._sketch is None:
             if self._exact is None:
