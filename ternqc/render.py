@@ -109,7 +109,8 @@ def render_explain(result: Any) -> str:
     Returns:
         The text, ending with a newline.
     """
-    lines = [f"# parameters and the rules that set them{f' (rules: {result.rules})' if result.rules else ''}"]
+    rules = ", ".join(result.sources)
+    lines = [f"# parameters and the rules that set them{f' (rules: {rules})' if rules else ''}"]
     from ternqc.runtime.quantize.resolve import applicable_params
 
     for m in result.modules.values():

@@ -109,7 +109,7 @@ class FinetuneResult:
 
 
 def finetune(
-    model: nn.Module, plan: Plan, settings: RunSettings, tune: FinetuneSettings, *, rules: str
+    model: nn.Module, plan: Plan, settings: RunSettings, tune: FinetuneSettings
 ) -> FinetuneResult:
     """Calibrate and convert `model` as `apply` does, then fine-tune it on the train split.
 
@@ -124,8 +124,9 @@ def finetune(
     if settings.dataset is None:
         raise UserError("fine-tuning needs a dataset with a train split: name one (--dataset)")
     data = pipeline.dataset_data(plan, settings, evaluation=True)
-    post = apply(model, plan, settings, rules=rules, data=data)
+    post = apply(model, plan, settings, data=data)
     if not any(is_ternary(m) for m in model.modules()):
+        rules = ", ".join(plan.sources) or "of the plan"
         raise UserError(f"nothing to fine-tune: the rules {rules} converted no module of the model to ternary")
     train_ds = build_dataset(settings.dataset, "train")
     val_ds = build_dataset(settings.dataset, "validation")

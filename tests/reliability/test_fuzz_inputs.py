@@ -183,4 +183,4 @@ def test_any_plan_reads_and_maps_or_fails_cleanly(text: str) -> None:
             return
     summarize(plan)
     with contextlib.suppress(UserError):
-        map_params(plan, table, rules="p.json", by_node_name=True)
+        map_params(plan, table, by_node_name=True)

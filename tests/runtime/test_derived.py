@@ -36,7 +36,7 @@ def run(setup, budget_mib, monkeypatch=None, seen=None):
             return real(model, batches, resolved, **kwargs)
 
         monkeypatch.setattr(loop, "calibrate", spy)
-    return pipeline.apply(pipeline.load_model(settings), plan, settings, rules="ternary_full.tq")
+    return pipeline.apply(pipeline.load_model(settings), plan, settings)
 
 
 def passes(result):
@@ -120,4 +120,4 @@ def test_a_plan_without_its_derived_points_is_refused_not_worked_out_again(setup
     bare = attrs.evolve(plan, profile=tuple(p for p in plan.profile if p.reason != "derived"))
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False)
     with pytest.raises(UserError, match="lists none there"):
-        pipeline.apply(pipeline.load_model(settings), bare, settings, rules="ternary_full.tq")
+        pipeline.apply(pipeline.load_model(settings), bare, settings)
