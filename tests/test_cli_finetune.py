@@ -80,8 +80,8 @@ def test_finetuning_weights_only_comes_close_to_float(digits_ckpt):
 def test_two_processes_reach_the_accuracy_of_one(digits_ckpt):
     plan = compile_file(builtin_recipe("ternary_act.tq")).plan
     settings = _settings(digits_ckpt)
-    one = workers.finetune_worker(plan, settings, TUNE, "ternary_act.tq")
-    two = workers.run_workers(2, workers.finetune_worker, plan, settings, TUNE, "ternary_act.tq")
+    one = workers.finetune_worker(plan, settings, TUNE)
+    two = workers.run_workers(2, workers.finetune_worker, plan, settings, TUNE)
     assert two.post_training_accuracy == pytest.approx(one.post_training_accuracy, abs=1e-9)
     assert abs(two.result.ternary_accuracy - one.result.ternary_accuracy) <= 0.005
 

@@ -103,8 +103,8 @@ def test_alpha_by_hand_equals_numpy(setup):
 def test_two_processes_give_the_single_process_alpha(setup, budget):
     plan, ckpt = setup
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=budget)
-    single = workers.apply_worker(plan, settings, "ternary_full.tq")
-    two = workers.run_workers(2, workers.apply_worker, plan, settings, "ternary_full.tq")
+    single = workers.apply_worker(plan, settings)
+    two = workers.run_workers(2, workers.apply_worker, plan, settings)
     assert two.configs == single.configs
     assert passes(two) == passes(single)
     assert derived_values(two) == derived_values(single)
