@@ -68,10 +68,10 @@ from ternqc.compiler.vocab import (
     selector_of,
     spec_of,
     tensor_allowed,
-    tensor_word,
     type_tensors,
     written_options,
 )
+from ternqc.render import tensor_word
 
 ALL_PARAMS = plan.all_params()
 

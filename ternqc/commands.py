@@ -25,7 +25,7 @@ def compile_rules(args: argparse.Namespace) -> int:
     every selector hits something), 1 when they do not or a file cannot be read or written, 2 for --ckpt or
     --explain without --model."""
     from ternqc.compiler import CompileError, compile_file, parse_sets
-    from ternqc.compiler.summary import summarize
+    from ternqc.render import summarize
 
     rules_path, output_path = args.rules, args.output
     if (args.ckpt or args.explain) and not args.model:

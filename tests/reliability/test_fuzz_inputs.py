@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from ternqc.cli import main
 from ternqc.commands import load_plan
 from ternqc.compiler import compile_file
-from ternqc.compiler.summary import summarize
+from ternqc.render import summarize
 from ternqc.runtime.errors import UserError
 from tests.test_cli_support import CONFIGS, run_cli
 
