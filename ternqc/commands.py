@@ -170,9 +170,7 @@ def finetune(args: argparse.Namespace) -> int:
     from ternqc.runtime.run import pipeline, workers
     from ternqc.runtime.run.finetune import FinetuneSettings
 
-    plan, source = load_plan(args.rules, args.plan, args.sets)
-    settings = settings_from_args(args)
-    tune = FinetuneSettings(
+    tune = FinetuneSettings(  # checks its values (UserError naming the option) before anything runs
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.train_batch_size,
@@ -182,7 +180,8 @@ def finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    tune.check()
+    plan, source = load_plan(args.rules, args.plan, args.sets)
+    settings = settings_from_args(args)
     tuned, writes = calibrate_in_processes(args, workers.finetune_worker, plan, settings, tune)
     if not writes:
         return 0

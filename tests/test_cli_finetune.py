@@ -176,3 +176,14 @@ def test_cli_workers_two_processes_write_once(digits_ckpt, tmp_path):
     assert run.rc == 0, run.err
     assert run.out.count("after 1 epochs of fine-tuning") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(APPLY_OUTPUTS)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "option"),
+    [("epochs", 0, "--epochs"), ("epochs", 2**60, "--epochs"), ("lr", float("nan"), "--lr"),
+     ("batch_size", 0, "--train-batch-size"), ("distill", 1.5, "--distill"), ("temperature", 0.0, "--temperature")],
+)
+def test_settings_are_checked_once_when_made(name, value, option):
+    # one place (runtime/ranges.py through FinetuneSettings' validators) for the CLI and Python alike
+    with pytest.raises(UserError, match=f"^{option} must be"):
+        FinetuneSettings(**{name: value})
