@@ -259,8 +259,8 @@ def partition_quantiles(a: np.ndarray, qs: tuple[float, ...], finite: np.ndarray
 
 #: Values in the sample that brackets the wanted ranks (all processes together).
 SAMPLE_SIZE = 2**15
-_SCAN_CHUNK = 2**17  # values compared at once (with their boolean masks they stay in the L2 cache)
-_PARALLEL_SCAN = 2**22  # from this many values the scan is split over threads
+_SCAN_CHUNK = 2**16  # values compared at once (with their boolean masks they stay in the L2 cache)
+_PARALLEL_SCAN = 2**17  # from this many values the scan is split over threads (a thread hand-off is ~50 us)
 _POOL: list = []
 
 
@@ -383,22 +383,31 @@ def _scan(
 ) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
     """For each bracket `(lo, hi, count_lt_lo, count_le_hi)`: how many `values` (`finite` of them not NaN)
     are <= lo and < hi, and (when asked, else 0) < lo and <= hi (NaN counts nowhere); and the values
-    strictly between lo and hi. One pass over `values` for all brackets; large arrays are split over
-    threads (numpy releases the GIL)."""
-    parts = select_threads() if values.size >= _PARALLEL_SCAN else 1
-    if parts > 1:
-        step = -(-values.size // parts)
-        pieces = [values[i : i + step] for i in range(0, values.size, step)]
-        results = list(select_pool().map(lambda p: _scan_part(p, brackets), pieces))
-    else:
-        results = [_scan_part(values, brackets)]
+    strictly between lo and hi. One pass over `values` for all brackets (`scan_brackets`)."""
     out = []
-    for b in range(len(brackets)):
-        gt_lo, between, lt_lo, gt_hi = (sum(r[b][0][i] for r in results) for i in range(4))
+    for (gt_lo, between, lt_lo, gt_hi), mids in scan_brackets(values, brackets):
         le_lo = finite - gt_lo
-        le_hi = finite - gt_hi if brackets[b][3] else 0
-        out.append(((le_lo, le_lo + between, lt_lo, le_hi), np.concatenate([r[b][1] for r in results])))
+        le_hi = finite - gt_hi if brackets[len(out)][3] else 0
+        out.append(((le_lo, le_lo + between, lt_lo, le_hi), mids))
     return out
+
+
+def scan_brackets(
+    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]]
+) -> list[tuple[list[int], np.ndarray]]:
+    """`_scan_part` over `values`, split over threads from `_PARALLEL_SCAN` values (numpy releases the GIL;
+    the pieces are whole chunks, so the values between come back in `values`' order)."""
+    parts = select_threads() if values.size >= _PARALLEL_SCAN else 1
+    if parts < 2:
+        return _scan_part(values, brackets)
+    step = -(-values.size // parts)
+    step = -(-step // _SCAN_CHUNK) * _SCAN_CHUNK
+    pieces = [values[i : i + step] for i in range(0, values.size, step)]
+    results = list(select_pool().map(lambda p: _scan_part(p, brackets), pieces))
+    return [
+        ([sum(r[b][0][i] for r in results) for i in range(4)], np.concatenate([r[b][1] for r in results]))
+        for b in range(len(brackets))
+    ]
 
 
 def _scan_part(
@@ -425,7 +434,7 @@ def _scan_part(
             c[0] += int(np.count_nonzero(x))
             np.less(chunk, hi, out=y)
             np.logical_and(x, y, out=x)
-            got.append(chunk[x])
+            got.append(np.compress(x, chunk))  # faster than chunk[x] when few are set
             c[1] += got[-1].size  # < hi: (> lo and < hi) here, <= lo added below
     empty = np.empty(0, dtype=np.float32)
     return [(c, np.concatenate(got) if got else empty) for c, got in zip(counts, mids)]

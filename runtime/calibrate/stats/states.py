@@ -252,7 +252,7 @@ class ThresholdAbsMeanState(AbsMeanState):
         self.threshold = None if self.ctx.threshold is None else torch.as_tensor(self.ctx.threshold, dtype=torch.float32)
         self.overflowed = False
         self._kept: ExactValues | None = None
-        self._blocks: list[tuple[np.ndarray, tuple[int, ...]]] = []  # (keys, block shape) in buffer order
+        self._blocks: list[tuple[np.ndarray, tuple[int, ...], bool]] = []  # (keys, shape, all finite), in order
 
     @property
     def pending(self) -> bool:
@@ -270,11 +270,23 @@ class ThresholdAbsMeanState(AbsMeanState):
         lay, x = self.layout, block.x
         if self.threshold.device != x.device:
             self.threshold = self.threshold.to(x.device)
+        if lay.rows == 1 and block.mask is None and x.is_cpu and x.dtype == torch.float32 and self._one_threshold():
+            # every value finite and >= 0 (|x|), one threshold t >= 0: x where x > t else 0 is torch's
+            # `threshold` (one pass, ~10x faster than `where`), and the values above are its nonzero ones
+            kept = torch.nn.functional.threshold(x, float(self.threshold), 0.0)
+            rows = kept.reshape(block.k, -1).numpy().view(np.int32)  # +0.0 is the only zero: integers count faster
+            counts = np.array([np.count_nonzero(row) for row in rows], dtype=np.int64)
+            self._partials.add(block.keys, (torch.from_numpy(counts).reshape(block.k, 1), batch_sums(kept, lay)), 1)
+            return
         above = x > self.threshold  # NaN compares False; +-Inf is removed by the mask
         if block.mask is not None:
             above &= block.mask
         sums = batch_sums(torch.where(above, x, 0.0), lay)
         self._partials.add(block.keys, (batch_counts(above, lay), sums), lay.rows)
+
+    def _one_threshold(self) -> bool:
+        """A single threshold >= 0 (a per-channel one, or a negative one, takes the general path)."""
+        return self.threshold.numel() == 1 and float(self.threshold) >= 0
 
     def _keep(self, block: Block) -> None:
         """Keep the block's |x| (float32, CPU) for `set_threshold`, or overflow when the budget refuses."""
@@ -297,7 +309,7 @@ class ThresholdAbsMeanState(AbsMeanState):
             self._overflow()
             return
         slot[0, :] = x.reshape(-1).cpu().numpy() if x.dtype == torch.float32 else x.reshape(-1).float().cpu().numpy()
-        self._blocks.append((np.asarray(block.keys, dtype=np.int64).copy(), tuple(x.shape)))
+        self._blocks.append((np.asarray(block.keys, dtype=np.int64).copy(), tuple(x.shape), block.mask is None))
 
     def _overflow(self) -> None:
         self.overflowed = True
@@ -316,9 +328,11 @@ class ThresholdAbsMeanState(AbsMeanState):
         if self._kept is not None:
             flat = torch.from_numpy(self._kept.values()[0])
             start = 0
-            for keys, shape in self._blocks:
+            for keys, shape, finite in self._blocks:
                 n = math.prod(shape)
-                self._observe(Block.prepare(flat[start : start + n].view(shape), keys))
+                x = flat[start : start + n].view(shape)
+                # a block seen all finite is not probed again (the probe would find the same)
+                self._observe(Block(x, keys, None, 0) if finite else Block.prepare(x, keys))
                 start += n
             self._kept.release()
         self._kept = None
