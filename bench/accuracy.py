@@ -67,7 +67,7 @@ def _finetuned_row(model: str, recipe: str, flag: str, tune: FinetuneSettings, s
                    float_acc: float) -> list:
     plan = compile_file(builtin_recipe(recipe)).plan
     start = time.perf_counter()
-    tuned = finetune(load_model(settings), plan, settings, tune, rules=recipe)
+    tuned = finetune(load_model(settings), plan, settings, tune)
     seconds = time.perf_counter() - start
     acc = tuned.result.ternary_accuracy
     target = _target(model, "finetuned", recipe, float_acc)
@@ -102,7 +102,7 @@ def run(quick: bool) -> str:
             float_acc = 0.0
             for recipe in POST_RECIPES if not quick else ("weights_only_inner.tq", *FINETUNED[model]):
                 plan = compile_file(builtin_recipe(recipe)).plan
-                result = apply(load_model(settings), plan, settings, rules=recipe)
+                result = apply(load_model(settings), plan, settings)
                 float_acc, post[recipe] = result.float_accuracy, result.ternary_accuracy
                 rows.append([model, recipe, "post-training", f"{float_acc:.4f}", f"{post[recipe]:.4f}",
                              f"{100 * (post[recipe] - float_acc):+.2f}", "", "", ""])

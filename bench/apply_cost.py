@@ -48,8 +48,8 @@ def full_apply(model, batches, plan, budget_mib: float) -> dict[str, int]:
     )
     result = pipeline.ProfileResult(table=first.table, notes=(), batches=tuple(batches), pending=first.pending)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
-    mapping = map_params(plan, first.table, rules="ternary_full.tq", modules=modules)
-    configs = pipeline.build_configs(mapping, rules="ternary_full.tq")
+    mapping = map_params(plan, first.table, modules=modules)
+    configs = pipeline.build_configs(mapping)
     configs, passes = pipeline.calibrate_activation_scales(model, configs, result, settings, plan)
     convert_(model, configs)
     return passes

@@ -70,7 +70,7 @@ def configs(model: nn.Module, x: torch.Tensor, activations: str) -> dict:
                 params.update(data_in_quantiser="integer", data_in_width=8, data_in_max=float(h.abs().max()))
             else:
                 params.update(data_in_quantiser="integer", data_in_width=8, data_in_dynamic=True)
-            out[path] = module_quant_from_params("linear", f"fc{path}", params, rules="bench")
+            out[path] = module_quant_from_params("linear", f"fc{path}", params)
         with torch.no_grad():
             h = m(h)
     return out

@@ -68,10 +68,10 @@ from ternqc.compiler.vocab import (
     selector_of,
     spec_of,
     tensor_allowed,
-    tensor_word,
     type_tensors,
     written_options,
 )
+from ternqc.render import tensor_word
 
 ALL_PARAMS = plan.all_params()
 
@@ -362,7 +362,7 @@ class _Checker:
         if suffix == "width":
             return self.width(key, tensor, expr)
         if kind == "int":
-            return self.count(key, expr)
+            return self.count(key, expr, low=0 if suffix == "frac_width" else 1)
         if kind == "bool":
             if isinstance(expr, (ast.BinOp, ast.Not, ast.Cond)):  # a condition evaluated per module
                 ctx = RefContext(key, plan.TENSOR_ALIASES[tensor], sel, written)
@@ -406,11 +406,12 @@ class _Checker:
         self.error(expr.span, msg)
         return False
 
-    def count(self, key: str, expr: ast.Expr) -> bool:
+    def count(self, key: str, expr: ast.Expr, low: int) -> bool:
         value = literal(expr)
-        if value is None or (is_int(value) and value >= 0):
+        if value is None or (is_int(value) and value >= low):
             return True
-        self.error(expr.span, f"{key} takes a non-negative integer, got {kind_of(expr)}")
+        words = "a non-negative integer" if low == 0 else f"an integer of at least {low}"
+        self.error(expr.span, f"{key} takes {words}, got {kind_of(expr)}")
         return False
 
     def boolean(self, key: str, expr: ast.Expr) -> bool:

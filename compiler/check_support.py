@@ -21,8 +21,8 @@ from ternqc.compiler.vocab import (
     is_int,
     is_number,
     literal,
-    tensor_word,
 )
+from ternqc.render import tensor_word
 
 
 def name_hint(word: str, known: Iterable[str], what: str) -> str:

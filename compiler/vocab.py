@@ -117,14 +117,6 @@ def canonical_tensor(word: str) -> str | None:
     return None
 
 
-def tensor_word(canonical: str) -> str:
-    """How a canonical tensor name reads in a message: `data_in_0` → `data_in`."""
-    for word, canon in plan.TENSOR_ALIASES.items():
-        if canon == canonical:
-            return word
-    return canonical
-
-
 def tensor_allowed(canonical: str, known: tuple[str, ...] | None) -> bool:
     """Whether modules with language tensors `known` (see `type_tensors`) have `canonical`.
 
@@ -248,23 +240,3 @@ def resolve(
     error.)"""
     found = candidates(profiled, sel, tensor, stat, written)
     return found[0] if len(found) == 1 else spec_of(stat, written)
-
-
-def spec_text(spec: plan.StatSpec) -> str:
-    """A short form for messages and summaries: options that differ from the defaults, and the
-    statistic's own options always, e.g. `range_quantile(quantile=0.5)`, `range_min_max(abs=true)`."""
-    parts = []
-    if spec.dims != plan.COMMON_STAT_OPTIONS["dims"]:
-        dims = spec.dims if isinstance(spec.dims, str) else f"[{', '.join(map(str, spec.dims))}]"
-        if plan.channel_axis(spec.dims) is not None:
-            dims = "per_channel"  # the plan's `channel:N`, N the channel axis of this rule's tensor and type
-        parts.append(f"dims={dims}")
-    if spec.abs != plan.COMMON_STAT_OPTIONS["abs"]:
-        parts.append("abs=true")
-    parts += [f"{k}={number_text(v)}" for k, v in spec.options]
-    return spec.name + (f"({', '.join(parts)})" if parts else "")
-
-
-def number_text(v: float | int) -> str:
-    """`2` for integral values, else Python's shortest repr (`0.975`)."""
-    return str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else repr(float(v))

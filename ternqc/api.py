@@ -192,8 +192,9 @@ def quantize_(model: Any, rules: Any, calibration_data: Any, *, eval_data: Any =
         progress=bool(options["progress"]),
         metric=metric if isinstance(metric, str) else None,
     )
-    result = pipeline.apply(model, plan, run, rules=source, data=data,
+    result = pipeline.apply(model, plan, run, data=data,
                             metric=metric if callable(metric) else None)
+    result.report["run"]["rules"] = source  # as the user gave it: a path, "<rules>" text or "<plan>"
     if options["out"] is not None:
         pipeline.write_apply_outputs(os.fspath(options["out"]), result, run)
     for warning in result.warnings:

@@ -25,7 +25,7 @@ def compile_rules(args: argparse.Namespace) -> int:
     every selector hits something), 1 when they do not or a file cannot be read or written, 2 for --ckpt or
     --explain without --model."""
     from ternqc.compiler import CompileError, compile_file, parse_sets
-    from ternqc.compiler.summary import summarize
+    from ternqc.render import summarize
 
     rules_path, output_path = args.rules, args.output
     if (args.ckpt or args.explain) and not args.model:
@@ -121,9 +121,10 @@ def apply(args: argparse.Namespace) -> int:
         require_matplotlib()  # before the run, not after it
     plan, source = load_plan(args.rules, args.plan, args.sets)
     settings = settings_from_args(args)
-    result, writes = calibrate_in_processes(args, workers.apply_worker, plan, settings, source)
+    result, writes = calibrate_in_processes(args, workers.apply_worker, plan, settings)
     if not writes:
         return 0
+    result.report["run"]["rules"] = source  # as the user named it (`--plan P.json` rather than the .tq)
     print_notes(result.profile.notes)
     written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.report:
@@ -169,9 +170,7 @@ def finetune(args: argparse.Namespace) -> int:
     from ternqc.runtime.run import pipeline, workers
     from ternqc.runtime.run.finetune import FinetuneSettings
 
-    plan, source = load_plan(args.rules, args.plan, args.sets)
-    settings = settings_from_args(args)
-    tune = FinetuneSettings(
+    tune = FinetuneSettings(  # checks its values (UserError naming the option) before anything runs
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.train_batch_size,
@@ -181,11 +180,13 @@ def finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    tune.check()
-    tuned, writes = calibrate_in_processes(args, workers.finetune_worker, plan, settings, tune, source)
+    plan, source = load_plan(args.rules, args.plan, args.sets)
+    settings = settings_from_args(args)
+    tuned, writes = calibrate_in_processes(args, workers.finetune_worker, plan, settings, tune)
     if not writes:
         return 0
     result = tuned.result
+    result.report["run"]["rules"] = source  # as the user named it (`--plan P.json` rather than the .tq)
     print_notes(result.profile.notes)
     written = pipeline.write_apply_outputs(args.out, result, settings)
     if args.explain:
@@ -221,9 +222,7 @@ def map_stats(args: argparse.Namespace) -> int:
 
     plan, source = load_plan(args.rules, None, args.sets)
     table = read_stats_toml(args.stats)
-    mapping = map_params(
-        plan, table, rules=source, by_node_name=True, stats_source=f"the statistics file {args.stats}"
-    )
+    mapping = map_params(plan, table, by_node_name=True, stats_source=f"the statistics file {args.stats}")
     base = read_config_toml(args.base) if args.base else None
     write_quant_config_toml(args.output, mapping, base=base)
     if args.explain:

@@ -11,27 +11,23 @@ input files.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
+from ternqc.runtime import ranges
 from ternqc.runtime.errors import UserError
+from ternqc.runtime.ranges import shown as _shown
 
 #: torch.manual_seed takes any value that fits 64 bits; ternqc's seeds are the non-negative ones.
 MAX_SEED = 2**64 - 1
-#: Counts beyond 2**53 are no longer exact as floats; no dataset or run needs more.
-MAX_COUNT = 2**53
 #: More local worker processes than this is a typing mistake, not a plan.
 MAX_WORKERS = 256
 #: The largest quantile budget: 1 TiB, in MiB.
 MAX_BUDGET_MIB = 2.0**20
 
-_COUNTS = (("samples", "--samples"), ("batch_size", "--batch-size"), ("epochs", "--epochs"))
+# --epochs, --lr (and finetune's --train-batch-size, --distill, --temperature) are checked where they are used,
+# by `runtime/ranges.py`'s checks: `FinetuneSettings`'s validators and train's settings
+_COUNTS = (("samples", "--samples"), ("batch_size", "--batch-size"))
 _PATHS = (("out", "--out"), ("output", "--output"))
-
-
-def _shown(value: object) -> str:
-    text = str(value)
-    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} digits)"
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -45,11 +41,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--seed must be an integer from 0 to 2**64-1, got {_shown(seed)}")
     for name, option in _COUNTS:
         value = getattr(args, name, None)
-        if value is not None and not 1 <= value <= MAX_COUNT:
-            raise UserError(f"{option} must be a positive integer (at most 2**53), got {_shown(value)}")
-    lr = getattr(args, "lr", None)
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise UserError(f"--lr must be a positive finite number, got {lr}")
+        if value is not None:
+            ranges.count(option, value)
     budget = getattr(args, "quantile_budget_mib", None)
     if budget is not None and not 0 <= budget <= MAX_BUDGET_MIB:  # also refuses NaN and inf
         raise UserError(

@@ -44,13 +44,10 @@ def load_plan(rules: str | None, plan_path: str | None, sets: list[str] | None =
 
 
 def settings_from_args(args: argparse.Namespace):
-    from ternqc.runtime.errors import UserError
-    from ternqc.runtime.run.pipeline import RunSettings
-
-    if not args.quantile_budget_mib >= 0:  # also refuses NaN
-        msg = f"--quantile-budget-mib must be a number >= 0, got {args.quantile_budget_mib}"
-        raise UserError(msg)
+    """`RunSettings` from the command line; its numbers were checked with the others
+    (`options.check_options`)."""
     from ternqc.runtime.models.builtin import default_dataset
+    from ternqc.runtime.run.pipeline import RunSettings
 
     return RunSettings(
         model=args.model,

@@ -124,13 +124,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         plans.append(({k: display_value(v) for k, v in combo.items()}, plan.to_dict()))
     settings = settings_from_args(args)
     result, writes = calibrate_in_processes(
-        args, sweep.sweep_worker, plans, settings, args.rules, args.reports
+        args, sweep.sweep_worker, plans, settings, args.reports
     )
     if not writes:
         return 0
     print_notes(result.notes)
     doc = sweep.sweep_document(
-        result, {k: [display_value(v) for v in vs] for k, vs in swept.items()}, settings, args.rules
+        result, {k: [display_value(v) for v in vs] for k, vs in swept.items()}, settings
     )
     print(sweep.format_table(sweep.sweep_table(doc)))
     print(

@@ -81,7 +81,7 @@ def finetune(
     )
     tune = FinetuneSettings(epochs=epochs, lr=lr, batch_size=batch_size, learn_activations=learn_activations,
                             distill=distill, seed=seed, progress=progress)
-    tuned = run_finetune(module.eval(), plan, settings, tune, rules=path)
+    tuned = run_finetune(module.eval(), plan, settings, tune)
     if out is not None:
         pipeline.write_apply_outputs(os.fspath(out), tuned.result, settings)
     return tuned

@@ -329,7 +329,7 @@ def test_apply_on_a_user_model_and_dataset_from_files(tmp_path, monkeypatch: pyt
     # the same outputs as the model converted by an independent in-process run of the same flow
     settings = pipeline.RunSettings(model=USER_MODEL, ckpt=str(ckpt), dataset=USER_DATA, progress=False)
     fresh = pipeline.load_model(settings)
-    result = pipeline.apply(fresh, compile_file(str(rules)).plan, settings, rules=str(rules))
+    result = pipeline.apply(fresh, compile_file(str(rules)).plan, settings)
     inputs = user_data.factory("validation").inputs
     big = inputs * 20  # also through the data-dependent `if` (activations above the cap)
     with torch.no_grad():

@@ -132,7 +132,7 @@ def test_unresolvable_threshold_names_node_tensor_and_rules(tmp_path, trained_to
     rules.write_text('default { name = "ternary" }\nlinear {\n    weight_width = 2\n}\n')
     run = _apply(tmp_path / "out", "--ckpt", trained_toy.ckpt, "--rules", rules)
     line = assert_one_clean_error(run, "seq_blocks_0", "threshold", "weight", str(rules))
-    assert f"{rules}:3:" in line  # where weight_width = 2 was set
+    assert f"weight_width = 2 (rule at {rules}:3:5)" in line  # the rule that set the width, exactly
 
 
 def test_negative_threshold_expression_names_node_param_and_rule(tmp_path, trained_toy: Trained) -> None:

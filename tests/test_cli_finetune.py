@@ -43,7 +43,7 @@ def _finetune(ckpt: Path, recipe: str, tune: FinetuneSettings = TUNE):
     plan = compile_file(builtin_recipe(recipe)).plan
     settings = _settings(ckpt)
     model = load_model(settings)
-    return finetune(model, plan, settings, tune, rules=recipe), model
+    return finetune(model, plan, settings, tune), model
 
 
 def test_finetuning_ternary_activations_beats_post_training_and_reproduces(digits_ckpt):
@@ -80,8 +80,8 @@ def test_finetuning_weights_only_comes_close_to_float(digits_ckpt):
 def test_two_processes_reach_the_accuracy_of_one(digits_ckpt):
     plan = compile_file(builtin_recipe("ternary_act.tq")).plan
     settings = _settings(digits_ckpt)
-    one = workers.finetune_worker(plan, settings, TUNE, "ternary_act.tq")
-    two = workers.run_workers(2, workers.finetune_worker, plan, settings, TUNE, "ternary_act.tq")
+    one = workers.finetune_worker(plan, settings, TUNE)
+    two = workers.run_workers(2, workers.finetune_worker, plan, settings, TUNE)
     assert two.post_training_accuracy == pytest.approx(one.post_training_accuracy, abs=1e-9)
     assert abs(two.result.ternary_accuracy - one.result.ternary_accuracy) <= 0.005
 
@@ -113,7 +113,7 @@ def test_rules_that_convert_nothing_have_nothing_to_finetune(digits_ckpt):
     plan = compile_source('calibrate { samples = 64 }\ndefault { name = "ternary" }\n').plan
     settings = _settings(digits_ckpt)
     with pytest.raises(UserError, match="nothing to fine-tune"):
-        finetune(load_model(settings), plan, settings, TUNE, rules="none.tq")
+        finetune(load_model(settings), plan, settings, TUNE)
 
 
 def test_python_entry_point_writes_outputs(digits_ckpt, tmp_path):
@@ -138,7 +138,7 @@ def test_weights_only_inner_holds_up_post_training(digits_ckpt):
     accs = {}
     for recipe in ("weights_only.tq", "weights_only_inner.tq"):
         plan = compile_file(builtin_recipe(recipe)).plan
-        result = apply(load_model(settings), plan, settings, rules=recipe)
+        result = apply(load_model(settings), plan, settings)
         accs[recipe] = result.ternary_accuracy
     assert accs["weights_only_inner.tq"] >= accs["weights_only.tq"]
     assert accs["weights_only_inner.tq"] >= result.float_accuracy - 0.02
@@ -163,7 +163,7 @@ def test_assertions_are_checked_on_the_finetuned_model(digits_ckpt, tmp_path):
     )
     plan = compile_file(rules).plan
     settings = _settings(digits_ckpt)
-    again = finetune(load_model(settings), plan, settings, TUNE, rules=str(rules))
+    again = finetune(load_model(settings), plan, settings, TUNE)
     messages = [f.render() for f in again.result.assert_failures]
     assert len(messages) == 1 and "more than it can" in messages[0], messages
     assert len(again.result.report["assertions"]["failures"]) == 1
@@ -176,3 +176,14 @@ def test_cli_workers_two_processes_write_once(digits_ckpt, tmp_path):
     assert run.rc == 0, run.err
     assert run.out.count("after 1 epochs of fine-tuning") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(APPLY_OUTPUTS)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "option"),
+    [("epochs", 0, "--epochs"), ("epochs", 2**60, "--epochs"), ("lr", float("nan"), "--lr"),
+     ("batch_size", 0, "--train-batch-size"), ("distill", 1.5, "--distill"), ("temperature", 0.0, "--temperature")],
+)
+def test_settings_are_checked_once_when_made(name, value, option):
+    # one place (runtime/ranges.py through FinetuneSettings' validators) for the CLI and Python alike
+    with pytest.raises(UserError, match=f"^{option} must be"):
+        FinetuneSettings(**{name: value})

@@ -162,7 +162,7 @@ def test_wide_input_stays_in_float(tmp_path) -> None:
     plan = compile_file(OK / "task6_wide_input_float.tq").plan
     (bound,) = [c.value for c in plan.constants if c.name == "bound"]
     settings = pipeline.RunSettings(model=BERT, dataset="toy-tiny", progress=False)
-    result = pipeline.apply(pipeline.load_model(settings), plan, settings, rules="task6")
+    result = pipeline.apply(pipeline.load_model(settings), plan, settings)
     mmax = StatSpec("range_min_max")
     ranges = {p: ms.lookup("data_in_0", mmax)["range"] for p, ms in result.profile.table.items()
               if ms.op == "linear" and ms.lookup("data_in_0", mmax) is not None}
@@ -240,7 +240,7 @@ def test_per_channel_is_per_output_channel_for_linear_and_conv2d_alike() -> None
                if isinstance(m, (nn.Linear, nn.Conv2d))}
     assert any(w.ndim == 4 for w in weights.values()) and any(w.ndim == 2 for w in weights.values())
     plan = compile_file(OK / "task3_per_channel.tq").plan
-    result = pipeline.apply(pipeline.load_model(settings), plan, settings, rules="task3")
+    result = pipeline.apply(pipeline.load_model(settings), plan, settings)
     for path, w in weights.items():
         expected = 0.7 * np.abs(w).mean(axis=tuple(range(1, w.ndim)), keepdims=True)  # one Δ per output channel
         got = np.asarray(result.configs[path].tensor("weight").delta, dtype=np.float64)
@@ -273,7 +273,7 @@ def _run_task(name: str, model: str = BERT):
     float_model = pipeline.load_model(settings)
     weights = {p: m.weight.detach().numpy() for p, m in float_model.named_modules() if isinstance(m, nn.Linear)}
     plan = compile_file(OK / name).plan
-    return pipeline.apply(pipeline.load_model(settings), plan, settings, rules=name), weights
+    return pipeline.apply(pipeline.load_model(settings), plan, settings), weights
 
 
 def test_task2_quantises_exactly_the_selected_weights() -> None:

@@ -380,7 +380,8 @@ def write_quant_config_toml(
     Raises:
         UserError: a node name collides with a reserved key, or the file cannot be written.
     """
-    header = f"# quantize config written by ternqc{f' from rules {mapping.rules}' if mapping.rules else ''}\n"
+    rules = ", ".join(mapping.sources)
+    header = f"# quantize config written by ternqc{f' from rules {rules}' if rules else ''}\n"
     atomic_write_text(path, header + toml.dumps(quant_config_dict(mapping, base=base)))
 
 

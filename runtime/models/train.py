@@ -24,6 +24,7 @@ from attrs import frozen
 from torch import nn
 from torch.utils.data import Dataset
 
+from ternqc.runtime import ranges
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.io.checkpoints import save_lightning_checkpoint
 from ternqc.runtime.models.builtin import build_model
@@ -107,12 +108,9 @@ def threads_for(model: nn.Module):
 
 
 def _check_settings(epochs: int, lr: float, batch_size: int) -> None:
-    if epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {epochs}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise UserError(f"--lr must be a positive number, got {lr}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    ranges.count("--epochs", epochs)
+    ranges.positive("--lr", lr)
+    ranges.count("--batch-size", batch_size)
 
 
 def _check_finite(inputs: Any, dataset: str) -> None:

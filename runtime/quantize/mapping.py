@@ -14,7 +14,10 @@ arguments, and `min(x)` / `max(x)` with one argument reduce a vector to its smal
 Errors (all `UserError`, each naming the rule's `file:line:col`): a selector that matches no module of the
 model (with "did you mean" over module paths, node names and types), a name/glob rule for a tensor none of
 its modules has, a statistic the table lacks for the node, division by zero, a NaN/Inf result, a negative
-threshold or scale, a value of the wrong type, per-channel shapes that do not broadcast.
+threshold or scale, a value of the wrong type, per-channel shapes that do not broadcast. Every value is
+checked here, once; `combinations.py` checks each tensor's values together before configs are built (a width
+its quantiser lacks, a ternary tensor with no threshold source, ...), and the quantisers trust what they
+receive. (`ternqc map` writes MASE's TOML from the values alone.)
 
 `render_explain(result)` prints, per node, each set parameter, its value, the rule that set it (`file:line`)
 and the rules it overrode. This module imports numpy, not torch.
@@ -86,12 +89,12 @@ class MappingResult:
 
     `defaults` holds what rules with the `default` selector set to constants (MASE's
     `[passes.quantize.default.config]`); a default that reads statistics has no single value and is `None`.
-    `rules` names the rules the plan came from (for messages and the explain header).
+    `sources` are the plan's rules files, the root first (`Plan.sources`, for the explain header).
     """
 
     modules: dict[str, MappedModule]
     defaults: dict[str, Any] = field(factory=dict)
-    rules: str = ""
+    sources: tuple[str, ...] = field(default=(), converter=tuple)
 
     def by_node(self) -> dict[str, MappedModule]:
         """The same modules keyed by MASE/FX node name."""
@@ -111,7 +114,6 @@ def map_params(
     plan: Plan,
     table: StatsTable,
     *,
-    rules: str,
     modules: Sequence[Module] | None = None,
     by_node_name: bool = False,
     stats_source: str = "the collected statistics",
@@ -122,7 +124,6 @@ def map_params(
     Args:
         plan: the compiled rules.
         table: statistics by module path (`ModuleStats.lookup` finds a `StatRef`'s statistic).
-        rules: the rules file (or plan) the plan came from, for messages and the explain header.
         modules: `(path, type)` of every module of the model; default: the table's modules and ops.
         by_node_name: compare name/glob selectors in MASE node form (for a table read from a MASE file).
         stats_source: how messages call the statistics (e.g. "the statistics file stats.toml").
@@ -134,7 +135,8 @@ def map_params(
 
     Raises:
         UserError: an unmatched selector, a statistic missing from the table, or a bad value (see the
-        module docstring); the message names the node, the parameter and the rule's location.
+        module docstring); the message names the node, the parameter and the location of the rule that set
+        it. (Whether a tensor's values make a config together is `combinations.py`'s check.)
     """
     mods: list[Module] = list(modules) if modules is not None else [(p, ms.op) for p, ms in table.items()]
     bindings = list(plan.bindings)
@@ -159,7 +161,7 @@ def map_params(
                            by_node_name=by_node_name)
             params[param] = ctx.finish(ctx.evaluate(rp.binding.value))
         out[path] = MappedModule(path=path, node=node, op=op, params=params, explain=dict(winners))
-    return MappingResult(modules=out, defaults=_default_values(bindings, stats_source), rules=rules)
+    return MappingResult(modules=out, defaults=_default_values(bindings, stats_source), sources=plan.sources)
 
 
 def _check_params(bindings: Iterable[Binding]) -> None:

@@ -14,8 +14,8 @@ For each tensor t (`data_in`, `weight`, `bias`, `data_out`) the module has:
 - Threshold Δ, the first that applies:
   `t_threshold` if set (every element >= 0); else `0.75·|t_mean|`, `0.75·|t_median|`, `0.05·|t_max|`, the
   first that is set and non-zero; else, when some of them are set but all are zero (a zero-initialised
-  bias), Δ = 0 from the first set one (an all-zero tensor quantises to zeros); else, none set, an error
-  naming the node, the tensor and the rules file.
+  bias), Δ = 0 from the first set one (an all-zero tensor quantises to zeros); none set is refused by
+  mapping (`kinds/ternary.py`'s `problem`), naming the rule that set the width.
   A per-channel (vector) source counts as non-zero when *any* element is non-zero, and then the whole
   vector is used: a channel whose element is 0 gets Δ = 0 (every non-zero value becomes ±1). Fall-through
   is decided for the whole source, never element by element, so Δ always comes from one rule.
@@ -34,7 +34,6 @@ Resolving parameters needs only numpy: torch is imported by the math functions w
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import TYPE_CHECKING, Any, Union
 
@@ -44,14 +43,11 @@ from attrs import field, frozen
 
 from ternqc.plan import (
     FLOAT_WIDTH,
-    PARAM_SUFFIXES,
     QUANTISABLE,
     QUANTISERS,
     TERNARY_WIDTH,
-    all_params,
     split_param,
 )
-from ternqc.runtime.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -231,150 +227,47 @@ class ModuleQuant:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def module_quant_from_params(op: str, node: str, params: dict[str, Any], *, rules: str) -> ModuleQuant:
-    """Resolve one module's mapped quantiser parameters into a `ModuleQuant`.
+def module_quant_from_params(op: str, node: str, params: dict[str, Any]) -> ModuleQuant:
+    """One module's mapped quantiser parameters as a `ModuleQuant`.
+
+    The parameters are trusted: mapping (`mapping.py`, `combinations.py`) checked each value and each tensor's
+    combination of them once, naming the rule that set it; this function only builds.
 
     Args:
         op: the module's op, a key of `plan.QUANTISABLE`.
-        node: the module's node name, for messages.
-        params: `{param_name: value}`; a missing name or `None` (or the string `"NA"`, MASE's spelling) is
-            unset. Parameters of tensors the op does not have (e.g. `weight_width` on a ReLU) are ignored.
-        rules: the rules file the parameters came from, for messages.
+        node: the module's node name.
+        params: `{param_name: value}` as mapping gives them; a missing name or `None` (or the string `"NA"`,
+            MASE's spelling) is unset. Parameters of tensors the op does not have (e.g. `weight_width` on a
+            ReLU) are ignored.
 
     Returns:
         A `ModuleQuant` with a `TensorQuant` for every tensor of the op (see the module docstring for Δ, α).
-
-    Raises:
-        UserError: an unknown op or parameter name; a wrong type; NaN/Inf; a negative threshold or scale; a
-            width other than 2 or 32; `name` not `"ternary"` while a tensor is quantised; a quantised tensor
-            whose threshold cannot be resolved. The message names the node, the parameter and `rules`.
     """
-    if op not in QUANTISABLE:
-        msg = f"{node}: op {op!r} cannot be quantised (rules: {rules}); quantisable ops: {list(QUANTISABLE)}"
-        raise UserError(msg)
-    known = set(all_params())
-    unknown = sorted(str(k) for k in params if k not in known)
-    if unknown:
-        msg = f"{node}: unknown quantiser parameter(s) {unknown} (rules: {rules})"
-        raise UserError(msg)
+    from ternqc.runtime.quantize.kinds import get_kind
 
     own = set(QUANTISABLE[op])
     values = {
-        k: _check_value(node, k, v, rules)
+        k: v
         for k, v in params.items()
-        if k == "name" or split_param(k)[0] in own  # other tensors' parameters are ignored
+        if not _unset(v) and (k == "name" or (split_param(k) or ("",))[0] in own)
     }
-    values = {k: v for k, v in values.items() if v is not None}
-
-    from ternqc.runtime.quantize.kinds import get_kind
-
     tensors: dict[str, TensorQuant] = {}
     for t in QUANTISABLE[op]:
         width = values.get(f"{t}_width")
         if width is None or width == FLOAT_WIDTH:
             tensors[t] = TensorQuant.float_()
             continue
-        kind_name = values.get(f"{t}_quantiser") or values.get("name")
-        if kind_name not in QUANTISERS:
-            msg = (
-                f"{node}: name = {kind_name!r} but {t} has width {width} (rules: {rules}); set name = "
-                f"{QUANTISERS[0]!r} (or {t}_quantiser, one of {list(QUANTISERS)}) to quantise, or leave the "
-                "widths unset to stay in float"
-            )
-            raise UserError(msg)
-        kind = get_kind(kind_name)
-        if width not in kind.widths:
-            shown = f"{kind.widths[0]}-{kind.widths[-1]}" if len(kind.widths) > 1 else str(kind.widths[0])
-            msg = (
-                f"{node}: {t}_width = {width} is not supported by the {kind_name} quantiser (rules: {rules}); "
-                f"use {shown} for {kind_name} or {FLOAT_WIDTH} (or na) to leave {t} in float"
-            )
-            raise UserError(msg)
-        group_size = values.get(f"{t}_group_size")
-        if group_size is not None and group_size < 1:
-            msg = f"{node}: {t}_group_size must be at least 1, got {group_size} (rules: {rules})"
-            raise UserError(msg)
-        for param in ("group_size", "per_channel"):
-            if values.get(f"{t}_{param}") and t not in ("weight", "bias"):
-                msg = f"{node}: {t}_{param} applies to weight and bias only (rules: {rules}); use {t}_dynamic"
-                raise UserError(msg)
-        if values.get(f"{t}_dynamic") and t in ("weight", "bias"):
-            msg = f"{node}: {t}_dynamic applies to data_in and data_out only (rules: {rules})"
-            raise UserError(msg)
-        tensors[t] = kind.config(node, t, width, values, rules)
+        kind = get_kind(values.get(f"{t}_quantiser") or values["name"])
+        tensors[t] = kind.config(t, int(width), values)
     return ModuleQuant(op=op, node=node, tensors=tensors)
 
 
-def _check_value(node: str, param: str, value: Any, rules: str) -> Any:
-    """Validate one parameter's type and range; returns the value in its plain form (None when unset)."""
-    if value is None or (isinstance(value, str) and value.upper() == "NA"):
-        return None
-    where = f"{node}: {param}"
-    if param == "name" or _param_kind(param) == "quantiser":
-        if not isinstance(value, str):
-            msg = f"{where} must be a quantiser name such as 'ternary', got {value!r} (rules: {rules})"
-            raise UserError(msg)
-        return value
-    kind = _param_kind(param)
-    if kind == "bool":
-        if not isinstance(value, (bool, np.bool_)):
-            msg = f"{where} must be true or false, got {value!r} (rules: {rules})"
-            raise UserError(msg)
-        return bool(value)
-    if kind == "int":
-        numeric = isinstance(value, (int, float, np.integer, np.floating))
-        ok = numeric and not isinstance(value, (bool, np.bool_))
-        if not ok or not math.isfinite(float(value)) or not float(value).is_integer():
-            msg = f"{where} must be an integer, got {value!r} (rules: {rules})"
-            raise UserError(msg)
-        return int(value)
-    # "number": a number or nested lists of numbers
-    arr = _as_number_array(value)
-    if arr is None:
-        msg = f"{where} must be a number or a list of numbers (per channel), got {value!r} (rules: {rules})"
-        raise UserError(msg)
-    if not np.all(np.isfinite(arr)):
-        msg = f"{where} is NaN or infinite ({_summary(arr)}) (rules: {rules})"
-        raise UserError(msg)
-    if param.endswith(("_threshold", "_scale")) and np.any(arr < 0):
-        msg = f"{where} must be >= 0, got {_summary(arr)} (rules: {rules})"
-        raise UserError(msg)
-    return float(arr) if arr.ndim == 0 else arr
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.upper() == "NA")
 
 
-def _param_kind(param: str) -> str:
-    split = split_param(param)
-    assert split is not None  # names were checked against all_params()
-    return PARAM_SUFFIXES[split[1]]
-
-
-def _as_number_array(value: Any) -> np.ndarray | None:
-    """A float64 array of a number or a rectangular nested list of numbers (no bools, no strings), or None."""
-    if isinstance(value, (bool, np.bool_, str)):
-        return None
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return np.asarray(float(value))
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        return None
-    if not _only_numbers(value):
-        return None
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):  # ragged
-        return None
-    return arr if arr.size > 0 else None
-
-
-def _only_numbers(v: Any) -> bool:
-    if isinstance(v, np.ndarray):
-        return v.dtype.kind in "iuf"
-    if isinstance(v, (list, tuple)):
-        return all(_only_numbers(x) for x in v)
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def resolve_threshold(node: str, t: str, values: dict[str, Any], rules: str) -> Any:
-    """Δ of tensor `t` by the threshold rule (module docstring); values are already validated."""
+def resolve_threshold(t: str, values: dict[str, Any]) -> Any:
+    """Δ of tensor `t` by the threshold rule (module docstring), or None when no source is set."""
     threshold = values.get(f"{t}_threshold")
     if threshold is not None:
         return threshold
@@ -382,28 +275,10 @@ def resolve_threshold(node: str, t: str, values: dict[str, Any], rules: str) -> 
     for source, factor in THRESHOLD_SOURCES:
         v = values.get(f"{t}_{source}")
         if v is not None and np.any(np.asarray(v) != 0):
-            return factor * np.abs(v)
+            return factor * np.abs(np.asarray(v, dtype=np.float64))
         if v is not None and zero is None:
-            zero = factor * np.abs(v)
-    if zero is not None:  # every source that is set is zero (an all-zero bias): Δ = 0, and 0 quantises to 0
-        return zero
-    tried = ", ".join(f"{t}_{s}" for s, _ in THRESHOLD_SOURCES)
-    msg = (
-        f"{node}: cannot resolve the ternary threshold of {t} (rules: {rules}): {t}_threshold is unset and "
-        f"so are {tried}. Set {t}_threshold, give one of them a value, or set "
-        f"{t}_width = {FLOAT_WIDTH} to leave {t} in float."
-    )
-    raise UserError(msg)
-
-
-def _summary(arr: np.ndarray) -> str:
-    """The value, or for a vector its size and first offending element."""
-    if arr.ndim == 0:
-        return repr(float(arr))
-    bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
-    first = tuple(int(i) for i in bad[0]) if len(bad) else None
-    at = f", e.g. {float(arr[first])!r} at index {list(first)}" if first is not None else ""
-    return f"{arr.size} values{at}"
+            zero = factor * np.abs(np.asarray(v, dtype=np.float64))
+    return zero  # every source that is set is zero (an all-zero bias): Δ = 0, and 0 quantises to 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 In: the report `pipeline.build_report` made, the converted model, the mapping, the inputs the histogram pass
 observed, and a description of the run. Out: the same report with, added,
-- `run`: model, checkpoint, dataset, rules (paths and text), calibration settings;
+- `run`: model, checkpoint, dataset, rules (the root rules file, the files and their text), calibration settings;
 - per quantised tensor: `histogram` (of the float values: the weight or bias, or the calibrated inputs),
   for a weight or bias with a per-channel Δ also `histogram_over_delta` (each value divided by its own Δ),
   `rel_l2_error` (‖x - q(x)‖₂ / ‖x‖₂);
@@ -33,10 +33,12 @@ from ternqc.runtime.report.histograms import ObservedInputs, observe_inputs, rel
 MAX_RULES_TEXT = 256 * 1024
 
 
-def run_description(settings: Any, rules: str, sources: Sequence[str], calibration: Any) -> dict[str, Any]:
+def run_description(settings: Any, sources: Sequence[str], calibration: Any) -> dict[str, Any]:
     """The run as report.json's `run`: where the model, weights, data and rules came from, how it calibrated.
 
-    `settings` is a `RunSettings`; `sources` the plan's rules files (their text is copied when readable).
+    `settings` is a `RunSettings`; `sources` the plan's rules files, the root first (their text is copied
+    when readable). `rules` is the root file; a command that read the plan from elsewhere (`--plan P.json`)
+    names what the user gave instead.
     """
     texts = {}
     for path in sources:
@@ -50,7 +52,7 @@ def run_description(settings: Any, rules: str, sources: Sequence[str], calibrati
         "model": settings.model,
         "ckpt": settings.ckpt,
         "dataset": settings.dataset,
-        "rules": rules,
+        "rules": sources[0] if sources else None,
         "rules_files": list(sources),
         "rules_text": texts,
         "calibration": {

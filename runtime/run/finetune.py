@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ternqc.plan import Plan
+from ternqc.runtime import ranges
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.evaluate import batch_loss, forward_logits, loss_and_accuracy
@@ -58,34 +59,21 @@ DEFAULT_EPOCHS = 10
 DEFAULT_LR = 3e-3
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_TEMPERATURE = 4.0
-
-
 @frozen
 class FinetuneSettings:
-    """How to fine-tune (the `ternqc finetune` options)."""
+    """How to fine-tune (the `ternqc finetune` options). Checked here, and only here, when made: a value no
+    run could use is a `UserError` naming the option (the CLI's and `ternqc.finetune`'s alike)."""
 
-    epochs: int = DEFAULT_EPOCHS
-    lr: float = DEFAULT_LR
-    batch_size: int = DEFAULT_BATCH_SIZE
+    epochs: int = field(default=DEFAULT_EPOCHS, validator=ranges.validator(ranges.count, "--epochs"))
+    lr: float = field(default=DEFAULT_LR, validator=ranges.validator(ranges.positive, "--lr"))
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE,
+                            validator=ranges.validator(ranges.count, "--train-batch-size"))
     learn_activations: bool = True
     track_weight_thresholds: bool = True
-    distill: float = 0.0
-    temperature: float = DEFAULT_TEMPERATURE
+    distill: float = field(default=0.0, validator=ranges.validator(ranges.share, "--distill"))
+    temperature: float = field(default=DEFAULT_TEMPERATURE, validator=ranges.validator(ranges.positive, "--temperature"))
     seed: int = 0
     progress: bool = True
-
-    def check(self) -> None:
-        """Raise `UserError` for settings no run could use."""
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1:
-            raise UserError(f"--train-batch-size must be at least 1, got {self.batch_size}")
-        if not 0.0 <= self.distill <= 1.0:
-            raise UserError(f"--distill must be between 0 and 1, got {self.distill}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UserError(f"--temperature must be a positive number, got {self.temperature}")
 
 
 @frozen
@@ -109,7 +97,7 @@ class FinetuneResult:
 
 
 def finetune(
-    model: nn.Module, plan: Plan, settings: RunSettings, tune: FinetuneSettings, *, rules: str
+    model: nn.Module, plan: Plan, settings: RunSettings, tune: FinetuneSettings
 ) -> FinetuneResult:
     """Calibrate and convert `model` as `apply` does, then fine-tune it on the train split.
 
@@ -117,15 +105,15 @@ def finetune(
     same arguments; calibration is sharded and merged as in `apply`, training runs data-parallel.
 
     Raises:
-        UserError: as `apply`, bad fine-tuning settings, or a model with nothing to train.
+        UserError: as `apply`, or a model with nothing to train.
     """
-    tune.check()
     teacher = copy.deepcopy(model).eval() if tune.distill > 0 else None
     if settings.dataset is None:
         raise UserError("fine-tuning needs a dataset with a train split: name one (--dataset)")
     data = pipeline.dataset_data(plan, settings, evaluation=True)
-    post = apply(model, plan, settings, rules=rules, data=data)
+    post = apply(model, plan, settings, data=data)
     if not any(is_ternary(m) for m in model.modules()):
+        rules = ", ".join(plan.sources) or "of the plan"
         raise UserError(f"nothing to fine-tune: the rules {rules} converted no module of the model to ternary")
     train_ds = build_dataset(settings.dataset, "train")
     val_ds = build_dataset(settings.dataset, "validation")
@@ -169,9 +157,8 @@ def train_quantized(
         One `EpochRecord` per epoch.
 
     Raises:
-        UserError: bad settings, no trainable parameter, the model rejects the data, or the loss diverged.
+        UserError: no trainable parameter, the model rejects the data, or the loss diverged.
     """
-    tune.check()
     train_shown = train_name or type(train_ds).__name__
     history: list[EpochRecord] = []
     desc = LiveDesc("finetune")

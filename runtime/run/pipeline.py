@@ -28,7 +28,7 @@ from attrs import field, frozen
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ternqc.plan import QUANTISABLE, TENSOR_ALIASES, Plan, split_param
+from ternqc.plan import QUANTISABLE, TENSOR_ALIASES, Plan
 from ternqc.runtime.calibrate import derived as derived_stats
 from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
@@ -44,9 +44,10 @@ from ternqc.runtime.models.builtin import build_model
 from ternqc.runtime.models.data import build_dataset
 from ternqc.runtime.models.metrics import evaluate
 from ternqc.runtime.quantize import asserts
+from ternqc.runtime.quantize.combinations import check_module
 from ternqc.runtime.quantize.convert import convert_, save_ternary_checkpoint
 from ternqc.runtime.quantize.kinds import granularity
-from ternqc.runtime.quantize.mapping import MappedModule, MappingResult, map_params
+from ternqc.runtime.quantize.mapping import MappingResult, map_params
 from ternqc.runtime.quantize.modules import is_converted, quantized_param, resolved_quant
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
 from ternqc.runtime.quantize.types import param_view
@@ -216,41 +217,16 @@ def profile(
     return ProfileResult(pending=done.pending, table=table, notes=notes, batches=tuple(batches))
 
 
-def build_configs(mapping: MappingResult, *, rules: str) -> dict[str, ModuleQuant]:
-    """Turn each node's parameters into its ternary config (Δ, α, scaling) by the quantiser's rules.
+def build_configs(mapping: MappingResult) -> dict[str, ModuleQuant]:
+    """Turn each node's parameters into its quantiser config (kind, Δ, α, scaling) by its kind's rules.
 
     Raises:
-        UserError: a node's parameters do not make a ternary config (e.g. a quantised tensor whose threshold
-            cannot be resolved); the message names the node, the tensor, the rules file and the location of
-            each rule that set that tensor's parameters.
+        UserError: a tensor's parameters do not make a config together (`combinations.check_module`); the
+            message names the node, the tensor and the rule (`file:line:col`) behind each parameter involved.
     """
-    configs = {}
-    for path, m in mapping.modules.items():
-        try:
-            configs[path] = module_quant_from_params(m.op, m.node, m.params, rules=rules)
-        except UserError as exc:
-            msg = f"{exc}{_rules_behind(m, rules)}"
-            raise UserError(msg) from exc
-    return configs
-
-
-def _rules_behind(m: MappedModule, rules: str) -> str:
-    """Where the rules set the parameters of the tensors of `m` whose config fails on its own (all of them,
-    and `name`, when none fails alone), as " (set by the rules: weight_width at r.tq:3:5, ...)"."""
-    tensors = QUANTISABLE[m.op]
-
-    def own(t: str) -> dict[str, Any]:
-        return {k: v for k, v in m.params.items() if k == "name" or (split_param(k) or ("",))[0] == t}
-
-    failing = []
-    for t in tensors:
-        try:
-            module_quant_from_params(m.op, m.node, own(t), rules=rules)
-        except UserError:
-            failing.append(t)
-    wanted = {k for t in (failing or tensors) for k in own(t) if k != "name" or not failing}
-    places = [f"{param} at {rp.binding.origin}" for param, rp in m.explain.items() if param in wanted]
-    return f" (set by the rules: {', '.join(places)})" if places else ""
+    for m in mapping.modules.values():
+        check_module(m.node, m.op, m.params, m.explain)
+    return {path: module_quant_from_params(m.op, m.node, m.params) for path, m in mapping.modules.items()}
 
 
 def calibrate_activation_scales(
@@ -315,7 +291,6 @@ def apply(
     plan: Plan,
     settings: RunSettings,
     *,
-    rules: str,
     data: RunData | None = None,
     metric: Callable | None = None,
     profiled: ProfileResult | None = None,
@@ -323,7 +298,7 @@ def apply(
     """The whole flow: check the model on one batch, calibrate, map statistics to parameters, derive
     activation scales, convert, evaluate.
 
-    `model` is converted in place. `rules` names where the plan came from, for messages. `data` defaults to
+    `model` is converted in place. Messages name rules by their origin (`file:line:col`). `data` defaults to
     `dataset_data(plan, settings, evaluation=True)`; `metric` (a function) overrides `settings.metric`.
     `profiled`: the statistics of an earlier calibration of the same model with the same profile points on
     the same data (a sweep calibrates once); its table is copied, not changed.
@@ -350,8 +325,8 @@ def apply(
     calls = {path: n or int(path in reached) for path, n in check.calls.items()}
     unset, idle = effects.never_called(plan, calls, list(types.items()))
     absent = _absent_parameters(model) | unset
-    mapping = map_params(plan, result.table, rules=rules, modules=list(types.items()), absent_tensors=absent)
-    configs = build_configs(mapping, rules=rules)
+    mapping = map_params(plan, result.table, modules=list(types.items()), absent_tensors=absent)
+    configs = build_configs(mapping)
     configs, alpha_passes = calibrate_activation_scales(model, configs, result, settings, plan)
     result = attrs.evolve(result, pending={})
     observed = None
@@ -381,7 +356,7 @@ def apply(
     modules = list(types.items())
     failures = asserts.check_asserts(plan, mapping, applied, report, result.table, modules)
     asserts.annotate_report(report, plan, failures, {}, mapping)
-    run = report_details.run_description(settings, rules, plan.sources, plan.calibration)
+    run = report_details.run_description(settings, plan.sources, plan.calibration)
     report_details.add_details(report, model, configs, mapping, observed, run, alone=alone)
     profile_result = attrs.evolve(result, notes=result.notes + notes)
     return ApplyResult(

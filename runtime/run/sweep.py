@@ -54,6 +54,7 @@ class SweepResult:
     calibrations: int  # how many calibrations the sweep ran (1 unless a swept value changes the profile)
     notes: tuple[str, ...]
     assertions: int = 0  # how many assertions the rules hold (checked in every combination)
+    sources: tuple[str, ...] = ()  # the plans' rules files, the root first (one file, other --set values)
 
 
 def zero_fractions(report: dict[str, Any]) -> dict[str, float]:
@@ -76,7 +77,6 @@ def run_sweep(
     plans: Sequence[tuple[dict[str, Any], Plan]],
     settings: pipeline.RunSettings,
     *,
-    rules: str,
     reports: bool = False,
 ) -> SweepResult:
     """Calibrate `model` once per distinct profile, then apply each `(values, plan)` to a copy of it.
@@ -94,7 +94,7 @@ def run_sweep(
             profiled[key] = data, pipeline.profile(model, plan, settings, data, derived=True)
             notes.extend(n for n in profiled[key][1].notes if n not in notes)
         data, stats = profiled[key]
-        result = pipeline.apply(copy.deepcopy(model), plan, settings, rules=rules, data=data, profiled=stats)
+        result = pipeline.apply(copy.deepcopy(model), plan, settings, data=data, profiled=stats)
         float_acc = result.float_accuracy
         zeros = zero_fractions(result.report)
         mean = sum(zeros.values()) / len(zeros) if zeros else None
@@ -106,13 +106,13 @@ def run_sweep(
                 dict(values), result.ternary_accuracy, mean, zeros, failed, result.report if reports else None
             )
         )
-    return SweepResult(float_acc, tuple(rows), len(profiled), tuple(notes), asserts)
+    sources = plans[0][1].sources if plans else ()
+    return SweepResult(float_acc, tuple(rows), len(profiled), tuple(notes), asserts, sources)
 
 
 def sweep_worker(
     plans: list[tuple[dict[str, Any], dict]],
     settings: pipeline.RunSettings,
-    rules: str,
     reports: bool = False,
 ) -> SweepResult:
     """`run_sweep` in every process of a `--workers N` or torchrun job; plans as `(values, Plan.to_dict())`."""
@@ -120,7 +120,7 @@ def sweep_worker(
 
     model = broadcast_model_(pipeline.load_model(settings))
     return run_sweep(
-        model, [(v, Plan.from_dict(p)) for v, p in plans], settings, rules=rules, reports=reports
+        model, [(v, Plan.from_dict(p)) for v, p in plans], settings, reports=reports
     )
 
 
@@ -136,12 +136,12 @@ def folder_name(values: dict[str, Any]) -> str:
 
 
 def sweep_document(
-    result: SweepResult, swept: dict[str, list[Any]], settings: pipeline.RunSettings, rules: str
+    result: SweepResult, swept: dict[str, list[Any]], settings: pipeline.RunSettings
 ) -> dict[str, Any]:
-    """sweep.json's content: the run, the swept names and values, the float accuracy and one row per
-    combination."""
+    """sweep.json's content: the run (`rules`: the root rules file of the plans), the swept names and values,
+    the float accuracy and one row per combination."""
     return {
-        "rules": rules,
+        "rules": result.sources[0] if result.sources else None,
         "model": settings.model,
         "ckpt": settings.ckpt,
         "dataset": settings.dataset,

@@ -245,16 +245,16 @@ def profile_worker(plan, settings) -> Any:
     return attrs.evolve(result, batches=())
 
 
-def apply_worker(plan, settings, rules: str) -> Any:
+def apply_worker(plan, settings) -> Any:
     """`pipeline.apply` in every process (both calibration passes sharded and merged; evaluation runs in
     every process); returns rank 0's `ApplyResult` (its model converted) without the batches. For
-    `run_workers(n, apply_worker, plan, settings, source)`."""
+    `run_workers(n, apply_worker, plan, settings)`."""
     import attrs
 
     from ternqc.runtime.run import pipeline
 
     plan, model = _prepared(plan, settings)
-    result = pipeline.apply(model, plan, settings, rules=rules)
+    result = pipeline.apply(model, plan, settings)
     result = attrs.evolve(result, profile=attrs.evolve(result.profile, batches=()))
     if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state
         result = attrs.evolve(result, model=_Rebuild(settings.model, result.configs, result.model.state_dict()))
@@ -284,16 +284,16 @@ def rebuild_converted(spec: str, configs: dict, state: dict):
     return model.eval()
 
 
-def finetune_worker(plan, settings, tune, rules: str) -> Any:
+def finetune_worker(plan, settings, tune) -> Any:
     """`finetune.finetune` in every process (calibration sharded and merged, training data-parallel); returns
     rank 0's `FinetuneResult` without the calibration batches. For
-    `run_workers(n, finetune_worker, plan, settings, tune, source)`."""
+    `run_workers(n, finetune_worker, plan, settings, tune)`."""
     import attrs
 
     from ternqc.runtime.run.finetune import finetune
 
     plan, model = _prepared(plan, settings)
-    tuned = finetune(model, plan, settings, tune, rules=rules)
+    tuned = finetune(model, plan, settings, tune)
     result = attrs.evolve(tuned.result, profile=attrs.evolve(tuned.result.profile, batches=()))
     if os.environ.get(_SPAWNED):  # pickled back to the parent: a parametrized model pickles only as state
         result = attrs.evolve(result, model=_Rebuild(settings.model, result.configs, result.model.state_dict()))

@@ -82,7 +82,7 @@ def test_wrong_arguments_fail_at_once(call, error, words):
 def test_run_settings_without_a_dataset_does_not_calibrate_on_toy_tiny():
     plan = ternqc.compile_rules("weights_only")
     with pytest.raises(UserError, match="no calibration data"):
-        pipeline.apply(_mlp(), plan, pipeline.RunSettings(progress=False), rules="weights_only")
+        pipeline.apply(_mlp(), plan, pipeline.RunSettings(progress=False))
 
 
 def test_fewer_samples_than_asked_for_is_said():

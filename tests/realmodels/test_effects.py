@@ -84,7 +84,7 @@ def test_a_relu_called_twice_per_forward_counts_every_call():
     assert len(seen) == 2 * len(batches)
     plan = compile_file(builtin_recipe("ternary_full.tq")).plan
     data = pipeline.RunData(calibration=tuple(batches), evaluation=batches)
-    result = pipeline.apply(model, plan, pipeline.RunSettings(progress=False), rules="ternary_full.tq", data=data)
+    result = pipeline.apply(model, plan, pipeline.RunSettings(progress=False), data=data)
     counted = result.profile.table["block.relu"].values["data_in_0"][StatSpec("abs_mean")]["count"]
     assert counted == sum(seen)
     assert result.report["nodes"]["block_relu"]["calls_per_forward"] == 2

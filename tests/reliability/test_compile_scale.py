@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ternqc import plan
 from ternqc.compiler import compile_source
-from ternqc.compiler.summary import summarize
+from ternqc.render import summarize
 
 
 def _rules(n: int) -> str:

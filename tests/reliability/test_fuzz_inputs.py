@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from ternqc.cli import main
 from ternqc.commands import load_plan
 from ternqc.compiler import compile_file
-from ternqc.compiler.summary import summarize
+from ternqc.render import summarize
 from ternqc.runtime.errors import UserError
 from tests.test_cli_support import CONFIGS, run_cli
 
@@ -183,4 +183,4 @@ def test_any_plan_reads_and_maps_or_fails_cleanly(text: str) -> None:
             return
     summarize(plan)
     with contextlib.suppress(UserError):
-        map_params(plan, table, rules="p.json", by_node_name=True)
+        map_params(plan, table, by_node_name=True)

@@ -20,7 +20,7 @@ from ternqc.runtime.quantize.quantizers import module_quant_from_params
 
 def _configs() -> dict:
     params = {"name": "ternary", "weight_width": 2, "weight_threshold": 0.01, "weight_scaling_factor": True}
-    return {"seq_blocks.0": module_quant_from_params("linear", "seq_blocks_0", params, rules="t")}
+    return {"seq_blocks.0": module_quant_from_params("linear", "seq_blocks_0", params)}
 
 
 def _checkpoint(tmp: Path, spec: str) -> tuple[Path, torch.nn.Module]:

@@ -36,7 +36,7 @@ def run(setup, budget_mib, monkeypatch=None, seen=None):
             return real(model, batches, resolved, **kwargs)
 
         monkeypatch.setattr(loop, "calibrate", spy)
-    return pipeline.apply(pipeline.load_model(settings), plan, settings, rules="ternary_full.tq")
+    return pipeline.apply(pipeline.load_model(settings), plan, settings)
 
 
 def passes(result):
@@ -103,8 +103,8 @@ def test_alpha_by_hand_equals_numpy(setup):
 def test_two_processes_give_the_single_process_alpha(setup, budget):
     plan, ckpt = setup
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=budget)
-    single = workers.apply_worker(plan, settings, "ternary_full.tq")
-    two = workers.run_workers(2, workers.apply_worker, plan, settings, "ternary_full.tq")
+    single = workers.apply_worker(plan, settings)
+    two = workers.run_workers(2, workers.apply_worker, plan, settings)
     assert two.configs == single.configs
     assert passes(two) == passes(single)
     assert derived_values(two) == derived_values(single)
@@ -120,4 +120,4 @@ def test_a_plan_without_its_derived_points_is_refused_not_worked_out_again(setup
     bare = attrs.evolve(plan, profile=tuple(p for p in plan.profile if p.reason != "derived"))
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False)
     with pytest.raises(UserError, match="lists none there"):
-        pipeline.apply(pipeline.load_model(settings), bare, settings, rules="ternary_full.tq")
+        pipeline.apply(pipeline.load_model(settings), bare, settings)

@@ -80,8 +80,8 @@ def setup(tmp_path_factory):
 
 def test_two_processes_give_the_single_process_statistics_and_parameters(setup):
     plan, settings = setup
-    single = workers.apply_worker(plan, settings, "rules.tq")
-    two = workers.run_workers(2, workers.apply_worker, plan, settings, "rules.tq")
+    single = workers.apply_worker(plan, settings)
+    two = workers.run_workers(2, workers.apply_worker, plan, settings)
 
     assert list(two.profile.table) == list(single.profile.table)
     names = set()

@@ -57,7 +57,7 @@ def config(weight: dict, data_in: dict, bias_quantised: bool = False):
     params = {"name": "ternary", "weight_scaling_factor": True, "data_in_scaling_factor": True, **weight, **data_in}
     if bias_quantised:
         params.update(bias_width=8, bias_quantiser="integer")
-    return module_quant_from_params("linear", "fc", params, rules="t.tq")
+    return module_quant_from_params("linear", "fc", params)
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
@@ -101,7 +101,7 @@ def test_engine_reads_the_converted_state_and_leaves_own_forwards_simulated():
     sim = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), _OwnForward(16, 8))
     cfg = {**WEIGHTS["int8/channel"], **INPUTS["int8/dynamic"]}
     params = {"name": "ternary", "weight_scaling_factor": True, "data_in_scaling_factor": True, **cfg}
-    convert_(sim, {p: module_quant_from_params("linear", p, params, rules="t.tq") for p in ("0", "2")})
+    convert_(sim, {p: module_quant_from_params("linear", p, params) for p in ("0", "2")})
     with torch.no_grad():
         latent_param(sim[0], "weight").mul_(1.5)
     sim.eval()
@@ -135,7 +135,7 @@ def test_engine_equals_the_simulated_conv(conv, weight, data_in, kernel):
     params = {"name": "ternary", "weight_scaling_factor": True, "data_in_scaling_factor": True, **wq,
               **INPUTS[data_in]}
     sim = nn.Sequential(make(), nn.ReLU())
-    convert_(sim, {"0": module_quant_from_params(op, "c", params, rules="t.tq")})
+    convert_(sim, {"0": module_quant_from_params(op, "c", params)})
     sim.eval()
     eng = copy.deepcopy(sim)
     assert to_engine_(eng).engine == ("0",)
@@ -177,7 +177,7 @@ def test_what_stays_simulated_and_why():
         "4": config({"weight_quantiser": "integer", "weight_width": 12}, INPUTS["int8"]),
     }
     cfg["2"] = module_quant_from_params("conv1d", "c", {"name": "ternary", "weight_width": 2,
-                                                        "weight_threshold": 0.05}, rules="t")
+                                                        "weight_threshold": 0.05})
     convert_(model, cfg)
     report = to_engine_(model)
     assert report.engine == ("0",)
@@ -292,7 +292,7 @@ def test_packed_reload_of_a_conv_net_is_bit_identical(tmp_path):
 
     params = {"name": "ternary", "weight_width": 2, "weight_threshold": 0.05, "weight_scaling_factor": True,
               "data_in_quantiser": "integer", "data_in_width": 8, "data_in_dynamic": True}
-    cfg = {p: module_quant_from_params(op, p, params, rules="t") for p, op in (("0", "conv2d"), ("2", "conv2d"),
+    cfg = {p: module_quant_from_params(op, p, params) for p, op in (("0", "conv2d"), ("2", "conv2d"),
                                                                                 ("4", "linear"))}
     torch.manual_seed(3)
     model = convert_(build(), cfg)

@@ -94,7 +94,7 @@ def test_weight_values_scales_and_zeros_match_numpy(op, kind, width, how):
         params["weight_per_channel"] = True
     if group:
         params["weight_group_size"] = group
-    mq = module_quant_from_params(op, "n", params, rules="r.tq")
+    mq = module_quant_from_params(op, "n", params)
     w = float_module.weight.detach().numpy().copy()  # before conversion: the module is quantised in place
     module = TERNARY_MODULES[op].from_float(float_module, mq).eval()
     want_q, want_scale, want_codes = np_weight_quant(w, kind, width, how, group, delta)
@@ -118,8 +118,7 @@ def np_integer(x: np.ndarray, scale, width: int) -> np.ndarray:
 
 def test_integer_rounds_half_to_even_and_saturates():
     float_module = nn.Linear(5, 1, bias=False)
-    mq = module_quant_from_params("linear", "n", {"name": "integer", "data_in_width": 4, "data_in_scale": 0.5},
-                                  rules="r")
+    mq = module_quant_from_params("linear", "n", {"name": "integer", "data_in_width": 4, "data_in_scale": 0.5})
     float_module.weight.data.fill_(1.0)
     module = TERNARY_MODULES["linear"].from_float(float_module, mq)
     captured = {}
@@ -136,7 +135,7 @@ def test_dynamic_per_token_activations_match_numpy(kind, width):
     module = nn.Linear(16, 5)
     lin = copy.deepcopy(module)  # the float reference (conversion is in place)
     params = {"name": kind, "data_in_width": width, "data_in_dynamic": True}
-    module = TERNARY_MODULES["linear"].from_float(module, module_quant_from_params("linear", "n", params, rules="r"))
+    module = TERNARY_MODULES["linear"].from_float(module, module_quant_from_params("linear", "n", params))
     x = torch.randn(2, 7, 16) * torch.linspace(0.1, 3, 7)[None, :, None]  # tokens of different ranges
     with torch.no_grad():
         got = module(x).numpy()
@@ -156,7 +155,7 @@ def test_static_integer_data_in_of_convs_matches_numpy(op):
     module = FLOAT_MODULES[op]()
     conv = copy.deepcopy(module)  # the float reference (conversion is in place)
     params = {"name": "integer", "data_in_width": 8, "data_in_max": 2.0}
-    module = TERNARY_MODULES[op].from_float(module, module_quant_from_params(op, "n", params, rules="r"))
+    module = TERNARY_MODULES[op].from_float(module, module_quant_from_params(op, "n", params))
     x = torch.randn(3, conv.in_channels, *([9] * (1 if op == "conv1d" else 2))) * 1.5
     qx = torch.from_numpy(np_integer(x.numpy(), np.float32(2.0 / 127), 8).astype(np.float32))
     fn = F.conv1d if op == "conv1d" else F.conv2d
@@ -175,7 +174,7 @@ def test_data_out_is_quantised_like_numpy(kind, extra, op):
     float_module = copy.deepcopy(module)  # the float reference (conversion is in place)
     params = {"name": kind, "data_out_width": 8 if kind == "integer" else 2,
               "data_out_scaling_factor": True, **extra}
-    module = TERNARY_MODULES[op].from_float(module, module_quant_from_params(op, "n", params, rules="r"))
+    module = TERNARY_MODULES[op].from_float(module, module_quant_from_params(op, "n", params))
     x = torch.randn(4, 6) * 2
     with torch.no_grad():
         y = float_module(x).numpy()
@@ -191,31 +190,11 @@ def test_data_out_is_quantised_like_numpy(kind, extra, op):
 
 # --- what cannot be configured -----------------------------------------------------------------------------
 
-ERRORS = {
-    "binary_width_2": ({"name": "binary", "weight_width": 2}, "not supported by the binary quantiser"),
-    "integer_width_17": ({"name": "integer", "weight_width": 17}, "weight_width = 17"),
-    "ternary_dynamic": ({"name": "ternary", "data_in_width": 2, "data_in_threshold": 0.1,
-                         "data_in_dynamic": True}, "not available for the ternary quantiser"),
-    "group_on_data_in": ({"name": "integer", "data_in_width": 8, "data_in_dynamic": True,
-                          "data_in_group_size": 4}, "weight and bias only"),
-    "dynamic_weight": ({"name": "integer", "weight_width": 8, "weight_dynamic": True}, "data_in and data_out"),
-    "integer_data_in_no_step": ({"name": "integer", "data_in_width": 8}, "has no step"),
-    "unknown_kind_override": ({"name": "ternary", "weight_quantiser": "int8", "weight_width": 8}, "int8"),
-    "group_zero": ({"name": "integer", "weight_width": 8, "weight_group_size": 0}, "at least 1"),
-}
-
-
-@pytest.mark.parametrize("case", list(ERRORS))
-def test_unusable_configs_are_user_errors(case):
-    params, needle = ERRORS[case]
-    with pytest.raises(UserError) as info:
-        module_quant_from_params("linear", "fc1", params, rules="r.tq")
-    assert needle in str(info.value) and "fc1" in str(info.value)
+# What cannot be configured is refused by mapping, naming the rules: tests/runtime/test_combinations.py.
 
 
 def test_group_size_that_does_not_divide_the_row_is_a_user_error():
-    mq = module_quant_from_params("linear", "fc1", {"name": "integer", "weight_width": 8, "weight_group_size": 7},
-                                  rules="r.tq")
+    mq = module_quant_from_params("linear", "fc1", {"name": "integer", "weight_width": 8, "weight_group_size": 7})
     with pytest.raises(UserError, match="groups of 7"):
         TERNARY_MODULES["linear"].from_float(nn.Linear(64, 4), mq)
 
@@ -223,6 +202,6 @@ def test_group_size_that_does_not_divide_the_row_is_a_user_error():
 def test_per_tensor_kind_override_is_w158a8():
     params = {"name": "ternary", "weight_width": 2, "weight_threshold": 0.1, "weight_scaling_factor": True,
               "data_in_quantiser": "integer", "data_in_width": 8, "data_in_dynamic": True}
-    mq = module_quant_from_params("linear", "n", params, rules="r")
+    mq = module_quant_from_params("linear", "n", params)
     assert (mq.tensor("weight").kind, mq.tensor("weight").width) == ("ternary", 2)
     assert (mq.tensor("data_in").kind, mq.tensor("data_in").width, mq.tensor("data_in").dynamic) == ("integer", 8, True)

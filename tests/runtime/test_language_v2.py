@@ -98,7 +98,7 @@ def _plan(*rows, asserts=()):
 
 
 def _map(*rows):
-    return map_params(_plan(*rows), _table(), rules="r.tq", modules=MODULES)
+    return map_params(_plan(*rows), _table(), modules=MODULES)
 
 
 def _in(field):
@@ -185,7 +185,7 @@ def test_assertions_name_every_failing_module() -> None:
     m_assert = Assert(None, BinOp(">=", Var("quantised_accuracy"), BinOp("-", Var("float_accuracy"), Const(0.1))),
                       "", Origin("r.tq", 4, 1))
     p = _plan((LINEAR, "name", Const("ternary")), asserts=(a, m_assert))
-    mapping = map_params(p, _table(), rules="r.tq", modules=MODULES)
+    mapping = map_params(p, _table(), modules=MODULES)
     zeros = {"enc_0": 0.25, "enc_2": 0.75, "head": None}  # head's weight stays in float: not checked
     report = {"float_accuracy": 0.9, "ternary_accuracy": 0.7, "nodes": {
         node: {"tensors": {"weight": {"quantized": z is not None, "zero_fraction": z}}} for node, z in zeros.items()}}
@@ -247,7 +247,7 @@ def test_a_failing_assertion_on_a_string_parameter_reports_it() -> None:
 
     a = Assert(LINEAR, BinOp("!=", Var("name"), Const("ternary")), "", Origin("r.tq", 2, 1))
     p = _plan((LINEAR, "name", Const("ternary")), asserts=(a,))
-    mapping = map_params(p, _table(), rules="r.tq", modules=MODULES)
+    mapping = map_params(p, _table(), modules=MODULES)
     failures = check_asserts(p, mapping, {}, {"nodes": {}}, _table(), MODULES)
     assert [dict(f.values) for f in failures] == [{"name": "ternary"}] * 3
 

@@ -63,7 +63,7 @@ def plan(*rows) -> Plan:
 
 
 def run(*rows, modules=MODULES, **kw):
-    return map_params(plan(*rows), table(), rules="configs/x.tq", modules=modules, **kw)
+    return map_params(plan(*rows), table(), modules=modules, **kw)
 
 
 def ref(tensor, spec, field):
@@ -139,7 +139,7 @@ def test_two_per_channel_shapes_broadcast_numpy_style():
         "weight": {StatSpec("range_min_max", dims=(1,)): {"min": [[-1.0], [-2.0]], "max": [[1.0], [2.0]]},
                    PER_CH: {"min": [-1.0, -3.0, -5.0], "max": [1.0, 3.0, 5.0]}}})
     e = BinOp("*", ref("weight", StatSpec("range_min_max", dims=(1,)), "max"), ref("weight", PER_CH, "max"))
-    res = map_params(plan((LINEAR, "weight_max", e)), {"head": column}, rules="x")
+    res = map_params(plan((LINEAR, "weight_max", e)), {"head": column})
     assert res.modules["head"].params["weight_max"] == [[a * b for b in (1.0, 3.0, 5.0)] for a in (1.0, 2.0)]
 
 
@@ -195,7 +195,7 @@ def test_unmatched_selector_in_mase_node_names():
               "seq_blocks_1": ModuleStats("seq_blocks_1", "seq_blocks_1", "relu")}
     p = plan((Selector("name", "seq_blokcs.0"), "data_in_max", Const(1.0), 4))
     with pytest.raises(UserError) as info:
-        map_params(p, table_, rules="configs/x.tq", by_node_name=True)
+        map_params(p, table_, by_node_name=True)
     assert str(info.value) == ('rule at configs/x.tq:4:1: selector "seq_blokcs.0" matched no module of the '
                                'model; did you mean "seq_blocks_0"?')
 
@@ -255,14 +255,14 @@ def test_non_finite_values(bad):
                                  values={"data_in_0": {MMAX: {"min": 0.0, "max": bad, "count": 1}}})}
     p = plan((LINEAR, "data_in_max", BinOp("*", Const(2.0), ref("data_in_0", MMAX, "max")), 3))
     with pytest.raises(UserError, match=r"data_in_max of node head \(linear\).*configs/x.tq:3:1.*not finite"):
-        map_params(p, stats, rules="x")
+        map_params(p, stats)
 
 
 def test_non_finite_per_channel_element():
     stats = {"head": ModuleStats("head", "head", "linear",
                                  values={"weight": {PER_CH: {"min": [0.0, 1.0], "max": [1.0, math.inf]}}})}
     with pytest.raises(UserError, match="not finite"):
-        map_params(plan((LINEAR, "weight_max", ref("weight", PER_CH, "max"))), stats, rules="x")
+        map_params(plan((LINEAR, "weight_max", ref("weight", PER_CH, "max"))), stats)
 
 
 @pytest.mark.parametrize("param", ["weight_threshold", "weight_scale"])
@@ -308,14 +308,14 @@ def test_shapes_that_do_not_broadcast():
     both = BinOp("+", ref("weight", PER_CH, "min"), ref("weight", PER_CH, "max"))
     p = plan((LINEAR, "weight_max", both, 2))
     with pytest.raises(UserError, match=r"shapes \(2,\) and \(3,\) do not broadcast"):
-        map_params(p, stats, rules="x")
+        map_params(p, stats)
 
 
 def test_statistic_that_is_not_a_number():
     stats = {"head": ModuleStats("head", "head", "linear",
                                  values={"data_in_0": {MMAX: {"max": "NA"}}})}
     with pytest.raises(UserError, match="not a number"):
-        map_params(plan((LINEAR, "data_in_max", ref("data_in_0", MMAX, "max"))), stats, rules="x")
+        map_params(plan((LINEAR, "data_in_max", ref("data_in_0", MMAX, "max"))), stats)
 
 
 def test_unknown_parameter_is_an_error():
@@ -334,7 +334,7 @@ def test_explain_names_winner_and_overridden_rules():
     width = Binding(DEFAULT, "data_in_width", Const(2), Origin("configs/base.tq", 4, 1), 4)
     p = Plan(sources=("configs/x.tq", "configs/base.tq"), calibration=Calibration(), profile=(),
              bindings=(inc_default, main_default, main_type, name, width))
-    res = map_params(p, table(), rules="configs/x.tq", modules=MODULES)
+    res = map_params(p, table(), modules=MODULES)
     head = res.modules["head"].explain["data_in_max"]
     assert head.binding == name and head.overridden == (main_type, main_default, inc_default)
     text = render_explain(res)
@@ -361,6 +361,6 @@ def test_explain_shows_na_and_abbreviates_long_vectors():
     long = ModuleStats("head", "head", "linear",
                        values={"weight": {PER_CH: {"min": [0.0] * 50, "max": [float(i) for i in range(50)]}}})
     p = plan((LINEAR, "weight_max", ref("weight", PER_CH, "max")), (LINEAR, "data_in_max", Const(None)))
-    text = render_explain(map_params(p, {"head": long}, rules="x"))
+    text = render_explain(map_params(p, {"head": long}))
     assert "50 values" in text and "max 49.0" in text
     assert any(ln.strip().startswith("data_in_max") and "= na" in ln for ln in text.splitlines())

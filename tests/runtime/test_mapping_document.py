@@ -41,7 +41,7 @@ def expected_from_file(node: str, meta: dict) -> dict:
 
 def check_document_mapping(plan: Plan, tmp_path: Path) -> None:
     raw = toml.load(DOC_STATS)
-    result = map_params(plan, read_stats_toml(DOC_STATS), rules=TOY_FILE, by_node_name=True)
+    result = map_params(plan, read_stats_toml(DOC_STATS), by_node_name=True)
     nodes = result.by_node()
     quantisable = [n for n, m in raw.items() if m["common"]["mase_op"] in QUANTISABLE]
     assert sorted(nodes) == sorted(quantisable) == [f"seq_blocks_{i}" for i in range(5)]
@@ -89,7 +89,7 @@ def test_document_statistics_with_compiled_recipe(tmp_path):
 
 
 def test_placeholder_and_function_nodes_get_no_parameters():
-    result = map_params(toy_plan(), read_stats_toml(DOC_STATS), rules=TOY_FILE, by_node_name=True)
+    result = map_params(toy_plan(), read_stats_toml(DOC_STATS), by_node_name=True)
     nodes = result.by_node()
     assert sorted(nodes) == [f"seq_blocks_{i}" for i in range(5)]  # not an empty mapping
     for node in ("x", "size", "view", "output"):
@@ -98,7 +98,7 @@ def test_placeholder_and_function_nodes_get_no_parameters():
 
 @pytest.mark.parametrize("node", ["seq_blocks_1", "seq_blocks_3"])
 def test_relu_nodes_have_only_data_in_and_data_out_parameters(node):
-    result = map_params(toy_plan(), read_stats_toml(DOC_STATS), rules=TOY_FILE, by_node_name=True)
+    result = map_params(toy_plan(), read_stats_toml(DOC_STATS), by_node_name=True)
     params = result.by_node()[node].params
     assert set(params) == {"name"} | {p for p in params if p.startswith(("data_in_", "data_out_"))}
     assert not any(p.startswith(("weight_", "bias_")) for p in params)

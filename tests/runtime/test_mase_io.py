@@ -249,7 +249,7 @@ def mapped():
         Binding(Selector("type", "linear"), "weight_scaling_factor", Const(False), Origin("r.tq", 4, 1), 3),
     ]
     plan = Plan(sources=("r.tq",), calibration=Calibration(), profile=(), bindings=bindings)
-    return map_params(plan, stats, rules="r.tq")
+    return map_params(plan, stats)
 
 
 #: MASE's ternary quantiser config suffixes (MASE's quant_parsers), for data_in, weight and bias.
@@ -292,5 +292,5 @@ def test_node_named_like_a_reserved_key_is_refused(tmp_path):
     stats = {"default": ModuleStats("default", "default", "relu")}
     plan = Plan(sources=(), calibration=Calibration(), profile=(), bindings=())
     with pytest.raises(UserError, match="'default'"):
-        write_quant_config_toml(tmp_path / "q.toml", map_params(plan, stats, rules="r"))
+        write_quant_config_toml(tmp_path / "q.toml", map_params(plan, stats))
     assert not (tmp_path / "q.toml").exists()

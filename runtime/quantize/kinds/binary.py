@@ -31,7 +31,7 @@ class Binary(QuantKind):
     def pack_layout(self, width: int) -> tuple[int, int, int]:
         return -1, 2, 1  # -1 -> 0, +1 -> 1
 
-    def config(self, node: str, t: str, width: int, values: dict[str, Any], rules: str) -> TensorQuant:
+    def config(self, t: str, width: int, values: dict[str, Any]) -> TensorQuant:
         dynamic = bool(values.get(f"{t}_dynamic", False))
         return TensorQuant(
             quantize=True,

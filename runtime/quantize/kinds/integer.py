@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.kinds.registry import QuantKind, reduce_to, register_kind
 from ternqc.runtime.quantize.quantizers import TensorQuant
 
@@ -35,17 +34,11 @@ class Integer(QuantKind):
         q = 2 ** (width - 1) - 1
         return -q, q
 
-    def config(self, node: str, t: str, width: int, values: dict[str, Any], rules: str) -> TensorQuant:
+    def config(self, t: str, width: int, values: dict[str, Any]) -> TensorQuant:
         dynamic = bool(values.get(f"{t}_dynamic", False))
         scale = values.get(f"{t}_scale")
         if scale is None and values.get(f"{t}_max") is not None and not dynamic:
             scale = np.abs(np.asarray(values[f"{t}_max"], dtype=np.float64)) / self.levels(width)[1]
-        if scale is None and not dynamic and t not in PARAM_TENSORS:
-            msg = (
-                f"{node}: {t} is quantised to {width}-bit integers but has no step (rules: {rules}): set "
-                f"{t}_max (the clipping value, e.g. from a range statistic), {t}_scale, or {t}_dynamic = true"
-            )
-            raise UserError(msg)
         return TensorQuant(
             quantize=True,
             scaling=True,
@@ -55,6 +48,17 @@ class Integer(QuantKind):
             group_size=values.get(f"{t}_group_size"),
             per_channel=bool(values.get(f"{t}_per_channel", False)),
             dynamic=dynamic,
+        )
+
+    def problem(self, t: str, values: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+        has_step = any(values.get(f"{t}_{p}") is not None for p in ("scale", "max")) or values.get(f"{t}_dynamic")
+        if has_step or t in PARAM_TENSORS:  # a weight or bias derives its step from its own values
+            return None
+        width = values.get(f"{t}_width")
+        return (
+            f"{t} is quantised to {width}-bit integers but has no step: set {t}_max (the clipping value, "
+            f"e.g. from a range statistic), {t}_scale, or {t}_dynamic = true",
+            (f"{t}_width",),
         )
 
     def codes(self, x: torch.Tensor, tq: TensorQuant, delta: Any, scale: Any) -> torch.Tensor:

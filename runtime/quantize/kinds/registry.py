@@ -49,13 +49,16 @@ class QuantKind:
         low, _ = self.levels(width)
         return low, 1, width
 
-    def config(self, node: str, t: str, width: int, values: dict[str, Any], rules: str) -> TensorQuant:
-        """Tensor `t`'s `TensorQuant` from its module's validated parameters `{param: value}` (set ones only).
-
-        Raises:
-            UserError: a parameter combination the kind cannot use (named, with `rules`).
-        """
+    def config(self, t: str, width: int, values: dict[str, Any]) -> TensorQuant:
+        """Tensor `t`'s `TensorQuant` from its module's parameters `{param: value}` (set ones only), as
+        mapping checked them: the kind trusts them (`problem` is what mapping asked first)."""
         raise NotImplementedError
+
+    def problem(self, t: str, values: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+        """What keeps tensor `t`'s parameters `values` (set ones only) from making a config of this kind:
+        `(what is wrong, the parameters behind it)`, or None when they make one. Mapping asks once
+        (`quantize/combinations.py`) and names the rules that set those parameters."""
+        return None
 
     def codes(self, x: torch.Tensor, tq: TensorQuant, delta: Any, scale: Any) -> torch.Tensor:
         """The integer codes `c(x)` as a float tensor of x's dtype, for a static quantiser: `delta` is the

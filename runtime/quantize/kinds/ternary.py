@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ternqc.runtime.errors import UserError
+from ternqc.plan import FLOAT_WIDTH
 from ternqc.runtime.quantize.kinds.registry import QuantKind, reduce_to, register_kind
-from ternqc.runtime.quantize.quantizers import TensorQuant, resolve_threshold, ternarize, weight_alpha
+from ternqc.runtime.quantize.quantizers import (
+    THRESHOLD_SOURCES,
+    TensorQuant,
+    resolve_threshold,
+    ternarize,
+    weight_alpha,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -30,16 +36,10 @@ class Ternary(QuantKind):
     def levels(self, width: int) -> tuple[int, int]:
         return -1, 1
 
-    def config(self, node: str, t: str, width: int, values: dict[str, Any], rules: str) -> TensorQuant:
-        if values.get(f"{t}_dynamic"):
-            msg = (
-                f"{node}: {t}_dynamic = true is not available for the ternary quantiser (rules: {rules}); "
-                f'use {t}_quantiser = "integer" (per-row absmax) or "binary" (per-row mean |x|)'
-            )
-            raise UserError(msg)
+    def config(self, t: str, width: int, values: dict[str, Any]) -> TensorQuant:
         return TensorQuant(
             quantize=True,
-            delta=resolve_threshold(node, t, values, rules),
+            delta=resolve_threshold(t, values),
             scaling=bool(values.get(f"{t}_scaling_factor", False)),
             alpha=values.get(f"{t}_scale"),
             kind=self.name,
@@ -47,6 +47,23 @@ class Ternary(QuantKind):
             group_size=values.get(f"{t}_group_size"),
             per_channel=bool(values.get(f"{t}_per_channel", False)),
         )
+
+    def problem(self, t: str, values: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+        if values.get(f"{t}_dynamic"):
+            return (
+                f"{t}_dynamic = true is not available for the ternary quantiser; "
+                f'use {t}_quantiser = "integer" (per-row absmax) or "binary" (per-row mean |x|)',
+                (f"{t}_dynamic",),
+            )
+        if resolve_threshold(t, values) is None:
+            tried = ", ".join(f"{t}_{s}" for s, _ in THRESHOLD_SOURCES)
+            return (
+                f"cannot resolve the ternary threshold of {t}: {t}_threshold is unset and so are {tried}. "
+                f"Set {t}_threshold, give one of them a value, or set {t}_width = {FLOAT_WIDTH} to leave {t} "
+                "in float",
+                (f"{t}_width",),
+            )
+        return None
 
     def codes(self, x: torch.Tensor, tq: TensorQuant, delta: Any, scale: Any) -> torch.Tensor:
         return ternarize(x, delta)
