@@ -8,7 +8,7 @@ In: one row of float32 values, block by block (NaN = left out), and the rank fra
 interval `[lo, hi]` around each fraction, `WIDTH` of the values wide on each side plus five standard
 deviations of the sample's rank error; edges the sample holds twice are probable atoms (a ReLU's zeros), whose
 edge counts are kept too. Every block then costs one chunked pass (`quantiles.scan_brackets`, ~0.5 ns a
-value on data still in cache, split over threads for large blocks): counts of values <= lo and < hi (and
+value on data still in cache): counts of values <= lo and < hi (and
 < lo, <= hi at an atom) and a copy of the few values strictly inside, kept under the quantile budget. At the end a rank between the counts is found among
 the kept values; a rank on an atom edge by the counts.
 
@@ -45,9 +45,8 @@ WIDTH = 0.01
 NARROW_AFTER_SHARE = 1 / 8
 NARROW_AFTER_HEADS = 4
 NARROW = 0.005
-#: Sample of the head that places the brackets: all of it (the sample's rank error, 5 standard deviations of
-#: which widen each bracket, is then ~0.5% of the values instead of ~1.4% with 2**15).
-HEAD_SAMPLE = HEAD_VALUES
+#: Sample of the head that places the brackets (its rank error widens them until they are narrowed).
+HEAD_SAMPLE = 2**15
 
 _INF = np.float32(np.inf)
 
@@ -107,13 +106,14 @@ class Bracket:
         ]
         return cls(out, budget, [fs for *_, fs in groups])
 
-    def add(self, values: np.ndarray, finite: int) -> None:
-        """Count a block (`values` 1-D float32, `finite` of them not NaN) and keep what falls inside."""
+    def add(self, values: np.ndarray, finite: int, bounds: tuple[float, float] | None = None) -> None:
+        """Count a block (`values` 1-D float32, `finite` of them not NaN; `bounds`: its min and max when all
+        are finite) and keep what falls inside."""
         if self.overflowed:
             return
         self.seen += finite
         for g, ((*_, b), (gt_lo, between, lt_lo, gt_hi)) in enumerate(
-            zip(self.groups, _scan_counts(values, self.groups))
+            zip(self.groups, _scan_counts(values, self.groups, bounds))
         ):
             c = self.counts[g]
             c[0] += finite - gt_lo
@@ -211,9 +211,9 @@ class Bracket:
         raise ValueError(msg)
 
 
-def _scan_counts(values: np.ndarray, groups) -> list[tuple[int, tuple[int, np.ndarray], int, int]]:
+def _scan_counts(values: np.ndarray, groups, bounds=None) -> list[tuple[int, tuple[int, np.ndarray], int, int]]:
     """Per group: count > lo, (count strictly between, the values between), count < lo, count > hi."""
-    got = scan_brackets(values, [(lo, hi, a, b) for lo, hi, a, b in groups])
+    got = scan_brackets(values, [(lo, hi, a, b) for lo, hi, a, b in groups], bounds)
     return [(c[0], (c[1], mids), c[2], c[3]) for c, mids in got]
 
 

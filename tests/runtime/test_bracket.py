@@ -259,3 +259,26 @@ def test_drift_after_narrowing_is_a_miss_never_a_wrong_value():
     ts = feed(batches, [quantile(0.5)])
     assert ts.missed()
     assert quantile(0.5) not in ts.results()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scan_with_the_block_bounds_counts_as_the_scan_without(seed):
+    """Comparisons the block's min and max decide are skipped; the counts and the values inside are those of
+    the full scan, for edges below, at, inside and above the data (a ReLU's atom at 0 included)."""
+    from ternqc.runtime.calibrate.quantiles import _scan_part
+
+    rng = np.random.default_rng(seed)
+    values = np.maximum(rng.standard_normal(300_000).astype(np.float32), 0) if seed % 2 else (
+        rng.standard_normal(300_000).astype(np.float32)
+    )
+    mn, mx = float(values.min()), float(values.max())
+    edges = [np.float32(e) for e in (mn - 1, mn, 0.0, 0.1, 0.5, mx, mx + 1)]
+    brackets = [(lo, hi, a, b) for lo in edges for hi in edges if lo < hi for a in (False, True) for b in (False, True)]
+    full = _scan_part(values, brackets)
+    skipped = _scan_part(values, brackets, (mn, mx))
+    for (lo, hi, a, b), (c_full, v_full), (c_skip, v_skip) in zip(brackets, full, skipped):
+        want = [int(np.count_nonzero(values > lo)), int(np.count_nonzero((values > lo) & (values < hi))),
+                int(np.count_nonzero(values < lo)) if a else 0, int(np.count_nonzero(values > hi)) if b else 0]
+        assert c_full == want and c_skip == want
+        assert np.array_equal(np.sort(v_skip), np.sort(values[(values > lo) & (values < hi)]))
+        assert np.array_equal(v_full, v_skip)

@@ -142,7 +142,8 @@ class QuantileState(StatState):
         m = x.numel() // lay.rows
         self._seen += m
         if self._bracket is not None:
-            self._bracket.add(rows_view(x, lay)[0], m - block.bad)
+            bounds = (block.lo, block.hi) if mask is None and block.lo is not None else None
+            self._bracket.add(rows_view(x, lay)[0], m - block.bad, bounds)
             if self._bracket.narrow_due():
                 self._bracket.narrow()
             return
