@@ -144,9 +144,9 @@ class StatState:
     def _fmt(self, t: torch.Tensor | np.ndarray) -> float | list:
         if self.layout is None:
             return float("nan")
-        a = np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t) + 0.0  # -0.0 -> +0.0
         if self.layout.scalar:
-            return float(a.reshape(()))
+            return float(t.reshape(())) + 0.0  # -0.0 -> +0.0
+        a = np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t) + 0.0
         return a.reshape(self.layout.result_shape).tolist()
 
     # --- serialisation and merging across processes ---
