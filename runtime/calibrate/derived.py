@@ -6,9 +6,11 @@ model, the first pass's `Calibrated` and, per tensor, the threshold Δ known onl
 `Derived`: per `(path, tensor)` the statistic's result and how many passes it took.
 
 One pass: the first pass resolved the derived points without a threshold, so their states kept every |x|
-within the quantile budget (`ThresholdAbsMeanState`, pending); given Δ they sum those values block by block
-as a second pass would (the same bits). Two passes: only for the tensors whose values did not fit, one more
-calibration pass with hooks on those modules only and the same statistic, Δ known. Under `torch.distributed`
+within the quantile budget, or, when those did not fit, the values in a band around a Δ predicted from the
+first batch (`stats/threshold_state.py`); given Δ they sum them batch by batch, exactly, as a second pass
+would (the same bits). Two passes: only for the tensors that kept nothing that can answer (no prediction, a
+Δ outside its band, NaN/Inf, a batch beyond the exactness bound), one more calibration pass with hooks on
+those modules only and the same statistic, Δ known. Under `torch.distributed`
 the processes agree on which tensors need the second pass, and merge the one-pass states as any other.
 """
 
@@ -73,7 +75,7 @@ def finish_derived(
             raise UserError(msg)
         specs[key] = got
     kept = {key: first.pending.get(key) for key in specs}
-    fits = [all(_state(kept[key], s) is not None for s in specs[key]) for key in specs]
+    fits = [all(_finishable(kept[key], s, thresholds[key]) for s in specs[key]) for key in specs]
     if distributed.world_size() > 1:  # every process must take the same path (a second pass is collective)
         fits = [all(col) for col in zip(*distributed.gather_objects(fits))] if fits else fits
     one_pass = [key for key, ok in zip(specs, fits) if ok]
@@ -116,10 +118,11 @@ def finish_derived(
     return out
 
 
-def _state(ts, spec: StatSpec):
-    """The pending state of `spec` in `ts` that kept its values (None when there is none or it overflowed)."""
+def _finishable(ts, spec: StatSpec, threshold: Any) -> bool:
+    """Whether `ts` holds a pending state of `spec` that can give its result for `threshold` (every value
+    kept, or a band around a predicted Δ that holds this one)."""
     state = None if ts is None else ts.pending().get(spec)
-    return None if state is None or state.overflowed else state
+    return state is not None and state.can_finish(threshold)
 
 
 def _record(out: Derived, model: nn.Module, key: tuple[str, str], values: dict, shape: tuple, passes: int) -> None:

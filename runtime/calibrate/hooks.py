@@ -45,6 +45,7 @@ class Collector:
         planned_batches: int | None = None,
         eager: bool = True,
         bracket: bool = True,
+        bands: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         self.model = model
         self.resolved = resolved
@@ -72,6 +73,7 @@ class Collector:
                     eager=eager,
                     stage_bytes=stage_bytes,
                     bracket=bracket and tensor not in PARAM_TENSORS,
+                    band=(bands or {}).get((path, tensor)),
                 )
                 for tensor, specs in tensors.items()
             }
@@ -225,6 +227,7 @@ def collect_stats(
     planned_batches: int | None = None,
     eager: bool = True,
     bracket: bool = True,
+    bands: Mapping[tuple[str, str], float] | None = None,
 ) -> Iterator[Collector]:
     """Collect `resolved`'s statistics from every forward run inside the block.
 
@@ -249,6 +252,8 @@ def collect_stats(
             them until `collector.sync`.
         bracket: quantiles over a whole activation keep only the values near their ranks (`bracket.py`);
             `collector.missed()` lists those to collect again.
+        bands: `(module_path, tensor) -> predicted Δ` for pending `threshold_abs_mean` statistics whose values
+            may not fit the budget (`threshold_state.py`).
     """
     collector = Collector(
         model,
@@ -259,6 +264,7 @@ def collect_stats(
         planned_batches,
         eager,
         bracket,
+        bands,
     )
     handles: list[Any] = []
     try:

@@ -50,11 +50,11 @@ from ternqc.runtime.quantize.kinds import granularity
 from ternqc.runtime.quantize.mapping import MappingResult, map_params
 from ternqc.runtime.quantize.modules import is_converted, quantized_param, resolved_quant
 from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
-from ternqc.runtime.quantize.types import param_view
 from ternqc.runtime.report import details as report_details
 from ternqc.runtime.report.sensitivity import layer_sensitivity
 from ternqc.runtime.run import collectives as distributed
 from ternqc.runtime.run import effects
+from ternqc.runtime.run.predict import absent_parameters, predict_thresholds, scaled_inputs
 
 VALIDATION_SPLIT = "validation"
 
@@ -208,9 +208,12 @@ def profile(
         for p in resolved.unmatched
         if not (p.selector.kind == "type" and p.selector.pattern in QUANTISABLE) and p.reason != "derived"
     )
-    budget = QuantileBudget(int(settings.quantile_budget_mib * 2**20))
+    budget_bytes = int(settings.quantile_budget_mib * 2**20)
+    # Δ predicted from the first batch: an α whose values do not fit the budget keeps those near it instead
+    bands = predict_thresholds(model, plan, batches, budget_bytes) if derived else {}
     done = calib.calibrate_pass(
-        model, batches, resolved, quantile_budget=budget, progress=settings.progress, desc="calibrate"
+        model, batches, resolved, quantile_budget=QuantileBudget(budget_bytes), progress=settings.progress,
+        desc="calibrate", bands=bands,
     )
     table = done.table
     notes += tuple(f"{ms.path}: {n}" for ms in table.values() for n in ms.notes)
@@ -237,12 +240,7 @@ def calibrate_activation_scales(
     tensors that did not fit (`calibrate/derived.py`). Adds the results to `result.table`; returns the
     configs and, per module, how many passes its α took."""
     tensor = TENSOR_ALIASES["data_in"]
-    need = {
-        path: mq
-        for path, mq in configs.items()
-        if (tq := mq.tensor("data_in")).quantize and tq.scaling and tq.alpha is None and not tq.dynamic
-        and tq.kind in ("ternary", "binary")
-    }
+    need = scaled_inputs(configs)
     if not need:
         return configs, {}
     # binary: α is the mean of |x| over every element (any |x| exceeds a threshold of -1)
@@ -324,7 +322,7 @@ def apply(
     reached |= {path for path, tensor in result.pending if tensor == "data_in_0"}
     calls = {path: n or int(path in reached) for path, n in check.calls.items()}
     unset, idle = effects.never_called(plan, calls, list(types.items()))
-    absent = _absent_parameters(model) | unset
+    absent = absent_parameters(model) | unset
     mapping = map_params(plan, result.table, modules=list(types.items()), absent_tensors=absent)
     configs = build_configs(mapping)
     configs, alpha_passes = calibrate_activation_scales(model, configs, result, settings, plan)
@@ -364,17 +362,6 @@ def apply(
         report["float_accuracy"], report["ternary_accuracy"], report,
         float_metrics, ternary_metrics, warnings, tuple(failures),
     )
-
-
-def _absent_parameters(model: nn.Module) -> set[tuple[str, str]]:
-    """`(path, tensor)` for each weight or bias a quantisable module's type has but the module lacks
-    (`Linear(..., bias=False)`)."""
-    absent = set()
-    for path, module in model.named_modules():
-        for tensor in QUANTISABLE.get(prof.module_type(module), ()):
-            if tensor in ("weight", "bias") and param_view(module, tensor) is None:
-                absent.add((path, tensor))
-    return absent
 
 
 def _metrics_and_activation_zeros(model: nn.Module, batches, task) -> tuple[dict | None, dict[str, float]]:

@@ -1,8 +1,10 @@
 """The activation scale α (the plan's derived `threshold_abs_mean`): one calibration pass when the values fit
-the quantile budget, a second pass over only the modules that did not fit, the same bits either way."""
+the quantile budget or a band around the Δ predicted from the first batch holds the final Δ, a second pass
+over only the modules that did not, the same bits every way."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,9 +27,21 @@ def setup(tmp_path_factory):
     return plan, str(folder / "toy.pt")
 
 
-def run(setup, budget_mib, monkeypatch=None, seen=None):
+def run(setup, budget_mib, monkeypatch=None, seen=None, bands=False, predict=None):
+    """`apply` with `budget_mib`; without `bands` nothing is predicted (every value kept, or a second pass);
+    `predict` replaces the prediction."""
     plan, ckpt = setup
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=budget_mib)
+    with pytest.MonkeyPatch.context() as mp:
+        if not bands:
+            mp.setattr(pipeline, "predict_thresholds", lambda *args: {})
+        elif predict is not None:
+            real_predict = pipeline.predict_thresholds
+            mp.setattr(pipeline, "predict_thresholds", lambda *args: predict(real_predict(*args)))
+        return _apply(plan, settings, monkeypatch, seen)
+
+
+def _apply(plan, settings, monkeypatch, seen):
     if monkeypatch is not None:
         real = loop.calibrate
 
@@ -93,10 +107,13 @@ def test_alpha_by_hand_equals_numpy(setup):
         for x, _ in result.profile.batches:
             model(x)
     handle.remove()
-    a = torch.cat([t.reshape(-1) for t in seen]).abs().double().numpy()
+    a = torch.cat([t.reshape(-1) for t in seen]).abs().numpy()
     delta = result.configs["seq_blocks.2"].tensor("data_in").delta
-    want = a[a > torch.tensor(delta, dtype=torch.float32).item()].mean()
-    assert result.configs["seq_blocks.2"].tensor("data_in").alpha == pytest.approx(want, rel=1e-6)
+    above = a[a > np.float32(delta)]
+    # float64 sums of these float32 values are exact (far below 2^53 spacings), so the means agree exactly
+    want = np.sum(above, dtype=np.float64) / above.size
+    assert result.configs["seq_blocks.2"].tensor("data_in").alpha == want
+    assert run(setup, SOME_FIT, bands=True).configs["seq_blocks.2"].tensor("data_in").alpha == want
 
 
 @pytest.mark.parametrize("budget", [ALL_FIT, SOME_FIT])
@@ -108,6 +125,28 @@ def test_two_processes_give_the_single_process_alpha(setup, budget):
     assert two.configs == single.configs
     assert passes(two) == passes(single)
     assert derived_values(two) == derived_values(single)
+
+
+def test_a_band_around_the_predicted_delta_answers_in_one_pass_with_the_same_bits(setup):
+    """A budget too small for every value (64 KiB for 200 KiB inputs) but enough for the values near Δ: one pass
+    everywhere, and α bit for bit that of every value kept and of a second pass."""
+    banded = run(setup, SOME_FIT, bands=True)
+    assert set(passes(banded).values()) == {1}
+    kept_all, second = run(setup, ALL_FIT), run(setup, NONE_FIT)
+    assert set(passes(second).values()) == {2}
+    assert alphas(banded) == alphas(kept_all) == alphas(second)
+    assert derived_values(banded) == derived_values(kept_all) == derived_values(second)
+
+
+def test_a_delta_outside_its_band_takes_a_second_pass_with_the_same_bits(setup, monkeypatch):
+    """Predictions twice too large: no final Δ lies in its band, so those tensors take a second pass, and α is
+    still the one of every value kept."""
+    seen: list = []
+    doubled = run(setup, SOME_FIT, monkeypatch, seen, bands=True, predict=lambda got: {k: 2 * v for k, v in got.items()})
+    assert {p for p, n in passes(doubled).items() if n == 2}  # the band missed somewhere
+    (second,) = seen
+    assert set(second) == {p for p, n in passes(doubled).items() if n == 2}
+    assert alphas(doubled) == alphas(run(setup, ALL_FIT))
 
 
 def test_a_plan_without_its_derived_points_is_refused_not_worked_out_again(setup):

@@ -80,10 +80,13 @@ class TensorStats:
         eager: bool = True,
         stage_bytes: int = STAGE_BYTES,
         bracket: bool = False,
+        band: float | None = None,
     ) -> None:
         self.batched = batched
         self._stage_bytes = stage_bytes
-        options = {"quantile_budget": quantile_budget, "threshold": threshold, "eager": eager, "bracket": bracket}
+        options = {
+            "quantile_budget": quantile_budget, "threshold": threshold, "eager": eager, "bracket": bracket, "band": band,
+        }
         self.states = {
             spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
             for spec in specs

@@ -1,0 +1,322 @@
+"""`threshold_abs_mean`: the activation scale α = mean of |x| over |x| > Δ, with Δ given, coming, or predicted.
+
+In: blocks of |x| (`sums.Block`), Δ at construction (`ctx.threshold`, a second pass) or later
+(`set_threshold`, the first pass's pending state), and optionally a prediction of Δ (`ctx.band`, from a
+calibration of the first batch). Out: MASE's `abs_mean` field and `count` (how many |x| > Δ).
+
+A pending state with a predicted Δ keeps only the values in a band `[L, H]` around the prediction and, per
+batch, the count, sum and max of those above H: given a Δ inside the band, each batch's sum is the sum above
+H plus the kept values above Δ (~2-8% of the values on real activations, against all of them). Without a
+prediction it keeps every |x| while they fit the quantile budget and sums them once Δ comes. Otherwise it
+overflows and the caller takes a second pass (`calibrate/derived.py`).
+
+Every path gives the same bits, because each batch's sum is *exact* where it can be: the values above Δ are
+float32 multiples of the float32 spacing u at Δ, so while `values × max < 2^53 u` every float64 partial sum of
+them is exact, whatever the order or split. A batch beyond that bound is summed in the fixed chunked order
+(`sums.batch_sums`) instead, which only the batch's own values in their order can give: a band cannot answer
+for it (`can_finish` is False) and the caller takes a second pass. Batches are folded in key order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate.quantiles import ExactValues, QuantileBudget
+from ternqc.runtime.calibrate.stats.base import StatState
+from ternqc.runtime.calibrate.stats.registry import StatContext, register_stat
+from ternqc.runtime.calibrate.stats.sum_states import AbsMeanState
+from ternqc.runtime.calibrate.stats.sums import Block, batch_counts, batch_sums
+
+#: Half-width of the band around the predicted Δ, relative to it (Δ from all the batches against Δ from the
+#: first one).
+BAND = 0.05
+
+
+def exact_bound(delta: float) -> float:
+    """2^53 times the float32 spacing of the values above `delta`: a float64 sum of such values, fewer than
+    this over their largest, is exact in any order."""
+    if not delta > 0:
+        return math.ldexp(1.0, 53 - 149)  # the smallest positive float32 is 2^-149
+    _, e = math.frexp(delta)  # delta = m 2^e, 0.5 <= m < 1: its float32 spacing is 2^(e-24)
+    return math.ldexp(1.0, 53 + e - 24)
+
+
+#: Values scanned at once (with the masks and the product they stay in the L2 cache).
+CHUNK = 2**16
+
+
+def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> tuple[int, float, float, np.ndarray]:
+    """Over `row` (1-D float32, finite, >= 0), chunk by chunk: how many values are > `cut`, their float64 sum
+    (exact while `row.size × max < exact_bound(cut)`), their max (0 with none), and with `lo` the values in
+    (lo, cut]."""
+    n = row.size
+    size = min(CHUNK, n)
+    above, product = np.empty(size, dtype=bool), np.empty(size, dtype=np.float32)
+    inside = np.empty(size, dtype=bool) if lo is not None else None
+    count, total, top, pieces = 0, 0.0, 0.0, []
+    for start in range(0, n, CHUNK):
+        chunk = row[start : start + CHUNK]
+        m = chunk.size
+        a, w = above[:m], product[:m]
+        np.greater(chunk, cut, out=a)
+        count += int(np.count_nonzero(a))
+        np.multiply(chunk, a, out=w)  # x where x > cut, else +0.0
+        total += float(np.add.reduce(w, dtype=np.float64))
+        top = max(top, float(w.max()))
+        if inside is not None:
+            b = inside[:m]
+            np.greater(chunk, lo, out=b)
+            np.logical_xor(b, a, out=b)  # > lo and not > cut (> cut implies > lo)
+            pieces.append(np.compress(b, chunk))
+    between = np.concatenate(pieces) if len(pieces) > 1 else (pieces[0] if pieces else np.empty(0, np.float32))
+    return count, total, top, between
+
+
+@register_stat("threshold_abs_mean")
+class ThresholdAbsMeanState(AbsMeanState):
+    """`threshold_abs_mean`: mean of |x| over the elements with |x| > threshold; count = how many (see the
+    module doc for the three ways to it). `overflowed`: nothing kept that can answer; `can_finish(Δ)` says
+    whether `set_threshold(Δ)` can."""
+
+    def __init__(self, spec: StatSpec, ctx: StatContext | None = None) -> None:
+        super().__init__(spec, ctx)
+        self.threshold = None if self.ctx.threshold is None else torch.as_tensor(self.ctx.threshold, dtype=torch.float32)
+        self.overflowed = False
+        self._kept: ExactValues | None = None
+        self._blocks: list[tuple[np.ndarray, tuple[int, ...], bool]] = []  # (keys, shape, all finite), in order
+        self._band: _Band | None = None
+
+    @property
+    def pending(self) -> bool:
+        """No threshold yet: the values are kept (or overflowed) until `set_threshold`."""
+        return self.threshold is None
+
+    @property
+    def banded(self) -> bool:
+        return self._band is not None
+
+    def _blank(self) -> StatState:
+        ctx = attrs.evolve(self.ctx, threshold=self.threshold, size_hint=None, plan_hint=None, eager=False, band=None)
+        return type(self)(self.spec, ctx)
+
+    def _budget(self) -> QuantileBudget:
+        return self.ctx.budget if self.ctx.budget is not None else QuantileBudget()
+
+    # --- Δ known: per-batch sums ---
+
+    def _observe(self, block):
+        if self.threshold is None:
+            self._keep(block)
+            return
+        lay, x = self.layout, block.x
+        if self.threshold.device != x.device:
+            self.threshold = self.threshold.to(x.device)
+        if lay.rows == 1 and block.mask is None and x.is_cpu and x.dtype == torch.float32 and self._one_threshold():
+            # every value finite and >= 0 (|x|), one threshold t >= 0: per batch the count and the sum of the
+            # values > t, exact when the bound allows (the bits a band gives), else in the fixed chunked order
+            delta = np.float32(float(self.threshold))
+            bound = exact_bound(float(delta))
+            rows = x.reshape(block.k, -1).numpy()
+            counts, sums = np.empty(block.k, dtype=np.int64), np.empty(block.k, dtype=np.float64)
+            for i, row in enumerate(rows):
+                counts[i], sums[i], top, _ = scan_row(row, delta)
+                if not row.size * top < bound:
+                    kept = torch.nn.functional.threshold(x[i : i + 1], float(delta), 0.0)
+                    sums[i] = float(batch_sums(kept, lay))
+            self._partials.add(block.keys, (counts.reshape(-1, 1), sums.reshape(-1, 1)), 1)
+            return
+        above = x > self.threshold  # NaN compares False; +-Inf is removed by the mask
+        if block.mask is not None:
+            above &= block.mask
+        sums = batch_sums(torch.where(above, x, 0.0), lay)
+        self._partials.add(block.keys, (batch_counts(above, lay), sums), lay.rows)
+
+    def _one_threshold(self) -> bool:
+        """A single threshold >= 0 (a per-channel one, or a negative one, takes the general path)."""
+        return self.threshold.numel() == 1 and float(self.threshold) >= 0
+
+    # --- Δ coming: keep every value, or a band ---
+
+    def _keep(self, block: Block) -> None:
+        """Keep the block's |x| (float32, CPU) for `set_threshold`: the band when Δ was predicted, else every
+        value while the budget allows (an overflow when it refuses)."""
+        if self.overflowed:
+            return
+        predicted = self.ctx.band
+        if self._band is None and self._kept is None and predicted is not None and predicted > 0:
+            if self.layout.rows == 1:
+                # the band from the start, fit or not: the same bits in a tenth of the memory, which leaves the
+                # budget to the other tensors' bands
+                self._band = _Band(float(predicted), self._budget())
+        if self._band is not None:
+            self._band_add(block)
+            return
+        x = block.x
+        m = x.numel()
+        if self._kept is None:
+            self._kept = ExactValues(1, self._budget())
+            planned = (m // block.k) * (self.ctx.plan_hint or 0)
+            local = (m // block.k) * (self.ctx.size_hint or self.ctx.plan_hint or 0)
+            if planned * 4 > self._kept.budget.available:
+                self._overflow()
+                return
+            if local:
+                self._kept.budget.force((planned - local) * 4)  # the other processes' share
+                self._kept.reserve(local)
+        slot = self._kept.slot(m)
+        if slot is None:
+            self._overflow()
+            return
+        slot[0, :] = x.reshape(-1).cpu().numpy() if x.dtype == torch.float32 else x.reshape(-1).float().cpu().numpy()
+        self._blocks.append((np.asarray(block.keys, dtype=np.int64).copy(), tuple(x.shape), block.mask is None))
+
+    def _kept_blocks(self) -> list[tuple[torch.Tensor, np.ndarray, bool]]:
+        """The kept values as `(x, keys, all finite)` per block, views of the buffer."""
+        if self._kept is None:
+            return []
+        flat = torch.from_numpy(self._kept.values()[0])
+        out, start = [], 0
+        for keys, shape, finite in self._blocks:
+            n = math.prod(shape)
+            out.append((flat[start : start + n].view(shape), keys, finite))
+            start += n
+        return out
+
+    def _band_add(self, block: Block) -> None:
+        if block.mask is not None or not block.x.is_cpu:
+            self._overflow()  # NaN/Inf (or a device tensor): a second pass sums this tensor
+            return
+        x = block.x if block.x.dtype == torch.float32 else block.x.float()
+        if not self._band.add(x, block.keys):
+            self._overflow()
+
+    def can_finish(self, threshold: Any) -> bool:
+        """Whether `set_threshold(threshold)` can give the result: every value kept, or a band that holds Δ
+        with every batch within the exactness bound."""
+        if self.overflowed:
+            return False
+        if self._band is None:
+            return True
+        t = torch.as_tensor(threshold, dtype=torch.float32)
+        return t.numel() == 1 and self._band.can_finish(np.float32(float(t)))
+
+    def set_threshold(self, threshold: Any) -> None:
+        """Give the pending state its threshold: the kept values are summed batch by batch (as a second pass
+        would sum the same batches) and released. Only when `can_finish(threshold)`."""
+        if not self.can_finish(threshold):
+            msg = "threshold_abs_mean cannot be finished from what it kept: gather it in a second pass"
+            raise ValueError(msg)
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
+        if self._band is not None:
+            keys, counts, sums = self._band.finish(np.float32(float(self.threshold)))
+            if self.layout is not None and len(keys):
+                self._partials.add(keys, (counts.reshape(-1, 1), sums.reshape(-1, 1)), 1)
+            self._band.release()
+            self._band = None
+            return
+        for x, keys, finite in self._kept_blocks():
+            # a block seen all finite is not probed again (the probe would find the same)
+            self._observe(Block(x, keys, None, 0) if finite else Block.prepare(x, keys))
+        self._release_kept()
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        self._release_kept()
+        if self._band is not None:
+            self._band.release()
+            self._band = None
+
+    def _release_kept(self) -> None:
+        if self._kept is not None:
+            self._kept.release()
+        self._kept = None
+        self._blocks = []
+
+    def release(self) -> None:
+        if not self.pending:
+            self.discard()
+
+    def discard(self) -> None:
+        """Give the kept values back (their threshold will not come)."""
+        self._release_kept()
+        if self._band is not None:
+            self._band.release()
+            self._band = None
+
+    def _count(self) -> int:
+        got = self._acc()
+        return 0 if got is None else round(float(got[0].sum()))
+
+
+class _Band:
+    """Per batch (one row of |x| each): its key, its number of values, the count, float64 sum (exact when the
+    bound at H allows) and max of the values above H; and every value in (L, H], in the budget."""
+
+    def __init__(self, predicted: float, budget: QuantileBudget) -> None:
+        self.lo = np.float32(predicted * (1.0 - BAND))
+        self.hi = np.float32(predicted * (1.0 + BAND))
+        self.inside = ExactValues(1, budget)
+        self.keys: list[int] = []
+        self.sizes: list[int] = []
+        self.counts: list[int] = []
+        self.sums: list[float] = []
+        self.tops: list[float] = []
+        self.lengths: list[int] = []  # values kept per batch, in order
+        self._finished: tuple[np.float32, list] | None = None  # per-batch results for one Δ
+
+    def add(self, x: torch.Tensor, keys) -> bool:
+        """Count and keep the block `x` (`[K, ...]` float32 on the CPU, finite, >= 0; one batch per row);
+        False when the values in the band outgrow the budget."""
+        for row, key in zip(x.reshape(x.shape[0], -1).numpy(), np.asarray(keys).reshape(-1)):
+            count, total, top, between = scan_row(row, self.hi, self.lo)
+            slot = self.inside.slot(between.size)
+            if slot is None:
+                return False
+            slot[0] = between
+            self.keys.append(int(key))
+            self.sizes.append(row.size)
+            self.counts.append(count)
+            self.sums.append(total)
+            self.tops.append(top)
+            self.lengths.append(between.size)
+        return True
+
+    def _per_batch(self, delta: np.float32) -> list[tuple[int, int, float, bool]]:
+        """Per batch: (key, count above Δ, sum above Δ, exact), computed once per Δ. The max above Δ is the max
+        above H when there is one, else the largest kept value above Δ: the exact max, as `scan_row` finds it."""
+        if self._finished is not None and self._finished[0] == delta:
+            return self._finished[1]
+        values = self.inside.values()[0]
+        bound = exact_bound(float(delta))
+        out, start = [], 0
+        for key, size, count, total, top, n in zip(self.keys, self.sizes, self.counts, self.sums, self.tops, self.lengths):
+            chosen = values[start : start + n]
+            chosen = chosen[chosen > delta]
+            start += n
+            high = top if count else (float(chosen.max()) if chosen.size else 0.0)
+            exact = size * high < bound
+            out.append((key, count + chosen.size, total + float(np.add.reduce(chosen, dtype=np.float64)), exact))
+        self._finished = (delta, out)
+        return out
+
+    def can_finish(self, delta: np.float32) -> bool:
+        """Δ inside the band, and every batch's sum above it exact."""
+        return bool(self.lo <= delta <= self.hi) and all(exact for *_, exact in self._per_batch(delta))
+
+    def finish(self, delta: np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keys, counts and exact sums of the values > Δ, per batch (only after `can_finish(Δ)`)."""
+        got = self._per_batch(delta)
+        return (
+            np.array([g[0] for g in got], dtype=np.int64),
+            np.array([g[1] for g in got], dtype=np.int64),
+            np.array([g[2] for g in got], dtype=np.float64),
+        )
+
+    def release(self) -> None:
+        self.inside.release()

@@ -1,0 +1,82 @@
+"""Predicted activation thresholds: Δ of every scaled activation as the rules give it from the first batch.
+
+In: the model, the plan and the calibration batches. Out: `(module_path, "data_in_0") -> Δ` for each
+quantised `data_in` whose α the plan derives (`scaled_inputs`), computed as `apply` would but from the
+statistics of the first batch only. The first calibration pass gives these to the pending α states: a
+tensor whose values do not fit the quantile budget keeps only those near its predicted Δ
+(`calibrate/stats/threshold_state.py`) instead of needing a second pass. A prediction is only a hint: the
+final Δ is checked against the band, and nothing is predicted when the rules cannot be evaluated on one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from ternqc.plan import QUANTISABLE, TENSOR_ALIASES, Plan
+from ternqc.runtime.calibrate import loop as calib
+from ternqc.runtime.calibrate import points as prof
+from ternqc.runtime.calibrate.stats.states import QuantileBudget
+from ternqc.runtime.errors import UserError
+from ternqc.runtime.quantize.combinations import check_module
+from ternqc.runtime.quantize.mapping import map_params
+from ternqc.runtime.quantize.quantizers import ModuleQuant, module_quant_from_params
+from ternqc.runtime.quantize.types import param_view
+from ternqc.runtime.run.effects import never_called
+
+
+def scaled_inputs(configs: dict[str, ModuleQuant]) -> dict[str, ModuleQuant]:
+    """The configs whose quantised `data_in` takes its α from the calibration data (ternary or binary, scaled,
+    no α given, not dynamic): the plan's derived statistic finishes them."""
+    return {
+        path: mq
+        for path, mq in configs.items()
+        if (tq := mq.tensor("data_in")).quantize and tq.scaling and tq.alpha is None and not tq.dynamic
+        and tq.kind in ("ternary", "binary")
+    }
+
+
+def predict_thresholds(
+    model: nn.Module, plan: Plan, batches: Sequence, budget_bytes: int
+) -> dict[tuple[str, str], float]:
+    """Δ per scaled ternary `data_in`, from a calibration of `batches[0]` alone (one batch per process in a
+    distributed run: the collective calls are the same in every process); {} when the plan derives nothing,
+    or its rules cannot be evaluated from one batch."""
+    if not batches or not any(p.reason == "derived" for p in plan.profile):
+        return {}
+    resolved = prof.resolve_profile(plan.profile, model)
+    first = calib.calibrate_pass(model, list(batches[:1]), resolved, quantile_budget=QuantileBudget(budget_bytes),
+                                 progress=False, desc="predict")
+    types = [(name, prof.module_type(m)) for name, m in model.named_modules() if name]
+    # modules the batch did not run as modules (MultiheadAttention's out_proj): their inputs stay unset, as
+    # `apply` leaves them
+    reached = {path for path, ms in first.table.items() if "data_in_0" in ms.values}
+    calls = {path: int(path in reached) for path, t in types if t in QUANTISABLE}
+    unset, _ = never_called(plan, calls, types)
+    absent = absent_parameters(model) | unset
+    try:
+        mapping = map_params(plan, first.table, modules=types, absent_tensors=absent)
+        configs = {}
+        for path, m in mapping.modules.items():
+            check_module(m.node, m.op, m.params, m.explain)
+            configs[path] = module_quant_from_params(m.op, m.node, m.params)
+    except (UserError, ValueError):
+        return {}
+    out = {}
+    for path, mq in scaled_inputs(configs).items():
+        tq = mq.tensor("data_in")
+        if tq.kind == "ternary" and isinstance(tq.delta, (int, float)) and tq.delta > 0:  # per channel: no band
+            out[(path, TENSOR_ALIASES["data_in"])] = float(tq.delta)
+    return out
+
+
+def absent_parameters(model: nn.Module) -> set[tuple[str, str]]:
+    """`(path, tensor)` for each weight or bias a quantisable module's type has but the module lacks
+    (`Linear(..., bias=False)`)."""
+    absent = set()
+    for path, module in model.named_modules():
+        for tensor in QUANTISABLE.get(prof.module_type(module), ()):
+            if tensor in ("weight", "bias") and param_view(module, tensor) is None:
+                absent.add((path, tensor))
+    return absent
