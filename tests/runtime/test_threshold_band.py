@@ -29,7 +29,9 @@ def known(xs, delta):
     return ts.results()[SPEC]
 
 
-def banded(xs, predicted, budget=QuantileBudget()):
+def banded(xs, predicted, budget=None):
+    """Pending with a prediction, under a 4 MiB budget: more than `KEEP_SHARE` of it, so a band."""
+    budget = budget or QuantileBudget(4 * 2**20)
     ts = TensorStats([SPEC], band=predicted, quantile_budget=budget, plan_hint=len(xs), size_hint=len(xs))
     for i, x in enumerate(xs):
         ts.update(x, i)
@@ -58,10 +60,18 @@ def test_a_band_gives_the_bits_of_the_threshold_known_and_of_numpy(kind, miss):
 
 def test_the_band_keeps_a_small_share_of_the_values():
     xs = batches("gaussian")
-    budget = QuantileBudget()
+    budget = QuantileBudget(4 * 2**20)
     _, state = banded(xs, 0.56, budget)
     every = sum(x.numel() for x in xs) * 4
-    assert 0 < budget.used < every / 8
+    assert state.banded and 0 < budget.used < every / 8
+
+
+def test_values_that_take_a_small_share_of_the_budget_are_all_kept_with_the_same_bits():
+    xs = batches("relu")
+    ts, state = banded(xs, 0.3, QuantileBudget(256 * 2**20))
+    assert not state.banded and state.can_finish(0.3) and state.can_finish(5.0)  # any Δ: every value is here
+    state.set_threshold(0.3)
+    assert ts.results()[SPEC] == known(xs, 0.3)
 
 
 def test_a_delta_outside_the_band_is_refused():

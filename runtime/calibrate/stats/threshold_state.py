@@ -4,11 +4,11 @@ In: blocks of |x| (`sums.Block`), Δ at construction (`ctx.threshold`, a second 
 (`set_threshold`, the first pass's pending state), and optionally a prediction of Δ (`ctx.band`, from a
 calibration of the first batch). Out: MASE's `abs_mean` field and `count` (how many |x| > Δ).
 
-A pending state with a predicted Δ keeps only the values in a band `[L, H]` around the prediction and, per
-batch, the count, sum and max of those above H: given a Δ inside the band, each batch's sum is the sum above
-H plus the kept values above Δ (~2-8% of the values on real activations, against all of them). Without a
-prediction it keeps every |x| while they fit the quantile budget and sums them once Δ comes. Otherwise it
-overflows and the caller takes a second pass (`calibrate/derived.py`).
+A pending state keeps every |x| while they fit the quantile budget and sums them once Δ comes. With a
+predicted Δ, unless its values take at most `KEEP_SHARE` of the budget left, it keeps only the values in a
+band `[L, H]` around the prediction and, per batch, the count, sum and max of those above H: given a Δ inside
+the band, each batch's sum is the sum above H plus the kept values above Δ (~2-8% of the values on real
+activations). Otherwise it overflows and the caller takes a second pass (`calibrate/derived.py`).
 
 Every path gives the same bits, because each batch's sum is *exact* where it can be: the values above Δ are
 float32 multiples of the float32 spacing u at Δ, so while `values × max < 2^53 u` every float64 partial sum of
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ternqc.plan import StatSpec
-from ternqc.runtime.calibrate.quantiles import ExactValues, QuantileBudget
+from ternqc.runtime.calibrate.quantiles import ExactValues, QuantileBudget, select_pool, select_threads
 from ternqc.runtime.calibrate.stats.base import StatState
 from ternqc.runtime.calibrate.stats.registry import StatContext, register_stat
 from ternqc.runtime.calibrate.stats.sum_states import AbsMeanState
@@ -47,14 +47,35 @@ def exact_bound(delta: float) -> float:
     return math.ldexp(1.0, 53 + e - 24)
 
 
+#: A tensor with a predicted Δ keeps every value (cheaper than a band: a copy now, one scan at the end) only when
+#: they take at most this share of the budget left; else a band, which leaves room for the tensors after it.
+KEEP_SHARE = 0.25
 #: Values scanned at once (with the masks and the product they stay in the L2 cache).
 CHUNK = 2**16
+#: From this many values a row is scanned by several threads.
+PARALLEL = 2**21
 
 
 def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> tuple[int, float, float, np.ndarray]:
     """Over `row` (1-D float32, finite, >= 0), chunk by chunk: how many values are > `cut`, their float64 sum
     (exact while `row.size × max < exact_bound(cut)`), their max (0 with none), and with `lo` the values in
-    (lo, cut]."""
+    (lo, cut]. From `PARALLEL` values the row is split over threads (numpy releases the GIL); the pieces'
+    sums add exactly whenever the whole sum is exact."""
+    parts = select_threads() if row.size >= PARALLEL else 1
+    if parts < 2:
+        return _scan_piece(row, cut, lo)
+    step = -(-row.size // parts)
+    step = -(-step // CHUNK) * CHUNK
+    got = list(select_pool().map(lambda p: _scan_piece(p, cut, lo), [row[i : i + step] for i in range(0, row.size, step)]))
+    return (
+        sum(g[0] for g in got),
+        math.fsum(g[1] for g in got),
+        max(g[2] for g in got),
+        np.concatenate([g[3] for g in got]),
+    )
+
+
+def _scan_piece(row: np.ndarray, cut: np.float32, lo: np.float32 | None) -> tuple[int, float, float, np.ndarray]:
     n = row.size
     size = min(CHUNK, n)
     above, product = np.empty(size, dtype=bool), np.empty(size, dtype=np.float32)
@@ -150,9 +171,9 @@ class ThresholdAbsMeanState(AbsMeanState):
             return
         predicted = self.ctx.band
         if self._band is None and self._kept is None and predicted is not None and predicted > 0:
-            if self.layout.rows == 1:
-                # the band from the start, fit or not: the same bits in a tenth of the memory, which leaves the
-                # budget to the other tensors' bands
+            planned = (block.x.numel() // block.k) * (self.ctx.plan_hint or 0)
+            if self.layout.rows == 1 and not (0 < planned * 4 <= self._budget().available * KEEP_SHARE):
+                # a band: the same bits in a tenth of the memory, which leaves the budget to the other tensors
                 self._band = _Band(float(predicted), self._budget())
         if self._band is not None:
             self._band_add(block)
