@@ -7,7 +7,7 @@ Runs only on programs `check.py` found no error in; it reports nothing. What it 
 - a referenced statistic not collected for the binding's selector is added to the collection plan
   (`ProfilePoint(..., reason="referenced")`), so the plan collects exactly what is profiled or read;
 - `data_in_scaling_factor = true` needs the activation scale α = mean |x| over |x| > Δ, so the selector gets
-  `threshold_abs_mean` on `data_in_0` (`reason="derived"`), which the runtime gathers in a second pass.
+  `threshold_abs_mean` on `data_in_0` (`reason="derived"`), which the runtime gathers once Δ is mapped.
 
 - a block with a union gets one binding per selector item, each with the block's `except` selectors as its
   exclusions; `per_channel` / `per_tensor` become concrete dims for each rule's tensor and type;
