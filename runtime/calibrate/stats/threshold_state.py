@@ -127,7 +127,10 @@ class ThresholdAbsMeanState(AbsMeanState):
         return type(self)(self.spec, ctx)
 
     def _budget(self) -> QuantileBudget:
-        return self.ctx.budget if self.ctx.budget is not None else QuantileBudget()
+        """The run's shared budget (a private default one, made once, without)."""
+        if self.ctx.budget is None:
+            self.ctx = attrs.evolve(self.ctx, budget=QuantileBudget())
+        return self.ctx.budget
 
     # --- Δ known: per-batch sums ---
 
