@@ -45,7 +45,7 @@ class Collector:
         planned_batches: int | None = None,
         eager: bool = True,
         bracket: bool = True,
-        bands: Mapping[tuple[str, str], float] | None = None,
+        bands: Mapping[tuple[str, str], tuple[float, float]] | None = None,
     ) -> None:
         self.model = model
         self.resolved = resolved
@@ -227,7 +227,7 @@ def collect_stats(
     planned_batches: int | None = None,
     eager: bool = True,
     bracket: bool = True,
-    bands: Mapping[tuple[str, str], float] | None = None,
+    bands: Mapping[tuple[str, str], tuple[float, float]] | None = None,
 ) -> Iterator[Collector]:
     """Collect `resolved`'s statistics from every forward run inside the block.
 
@@ -252,7 +252,7 @@ def collect_stats(
             them until `collector.sync`.
         bracket: quantiles over a whole activation keep only the values near their ranks (`bracket.py`);
             `collector.missed()` lists those to collect again.
-        bands: `(module_path, tensor) -> predicted Δ` for pending `threshold_abs_mean` statistics whose values
+        bands: `(module_path, tensor) -> (L, H)` around a predicted Δ for pending `threshold_abs_mean` statistics whose values
             may not fit the budget (`threshold_state.py`).
     """
     collector = Collector(

@@ -148,7 +148,7 @@ def calibrate_pass(
     progress: bool = True,
     desc: str = "calibrate",
     bracket: bool = True,
-    bands: Mapping[tuple[str, str], float] | None = None,
+    bands: Mapping[tuple[str, str], tuple[float, float]] | None = None,
 ) -> Calibrated:
     """Run `batches` through `model` (in eval mode, without gradients) and collect `resolved`'s statistics.
 
@@ -172,8 +172,8 @@ def calibrate_pass(
             When the data drift a wanted rank out of its bracket, that statistic (only) is collected again
             in a second pass over the batches without brackets: exact when its values fit the budget, else
             the certified sketch. Never an approximate answer from a bracket.
-        bands: `(module_path, tensor) -> predicted Δ` for the pending statistics: when their values do not
-            fit the budget, they keep only those near it (`stats/threshold_state.py`).
+        bands: `(module_path, tensor) -> (L, H)` around a predicted Δ for the pending statistics: when their
+            values do not fit the budget, they keep only those inside (`stats/threshold_state.py`).
 
     Raises:
         UserError: the model's forward raised (naming the module and the input shape), or a statistic cannot

@@ -11,13 +11,16 @@ final Δ is checked against the band, and nothing is predicted when the rules ca
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from ternqc.plan import QUANTISABLE, TENSOR_ALIASES, Plan
 from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
+from ternqc.runtime.calibrate.stats.threshold_state import band_around
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.combinations import check_module
 from ternqc.runtime.quantize.mapping import map_params
@@ -39,8 +42,9 @@ def scaled_inputs(configs: dict[str, ModuleQuant]) -> dict[str, ModuleQuant]:
 
 def predict_thresholds(
     model: nn.Module, plan: Plan, batches: Sequence, budget_bytes: int
-) -> dict[tuple[str, str], float]:
-    """Δ per scaled ternary `data_in`, from a calibration of `batches[0]` alone (one batch per process in a
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """A band `(L, H)` around Δ per scaled ternary `data_in` (`band_around`: narrower the more samples the
+    first batch holds), Δ from a calibration of `batches[0]` alone (one batch per process in a
     distributed run: the collective calls are the same in every process); {} when the plan derives nothing,
     or its rules cannot be evaluated from one batch."""
     if not batches or not any(p.reason == "derived" for p in plan.profile):
@@ -64,11 +68,21 @@ def predict_thresholds(
     except (UserError, ValueError):
         return {}
     out = {}
+    samples = _samples(batches[0][0])
     for path, mq in scaled_inputs(configs).items():
         tq = mq.tensor("data_in")
         if tq.kind == "ternary" and isinstance(tq.delta, (int, float)) and tq.delta > 0:  # per channel: no band
-            out[(path, TENSOR_ALIASES["data_in"])] = float(tq.delta)
+            out[(path, TENSOR_ALIASES["data_in"])] = band_around(float(tq.delta), samples)
     return out
+
+
+def _samples(inputs: Any) -> int:
+    """The samples in a batch's inputs: the leading dim of its first tensor (a tensor, tuple or dict)."""
+    items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else [inputs]
+    for item in items:
+        if isinstance(item, torch.Tensor) and item.dim() > 0:
+            return int(item.shape[0])
+    return 1
 
 
 def absent_parameters(model: nn.Module) -> set[tuple[str, str]]:

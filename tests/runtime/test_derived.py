@@ -142,7 +142,7 @@ def test_a_delta_outside_its_band_takes_a_second_pass_with_the_same_bits(setup, 
     """Predictions twice too large: no final Δ lies in its band, so those tensors take a second pass, and α is
     still the one of every value kept."""
     seen: list = []
-    doubled = run(setup, SOME_FIT, monkeypatch, seen, bands=True, predict=lambda got: {k: 2 * v for k, v in got.items()})
+    doubled = run(setup, SOME_FIT, monkeypatch, seen, bands=True, predict=lambda got: {k: (2 * lo, 2 * hi) for k, (lo, hi) in got.items()})
     assert {p for p, n in passes(doubled).items() if n == 2}  # the band missed somewhere
     (second,) = seen
     assert set(second) == {p for p, n in passes(doubled).items() if n == 2}

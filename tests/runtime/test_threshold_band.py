@@ -11,7 +11,7 @@ import torch
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.quantiles import QuantileBudget
 from ternqc.runtime.calibrate.stats.feeder import TensorStats
-from ternqc.runtime.calibrate.stats.threshold_state import exact_bound
+from ternqc.runtime.calibrate.stats.threshold_state import BAND_LIMITS, band_around, exact_bound
 
 SPEC = StatSpec("threshold_abs_mean")
 
@@ -30,9 +30,10 @@ def known(xs, delta):
 
 
 def banded(xs, predicted, budget=None):
-    """Pending with a prediction, under a 4 MiB budget: more than `KEEP_SHARE` of it, so a band."""
+    """Pending with a band of ±10% around `predicted`, under a 4 MiB budget: more than `KEEP_SHARE` of it, so a
+    band."""
     budget = budget or QuantileBudget(4 * 2**20)
-    ts = TensorStats([SPEC], band=predicted, quantile_budget=budget, plan_hint=len(xs), size_hint=len(xs))
+    ts = TensorStats([SPEC], band=(0.9 * predicted, 1.1 * predicted), quantile_budget=budget, plan_hint=len(xs), size_hint=len(xs))
     for i, x in enumerate(xs):
         ts.update(x, i)
     return ts, ts.states[SPEC]
@@ -113,3 +114,11 @@ def test_exact_bound_is_two_to_the_53_spacings_of_delta():
     for delta in (0.5, 0.7, 1.0, 3.0, 1e-3):  # np.spacing: the gap to the next float32 up (at 2^k, above it)
         assert exact_bound(delta) == 2.0**53 * float(np.spacing(np.float32(delta)))
     assert exact_bound(0.0) == 2.0 ** (53 - 149)
+
+
+def test_the_band_narrows_with_the_samples_of_the_first_batch_within_its_limits():
+    widths = [band_around(1.0, n)[1] - 1.0 for n in (1, 4, 32, 256, 10**6)]
+    assert widths == sorted(widths, reverse=True)
+    assert widths[0] == pytest.approx(BAND_LIMITS[1]) and widths[-1] == pytest.approx(BAND_LIMITS[0])
+    lo, hi = band_around(2.0, 64)
+    assert lo < 2.0 < hi and (2.0 - lo) == pytest.approx(hi - 2.0)

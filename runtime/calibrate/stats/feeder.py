@@ -80,7 +80,7 @@ class TensorStats:
         eager: bool = True,
         stage_bytes: int = STAGE_BYTES,
         bracket: bool = False,
-        band: float | None = None,
+        band: tuple[float, float] | None = None,
     ) -> None:
         self.batched = batched
         self._stage_bytes = stage_bytes

@@ -27,8 +27,8 @@ class StatContext:
     number of `update` calls expected here; `plan_hint`: by every process together. `eager`: fold per-batch
     partials as they come (False: a process of a distributed run, or a merge target). `bracket`: a quantile
     over everything may keep only the values near its ranks (`bracket.py`; a miss is collected again).
-    `band`: a prediction of `threshold_abs_mean`'s Δ; a pending state whose values do not fit keeps only
-    those near it (`threshold_state.py`).
+    `band`: `(L, H)` around a prediction of `threshold_abs_mean`'s Δ; a pending state whose values do not fit
+    keeps only those inside (`threshold_state.py`).
     """
 
     batched: bool = True
@@ -38,7 +38,7 @@ class StatContext:
     plan_hint: int | None = None
     eager: bool = True
     bracket: bool = False
-    band: float | None = None
+    band: tuple[float, float] | None = None
 
 
 def register_stat(*names: str) -> Callable[[type], type]:

@@ -177,7 +177,7 @@ def make_state(
     plan_hint: int | None = None,
     eager: bool = True,
     bracket: bool = False,
-    band: float | None = None,
+    band: tuple[float, float] | None = None,
 ) -> StatState:
     """A fresh state for `spec`: the registered class's `from_spec(spec, StatContext(...))`.
 
@@ -191,7 +191,7 @@ def make_state(
         plan_hint: the number of `update` calls all processes expect together (decides exact or sketch).
         eager: fold per-batch partials as they come (False in a process of a distributed run).
         bracket: a quantile over everything may keep only the values near its ranks (`bracket.py`).
-        band: for a pending `threshold_abs_mean`: the predicted Δ (`threshold_state.py`).
+        band: for a pending `threshold_abs_mean`: `(L, H)` around the predicted Δ (`threshold_state.py`).
     """
     ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager, bracket, band)
     return STAT_REGISTRY[spec.name].from_spec(spec, ctx)
