@@ -400,13 +400,9 @@ def scan_brackets(
 ) -> list[tuple[list[int], np.ndarray]]:
     """`_scan_part` over `values`, split over threads from `_PARALLEL_SCAN` values (numpy releases the GIL;
     the pieces are whole chunks, so the values between come back in `values`' order)."""
-    parts = select_threads() if values.size >= _PARALLEL_SCAN else 1
-    if parts < 2:
+    if values.size < _PARALLEL_SCAN or select_threads() < 2:
         return _scan_part(values, brackets, bounds)
-    step = -(-values.size // parts)
-    step = -(-step // _SCAN_CHUNK) * _SCAN_CHUNK
-    pieces = [values[i : i + step] for i in range(0, values.size, step)]
-    results = list(select_pool().map(lambda p: _scan_part(p, brackets, bounds), pieces))
+    results = list(select_pool().map(lambda p: _scan_part(p, brackets, bounds), thread_pieces(values, _SCAN_CHUNK)))
     return [
         ([sum(r[b][0][i] for r in results) for i in range(4)], np.concatenate([r[b][1] for r in results]))
         for b in range(len(brackets))
@@ -465,6 +461,13 @@ def _count_edges(values: np.ndarray, lo: np.float32, hi: np.float32) -> tuple[in
         lt_lo += int(np.count_nonzero(chunk < lo))
         le_hi += int(np.count_nonzero(chunk <= hi))
     return lt_lo, le_hi
+
+
+def thread_pieces(values: np.ndarray, chunk: int) -> list[np.ndarray]:
+    """`values` cut into one piece per select thread, each a whole number of `chunk`s (in order)."""
+    step = -(-values.size // select_threads())
+    step = -(-step // chunk) * chunk
+    return [values[i : i + step] for i in range(0, values.size, step)]
 
 
 def select_threads() -> int:

@@ -282,3 +282,16 @@ def test_scan_with_the_block_bounds_counts_as_the_scan_without(seed):
         assert c_full == want and c_skip == want
         assert np.array_equal(np.sort(v_skip), np.sort(values[(values > lo) & (values < hi)]))
         assert np.array_equal(v_full, v_skip)
+
+
+def test_a_bracket_scan_split_over_threads_counts_as_one_thread(monkeypatch):
+    from ternqc.runtime.calibrate import quantiles
+
+    values = np.random.default_rng(4).standard_normal(500_000).astype(np.float32)
+    brackets = [(np.float32(-0.1), np.float32(0.1), True, True), (np.float32(1.0), np.float32(1.2), False, False)]
+    one = quantiles.scan_brackets(values, brackets)
+    monkeypatch.setattr(quantiles, "_PARALLEL_SCAN", 1)
+    monkeypatch.setattr(quantiles, "select_threads", lambda: 2)
+    many = quantiles.scan_brackets(values, brackets)
+    for (c1, v1), (c2, v2) in zip(one, many):
+        assert c1 == c2 and np.array_equal(v1, v2)

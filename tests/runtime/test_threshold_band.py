@@ -122,3 +122,17 @@ def test_the_band_narrows_with_the_samples_of_the_first_batch_within_its_limits(
     assert widths[0] == pytest.approx(BAND_LIMITS[1]) and widths[-1] == pytest.approx(BAND_LIMITS[0])
     lo, hi = band_around(2.0, 64)
     assert lo < 2.0 < hi and (2.0 - lo) == pytest.approx(hi - 2.0)
+
+
+def test_a_row_scanned_by_threads_gives_what_one_thread_gives(monkeypatch):
+    from ternqc.runtime.calibrate.stats import threshold_state
+
+    row = np.abs(np.random.default_rng(3).standard_normal(700_001).astype(np.float32))
+    one = threshold_state.scan_row(row, np.float32(0.6), np.float32(0.5))
+    monkeypatch.setattr(threshold_state, "PARALLEL", 1)
+    monkeypatch.setattr(threshold_state, "select_threads", lambda: 2)
+    many = threshold_state.scan_row(row, np.float32(0.6), np.float32(0.5))
+    assert one[:3] == many[:3] and np.array_equal(one[3], many[3])
+    above = row[row > np.float32(0.6)]
+    assert one[0] == above.size and one[2] == above.max()
+    assert one[1] == np.sum(above, dtype=np.float64)  # exact: any order gives these bits

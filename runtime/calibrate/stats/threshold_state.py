@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from ternqc.plan import StatSpec
-from ternqc.runtime.calibrate.quantiles import ExactValues, QuantileBudget, select_pool, select_threads
+from ternqc.runtime.calibrate.quantiles import (
+    ExactValues,
+    QuantileBudget,
+    select_pool,
+    select_threads,
+    thread_pieces,
+)
 from ternqc.runtime.calibrate.stats.base import StatState
 from ternqc.runtime.calibrate.stats.registry import StatContext, register_stat
 from ternqc.runtime.calibrate.stats.sum_states import AbsMeanState
@@ -69,12 +75,9 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
     (exact while `row.size × max < exact_bound(cut)`), their max (0 with none), and with `lo` the values in
     (lo, cut]. From `PARALLEL` values the row is split over threads (numpy releases the GIL); the pieces'
     sums add exactly whenever the whole sum is exact."""
-    parts = select_threads() if row.size >= PARALLEL else 1
-    if parts < 2:
+    if row.size < PARALLEL or select_threads() < 2:
         return _scan_piece(row, cut, lo)
-    step = -(-row.size // parts)
-    step = -(-step // CHUNK) * CHUNK
-    got = list(select_pool().map(lambda p: _scan_piece(p, cut, lo), [row[i : i + step] for i in range(0, row.size, step)]))
+    got = list(select_pool().map(lambda p: _scan_piece(p, cut, lo), thread_pieces(row, CHUNK)))
     return (
         sum(g[0] for g in got),
         math.fsum(g[1] for g in got),
