@@ -54,7 +54,7 @@ from ternqc.runtime.report import details as report_details
 from ternqc.runtime.report.sensitivity import layer_sensitivity
 from ternqc.runtime.run import collectives as distributed
 from ternqc.runtime.run import effects
-from ternqc.runtime.run.predict import absent_parameters, predict_thresholds, scaled_inputs
+from ternqc.runtime.run.predict import absent_parameters, predict_bands, scaled_inputs
 
 VALIDATION_SPLIT = "validation"
 
@@ -193,11 +193,18 @@ def dataset_data(plan: Plan, settings: RunSettings, *, evaluation: bool = False)
 
 
 def profile(
-    model: nn.Module, plan: Plan, settings: RunSettings, data: RunData | None = None, *, derived: bool = False
+    model: nn.Module,
+    plan: Plan,
+    settings: RunSettings,
+    data: RunData | None = None,
+    *,
+    derived: bool = False,
+    sharing: Sequence[Plan] = (),
 ) -> ProfileResult:
     """Calibrate `model` on `data` (default: `dataset_data`) and collect the plan's statistics; with
-    `derived`, also keep the values of its derived statistics (within the quantile budget) in `pending`, for
-    `apply`."""
+    `derived`, also keep the values of its derived statistics (within the quantile budget, or in bands
+    around their predicted Δ) in `pending`, for `apply`. `sharing`: other plans with the same profile that
+    will finish these states (a sweep): the bands cover each plan's Δ."""
     if data is None:
         data = dataset_data(plan, settings)
     batches = list(data.calibration)
@@ -210,7 +217,7 @@ def profile(
     )
     budget_bytes = int(settings.quantile_budget_mib * 2**20)
     # Δ predicted from the first batch: an α whose values do not fit the budget keeps those near it instead
-    bands = predict_thresholds(model, plan, batches, budget_bytes) if derived else {}
+    bands = predict_bands(model, [plan, *sharing], batches, budget_bytes) if derived else {}
     done = calib.calibrate_pass(
         model, batches, resolved, quantile_budget=QuantileBudget(budget_bytes), progress=settings.progress,
         desc="calibrate", bands=bands,

@@ -76,6 +76,22 @@ def predict_thresholds(
     return out
 
 
+def predict_bands(
+    model: nn.Module, plans: Sequence[Plan], batches: Sequence, budget_bytes: int
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """`predict_thresholds` for each plan (the same profile, other rules: a sweep's combinations), joined: per
+    tensor the smallest band holding every plan's (only tensors every plan predicts)."""
+    unique: list[Plan] = []
+    for p in plans:
+        if not any(p is q for q in unique):
+            unique.append(p)
+    got = [predict_thresholds(model, p, batches, budget_bytes) for p in unique]
+    if not got:
+        return {}
+    keys = set(got[0]).intersection(*got[1:])
+    return {k: (min(g[k][0] for g in got), max(g[k][1] for g in got)) for k in got[0] if k in keys}
+
+
 def _samples(inputs: Any) -> int:
     """The samples in a batch's inputs: the leading dim of its first tensor (a tensor, tuple or dict)."""
     items = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else [inputs]

@@ -87,11 +87,14 @@ def run_sweep(
     settings = attrs.evolve(settings, report_histograms=reports)
     profiled: dict[str, tuple[pipeline.RunData, pipeline.ProfileResult]] = {}
     rows, notes, float_acc, asserts = [], [], None, 0
+    sharing: dict[str, list[Plan]] = {}
+    for _, plan in plans:
+        sharing.setdefault(_profile_key(plan), []).append(plan)
     for values, plan in plans:
         key = _profile_key(plan)
         if key not in profiled:
             data = pipeline.dataset_data(plan, settings, evaluation=True)
-            profiled[key] = data, pipeline.profile(model, plan, settings, data, derived=True)
+            profiled[key] = data, pipeline.profile(model, plan, settings, data, derived=True, sharing=sharing[key])
             notes.extend(n for n in profiled[key][1].notes if n not in notes)
         data, stats = profiled[key]
         result = pipeline.apply(copy.deepcopy(model), plan, settings, data=data, profiled=stats)

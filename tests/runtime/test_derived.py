@@ -34,10 +34,10 @@ def run(setup, budget_mib, monkeypatch=None, seen=None, bands=False, predict=Non
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=budget_mib)
     with pytest.MonkeyPatch.context() as mp:
         if not bands:
-            mp.setattr(pipeline, "predict_thresholds", lambda *args: {})
+            mp.setattr(pipeline, "predict_bands", lambda *args: {})
         elif predict is not None:
-            real_predict = pipeline.predict_thresholds
-            mp.setattr(pipeline, "predict_thresholds", lambda *args: predict(real_predict(*args)))
+            real_predict = pipeline.predict_bands
+            mp.setattr(pipeline, "predict_bands", lambda *args: predict(real_predict(*args)))
         return _apply(plan, settings, monkeypatch, seen)
 
 
@@ -160,3 +160,35 @@ def test_a_plan_without_its_derived_points_is_refused_not_worked_out_again(setup
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False)
     with pytest.raises(UserError, match="lists none there"):
         pipeline.apply(pipeline.load_model(settings), bare, settings)
+
+
+def test_a_sweep_over_the_activation_threshold_finishes_every_combination_in_one_pass(setup):
+    """One calibration for three thresholds of the same profile: the bands join every combination's predicted
+    Δ, so each combination's α comes from the first pass, bit for bit as an `apply` keeping every value."""
+    from ternqc.compiler import compile_source
+    from ternqc.runtime.run.sweep import run_sweep
+
+    _, ckpt = setup
+    text = builtin_recipe("ternary_full.tq").read_text()
+    assert text.count("data_in_threshold = 0.7 *") == 1
+    plans = [
+        ({"k": k}, compile_source(text.replace("data_in_threshold = 0.7 *", f"data_in_threshold = {k} *"), "k.tq").plan)
+        for k in ("0.6", "0.7", "0.8")
+    ]
+    settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=0.5)
+    swept = run_sweep(pipeline.load_model(settings), plans, settings, reports=True)
+    assert swept.calibrations == 1
+    for (_, plan), row in zip(plans, swept.rows):
+        one_pass = {
+            node["path"]: node["tensors"]["data_in"]
+            for node in row.report["nodes"].values()
+            if node["tensors"]["data_in"].get("quantized")
+        }
+        assert {d["alpha_passes"] for d in one_pass.values()} == {1}
+        alone = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=256)
+        want = pipeline.apply(pipeline.load_model(alone), plan, alone)
+        assert {p: d["alpha"] for p, d in one_pass.items()} == {
+            node["path"]: node["tensors"]["data_in"]["alpha"]
+            for node in want.report["nodes"].values()
+            if node["path"] in one_pass
+        }
