@@ -226,8 +226,9 @@ def _kept_inside(ts) -> int:
 
 @pytest.mark.parametrize("q", [0.5, 0.9])
 def test_narrowed_brackets_stay_exact_and_keep_far_fewer_values(monkeypatch, q):
-    """After `NARROW_AFTER_HEADS` heads the brackets shrink to the values near the current ranks: the answer is
-    still torch.quantile's, from half or less of the values kept without narrowing."""
+    """Once the head is counted, and again after `NARROW_AFTER_HEADS` heads, the brackets shrink to the values
+    near the current ranks: the answer is still torch.quantile's, from fewer values at each step (half or less
+    of those kept without narrowing)."""
     batches = gaussian(n_batches=16, shape=(64, 4096))
     narrowed = feed(batches, [quantile(q)])
     (state,) = narrowed.states.values()
@@ -236,8 +237,14 @@ def test_narrowed_brackets_stay_exact_and_keep_far_fewer_values(monkeypatch, q):
     assert (result["min"], result["max"]) == reference(batches, q)
     assert not narrowed.missed()
     monkeypatch.setattr(bracket_mod, "NARROW_AFTER_HEADS", 10**9)
+    head_only = feed(batches, [quantile(q)])
+    assert head_only.states[quantile(q)]._bracket.fractions is not None  # the second narrowing never came
+    monkeypatch.setattr(bracket_mod.Bracket, "narrow", lambda self, *args, **kwargs: None)
     wide = feed(batches, [quantile(q)])
-    assert wide.states[quantile(q)]._bracket.fractions is not None  # never narrowed
+    for ts in (head_only, wide):
+        (result,) = ts.results().values()
+        assert (result["min"], result["max"]) == reference(batches, q)
+    assert _kept_inside(narrowed) < _kept_inside(head_only) < _kept_inside(wide)
     assert _kept_inside(narrowed) * 2 < _kept_inside(wide)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ternqc.plan import StatSpec
-from ternqc.runtime.calibrate.bracket import HEAD_VALUES, Bracket, BracketMissed, bracket_protocol
+from ternqc.runtime.calibrate.bracket import HEAD_VALUES, WIDTH, Bracket, BracketMissed, bracket_protocol
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
@@ -178,6 +178,8 @@ class QuantileState(StatState):
         finite = head.size - (int(np.count_nonzero(np.isnan(head))) if self._left_out is not None else 0)
         if head.size:
             self._bracket.add(head, finite)
+            # the head's exact counts replace the sample's rank error: keep WIDTH around its ranks' positions
+            self._bracket.narrow(WIDTH, last=False)
             planned = self._per_update * (self.size_hint or self.plan_hint or 0)
             self._bracket.reserve(head.size, planned - head.size)
         self._release_exact()
