@@ -32,6 +32,7 @@ from ternqc.runtime.calibrate.quantiles import (
     QuantileBudget,
     _prime_at_least,
     _repeated,
+    sample_brackets,
     scan_brackets,
 )
 
@@ -85,26 +86,8 @@ class Bracket:
         stride = _prime_at_least(max(1, head.size // HEAD_SAMPLE))
         sample = np.sort(head[::stride])
         sample = sample[: int(np.count_nonzero(~np.isnan(sample)))]
-        s = sample.size
-        groups: list[list] = []
-        for f in sorted(set(fractions)):
-            if s == 0:
-                lo, hi = -_INF, _INF
-            else:
-                j = f * (s - 1)
-                d = int(5.0 * math.sqrt(s * f * (1.0 - f)) + WIDTH * s) + 8
-                i_lo, i_hi = math.floor(j) - d, math.ceil(j) + d
-                lo = sample[i_lo] if i_lo >= 0 else -_INF
-                hi = sample[i_hi] if i_hi < s else _INF
-            if groups and lo <= groups[-1][1]:
-                groups[-1][1] = max(groups[-1][1], hi)
-                groups[-1][2].append(f)
-            else:
-                groups.append([lo, hi, [f]])
-        out = [
-            (np.float32(lo), np.float32(hi), _repeated(sample, np.float32(lo)), _repeated(sample, np.float32(hi)))
-            for lo, hi, _ in groups
-        ]
+        groups = sample_brackets(sample, [(f, f) for f in sorted(set(fractions))], WIDTH)
+        out = [(lo, hi, _repeated(sample, lo), _repeated(sample, hi)) for lo, hi, _ in groups]
         return cls(out, budget, [fs for *_, fs in groups])
 
     def add(self, values: np.ndarray, finite: int, bounds: tuple[float, float] | None = None) -> None:

@@ -26,6 +26,7 @@ Everything here is deterministic: the sketch draws its offsets from a generator 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -353,23 +354,31 @@ def run_local(protocol) -> object:
 def _brackets(pooled: np.ndarray, n: int, ranks: list[int]) -> list[tuple[np.float32, np.float32, list[int]]]:
     """`(lo, hi, ranks inside)` groups: each rank's bracket from the sorted sample, overlapping ones
     joined."""
-    s = pooled.size
+    return sample_brackets(pooled, [(k / max(n - 1, 1), k) for k in ranks])
+
+
+def sample_brackets(
+    sample: np.ndarray, items: list[tuple[float, Any]], width: float = 0.0
+) -> list[tuple[np.float32, np.float32, list[Any]]]:
+    """`(lo, hi, members)` groups from a sorted sample (no NaN): around each `(fraction, member)` of `items`
+    (by increasing fraction), `width` of the sample plus five standard deviations of its rank error (and 8)
+    on each side; overlapping brackets joined, their members together. An empty sample brackets everything."""
+    s = sample.size
     inf = np.float32(np.inf)
     if s == 0:
-        return [(-inf, inf, list(ranks))]
+        return [(-inf, inf, [m for _, m in items])]
     groups: list[list] = []
-    for k in ranks:
-        f = k / max(n - 1, 1)
+    for f, member in items:
         j = f * (s - 1)
-        d = int(5.0 * math.sqrt(s * f * (1.0 - f))) + 8
+        d = int(5.0 * math.sqrt(s * f * (1.0 - f)) + width * s) + 8
         i_lo, i_hi = math.floor(j) - d, math.ceil(j) + d
-        lo = pooled[i_lo] if i_lo >= 0 else -inf
-        hi = pooled[i_hi] if i_hi < s else inf
+        lo = sample[i_lo] if i_lo >= 0 else -inf
+        hi = sample[i_hi] if i_hi < s else inf
         if groups and lo <= groups[-1][1]:
             groups[-1][1] = max(groups[-1][1], hi)
-            groups[-1][2].append(k)
+            groups[-1][2].append(member)
         else:
-            groups.append([lo, hi, [k]])
+            groups.append([lo, hi, [member]])
     return [(np.float32(lo), np.float32(hi), members) for lo, hi, members in groups]
 
 
