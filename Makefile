@@ -7,7 +7,8 @@ TORCH := torch==2.13.0
 
 .PHONY: demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The scans in C are built by the install (an editable install does not rebuild them by itself).
+$(VENV)/.installed: pyproject.toml runtime/calibrate/native/scan.c runtime/calibrate/native/scan_body.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools
 	$(PY) -m pip install -q "$(TORCH)"

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.calibrate.buffers import give_back, take_buffer
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
@@ -407,8 +408,12 @@ def scan_brackets(
     brackets: list[tuple[np.float32, np.float32, bool, bool]],
     bounds: tuple[float, float] | None = None,
 ) -> list[tuple[list[int], np.ndarray]]:
-    """`_scan_part` over `values`, split over threads from `_PARALLEL_SCAN` values (numpy releases the GIL;
-    the pieces are whole chunks, so the values between come back in `values`' order)."""
+    """`_scan_part` over `values`: the compiled one-pass scan when there is one (`scan_kernel`, the same
+    results), else numpy, split over threads from `_PARALLEL_SCAN` values (numpy releases the GIL; the pieces
+    are whole chunks, so the values between come back in `values`' order)."""
+    got = scan_kernel.scan_brackets(values, brackets)
+    if got is not None:
+        return got
     if values.size < _PARALLEL_SCAN or select_threads() < 2:
         return _scan_part(values, brackets, bounds)
     results = list(select_pool().map(lambda p: _scan_part(p, brackets, bounds), thread_pieces(values, _SCAN_CHUNK)))

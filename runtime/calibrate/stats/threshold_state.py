@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
@@ -74,7 +75,11 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
     """Over `row` (1-D float32, finite, >= 0), chunk by chunk: how many values are > `cut`, their float64 sum
     (exact while `row.size × max < exact_bound(cut)`), their max (0 with none), and with `lo` the values in
     (lo, cut]. From `PARALLEL` values the row is split over threads (numpy releases the GIL); the pieces'
-    sums add exactly whenever the whole sum is exact."""
+    sums add exactly whenever the whole sum is exact. The compiled scan (`scan_kernel`), when there is one,
+    gives the same results in one pass."""
+    got = scan_kernel.scan_row(row, cut, lo)
+    if got is not None:
+        return got
     if row.size < PARALLEL or select_threads() < 2:
         return _scan_piece(row, cut, lo)
     got = list(select_pool().map(lambda p: _scan_piece(p, cut, lo), thread_pieces(row, CHUNK)))

@@ -1,0 +1,88 @@
+/* ternqc's calibration scans, each one pass over the values; `runtime/calibrate/scan_kernel.py` is the only
+   caller, and without this library it computes the same results with numpy.
+
+   ternqc_scan_bracket: for a bracket (lo, hi), the counts of x > lo, lo < x < hi, x < lo, x > hi and the values
+   strictly inside, in order (exact quantiles, `bracket.py`). ternqc_scan_row: over finite values >= 0, the
+   count, float64 sum and max of those > cut and the values in (lo, cut] (the activation scale's band,
+   `stats/threshold_state.py`).
+
+   Portable C (GCC or Clang vector extensions). On x86-64 the scans are compiled three times, for AVX-512
+   (x86-64-v4), AVX2 (x86-64-v3) and the baseline, and the CPU picks one when the library loads; elsewhere
+   once, four floats a vector. */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TERNQC_X86_LEVELS 1
+#endif
+
+#ifdef TERNQC_X86_LEVELS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define LANES 16
+#define NAME(f) f##_v4
+#include "scan_body.h"
+#undef LANES
+#undef NAME
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define LANES 8
+#define NAME(f) f##_v3
+#include "scan_body.h"
+#undef LANES
+#undef NAME
+#pragma GCC pop_options
+#endif
+
+#define LANES 4
+#define NAME(f) f##_v1
+#include "scan_body.h"
+#undef LANES
+#undef NAME
+
+/* The vector width this CPU runs: 16, 8 or 4 floats. */
+int32_t ternqc_scan_lanes(void)
+{
+#ifdef TERNQC_X86_LEVELS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        return 16;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+        return 8;
+#endif
+    return 4;
+}
+
+/* One bracket (lo < hi) over x[0..n), as far as out (room for cap >= 64 values) allows: counts[0..3] gain
+   #(x > lo), #(lo < x < hi), #(x < lo) when flags & 1 and #(x > hi) when flags & 2 over the values scanned; the
+   values strictly inside are written in order to out, *kept of them. NaN compares false everywhere. Returns
+   how many values were scanned: n, or fewer when out could fill (call again for the rest). `lanes`:
+   ternqc_scan_lanes() or fewer. */
+int64_t ternqc_scan_bracket(int32_t lanes, const float *x, int64_t n, float lo, float hi, int32_t flags,
+                            int64_t *counts, float *out, int64_t cap, int64_t *kept)
+{
+#ifdef TERNQC_X86_LEVELS
+    if (lanes >= 16) return scan_bracket_v4(x, n, lo, hi, flags, counts, out, cap, kept);
+    if (lanes >= 8) return scan_bracket_v3(x, n, lo, hi, flags, counts, out, cap, kept);
+#endif
+    (void)lanes;
+    return scan_bracket_v1(x, n, lo, hi, flags, counts, out, cap, kept);
+}
+
+/* Over a row of finite values >= 0, as far as out (room for cap >= 64 values) allows when keep is set:
+   acc[0] = the count, *sum the float64 sum (exact while n * max < 2^53 float32 spacings of cut, and then the
+   same in any order) and *top the max (0 with none) of the values > cut; with keep, the values in (lo, cut]
+   written in order to out, acc[1] of them. Returns how many values were scanned (n, or fewer: call again). */
+int64_t ternqc_scan_row(int32_t lanes, const float *x, int64_t n, float cut, float lo, int32_t keep,
+                        int64_t *acc, double *sum, float *top, float *out, int64_t cap)
+{
+#ifdef TERNQC_X86_LEVELS
+    if (lanes >= 16) return scan_row_v4(x, n, cut, lo, keep, acc, sum, top, out, cap);
+    if (lanes >= 8) return scan_row_v3(x, n, cut, lo, keep, acc, sum, top, out, cap);
+#endif
+    (void)lanes;
+    return scan_row_v1(x, n, cut, lo, keep, acc, sum, top, out, cap);
+}

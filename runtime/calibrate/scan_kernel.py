@@ -1,0 +1,144 @@
+"""The compiled one-pass scans (`native/scan.c`), when the install could build them; None otherwise.
+
+In: float32 numpy rows. Out: exactly what the numpy scans they stand in for return (`quantiles._scan_part`,
+`threshold_state._scan_piece`): the same counts and the same values in the same order; the float64 sum of the
+values above a cut in another order, which gives the same bits wherever it is used (only where it is exact).
+
+`pip install` builds the library as an optional extension (`pyproject.toml`): without a C compiler the
+install still succeeds and every scan runs in numpy, slower, with the same results. `TERNQC_NATIVE=0` turns
+the library off; `LANES` is the vector width in use (16, 8 or 4 floats; `use_lanes` lowers it, for tests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+#: Values the scans may keep per call (the scratch buffer, per thread): a scan that keeps more is called again.
+SCRATCH = 2**16
+
+_P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("TERNQC_NATIVE", "1") == "0":
+        return None
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_scan{suffix}"
+        if path.is_file():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                return None
+            lib.ternqc_scan_lanes.restype = _I32
+            lib.ternqc_scan_lanes.argtypes = []
+            lib.ternqc_scan_bracket.restype = _I64
+            lib.ternqc_scan_bracket.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _I64, _P]
+            lib.ternqc_scan_row.restype = _I64
+            lib.ternqc_scan_row.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _P, _P, _I64]
+            return lib
+    return None
+
+
+_LIB = _load()
+#: The vector width the scans run at (0: no library).
+LANES = _LIB.ternqc_scan_lanes() if _LIB is not None else 0
+_local = threading.local()
+
+
+def available() -> bool:
+    return _LIB is not None
+
+
+def use_lanes(lanes: int) -> int:
+    """Run the scans at `lanes` floats a vector (at most what the CPU has); returns the previous width."""
+    global LANES
+    previous = LANES
+    if _LIB is not None:
+        LANES = min(int(lanes), _LIB.ternqc_scan_lanes())
+    return previous
+
+
+class _Scratch:
+    """Per-thread output buffers and result cells (the scans run in the selection threads too)."""
+
+    def __init__(self) -> None:
+        self.out = np.empty(SCRATCH, dtype=np.float32)
+        self.counts = np.zeros(4, dtype=np.int64)
+        self.acc = np.zeros(2, dtype=np.int64)
+        self.kept = np.zeros(1, dtype=np.int64)
+        self.sum = np.zeros(1, dtype=np.float64)
+        self.top = np.zeros(1, dtype=np.float32)
+        self.ptr = {name: getattr(self, name).ctypes.data for name in ("out", "counts", "acc", "kept", "sum", "top")}
+
+
+def _scratch() -> _Scratch:
+    s = getattr(_local, "scratch", None)
+    if s is None:
+        s = _local.scratch = _Scratch()
+    return s
+
+
+def _usable(values: np.ndarray) -> bool:
+    return _LIB is not None and values.dtype == np.float32 and values.ndim == 1 and values.flags.c_contiguous
+
+
+def scan_brackets(
+    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]]
+) -> list[tuple[list[int], np.ndarray]] | None:
+    """Per bracket `(lo, hi, count < lo, count > hi)` with lo < hi: `[#(> lo), #(lo < v < hi), #(< lo) or 0,
+    #(> hi) or 0]` and the values strictly between, in order (NaN counts nowhere); None without the library
+    or for values it does not take (not 1-D contiguous float32)."""
+    if not _usable(values):
+        return None
+    s, n, base = _scratch(), values.size, values.ctypes.data
+    out = []
+    for lo, hi, lt_lo, gt_hi in brackets:
+        flags = (1 if lt_lo else 0) | (2 if gt_hi else 0)
+        s.counts[:] = 0
+        pieces, done = [], 0
+        while True:
+            done += _LIB.ternqc_scan_bracket(
+                LANES, base + 4 * done, n - done, float(lo), float(hi), flags, s.ptr["counts"], s.ptr["out"], SCRATCH,
+                s.ptr["kept"],
+            )
+            pieces.append(s.out[: int(s.kept[0])].copy())
+            if done >= n:
+                break
+        mids = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        out.append(([int(c) for c in s.counts], mids))
+    return out
+
+
+def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> tuple[int, float, float, np.ndarray] | None:
+    """Over `row` (1-D float32, finite, >= 0): how many values are > `cut`, their float64 sum (exact while
+    `row.size × max < exact_bound(cut)`), their max (0 with none), and with `lo` the values in (lo, cut], in
+    order; None without the library or for a row it does not take."""
+    if not _usable(row):
+        return None
+    s, n, base = _scratch(), row.size, row.ctypes.data
+    keep = lo is not None
+    count, total, top, pieces, done = 0, 0.0, 0.0, [], 0
+    while True:
+        done += _LIB.ternqc_scan_row(
+            LANES, base + 4 * done, n - done, float(cut), float(lo) if keep else 0.0, int(keep), s.ptr["acc"],
+            s.ptr["sum"], s.ptr["top"], s.ptr["out"], SCRATCH,
+        )
+        count += int(s.acc[0])
+        total += float(s.sum[0])
+        top = max(top, float(s.top[0]))
+        if keep:
+            pieces.append(s.out[: int(s.acc[1])].copy())
+        if done >= n:
+            break
+    if not keep:
+        between = np.empty(0, dtype=np.float32)
+    else:
+        between = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return count, total, top, between
