@@ -16,8 +16,16 @@ from ternqc.runtime.calibrate import bracket as bracket_mod
 from ternqc.runtime.calibrate import loop
 from ternqc.runtime.calibrate.points import ResolvedPoints
 from ternqc.runtime.calibrate.quantiles import QuantileBudget
+from ternqc.runtime.calibrate.stats import quantile_state
 from ternqc.runtime.calibrate.stats.feeder import TensorStats
 from tests.runtime.test_distributed_sync import run_distributed, same
+
+
+@pytest.fixture(autouse=True)
+def _bracket_small_streams(monkeypatch):
+    """Streams of ~1M values are bracketed here as the large ones are (the default keeps up to
+    `EXACT_UP_TO` values whole, which would leave these drifts nothing to miss)."""
+    monkeypatch.setattr(quantile_state, "EXACT_UP_TO", 2 * bracket_mod.HEAD_VALUES)
 
 
 def quantile(q, abs_=False):
@@ -302,3 +310,17 @@ def test_a_bracket_scan_split_over_threads_counts_as_one_thread(monkeypatch):
     many = quantiles.scan_brackets(values, brackets)
     for (c1, v1), (c2, v2) in zip(one, many):
         assert c1 == c2 and np.array_equal(v1, v2)
+
+
+def test_streams_up_to_exact_up_to_keep_every_value(monkeypatch):
+    """A stream that plans at most `EXACT_UP_TO` values and fits the budget is kept whole (no brackets to place
+    and narrow) and answered exactly; one more value per batch than that and it is bracketed, exact too."""
+    batches = gaussian(n_batches=8, shape=(64, 2048))  # 8 x 131072 values
+    spec = quantile(0.5)
+    for limit, bracketed in ((8 * 64 * 2048, False), (8 * 64 * 2048 - 1, True)):
+        monkeypatch.setattr(quantile_state, "EXACT_UP_TO", limit)
+        ts = feed(batches, [spec], world_hint=len(batches))
+        state = ts.states[spec]
+        assert (state._bracket is not None) is bracketed
+        got = ts.results()[spec]
+        assert (got["min"], got["max"]) == reference(batches, 0.5)

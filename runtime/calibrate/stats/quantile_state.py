@@ -32,6 +32,10 @@ from ternqc.runtime.calibrate.stats.sums import (
     write_rows,
 )
 
+#: A bracketing state keeps every value (no brackets) when all it plans to see are at most this many (16 MiB)
+#: and fit the budget: a copy and one selection at the end cost less than placing and narrowing brackets.
+EXACT_UP_TO = 2**22
+
 
 @register_stat("range_quantile")
 class QuantileState(StatState):
@@ -114,7 +118,7 @@ class QuantileState(StatState):
         self._promise(rows)
         self._exact = ExactValues(rows, self.budget)
         planned = per_update * (self.plan_hint or 0)
-        if self.bracketing and (not planned or planned > 2 * HEAD_VALUES or planned * 4 > self.budget.available):
+        if self.bracketing and (not planned or planned > EXACT_UP_TO or planned * 4 > self.budget.available):
             self._head = True  # keep the head, then brackets (`_begin_bracket`); never a sketch
             return
         if not self.plan_hint:
