@@ -17,6 +17,7 @@ import torch
 from timing import Paired, interleaved, standalone, table, verdict
 from workloads import WORKLOADS, build
 
+from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.calibrate.loop import calibrate
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 
@@ -55,11 +56,14 @@ def measure(name: str, reps: int, budget_mib: float = 256.0):
         budgets.append(budget)
         return calibrate(built.model, built.batches, built.resolved, quantile_budget=budget, progress=False)
 
-    results = interleaved(
-        lambda: forward(built.model, built.batches),
-        {"calibrate": calib, "hooks": lambda: with_empty_hooks(built)},
-        reps,
-    )
+    def calib_numpy():
+        with scan_kernel.numpy_scans():
+            return calib()
+
+    variants = {"calibrate": calib, "hooks": lambda: with_empty_hooks(built)}
+    if scan_kernel.available():
+        variants["numpy scans"] = calib_numpy
+    results = interleaved(lambda: forward(built.model, built.batches), variants, reps)
     table_ = calib()
     quantiles = [
         r.get("exact", True)
@@ -70,15 +74,16 @@ def measure(name: str, reps: int, budget_mib: float = 256.0):
         if spec.name == "range_quantile"
     ]
     exact = f"{sum(quantiles)}/{len(quantiles)} exact"
-    return results["calibrate"], results["hooks"], exact, budgets[-1].peak / 2**20
+    return results["calibrate"], results["hooks"], exact, budgets[-1].peak / 2**20, results.get("numpy scans")
 
 
 def run(quick: bool = False) -> str:
     rows = []
     for name, w in WORKLOADS.items():
         reps = (QUICK_REPS if quick else REPS)[name]
-        result, hooks, exact, peak = measure(name, reps)
+        result, hooks, exact, peak, numpy_scans = measure(name, reps)
         floor = Paired(hooks.variant, result.variant)  # calibration / empty hooks, per repetition
+        compiled = Paired(numpy_scans.variant, result.variant).ratio if numpy_scans is not None else None
         judged = result.ratio if AGAINST[name] == "forward" else floor.ratio
         rows.append(
             [
@@ -89,6 +94,7 @@ def run(quick: bool = False) -> str:
                 result.spread(),
                 f"{hooks.ratio:.2f}",
                 f"{floor.ratio:.2f}",
+                "-" if compiled is None else f"{compiled:.2f}",
                 f"{exact}, {peak:.0f} MiB",
                 f"{TARGETS[name]} x {AGAINST[name]}",
                 verdict(judged, TARGETS[name]),
@@ -103,10 +109,12 @@ def run(quick: bool = False) -> str:
         "quantile budget 256 MiB",
         "calib / hooks = median over repetitions of calibrate()/(forward with empty hooks): the targets of the "
         "MLP and the transformer; toy's is calibrate()/forward",
+        "compiled / numpy scans = calibrate() with the compiled one-pass scans / the same with numpy's "
+        "(scan_kernel.numpy_scans), interleaved; '-' where the library was not built",
     ]
     header = [
         "workload", "forward ms", "calibrate ms", "ratio", "spread", "empty hooks", "calib / hooks",
-        "quantiles (data_in)", "target", "",
+        "compiled / numpy scans", "quantiles (data_in)", "target", "",
     ]
     return table("Calibration / plain forward", header, rows, notes)
 

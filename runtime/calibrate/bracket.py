@@ -4,7 +4,7 @@ the values inside them.
 In: one row of float32 values, block by block (NaN = left out), and the rank fractions that will be asked
 (`1 - q` and `q` of `range_quantile`). Out: the value at each wanted 0-based rank, exactly, or a *miss*.
 
-`Bracket.start(head, fractions)` picks, from a sorted strided sample of the first values (the head), an
+`Bracket.start(head, fractions)` picks, from a strided sample of the first values (the head), an
 interval `[lo, hi]` around each fraction, `WIDTH` of the values wide on each side plus five standard
 deviations of the sample's rank error; edges the sample holds twice are probable atoms (a ReLU's zeros), whose
 edge counts are kept too. Every block then costs one chunked pass (`quantiles.scan_brackets`, ~0.5 ns a
@@ -84,8 +84,8 @@ class Bracket:
     def start(cls, head: np.ndarray, fractions: tuple[float, ...], budget: QuantileBudget) -> Bracket:
         """Brackets placed from `head` (1-D, NaN = left out), around each of `fractions`."""
         stride = _prime_at_least(max(1, head.size // HEAD_SAMPLE))
-        sample = np.sort(head[::stride])
-        sample = sample[: int(np.count_nonzero(~np.isnan(sample)))]
+        sample = head[::stride]
+        sample = sample[~np.isnan(sample)]
         groups = sample_brackets(sample, [(f, f) for f in sorted(set(fractions))], WIDTH)
         out = [(lo, hi, _repeated(sample, lo), _repeated(sample, hi)) for lo, hi, _ in groups]
         return cls(out, budget, [fs for *_, fs in groups])

@@ -5,7 +5,7 @@ per-channel or element-wise quantiles; NaN marks a value that is left out). Out:
 a rank, linearly interpolated as `torch.quantile` does (rank `q·(n-1)`, `torch.lerp` in float32).
 
 - `ExactValues` keeps every value in one preallocated, growing float32 buffer. A single row is answered by
-  `select_protocol`: a sorted sample of the values brackets each wanted rank, one pass over the buffer counts
+  `select_protocol`: a sample of the values brackets each wanted rank, one pass over the buffer counts
   the values below the bracket and extracts those inside it, and only those few are partitioned (about 1.2 ns
   a value, 8x faster than partitioning everything; a bracket that misses falls back to a full partition, so
   the answer is always exact). The same protocol runs across processes: only counts, samples and the values
@@ -203,9 +203,10 @@ class ExactValues:
         a = self.values()
         if self.rows == 1:
             ranks = wanted_ranks(qs, finite)
-            if a.shape[1] <= SAMPLE_SIZE:  # what the protocol's first round would do: sort them all
-                every = np.sort(a[0])  # NaN sorts last, past the finite ones
-                return quantiles_from_ranks(qs, finite, {k: every[k] for k in ranks if 0 <= k < int(finite[0])})
+            if a.shape[1] <= SAMPLE_SIZE:  # what the protocol's first round would do: select among them all
+                valid = [k for k in ranks if 0 <= k < int(finite[0])]
+                every = np.partition(a[0], valid) if valid else a[0]  # NaN goes last, past the finite ones
+                return quantiles_from_ranks(qs, finite, {k: every[k] for k in valid})
             return quantiles_from_ranks(qs, finite, run_local(select_protocol(a[0], int(finite[0]), ranks)))
         return partition_quantiles(a, qs, finite)
 
@@ -293,9 +294,10 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
     ranks = sorted({int(k) for k in ranks if 0 <= k < n})
     if not ranks:
         return {}
-    pooled = np.sort(np.concatenate([sample for _, sample, _ in got]))
-    pooled = pooled[: int(np.count_nonzero(~np.isnan(pooled)))]  # NaN sorts last
-    if pooled.size == n:  # the samples were everything: the sorted values answer directly
+    pooled = np.concatenate([sample for _, sample, _ in got])
+    pooled = pooled[~np.isnan(pooled)]
+    if pooled.size == n:  # the samples were everything: they answer directly
+        pooled.partition(ranks)
         return {k: np.float32(pooled[k]) for k in ranks}
     groups = _brackets(pooled, n, ranks)
     # an edge the sample holds twice is probably an atom (e.g. a ReLU's zeros): count it in the same pass
@@ -353,7 +355,7 @@ def run_local(protocol) -> object:
 
 
 def _brackets(pooled: np.ndarray, n: int, ranks: list[int]) -> list[tuple[np.float32, np.float32, list[int]]]:
-    """`(lo, hi, ranks inside)` groups: each rank's bracket from the sorted sample, overlapping ones
+    """`(lo, hi, ranks inside)` groups: each rank's bracket from the sample, overlapping ones
     joined."""
     return sample_brackets(pooled, [(k / max(n - 1, 1), k) for k in ranks])
 
@@ -361,18 +363,24 @@ def _brackets(pooled: np.ndarray, n: int, ranks: list[int]) -> list[tuple[np.flo
 def sample_brackets(
     sample: np.ndarray, items: list[tuple[float, Any]], width: float = 0.0
 ) -> list[tuple[np.float32, np.float32, list[Any]]]:
-    """`(lo, hi, members)` groups from a sorted sample (no NaN): around each `(fraction, member)` of `items`
-    (by increasing fraction), `width` of the sample plus five standard deviations of its rank error (and 8)
-    on each side; overlapping brackets joined, their members together. An empty sample brackets everything."""
+    """`(lo, hi, members)` groups from a sample (no NaN, in any order): around each `(fraction, member)` of
+    `items` (by increasing fraction), `width` of the sample plus five standard deviations of its rank error
+    (and 8) on each side; overlapping brackets joined, their members together. An empty sample brackets
+    everything. The edges are the sample's order statistics at those positions (a partition, not a sort)."""
     s = sample.size
     inf = np.float32(np.inf)
     if s == 0:
         return [(-inf, inf, [m for _, m in items])]
-    groups: list[list] = []
+    spans = []
     for f, member in items:
         j = f * (s - 1)
         d = int(5.0 * math.sqrt(s * f * (1.0 - f)) + width * s) + 8
-        i_lo, i_hi = math.floor(j) - d, math.ceil(j) + d
+        spans.append((math.floor(j) - d, math.ceil(j) + d, member))
+    kth = sorted({i for i_lo, i_hi, _ in spans for i in (i_lo, i_hi) if 0 <= i < s})
+    if kth:
+        sample = np.partition(sample, kth)
+    groups: list[list] = []
+    for i_lo, i_hi, member in spans:
         lo = sample[i_lo] if i_lo >= 0 else -inf
         hi = sample[i_hi] if i_hi < s else inf
         if groups and lo <= groups[-1][1]:
@@ -383,10 +391,11 @@ def sample_brackets(
     return [(np.float32(lo), np.float32(hi), members) for lo, hi, members in groups]
 
 
-def _repeated(pooled: np.ndarray, value: np.float32) -> bool:
+def _repeated(sample: np.ndarray, value: np.float32) -> bool:
+    """Whether the sample (any order) holds `value` more than once: a probable atom."""
     if not np.isfinite(value):
         return False
-    return int(np.searchsorted(pooled, value, "right") - np.searchsorted(pooled, value, "left")) > 1
+    return int(np.count_nonzero(sample == value)) > 1
 
 
 def _scan(

@@ -142,3 +142,16 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
     else:
         between = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     return count, total, top, between
+
+
+class numpy_scans:
+    """`with numpy_scans():` runs the scans in numpy inside the block (benchmarks compare the two)."""
+
+    def __enter__(self) -> numpy_scans:
+        global _LIB
+        self._lib, _LIB = _LIB, None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _LIB
+        _LIB = self._lib
