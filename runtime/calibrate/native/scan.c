@@ -17,6 +17,21 @@
 #endif
 
 #ifdef TERNQC_X86_LEVELS
+#include <immintrin.h>
+
+/* For AVX2's compaction: per 8-bit mask, the lanes to gather, set lanes first (the rest filled with 0). */
+static uint8_t ternqc_compact8[256][8];
+
+__attribute__((constructor)) static void ternqc_compact8_init(void)
+{
+    for (int m = 0; m < 256; m++) {
+        int j = 0;
+        for (int q = 0; q < 8; q++)
+            if (m & (1 << q)) ternqc_compact8[m][j++] = (uint8_t)q;
+        while (j < 8) ternqc_compact8[m][j++] = 0;
+    }
+}
+
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define LANES 16

@@ -40,15 +40,30 @@ INLINE int NAME(any)(vi v)
     return t[0] != 0;
 }
 
-/* Append the values of p[0..LANES) whose mask lane is set (-1) to dst[*k...], in order. */
+/* Append the values of p[0..LANES) whose mask lane is set (-1) to dst[*k...], in order. dst has room for
+   LANES values past *k (the callers stop a block early enough): the vector versions store a whole vector. */
 INLINE void NAME(compact)(const float *p, vi mask, float *dst, int64_t *k)
 {
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+    /* AVX-512: compress in a register, then one unaligned store (a compress straight to memory is slow on
+       some CPUs) */
+    const __mmask16 m = _mm512_movepi32_mask((__m512i)mask);
+    _mm512_storeu_ps(dst + *k, _mm512_maskz_compress_ps(m, _mm512_loadu_ps(p)));
+    *k += __builtin_popcount((unsigned)m);
+#elif LANES == 8 && defined(TERNQC_X86_LEVELS)
+    /* AVX2: a permutation from a table of the 256 masks */
+    const int m = _mm256_movemask_ps((__m256)mask);
+    const __m256i order = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)ternqc_compact8[m]));
+    _mm256_storeu_ps(dst + *k, _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), order));
+    *k += __builtin_popcount((unsigned)m);
+#else
     int64_t at = *k;
     for (int q = 0; q < LANES; q++) {
         dst[at] = p[q];
         at -= mask[q];
     }
     *k = at;
+#endif
 }
 
 /* One bracket over x[0..n), up to where dst (room for cap >= BLOCK values) could fill: counts[0..3] gain
