@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+#: The calling convention expected of the library (`ternqc_scan_abi` in `native/scan.c`).
+ABI = 1
 #: Values the scans may keep per call (the scratch buffer, per thread): a scan that keeps more is called again.
 SCRATCH = 2**16
 
@@ -34,7 +36,10 @@ def _load() -> ctypes.CDLL | None:
         if path.is_file():
             try:
                 lib = ctypes.CDLL(str(path))
-            except OSError:
+                lib.ternqc_scan_abi.restype = _I32
+                if lib.ternqc_scan_abi() != ABI:
+                    return None
+            except (OSError, AttributeError):  # not loadable, or built from another version of scan.c
                 return None
             lib.ternqc_scan_lanes.restype = _I32
             lib.ternqc_scan_lanes.argtypes = []

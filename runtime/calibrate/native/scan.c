@@ -57,6 +57,10 @@ __attribute__((constructor)) static void ternqc_compact8_init(void)
 #undef LANES
 #undef NAME
 
+/* The calling convention of this file's functions: scan_kernel.py refuses a library built with another
+   (a stale build), and scans in numpy instead. */
+int32_t ternqc_scan_abi(void) { return 1; }
+
 /* The vector width this CPU runs: 16, 8 or 4 floats. */
 int32_t ternqc_scan_lanes(void)
 {
