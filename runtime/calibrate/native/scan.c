@@ -6,13 +6,15 @@
    count, float64 sum and max of those > cut and the values in (lo, cut] (the activation scale's band,
    `stats/threshold_state.py`).
 
-   Portable C (GCC or Clang vector extensions). On x86-64 the scans are compiled three times, for AVX-512
-   (x86-64-v4), AVX2 (x86-64-v3) and the baseline, and the CPU picks one when the library loads; elsewhere
-   once, four floats a vector. */
+   Portable C (GCC or Clang vector extensions). On x86-64 with GCC 12+ the scans are compiled three times, for
+   AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the baseline, and the CPU picks one when the library loads;
+   elsewhere once, four floats a vector. */
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* The AVX-512 and AVX2 versions need GCC 12 or later (`#pragma GCC target`, __builtin_shufflevector); with
+   another compiler the baseline version alone is built. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define TERNQC_X86_LEVELS 1
 #endif
 

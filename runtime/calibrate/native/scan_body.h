@@ -23,9 +23,12 @@ INLINE int64_t NAME(hsum)(vi v)
     return s;
 }
 
-/* Whether any lane is set: an OR tree over 64-bit pairs of lanes. */
+/* Whether any lane is set: an OR tree over 64-bit pairs of lanes (4 lanes: plain ORs, any compiler). */
 INLINE int NAME(any)(vi v)
 {
+#if LANES == 4
+    return (v[0] | v[1] | v[2] | v[3]) != 0;
+#else
     vl t = (vl)v;
 #if LANES == 16
     t |= __builtin_shufflevector(t, t, 4, 5, 6, 7, 0, 1, 2, 3);
@@ -34,10 +37,9 @@ INLINE int NAME(any)(vi v)
 #elif LANES == 8
     t |= __builtin_shufflevector(t, t, 2, 3, 0, 1);
     t |= __builtin_shufflevector(t, t, 1, 0, 3, 2);
-#else
-    t |= __builtin_shufflevector(t, t, 1, 0);
 #endif
     return t[0] != 0;
+#endif
 }
 
 /* Append the values of p[0..LANES) whose mask lane is set (-1) to dst[*k...], in order. dst has room for
