@@ -62,6 +62,8 @@ BRACKETS = [
     [(np.float32(-np.inf), np.float32(0.3), False, True)],
     [(np.float32(-0.2), np.float32(np.inf), True, False)],
     [(np.float32(-3.0), np.float32(-1.0), False, False), (np.float32(0.0), np.float32(0.25), True, True)],
+    [(np.float32(0.0), np.float32(0.0), True, True)],  # an atom holding the whole bracket (a ReLU's zeros)
+    [(np.float32(0.25), np.float32(-0.5), True, True)],  # inverted: nothing between
 ]
 
 
@@ -146,6 +148,7 @@ def _mlp_table(monkeypatch, native: bool):
     specs = (
         StatSpec("range_min_max"),
         StatSpec("range_quantile", options=(("quantile", 0.9),)),
+        StatSpec("range_quantile", options=(("quantile", 0.6),)),  # 0.4 and 0.6: inside the ReLU's zeros
         StatSpec("abs_mean"),
     )
     points = [ProfilePoint(Selector("type", "linear"), "data_in_0", specs, Origin("test", 1, 1))]

@@ -114,7 +114,7 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
         if (v > l && v < h) dst[k++] = v;
     }
     counts[0] += c_gt;
-    counts[1] += c_gt - c_ge; /* lo < hi: x >= hi implies x > lo, and NaN is neither */
+    counts[1] += l < h ? c_gt - c_ge : 0; /* lo < hi: x >= hi implies x > lo (NaN is neither); else none */
     counts[2] += c_lt;
     counts[3] += c_gh;
     *kept = k;
