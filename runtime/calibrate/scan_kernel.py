@@ -125,7 +125,7 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
     """Over `row` (1-D float32, finite, >= 0): how many values are > `cut`, their float64 sum (exact while
     `row.size × max < exact_bound(cut)`), their max (0 with none), and with `lo` the values in (lo, cut], in
     order; None without the library or for a row it does not take."""
-    if not _usable(row):
+    if not _usable(row) or (lo is not None and not lo < cut):  # the numpy scan's (cut, lo] when lo > cut
         return None
     s, n, base = _scratch(), row.size, row.ctypes.data
     keep = lo is not None
