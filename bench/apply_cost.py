@@ -37,7 +37,7 @@ from ternqc.runtime.run.predict import predict_bands
 
 TARGET = 1.3
 FIXED_TARGET_MS = 2.0
-REPS = {"mlp": 5, "transformer": 3}
+REPS = {"mlp": 9, "transformer": 3}  # the MLP swings most on a shared machine
 QUICK_REPS = {"mlp": 2, "transformer": 1}
 
 
