@@ -61,6 +61,18 @@ def available() -> bool:
     return _LIB is not None
 
 
+_ISA = {16: "AVX-512", 8: "AVX2"}
+
+
+def describe() -> str:
+    """How the scans run now, for people (report.json's `run.calibration.scans`)."""
+    if _LIB is None:
+        why = "TERNQC_NATIVE=0" if os.environ.get("TERNQC_NATIVE", "1") == "0" else "the compiled scans are not built"
+        return f"numpy ({why})"
+    isa = _ISA.get(LANES)
+    return f"compiled, {LANES} floats a vector" + (f" ({isa})" if isa else "")
+
+
 def use_lanes(lanes: int) -> int:
     """Run the scans at `lanes` floats a vector (at most what the CPU has); returns the previous width."""
     global LANES

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ternqc.plan import QUANTISABLE
+from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.quantize.mapping import MappingResult
 from ternqc.runtime.quantize.modules import is_converted, latent_param, quantized_param, ternary_param
 from ternqc.runtime.quantize.quantizers import ModuleQuant
@@ -60,6 +61,7 @@ def run_description(settings: Any, sources: Sequence[str], calibration: Any) -> 
             "batch_size": calibration.batch_size if settings.batch_size is None else settings.batch_size,
             "split": calibration.split,
             "seed": settings.seed,
+            "scans": scan_kernel.describe(),
         },
     }
 

@@ -374,7 +374,9 @@ def _run_section(report: dict[str, Any]) -> str:
     if cal:
         rows.append(
             f"<tr><th>calibration</th><td>{cal.get('samples')} samples in batches of {cal.get('batch_size')} "
-            f"from the {escape(str(cal.get('split')))} split, seed {cal.get('seed')}</td></tr>"
+            f"from the {escape(str(cal.get('split')))} split, seed {cal.get('seed')}"
+            + (f"; scans: {escape(str(cal['scans']))}" if cal.get("scans") else "")
+            + "</td></tr>"
         )
     constants = report.get("constants") or {}
     if constants:

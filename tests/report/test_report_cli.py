@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.calibrate.loop import calibration_batches
 from ternqc.runtime.models.data import build_dataset
 from tests.report.support import Reported, applied_with_report_fixture, number, parse_page  # noqa: F401
@@ -99,6 +100,10 @@ def test_nodes_are_in_model_order_and_the_run_is_described(
     (text,) = run["rules_text"].values()
     assert text == RULES.read_text()
     assert report["float_layers"] == [] and report["notes"] == []
+    scans = run["calibration"]["scans"]  # how the calibration scanned: compiled (the vector width) or numpy
+    assert scans.startswith(f"compiled, {scan_kernel.LANES} floats" if scan_kernel.available() else "numpy (")
+    page = (applied_with_report.out_dir / "report.html").read_text()
+    assert f"scans: {scans}" in page
 
 
 def test_the_page_shows_report_json_numbers(applied_with_report: Reported) -> None:

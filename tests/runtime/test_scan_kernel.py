@@ -174,3 +174,18 @@ def test_calibration_same_with_and_without_the_library(monkeypatch):
     without = _mlp_table(monkeypatch, native=False)
     assert with_kernel == without
     assert any(key[2].startswith("range_quantile") for key in with_kernel)
+
+
+@needs_kernel
+def test_describe_says_how_the_scans_run():
+    previous = scan_kernel.use_lanes(4)
+    try:
+        assert scan_kernel.describe() == "compiled, 4 floats a vector"
+        if 8 in WIDTHS:
+            scan_kernel.use_lanes(8)
+            assert scan_kernel.describe() == "compiled, 8 floats a vector (AVX2)"
+        with scan_kernel.numpy_scans():
+            assert scan_kernel.describe().startswith("numpy (")
+            assert scan_kernel.scan_row(np.ones(8, np.float32), np.float32(0.5)) is None  # numpy scans it
+    finally:
+        scan_kernel.use_lanes(previous)
