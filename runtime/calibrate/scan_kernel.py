@@ -27,9 +27,10 @@ SCRATCH = 2**16
 _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
-def _load() -> ctypes.CDLL | None:
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library and, without one, why not."""
     if os.environ.get("TERNQC_NATIVE", "1") == "0":
-        return None
+        return None, "TERNQC_NATIVE=0"
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = here / f"_scan{suffix}"
@@ -38,20 +39,20 @@ def _load() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(path))
                 lib.ternqc_scan_abi.restype = _I32
                 if lib.ternqc_scan_abi() != ABI:
-                    return None
+                    return None, "the compiled scans are from another version: reinstall"
             except (OSError, AttributeError):  # not loadable, or built from another version of scan.c
-                return None
+                return None, "the compiled scans do not load: reinstall"
             lib.ternqc_scan_lanes.restype = _I32
             lib.ternqc_scan_lanes.argtypes = []
             lib.ternqc_scan_bracket.restype = _I64
             lib.ternqc_scan_bracket.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _I64, _P]
             lib.ternqc_scan_row.restype = _I64
             lib.ternqc_scan_row.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _P, _P, _I64]
-            return lib
-    return None
+            return lib, ""
+    return None, "the compiled scans are not built"
 
 
-_LIB = _load()
+_LIB, _WHY_NOT = _load()
 #: The vector width the scans run at (0: no library).
 LANES = _LIB.ternqc_scan_lanes() if _LIB is not None else 0
 _local = threading.local()
@@ -67,8 +68,7 @@ _ISA = {16: "AVX-512", 8: "AVX2"}
 def describe() -> str:
     """How the scans run now, for people (report.json's `run.calibration.scans`)."""
     if _LIB is None:
-        why = "TERNQC_NATIVE=0" if os.environ.get("TERNQC_NATIVE", "1") == "0" else "the compiled scans are not built"
-        return f"numpy ({why})"
+        return f"numpy ({_WHY_NOT or 'the compiled scans are turned off here'})"
     isa = _ISA.get(LANES)
     return f"compiled, {LANES} floats a vector" + (f" ({isa})" if isa else "")
 
@@ -102,6 +102,19 @@ def _scratch() -> _Scratch:
     return s
 
 
+def _until_done(n: int, step) -> np.ndarray:
+    """Call `step(done)` until all `n` values are scanned: each call scans from value `done` and returns how many
+    values it scanned and how many it kept in the scratch buffer (a call stops early when the buffer could
+    fill). Returns the kept values of every call, in order."""
+    s, pieces, done = _scratch(), [], 0
+    while True:
+        scanned, kept = step(done)
+        done += scanned
+        pieces.append(s.out[:kept].copy())
+        if done >= n:
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
 def _usable(values: np.ndarray) -> bool:
     return _LIB is not None and values.dtype == np.float32 and values.ndim == 1 and values.flags.c_contiguous
 
@@ -119,16 +132,14 @@ def scan_brackets(
     for lo, hi, lt_lo, gt_hi in brackets:
         flags = (1 if lt_lo else 0) | (2 if gt_hi else 0)
         s.counts[:] = 0
-        pieces, done = [], 0
-        while True:
-            done += _LIB.ternqc_scan_bracket(
-                LANES, base + 4 * done, n - done, float(lo), float(hi), flags, s.ptr["counts"], s.ptr["out"], SCRATCH,
-                s.ptr["kept"],
+
+        def step(done: int, lo=float(lo), hi=float(hi), flags=flags) -> tuple[int, int]:
+            scanned = _LIB.ternqc_scan_bracket(
+                LANES, base + 4 * done, n - done, lo, hi, flags, s.ptr["counts"], s.ptr["out"], SCRATCH, s.ptr["kept"]
             )
-            pieces.append(s.out[: int(s.kept[0])].copy())
-            if done >= n:
-                break
-        mids = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            return scanned, int(s.kept[0])
+
+        mids = _until_done(n, step)
         out.append(([int(c) for c in s.counts], mids))
     return out
 
@@ -141,24 +152,20 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
         return None
     s, n, base = _scratch(), row.size, row.ctypes.data
     keep = lo is not None
-    count, total, top, pieces, done = 0, 0.0, 0.0, [], 0
-    while True:
-        done += _LIB.ternqc_scan_row(
+    found = [0, 0.0, 0.0]  # count, sum and max above the cut, over every call
+
+    def step(done: int) -> tuple[int, int]:
+        scanned = _LIB.ternqc_scan_row(
             LANES, base + 4 * done, n - done, float(cut), float(lo) if keep else 0.0, int(keep), s.ptr["acc"],
             s.ptr["sum"], s.ptr["top"], s.ptr["out"], SCRATCH,
         )
-        count += int(s.acc[0])
-        total += float(s.sum[0])
-        top = max(top, float(s.top[0]))
-        if keep:
-            pieces.append(s.out[: int(s.acc[1])].copy())
-        if done >= n:
-            break
-    if not keep:
-        between = np.empty(0, dtype=np.float32)
-    else:
-        between = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    return count, total, top, between
+        found[0] += int(s.acc[0])
+        found[1] += float(s.sum[0])
+        found[2] = max(found[2], float(s.top[0]))
+        return scanned, int(s.acc[1]) if keep else 0
+
+    between = _until_done(n, step)
+    return found[0], found[1], found[2], between
 
 
 class numpy_scans:
