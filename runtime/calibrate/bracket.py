@@ -90,15 +90,17 @@ class Bracket:
         out = [(lo, hi, _repeated(sample, lo), _repeated(sample, hi)) for lo, hi, _ in groups]
         return cls(out, budget, [fs for *_, fs in groups])
 
-    def add(self, values: np.ndarray, finite: int, bounds: tuple[float, float] | None = None) -> None:
+    def add(
+        self, values: np.ndarray, finite: int, bounds: tuple[float, float] | None = None, scanned: list | None = None
+    ) -> None:
         """Count a block (`values` 1-D float32, `finite` of them not NaN; `bounds`: its min and max when all
-        are finite) and keep what falls inside."""
+        are finite) and keep what falls inside. `scanned`: `scan_brackets(values, self.groups)`, already made
+        (by the block's probe)."""
         if self.overflowed:
             return
         self.seen += finite
-        for g, ((*_, b), (gt_lo, between, lt_lo, gt_hi)) in enumerate(
-            zip(self.groups, _scan_counts(values, self.groups, bounds))
-        ):
+        counted = _scan_counts(values, self.groups, bounds) if scanned is None else _as_counts(scanned)
+        for g, ((*_, b), (gt_lo, between, lt_lo, gt_hi)) in enumerate(zip(self.groups, counted)):
             c = self.counts[g]
             c[0] += finite - gt_lo
             c[1] += finite - gt_lo + between[0]
@@ -201,8 +203,12 @@ class Bracket:
 
 def _scan_counts(values: np.ndarray, groups, bounds=None) -> list[tuple[int, tuple[int, np.ndarray], int, int]]:
     """Per group: count > lo, (count strictly between, the values between), count < lo, count > hi."""
-    got = scan_brackets(values, [(lo, hi, a, b) for lo, hi, a, b in groups], bounds)
-    return [(c[0], (c[1], mids), c[2], c[3]) for c, mids in got]
+    return _as_counts(scan_brackets(values, [(lo, hi, a, b) for lo, hi, a, b in groups], bounds))
+
+
+def _as_counts(scanned: list) -> list[tuple[int, tuple[int, np.ndarray], int, int]]:
+    """`scan_brackets`' results as `_scan_counts` gives them."""
+    return [(c[0], (c[1], mids), c[2], c[3]) for c, mids in scanned]
 
 
 def _values_against(values: np.ndarray, lo: np.float32, hi: np.float32) -> tuple[list[int], np.ndarray]:

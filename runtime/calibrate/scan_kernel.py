@@ -1,8 +1,9 @@
 """The compiled one-pass scans (`native/scan.c`), when the install could build them; None otherwise.
 
 In: float32 numpy rows. Out: exactly what the numpy scans they stand in for return (`quantiles._scan_part`,
-`threshold_state._scan_piece`): the same counts and the same values in the same order; the float64 sum of the
-values above a cut in another order, which gives the same bits wherever it is used (only where it is exact).
+`threshold_state._scan_piece`, `sums.lane_sums`): the same counts and the same values in the same order, the
+same per-row sums (one fixed order, `sums.lane_sums`); the float64 sum of the values above a cut in another
+order, which gives the same bits wherever it is used (only where it is exact).
 
 `pip install` builds the library as an optional extension (`pyproject.toml`): without a C compiler the
 install still succeeds and every scan runs in numpy, slower, with the same results. `TERNQC_NATIVE=0` turns
@@ -12,6 +13,7 @@ the library off; `LANES` is the vector width in use (16, 8 or 4 floats; `use_lan
 from __future__ import annotations
 
 import ctypes
+import math
 import importlib.machinery
 import os
 import threading
@@ -20,9 +22,11 @@ from pathlib import Path
 import numpy as np
 
 #: The calling convention expected of the library (`ternqc_scan_abi` in `native/scan.c`).
-ABI = 1
+ABI = 2
 #: Values the scans may keep per call (the scratch buffer, per thread): a scan that keeps more is called again.
 SCRATCH = 2**16
+#: Lanes of the fixed-order sums (`SUM_LANES` in `native/scan.c`, `sums.lane_sums`).
+SUM_LANES = 32
 
 _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -45,9 +49,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             lib.ternqc_scan_lanes.restype = _I32
             lib.ternqc_scan_lanes.argtypes = []
             lib.ternqc_scan_bracket.restype = _I64
-            lib.ternqc_scan_bracket.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _I64, _P]
+            lib.ternqc_scan_bracket.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _I64, _P, _P, _P]
             lib.ternqc_scan_row.restype = _I64
             lib.ternqc_scan_row.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _P, _P, _I64]
+            lib.ternqc_row_sums.restype = _I64
+            lib.ternqc_row_sums.argtypes = [_I32, _P, _I64, _I64, _I32, _P, _P]
             return lib, ""
     return None, "the compiled scans are not built"
 
@@ -92,7 +98,10 @@ class _Scratch:
         self.kept = np.zeros(1, dtype=np.int64)
         self.sum = np.zeros(1, dtype=np.float64)
         self.top = np.zeros(1, dtype=np.float32)
-        self.ptr = {name: getattr(self, name).ctypes.data for name in ("out", "counts", "acc", "kept", "sum", "top")}
+        self.mm = np.zeros(2, dtype=np.float32)
+        self.lanes = np.zeros(SUM_LANES, dtype=np.float64)
+        names = ("out", "counts", "acc", "kept", "sum", "top", "mm", "lanes")
+        self.ptr = {name: getattr(self, name).ctypes.data for name in names}
 
 
 def _scratch() -> _Scratch:
@@ -127,21 +136,44 @@ def scan_brackets(
     or for values it does not take (not 1-D contiguous float32)."""
     if not _usable(values):
         return None
+    return _brackets(values, brackets, 0)[0]
+
+
+def scan_brackets_with_sums(
+    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]], absolute: bool
+) -> tuple[list[tuple[list[int], np.ndarray]], tuple[float, float, float, bool]] | None:
+    """`scan_brackets`, and in the same pass over `values` as one row what `row_sums` gives: the fixed-order
+    sum of the values (of their magnitudes with `absolute`), their min and max (NaN left out) and whether any
+    is NaN or +-Inf. None where `scan_brackets` is None or without a bracket."""
+    if not _usable(values) or not brackets:
+        return None
+    return _brackets(values, brackets, 8 if absolute else 4)
+
+
+def _brackets(values: np.ndarray, brackets, sums: int):
+    """The scans of `scan_brackets`; `sums` (4: the values, 8: their magnitudes, 0: none) rides on the first."""
     s, n, base = _scratch(), values.size, values.ctypes.data
     out = []
+    s.lanes[:] = 0.0
+    s.mm[:] = (np.inf, -np.inf)
     for lo, hi, lt_lo, gt_hi in brackets:
-        flags = (1 if lt_lo else 0) | (2 if gt_hi else 0)
+        flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums
         s.counts[:] = 0
 
         def step(done: int, lo=float(lo), hi=float(hi), flags=flags) -> tuple[int, int]:
             scanned = _LIB.ternqc_scan_bracket(
-                LANES, base + 4 * done, n - done, lo, hi, flags, s.ptr["counts"], s.ptr["out"], SCRATCH, s.ptr["kept"]
+                LANES, base + 4 * done, n - done, lo, hi, flags, s.ptr["counts"], s.ptr["out"], SCRATCH,
+                s.ptr["kept"], s.ptr["lanes"], s.ptr["mm"],
             )
             return scanned, int(s.kept[0])
 
         mids = _until_done(n, step)
         out.append(([int(c) for c in s.counts], mids))
-    return out
+        sums = 0
+    total = 0.0
+    for lane in s.lanes.tolist():  # in order from +0, as the library adds them
+        total += lane
+    return out, (total, float(s.mm[0]), float(s.mm[1]), not math.isfinite(total))
 
 
 def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> tuple[int, float, float, np.ndarray] | None:
@@ -166,6 +198,20 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
 
     between = _until_done(n, step)
     return found[0], found[1], found[2], between
+
+
+def row_sums(rows: np.ndarray, absolute: bool) -> tuple[np.ndarray, float, float, bool] | None:
+    """One pass over `rows` (`[K, n]` float32, C-contiguous): per row the float64 sum of the values (of their
+    magnitudes with `absolute`) in `sums.lane_sums`'s order, the min and max of the values that are not NaN,
+    and whether any value is NaN or +-Inf (the sums and min/max are then not to be used); None without the
+    library or for an array it does not take."""
+    if _LIB is None or rows.dtype != np.float32 or rows.ndim != 2 or not rows.flags.c_contiguous:
+        return None
+    s = _scratch()
+    k, n = rows.shape
+    sums = np.empty(k, dtype=np.float64)
+    bad = _LIB.ternqc_row_sums(LANES, rows.ctypes.data, k, n, int(absolute), sums.ctypes.data, s.ptr["mm"])
+    return sums, float(s.mm[0]), float(s.mm[1]), bool(bad)
 
 
 class numpy_scans:

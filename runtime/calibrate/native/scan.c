@@ -4,13 +4,21 @@
    ternqc_scan_bracket: for a bracket (lo, hi), the counts of x > lo, lo < x < hi, x < lo, x > hi and the values
    strictly inside, in order (exact quantiles, `bracket.py`). ternqc_scan_row: over finite values >= 0, the
    count, float64 sum and max of those > cut and the values in (lo, cut] (the activation scale's band,
-   `stats/threshold_state.py`).
+   `stats/threshold_state.py`). ternqc_row_sums: per row the float64 sum of the values or of their magnitudes
+   in ternqc's fixed order (32 lanes), and the min and max of them all, in one pass
+   (`stats/sums.py`'s per-batch sums and the block's probe).
 
    Portable C (GCC or Clang vector extensions). On x86-64 with GCC 12+ the scans are compiled three times, for
    AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the baseline, and the CPU picks one when the library loads;
    elsewhere once, four floats a vector. */
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Lanes of the fixed-order float64 sums (ternqc_row_sums): a multiple of every vector width, and enough
+   independent additions to hide their latency. */
+#define SUM_LANES 32
 
 /* The AVX-512 and AVX2 versions need GCC 12 or later (`#pragma GCC target`, __builtin_shufflevector); with
    another compiler the baseline version alone is built. */
@@ -61,7 +69,7 @@ __attribute__((constructor)) static void ternqc_compact8_init(void)
 
 /* The calling convention of this file's functions: scan_kernel.py refuses a library built with another
    (a stale build), and scans in numpy instead. */
-int32_t ternqc_scan_abi(void) { return 1; }
+int32_t ternqc_scan_abi(void) { return 2; }
 
 /* The vector width this CPU runs: 16, 8 or 4 floats. */
 int32_t ternqc_scan_lanes(void)
@@ -79,18 +87,21 @@ int32_t ternqc_scan_lanes(void)
 
 /* One bracket (lo < hi) over x[0..n), as far as out (room for cap >= 64 values) allows: counts[0..3] gain
    #(x > lo), #(lo < x < hi), #(x < lo) when flags & 1 and #(x > hi) when flags & 2 over the values scanned; the
-   values strictly inside are written in order to out, *kept of them. NaN compares false everywhere. Returns
-   how many values were scanned: n, or fewer when out could fill (call again for the rest). `lanes`:
-   ternqc_scan_lanes() or fewer. */
+   values strictly inside are written in order to out, *kept of them. NaN compares false everywhere. With
+   flags & 4 (the values) or flags & 8 (their magnitudes), the same pass continues ternqc_row_sums's sums and
+   min/max over x as a row (or the rest of one, from a multiple of SUM_LANES): lanes[0..SUM_LANES) and mm[0..2)
+   are read and updated (start from zeros and +Inf, -Inf; add the lanes in order from +0 at the end). Returns
+   how many values were scanned: n, or fewer, a multiple of SUM_LANES, when out could fill (call again for the
+   rest). `lanes`: ternqc_scan_lanes() or fewer. */
 int64_t ternqc_scan_bracket(int32_t lanes, const float *x, int64_t n, float lo, float hi, int32_t flags,
-                            int64_t *counts, float *out, int64_t cap, int64_t *kept)
+                            int64_t *counts, float *out, int64_t cap, int64_t *kept, double *sum_lanes, float *mm)
 {
 #ifdef TERNQC_X86_LEVELS
-    if (lanes >= 16) return scan_bracket_v4(x, n, lo, hi, flags, counts, out, cap, kept);
-    if (lanes >= 8) return scan_bracket_v3(x, n, lo, hi, flags, counts, out, cap, kept);
+    if (lanes >= 16) return scan_bracket_v4(x, n, lo, hi, flags, counts, out, cap, kept, sum_lanes, mm);
+    if (lanes >= 8) return scan_bracket_v3(x, n, lo, hi, flags, counts, out, cap, kept, sum_lanes, mm);
 #endif
     (void)lanes;
-    return scan_bracket_v1(x, n, lo, hi, flags, counts, out, cap, kept);
+    return scan_bracket_v1(x, n, lo, hi, flags, counts, out, cap, kept, sum_lanes, mm);
 }
 
 /* Over a row of finite values >= 0, as far as out (room for cap >= 64 values) allows when keep is set:
@@ -106,4 +117,19 @@ int64_t ternqc_scan_row(int32_t lanes, const float *x, int64_t n, float cut, flo
 #endif
     (void)lanes;
     return scan_row_v1(x, n, cut, lo, keep, acc, sum, top, out, cap);
+}
+
+/* Per row of the k rows of n values at x: sums[r], the float64 sum of the values (of |values| when take_abs)
+   in ternqc's fixed order (value i to lane i % 32, each lane in order from +0, the lanes in order from +0);
+   over them all mm[0], mm[1] the min and max of the values that are not NaN. Returns 1 when a value is NaN
+   or +-Inf (its row's sum is then NaN or +-Inf, and the min/max are not to be used), else 0. */
+int64_t ternqc_row_sums(int32_t lanes, const float *x, int64_t k, int64_t n, int32_t take_abs, double *sums,
+                        float *mm)
+{
+#ifdef TERNQC_X86_LEVELS
+    if (lanes >= 16) return row_sums_v4(x, k, n, take_abs, sums, mm);
+    if (lanes >= 8) return row_sums_v3(x, k, n, take_abs, sums, mm);
+#endif
+    (void)lanes;
+    return row_sums_v1(x, k, n, take_abs, sums, mm);
 }

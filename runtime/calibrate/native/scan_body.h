@@ -10,7 +10,8 @@ typedef double NAME(vd) __attribute__((vector_size(8 * LANES)));
 #define vi NAME(vi)
 #define vl NAME(vl)
 #define vd NAME(vd)
-#define BLOCK (4 * LANES)  /* values per block: a block with no value to keep costs only its comparisons */
+/* values per block: a block with no value to keep costs only its comparisons; whole groups of the sums' lanes */
+#define BLOCK (4 * LANES > SUM_LANES ? 4 * LANES : SUM_LANES)
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE vf NAME(load)(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
@@ -68,16 +69,78 @@ INLINE void NAME(compact)(const float *p, vi mask, float *dst, int64_t *k)
 #endif
 }
 
+/* min(v, m) and max(v, m) lane by lane, keeping m where v is NaN (x86's min/max take the second operand then) */
+INLINE vf NAME(min)(vf v, vf m)
+{
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+    return (vf)_mm512_min_ps((__m512)v, (__m512)m);
+#elif LANES == 8 && defined(TERNQC_X86_LEVELS)
+    return (vf)_mm256_min_ps((__m256)v, (__m256)m);
+#else
+    const vi take = (vi)(v < m);
+    return (vf)(((vi)v & take) | ((vi)m & ~take));
+#endif
+}
+
+INLINE vf NAME(max)(vf v, vf m)
+{
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+    return (vf)_mm512_max_ps((__m512)v, (__m512)m);
+#elif LANES == 8 && defined(TERNQC_X86_LEVELS)
+    return (vf)_mm256_max_ps((__m256)v, (__m256)m);
+#else
+    const vi take = (vi)(v > m);
+    return (vf)(((vi)v & take) | ((vi)m & ~take));
+#endif
+}
+
+/* The float64 lanes of the sums in registers of the width: HALF doubles each (the floats of half a vector),
+   NACC of them for the SUM_LANES lanes; accumulator m holds lanes m*HALF .. m*HALF+HALF-1. Named variables, not an
+   array, so that they stay in registers: LANE_VARS declares them, LANE_LOAD / LANE_STORE move them from / to
+   an array of SUM_LANES doubles, LANE_ADD(p, take_abs) adds the SUM_LANES floats at p (their magnitudes). */
+typedef float NAME(fh) __attribute__((vector_size(2 * LANES)));
+typedef int32_t NAME(ih) __attribute__((vector_size(2 * LANES)));
+typedef double NAME(dh) __attribute__((vector_size(4 * LANES)));
+#define fh NAME(fh)
+#define ih NAME(ih)
+#define dh NAME(dh)
+#define HALF (LANES / 2)
+#define NACC (SUM_LANES / HALF)
+
+#define LANE_EACH(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7) F(8) F(9) F(10) F(11) F(12) F(13) F(14) F(15)
+#define LANE_VARS dh a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}, a8 = {0}, \
+    a9 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0}, a14 = {0}, a15 = {0}
+#define LANE_LOAD1(m) if ((m) < NACC) memcpy(&a##m, lanes_ + (m) * HALF, sizeof a##m);
+#define LANE_STORE1(m) if ((m) < NACC) memcpy(lanes_ + (m) * HALF, &a##m, sizeof a##m);
+#define LANE_ADD1(m)                                                                                             \
+    if ((m) < NACC) {                                                                                            \
+        fh f;                                                                                                    \
+        memcpy(&f, p_ + (m) * HALF, sizeof f);                                                                   \
+        if (abs_) f = (fh)((ih)f & half_magnitude);                                                              \
+        a##m += __builtin_convertvector(f, dh);                                                                  \
+    }
+#define LANE_LOAD(lanes) do { const double *lanes_ = (lanes); LANE_EACH(LANE_LOAD1) } while (0)
+#define LANE_STORE(lanes) do { double *lanes_ = (lanes); LANE_EACH(LANE_STORE1) } while (0)
+#define LANE_ADD(p, take_abs) do { const float *p_ = (p); const int abs_ = (take_abs); LANE_EACH(LANE_ADD1) } while (0)
+
 /* One bracket over x[0..n), up to where dst (room for cap >= BLOCK values) could fill: counts[0..3] gain
    #(x > lo), #(lo < x < hi), #(x < lo) if want_lt, #(x > hi) if want_gh over the values scanned; the values
-   strictly inside are written in order to dst, *kept of them. Returns how many values were scanned (n, or
-   fewer when dst could fill: call again for the rest). Lane counts are int32, folded every 2^24 values. */
+   strictly inside are written in order to dst, *kept of them. With sums (1: of the values, 2: of their
+   magnitudes) the same pass continues the fixed-order sums of row_sums: lanes[0..SUM_LANES) (x[0] is lane 0)
+   and mm[0], mm[1] (min and max of the values not NaN) are read and updated. Returns how many values were
+   scanned (n, or fewer, a multiple of BLOCK, when dst could fill: call again for the rest). Lane counts are
+   int32, folded every 2^24 values. */
 INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int want_lt, int want_gh,
-                              int64_t *counts, float *dst, int64_t cap, int64_t *kept)
+                              int64_t *counts, float *dst, int64_t cap, int64_t *kept, int sums,
+                              double *lanes, float *mm)
 {
     const vf lv = NAME(splat)(l), hv = NAME(splat)(h);
+    const ih half_magnitude = (ih){0} + 0x7fffffff;
     vi gt = {0}, ge = {0}, lt = {0}, gh = {0};
     int64_t c_gt = 0, c_ge = 0, c_lt = 0, c_gh = 0, k = 0;
+    LANE_VARS;
+    vf mn = NAME(splat)(INFINITY), mx = NAME(splat)(-INFINITY);
+    if (sums) LANE_LOAD(lanes);
     int64_t i = 0;
     for (; i + BLOCK <= n && k + BLOCK <= cap; i += BLOCK) {
         const float *p = x + i;
@@ -88,7 +151,13 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
             bge -= (vi)(v >= hv);
             if (want_lt) lt -= (vi)(v < lv);
             if (want_gh) gh -= (vi)(v > hv);
+            if (sums) {
+                mn = NAME(min)(v, mn);
+                mx = NAME(max)(v, mx);
+            }
         }
+        if (sums)
+            for (int j = 0; j < BLOCK; j += SUM_LANES) LANE_ADD(p + j, sums == 2);
         if (NAME(any)(bgt - bge)) {  /* some lo < x < hi: x > lo and not x >= hi */
             for (int j = 0; j < BLOCK; j += LANES) {
                 const vf v = NAME(load)(p + j);
@@ -105,6 +174,15 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
     }
     c_gt += NAME(hsum)(gt), c_ge += NAME(hsum)(ge), c_lt += NAME(hsum)(lt), c_gh += NAME(hsum)(gh);
     if (i + BLOCK <= n || k + (n - i) > cap) n = i; /* dst may fill: the rest in the next call */
+    double lane[SUM_LANES];
+    float smin = sums ? mm[0] : 0.0f, smax = sums ? mm[1] : 0.0f;
+    if (sums) {
+        LANE_STORE(lane);
+        for (int q = 0; q < LANES; q++) {
+            smin = mn[q] < smin ? mn[q] : smin;
+            smax = mx[q] > smax ? mx[q] : smax;
+        }
+    }
     for (; i < n; i++) {
         const float v = x[i];
         c_gt += v > l;
@@ -112,6 +190,16 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
         c_lt += want_lt && v < l;
         c_gh += want_gh && v > h;
         if (v > l && v < h) dst[k++] = v;
+        if (sums) { /* i is past a whole number of lane groups from x: lane i % SUM_LANES */
+            smin = v < smin ? v : smin;
+            smax = v > smax ? v : smax;
+            lane[i % SUM_LANES] += sums == 2 ? fabsf(v) : v;
+        }
+    }
+    if (sums) {
+        memcpy(lanes, lane, sizeof lane);
+        mm[0] = smin;
+        mm[1] = smax;
     }
     counts[0] += c_gt;
     counts[1] += l < h ? c_gt - c_ge : 0; /* lo < hi: x >= hi implies x > lo (NaN is neither); else none */
@@ -122,14 +210,24 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
 }
 
 static int64_t NAME(scan_bracket)(const float *x, int64_t n, float lo, float hi, int32_t flags,
-                                  int64_t *counts, float *out, int64_t cap, int64_t *kept)
+                                  int64_t *counts, float *out, int64_t cap, int64_t *kept, double *lanes, float *mm)
 {
-    switch (flags & 3) { /* constant flags: each case compiles without the comparisons it skips */
-    case 0: return NAME(scan_one)(x, n, lo, hi, 0, 0, counts, out, cap, kept);
-    case 1: return NAME(scan_one)(x, n, lo, hi, 1, 0, counts, out, cap, kept);
-    case 2: return NAME(scan_one)(x, n, lo, hi, 0, 1, counts, out, cap, kept);
-    default: return NAME(scan_one)(x, n, lo, hi, 1, 1, counts, out, cap, kept);
+    /* constant flags: each case compiles without the work it skips */
+#define SCAN(lt, gh, sums) return NAME(scan_one)(x, n, lo, hi, lt, gh, counts, out, cap, kept, sums, lanes, mm)
+#define SCAN_SUMS(lt, gh)                                                                                        \
+    switch ((flags >> 2) & 3) {                                                                                  \
+    case 0: SCAN(lt, gh, 0);                                                                                     \
+    case 1: SCAN(lt, gh, 1);                                                                                     \
+    default: SCAN(lt, gh, 2);                                                                                    \
     }
+    switch (flags & 3) {
+    case 0: SCAN_SUMS(0, 0)
+    case 1: SCAN_SUMS(1, 0)
+    case 2: SCAN_SUMS(0, 1)
+    default: SCAN_SUMS(1, 1)
+    }
+#undef SCAN_SUMS
+#undef SCAN
 }
 
 INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float lo, int keep,
@@ -198,6 +296,72 @@ static int64_t NAME(scan_row)(const float *x, int64_t n, float cut, float lo, in
     return NAME(scan_row_body)(x, n, cut, lo, 0, acc, sum, top, out, cap);
 }
 
+/* Per row r of the k rows of n values at x (row r at x + r*n): sums[r] = the float64 sum of the row's values
+   (their magnitudes when take_abs) in the fixed order that defines ternqc's sums: value i goes to lane
+   i % SUM_LANES, each lane adds its values in order starting from +0, and the lanes are added in order
+   starting from +0 (every width gives the same bits: a lane is never split or reassociated). Over every row:
+   mm[0] and mm[1] the min and max of the values that are not NaN. Returns 1 when a value is NaN or +-Inf
+   (its row's sum is then not finite), else 0. */
+INLINE int64_t NAME(row_sums_body)(const float *x, int64_t k, int64_t n, int take_abs, double *sums, float *mm)
+{
+    const ih half_magnitude = (ih){0} + 0x7fffffff;
+    vf lo = NAME(splat)(INFINITY), hi = NAME(splat)(-INFINITY);
+    float slo = INFINITY, shi = -INFINITY;
+    int64_t bad = 0;
+    for (int64_t r = 0; r < k; r++) {
+        const float *row = x + r * n;
+        LANE_VARS;
+        int64_t i = 0;
+        for (; i + SUM_LANES <= n; i += SUM_LANES) {
+            for (int j = 0; j < SUM_LANES; j += LANES) {
+                const vf v = NAME(load)(row + i + j);
+                lo = NAME(min)(v, lo);
+                hi = NAME(max)(v, hi);
+            }
+            LANE_ADD(row + i, take_abs);
+        }
+        double lane[SUM_LANES];
+        LANE_STORE(lane);
+        for (; i < n; i++) { /* the last n % SUM_LANES values: lane i % SUM_LANES */
+            const float v = row[i];
+            slo = v < slo ? v : slo;
+            shi = v > shi ? v : shi;
+            lane[i % SUM_LANES] += take_abs ? fabsf(v) : v;
+        }
+        double total = 0.0;
+        for (int j = 0; j < SUM_LANES; j++) total += lane[j];
+        sums[r] = total;
+        bad |= !(fabs(total) <= DBL_MAX); /* a NaN or +-Inf value makes its row's sum NaN or +-Inf */
+    }
+    for (int q = 0; q < LANES; q++) {
+        slo = lo[q] < slo ? lo[q] : slo;
+        shi = hi[q] > shi ? hi[q] : shi;
+    }
+    mm[0] = slo;
+    mm[1] = shi;
+    return bad;
+}
+
+static int64_t NAME(row_sums)(const float *x, int64_t k, int64_t n, int32_t take_abs, double *sums, float *mm)
+{
+    if (take_abs) return NAME(row_sums_body)(x, k, n, 1, sums, mm);
+    return NAME(row_sums_body)(x, k, n, 0, sums, mm);
+}
+
+#undef HALF
+#undef NACC
+#undef LANE_EACH
+#undef LANE_VARS
+#undef LANE_LOAD1
+#undef LANE_STORE1
+#undef LANE_ADD1
+#undef LANE_LOAD
+#undef LANE_STORE
+#undef LANE_ADD
+
+#undef fh
+#undef ih
+#undef dh
 #undef vf
 #undef vi
 #undef vl

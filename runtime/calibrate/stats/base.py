@@ -59,14 +59,20 @@ class StatState:
             block = Block.prepare(x.unsqueeze(0), np.array([key], dtype=np.int64))
             self.observe(block.absolute() if self.wants_abs else block)
 
+    def pending_scan(self) -> list | None:
+        """The bracket groups this state will scan the next block's values against, when the block's probe
+        may scan them in the same pass (`Block.prepare`); None for most statistics."""
+        return None
+
     def observe(self, block: Block) -> None:
         """Add a prepared block of batches (|x| taken when `wants_abs`)."""
-        if block.x.numel() == 0:
+        numel = block.numel()  # not block.x: a block of |x| makes its values only when a statistic reads them
+        if numel == 0:
             return
-        shape = tuple(block.x.shape[1:])
+        shape = tuple(block.shape[1:])
         if shape != self._shape:
             self.adopt(shape)
-        self.count += block.x.numel() - block.bad
+        self.count += numel - block.bad
         self.nonfinite += block.bad
         self._observe(block)
 

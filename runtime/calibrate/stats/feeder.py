@@ -179,7 +179,10 @@ class TensorStats:
         self._feed(block, keys)
 
     def _feed(self, x: torch.Tensor, keys: np.ndarray) -> None:
-        block = Block.prepare(x, keys)
+        brackets = None
+        if x.shape[0] == 1:  # one batch: a bracketed quantile's scan can ride on the probe's pass
+            brackets = next((b for b in (s.pending_scan() for s in self._plain) if b is not None), None)
+        block = Block.prepare(x, keys, absolute=bool(self._abs), brackets=brackets)
         block.scratch = self._scratch_for
         self._nonfinite += block.bad
         for state in self._plain:

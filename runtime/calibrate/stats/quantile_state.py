@@ -147,7 +147,10 @@ class QuantileState(StatState):
         self._seen += m
         if self._bracket is not None:
             bounds = (block.lo, block.hi) if mask is None and block.lo is not None else None
-            self._bracket.add(rows_view(x, lay)[0], m - block.bad, bounds)
+            scanned = block.scanned
+            if scanned is not None and scanned[0] is not self._bracket.groups:
+                scanned = None  # another state's brackets
+            self._bracket.add(rows_view(x, lay)[0], m - block.bad, bounds, None if scanned is None else scanned[1])
             if self._bracket.narrow_due():
                 self._bracket.narrow()
             return
@@ -172,6 +175,14 @@ class QuantileState(StatState):
                     return
                 self._to_sketch()
         self._sketch.add(rows_view(x, lay))
+
+    def pending_scan(self) -> list | None:
+        """The bracket groups of the next block, when this state is counting into brackets over the values
+        themselves (not |x|): the block's probe can scan them in its pass."""
+        b = self._bracket
+        if b is None or b.overflowed or self.wants_abs or self._missed:
+            return None
+        return b.groups
 
     def _begin_bracket(self, extra: tuple[np.ndarray, int] | None) -> None:
         """Place brackets from the head (or from `extra`, a block the head had no room for), count the head

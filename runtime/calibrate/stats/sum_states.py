@@ -62,17 +62,18 @@ class SumState(StatState):
 
 @register_stat("abs_mean")
 class AbsMeanState(SumState):
-    """`abs_mean`: mean of |x| (chunked float32 sums per batch, float64 across chunks and batches)."""
+    """`abs_mean`: mean of |x| (per batch the fixed-order float64 sum of `sums.batch_sums`, batches folded in
+    key order)."""
 
     takes_abs = True
     _names = ("n", "sum")
 
     def _observe(self, block):
-        lay, x, mask = self.layout, block.x, block.mask
+        lay, mask = self.layout, block.mask
         if mask is None:
-            self._partials.add(block.keys, (x[0].numel() // lay.rows, block.sums(lay)), lay.rows)
+            self._partials.add(block.keys, (block.per_batch() // lay.rows, block.sums(lay)), lay.rows)
         else:
-            sums = batch_sums(torch.where(mask, x, 0.0), lay)
+            sums = batch_sums(torch.where(mask, block.x, 0.0), lay)
             self._partials.add(block.keys, (batch_counts(mask, lay), sums), lay.rows)
 
     def _result(self):

@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.calibrate.stats.layout import Layout
 
 FOLD_EVERY = 64  # partials and min/max are folded every this many batches
-SUM_CHUNK = 16384  # values summed in float32 before the float64 total (below torch's parallel grain)
+SUM_CHUNK = 16384  # on an accelerator: values summed in float32 before the float64 total
+SUM_LANES = scan_kernel.SUM_LANES  # on the CPU: the lanes of the fixed-order float64 sum (`lane_sums`)
 FLOATS = frozenset((torch.float32, torch.float64))
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -25,17 +26,58 @@ FLOATS = frozenset((torch.float32, torch.float64))
 # ---------------------------------------------------------------------------------------------------------
 
 
+def lane_sums(rows: np.ndarray, absolute: bool = False) -> np.ndarray:
+    """Per row of `rows` (`[K, n]` float32 or float64), the float64 sum of its values (of their magnitudes with
+    `absolute`) in ternqc's fixed order: value i goes to lane i % 32, each lane adds its values in order, and
+    the 32 lane sums are added in order from +0. The order depends on nothing else (threads, batching, the
+    CPU's vector width), and float64 lanes lose far less than float32 sums. One pass of the compiled scans
+    (`scan_kernel.row_sums`) where it takes the array, else numpy, with the same bits."""
+    if absolute and rows.dtype == np.float32:
+        got = scan_kernel.row_sums(rows, True)
+        if got is not None and not got[3]:  # non-finite values: numpy's sums, with their NaN/Inf
+            return got[0]
+    elif not absolute:
+        got = scan_kernel.row_sums(rows, False)
+        if got is not None and not got[3]:
+            return got[0]
+    k, n = rows.shape
+    body = n - n % SUM_LANES
+    lanes = np.zeros((k, SUM_LANES))
+    step = max(SUM_LANES, (2**20 // max(k, 1)) // SUM_LANES * SUM_LANES)  # |x| of ~1M values at a time
+    for start in range(0, body, step):
+        part = rows[:, start : min(start + step, body)].reshape(k, -1, SUM_LANES)
+        # the lane sums so far, then this part's values: a reduction over the middle axis adds each lane's
+        # values one after the other (numpy's pairwise summation is only along the contiguous axis)
+        chain = np.empty((k, part.shape[1] + 1, SUM_LANES))
+        chain[:, 0] = lanes
+        if absolute:
+            np.abs(part, out=chain[:, 1:], dtype=np.float64)
+        else:
+            chain[:, 1:] = part
+        lanes = np.add.reduce(chain, axis=1)
+    for i in range(body, n):  # the last n % 32 values: lane i % 32
+        tail = rows[:, i].astype(np.float64)
+        lanes[:, i - body] += np.abs(tail) if absolute else tail
+    total = np.zeros(k)
+    for j in range(SUM_LANES):
+        total += lanes[:, j]
+    return total
+
+
 def batch_sums(t: torch.Tensor, lay: Layout) -> torch.Tensor:
     """Per batch of the block `t` (`[K, *shape]`) and per result position, the sum of the reduced values:
-    `[K, rows]` float64. One position per batch: float32 sums over chunks of `SUM_CHUNK` values (each
-    chunk reduced by one thread), added in float64. Several positions: torch's reduction, which gives each
-    output to one thread."""
+    `[K, rows]` float64. One position per batch: on the CPU in `lane_sums`'s fixed order; on an accelerator
+    (or for a tensor that needs its gradient), float32 sums over chunks of `SUM_CHUNK` values (each chunk
+    reduced by one thread) added in float64.
+    Several positions: torch's reduction, which gives each output to one thread."""
     k = t.shape[0]
     if not lay.reduce:
         return t.reshape(k, lay.rows).double()
     if lay.rows > 1:
         return t.sum(dim=lay.block_reduce).reshape(k, lay.rows).double()
     flat = t.reshape(k, -1)
+    if flat.device.type == "cpu" and flat.dtype in FLOATS and not flat.requires_grad:
+        return torch.from_numpy(lane_sums(flat.numpy())).reshape(k, 1)
     n = flat.shape[1]
     if n <= SUM_CHUNK:
         return flat.sum(1, keepdim=True).double()
@@ -53,12 +95,13 @@ def fixed_order_sum(
 
     torch reduces a tensor to a single value with one partial per thread, so its bits depend on the number
     of threads (a process of a distributed run may have fewer); a reduction to several values gives each
-    value to one thread and is stable. A single value is therefore summed here over fixed chunks of
-    16384 values (float32 chunk sums added in float64).
+    value to one thread and is stable. A single value is therefore the per-batch sum of `batch_sums` (the
+    same order as the calibration's sums), rounded to `x`'s dtype.
     """
     dims = tuple(range(x.dim())) if dims is None else tuple(d % max(x.dim(), 1) for d in dims)
     out_shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
-    if math.prod(out_shape) > 1 or x.numel() <= SUM_CHUNK:
+    lanes = x.device.type == "cpu" and x.dtype in FLOATS and not x.requires_grad  # else torch's chunks
+    if math.prod(out_shape) > 1 or not dims or (not lanes and x.numel() <= SUM_CHUNK):
         return x.sum(dim=dims, keepdim=keepdim) if dims else x.clone()
     lay = Layout(tuple(range(x.dim())), (), (), True, ())
     total = batch_sums(x.reshape(1, -1), lay).reshape(()).to(x.dtype)
@@ -102,12 +145,16 @@ def write_rows(slot: np.ndarray, x: torch.Tensor, lay: Layout) -> None:
 
 class Block:
     """`K` batches of one shape as `x` (`[K, *shape]`, floating point), their keys, the finite mask (None when
-    every value is finite), the number of NaN/Inf values, and the block's min/max when known."""
+    every value is finite), the number of NaN/Inf values, and the block's min/max when known.
 
-    __slots__ = ("x", "keys", "mask", "bad", "lo", "hi", "nonneg", "_sums", "_abs", "scratch")
+    The block of |x| (`absolute()`) makes its values only when a statistic reads `x`: a sum over each whole
+    batch may come with the probe (`prepare`)."""
+
+    __slots__ = ("_x", "keys", "mask", "bad", "lo", "hi", "nonneg", "_sums", "_abs", "scratch", "_whole",
+                 "_abs_whole", "_source", "scanned")
 
     def __init__(self, x, keys, mask, bad, lo=None, hi=None, nonneg=False) -> None:
-        self.x = x
+        self._x = x
         self.keys = keys
         self.mask = mask
         self.bad = bad
@@ -117,32 +164,91 @@ class Block:
         self._sums: dict[Layout, torch.Tensor] = {}
         self._abs: Block | None = None
         self.scratch: Callable[[torch.Tensor], torch.Tensor] | None = None  # memory for |x|, reused
+        self._whole: torch.Tensor | None = None  # `[K, 1]`: each batch's sum over all its values, when known
+        self._abs_whole: torch.Tensor | None = None  # the same of |x|, for the block of |x|
+        self._source: Block | None = None  # the block this one is |x| of, until its values are made
+        self.scanned: tuple | None = None  # `(brackets, results)` of a bracket scan made with the probe
 
     @classmethod
-    def prepare(cls, x: torch.Tensor, keys: np.ndarray) -> Block:
-        """Probe `x` with one `aminmax`: finite min and max mean no NaN/Inf (NaN propagates), and a min >= 0
-        means |x| = x."""
-        lo, hi = (t.item() for t in torch.aminmax(x))
+    def prepare(cls, x: torch.Tensor, keys: np.ndarray, absolute: bool = False, brackets: list | None = None) -> Block:
+        """Probe `x` for NaN/Inf and its min and max: finite min and max mean no NaN/Inf, and a min >= 0 means
+        |x| = x. A CPU float32 block goes through the compiled scans' one pass (`scan_kernel.row_sums`), which
+        also gives each batch's sum over all its values (of |x| with `absolute`), the sums of `lane_sums`;
+        otherwise one `aminmax` (NaN propagates). A min or max of zero is +0 (either zero may come first).
+
+        `brackets` (a bracketed quantile's groups, `Bracket.groups`), for a block of one batch: the same pass
+        also scans them (`scan_kernel.scan_brackets_with_sums`); `scanned` then holds `(brackets, results)`
+        for `Bracket.add`. A memory-bound pass read once instead of twice."""
+        if x.is_cpu and x.dtype == torch.float32 and x.numel() and x.is_contiguous():
+            if brackets is not None and x.shape[0] == 1:
+                got = scan_kernel.scan_brackets_with_sums(x.view(-1).numpy(), brackets, absolute)
+                if got is not None and not got[1][3]:
+                    results, (total, lo, hi, _) = got
+                    block = cls._probed(x, keys, absolute, np.array([total]), lo, hi)
+                    block.scanned = (brackets, results)
+                    return block
+            got = scan_kernel.row_sums(x.view(x.shape[0], -1).numpy(), absolute)
+            if got is not None and not got[3]:
+                return cls._probed(x, keys, absolute, got[0], got[1], got[2])
+        lo, hi = (t.item() + 0.0 for t in torch.aminmax(x))
         if math.isfinite(lo) and math.isfinite(hi):
             return cls(x, keys, None, 0, lo, hi, lo >= 0)
         mask = torch.isfinite(x)
         return cls(x, keys, mask, x.numel() - int(mask.sum()))
 
+    @classmethod
+    def _probed(cls, x, keys, absolute: bool, sums: np.ndarray, lo: float, hi: float) -> Block:
+        """A block of finite values whose min, max and per-batch sums (of |x| with `absolute`) are known."""
+        block = cls(x, keys, None, 0, lo + 0.0, hi + 0.0, lo >= 0)
+        whole = torch.from_numpy(sums).reshape(-1, 1)
+        if absolute and not block.nonneg:
+            block._abs_whole = whole
+        else:  # the sums of x; of |x| too when x >= 0 (adding -0 or +0 to a sum from +0: the same bits)
+            block._whole = whole
+        return block
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The values (of a block of |x|: made on first use)."""
+        if self._x is None:
+            source = self._source
+            out = source.scratch(source.x) if source.scratch is not None else None
+            self._x = torch.abs(source.x, out=out) if out is not None else source.x.abs()
+            self._source = None
+        return self._x
+
+    @property
+    def shape(self) -> torch.Size:
+        """`[K, *shape]`, without making the values of a block of |x|."""
+        return (self._x if self._x is not None else self._source.x).shape
+
     @property
     def k(self) -> int:
-        return self.x.shape[0]
+        return self.shape[0]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def per_batch(self) -> int:
+        """Values per batch."""
+        return math.prod(self.shape[1:])
 
     def bounds(self) -> tuple[float, float]:
         """Min and max of the whole block, as python floats (only when every value is finite)."""
         if self.lo is None:
-            self.lo, self.hi = (t.item() for t in torch.aminmax(self.x))
+            self.lo, self.hi = (t.item() + 0.0 for t in torch.aminmax(self.x))
         return self.lo, self.hi
 
     def sums(self, lay: Layout) -> torch.Tensor:
-        """`batch_sums(x, lay)`, computed once per layout (several statistics share it)."""
+        """`batch_sums(x, lay)`, computed once per layout (several statistics share it), or the sums over each
+        whole batch that came with the probe."""
         got = self._sums.get(lay)
         if got is None:
-            got = self._sums[lay] = batch_sums(self.x, lay)
+            if lay.rows == 1 and lay.reduce and self._whole is not None:
+                got = self._whole
+            else:
+                got = batch_sums(self.x, lay)
+            self._sums[lay] = got
         return got
 
     def absolute(self) -> Block:
@@ -150,9 +256,9 @@ class Block:
         if self.nonneg:
             return self
         if self._abs is None:
-            out = self.scratch(self.x) if self.scratch is not None else None
-            xa = torch.abs(self.x, out=out) if out is not None else self.x.abs()
-            self._abs = Block(xa, self.keys, self.mask, self.bad, nonneg=True)
+            self._abs = Block(None, self.keys, self.mask, self.bad, nonneg=True)
+            self._abs._source = self
+            self._abs._whole = self._abs_whole
         return self._abs
 
 
