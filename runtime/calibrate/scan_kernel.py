@@ -13,8 +13,8 @@ the library off; `LANES` is the vector width in use (16, 8 or 4 floats; `use_lan
 from __future__ import annotations
 
 import ctypes
-import math
 import importlib.machinery
+import math
 import os
 import threading
 from pathlib import Path

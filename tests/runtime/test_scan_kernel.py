@@ -2,8 +2,9 @@
 scans they stand in for, at every vector width this CPU runs (AVX-512, AVX2, baseline), on adversarial values:
 NaN, ±Inf, -0.0, values exactly on the edges, atoms, tails shorter than a vector, more kept values than the
 scratch buffer holds. Counts and kept values must be identical (the same values in the same order); the float64
-sum of the values above a cut wherever it is exact (the only place it is used). End to end, a calibration with
-the library and one without write the same statistics."""
+sum of the values above a cut wherever it is exact (the only place it is used); the per-batch sums equal the
+fixed order written out in plain Python. End to end, a calibration with the library and one without write the
+same statistics, and so do a calibration whose bracket scans ride on the probe's pass and one that scans twice."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.calibrate.loop import calibrate
 from ternqc.runtime.calibrate.points import resolve_profile
 from ternqc.runtime.calibrate.quantiles import QuantileBudget, _scan_part
+from ternqc.runtime.calibrate.stats import quantile_state
+from ternqc.runtime.calibrate.stats.sums import Block, lane_sums
 from ternqc.runtime.calibrate.stats.threshold_state import _scan_piece, exact_bound
 
 WIDTHS = [w for w in (16, 8, 4) if w <= (scan_kernel._LIB.ternqc_scan_lanes() if scan_kernel.available() else 0)]
@@ -142,6 +145,7 @@ def test_row_keeps_more_than_the_scratch(lanes, monkeypatch):
 
 
 def _mlp_table(monkeypatch, native: bool):
+    monkeypatch.setattr(quantile_state, "EXACT_UP_TO", 2**16)  # brackets, not every value kept
     if not native:
         monkeypatch.setattr(scan_kernel, "_LIB", None)
     torch.manual_seed(0)
@@ -189,3 +193,161 @@ def test_describe_says_how_the_scans_run():
             assert scan_kernel.scan_row(np.ones(8, np.float32), np.float32(0.5)) is None  # numpy scans it
     finally:
         scan_kernel.use_lanes(previous)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fixed-order sums and the probe's one pass
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sequential(values: np.ndarray, absolute: bool) -> float:
+    """The fixed order written out in plain Python floats: value i to lane i % SUM_LANES, each lane in order
+    from +0, the lanes in order from +0."""
+    lane = [0.0] * scan_kernel.SUM_LANES
+    for i, v in enumerate(values.tolist()):
+        lane[i % len(lane)] += abs(v) if absolute else v
+    total = 0.0
+    for part in lane:
+        total += part
+    return total
+
+
+def _wide(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Values over 17 orders of magnitude, both signs and -0.0: any other order of addition gives other bits."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * np.exp(rng.uniform(-20, 20, shape))).astype(np.float32)
+    x[rng.random(shape) < 0.05] = -0.0
+    return x
+
+
+SHAPES = [(1, 0), (1, 1), (3, 31), (2, 32), (4, 33), (1, 1000), (2, 4099), (1, 70_001)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("absolute", [False, True])
+def test_lane_sums_in_numpy_follow_the_fixed_order(monkeypatch, shape, absolute):
+    monkeypatch.setattr(scan_kernel, "_LIB", None)
+    x = _wide(shape, seed=shape[1])
+    want = np.array([_sequential(row, absolute) for row in x])
+    np.testing.assert_array_equal(lane_sums(x, absolute).view(np.int64), want.view(np.int64))
+
+
+def test_the_fixed_order_matters_on_these_values():
+    """The values above are wide enough that the order of addition shows (else the tests could not fail)."""
+    x = _wide((1, 70_001), seed=70_001)[0]
+    assert _sequential(x, True) != math.fsum(abs(float(v)) for v in x) or _sequential(x, False) != float(
+        np.sum(x.astype(np.float64))
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("absolute", [False, True])
+def test_compiled_row_sums_follow_the_fixed_order(lanes, shape, absolute):
+    x = _wide(shape, seed=shape[1] + 1)
+    sums, lo, hi, bad = scan_kernel.row_sums(x, absolute)
+    want = np.array([_sequential(row, absolute) for row in x])
+    np.testing.assert_array_equal(sums.view(np.int64), want.view(np.int64))
+    assert not bad
+    if x.size:
+        assert (lo, hi) == (float(x.min()), float(x.max()))
+
+
+@needs_kernel
+def test_row_sums_say_when_a_value_is_not_finite(lanes):
+    for bad_value in (np.nan, np.inf, -np.inf):
+        x = _wide((3, 100), seed=2)
+        x[1, 57] = bad_value
+        assert scan_kernel.row_sums(x, True)[3]
+        assert scan_kernel.row_sums(x[:1].copy(), True)[3] is False
+        assert math.isnan(lane_sums(x, True)[1]) or math.isinf(lane_sums(x, True)[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("which", range(len(BRACKETS)))
+@pytest.mark.parametrize("absolute", [False, True])
+def test_bracket_scan_with_sums_is_both_scans(lanes, monkeypatch, which, absolute):
+    """The scan that also sums gives the bracket scan's counts and values and the row's fixed-order sum, min
+    and max, also when it stops and resumes (a scratch buffer smaller than the values kept)."""
+    monkeypatch.setattr(scan_kernel, "SCRATCH", 256)
+    monkeypatch.setattr(scan_kernel._local, "scratch", None, raising=False)
+    x = _adversarial(20_011, seed=which)
+    x = np.where(np.isfinite(x), x, np.float32(1.5)).astype(np.float32)
+    brackets = BRACKETS[which]
+    results, (total, lo, hi, bad) = scan_kernel.scan_brackets_with_sums(x, brackets, absolute)
+    want = _scan_part(x, brackets)
+    for (gc, gm), (wc, wm) in zip(results, want):
+        assert gc == wc
+        np.testing.assert_array_equal(gm.view(np.uint32), wm.view(np.uint32))
+    assert np.float64(total).view(np.int64) == np.float64(_sequential(x, absolute)).view(np.int64)
+    assert (lo, hi, bad) == (float(x.min()), float(x.max()), False)
+    x[777] = np.nan
+    assert scan_kernel.scan_brackets_with_sums(x, brackets, absolute)[1][3]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_probe_gives_zero_bounds_as_plus_zero(monkeypatch, native):
+    """Which zero is the min or max depends on the order values are met (vector width, numpy or compiled): a
+    zero bound is always +0, so every path writes the same bits."""
+    if native and not scan_kernel.available():
+        pytest.skip("the scan library was not built here")
+    if not native:
+        monkeypatch.setattr(scan_kernel, "_LIB", None)
+    for values in ([-0.0, 0.0, 1.0], [-1.0, 0.0, -0.0], [-0.0] * 40):
+        block = Block.prepare(torch.tensor([values]), np.array([0]))
+        lo, hi = block.bounds()
+        assert math.copysign(1.0, lo) == 1.0 if lo == 0 else True
+        assert math.copysign(1.0, hi) == 1.0 if hi == 0 else True
+        assert (lo, hi) == (min(values), max(values))
+
+
+def test_block_of_magnitudes_is_made_only_when_read():
+    x = torch.tensor([[-1.0, 2.0, -3.0] * 20])
+    block = Block.prepare(x, np.array([0]), absolute=True)
+    magnitudes = block.absolute()
+    assert magnitudes._x is None and magnitudes.shape == x.shape and magnitudes.numel() == x.numel()
+    torch.testing.assert_close(magnitudes.x, x.abs(), rtol=0, atol=0)
+
+
+def test_abs_mean_is_the_fixed_order_per_batch(monkeypatch):
+    """abs_mean = (each batch's fixed-order sum of |x|, added batch after batch) / count, whatever the path:
+    the compiled probe, numpy, staged small batches or one large batch at a time."""
+    model = torch.nn.Sequential(torch.nn.Linear(300, 8)).eval()
+    points = [ProfilePoint(Selector("type", "linear"), "data_in_0", (StatSpec("abs_mean"),), Origin("test", 1, 1))]
+    resolved = resolve_profile(points, model)
+    for rows in (2, 100):  # 600 values a batch are staged; 30000 are not
+        g = torch.Generator().manual_seed(rows)
+        batches = [(torch.randn(rows, 300, generator=g) * 10.0 ** torch.randint(-8, 8, (rows, 300), generator=g), None)
+                   for _ in range(5)]
+        total = 0.0
+        for x, _ in batches:
+            total += _sequential(x.numpy().reshape(-1), True)
+        want = total / sum(x.numel() for x, _ in batches)
+        for native in (True, False):
+            with monkeypatch.context() as m:
+                if not native:
+                    m.setattr(scan_kernel, "_LIB", None)
+                table = calibrate(model, batches, resolved, progress=False)
+            (result,) = table["0"].values["data_in_0"].values()
+            assert float(np.asarray(result["abs_mean"]).reshape(-1)[0]) == want
+
+
+@needs_kernel
+def test_bracket_scan_on_the_probe_pass_changes_nothing(monkeypatch):
+    """A calibration whose bracket scans ride on the probe's pass writes the same bits as one that scans the
+    values a second time; and the first really used the shared pass."""
+    calls = []
+    fused = scan_kernel.scan_brackets_with_sums
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(scan_kernel, "scan_brackets_with_sums", counting)
+    shared = _mlp_table(monkeypatch, native=True)
+    assert calls
+    monkeypatch.setattr(quantile_state.QuantileState, "pending_scan", lambda self: None)
+    calls.clear()
+    separate = _mlp_table(monkeypatch, native=True)
+    assert not calls
+    assert shared == separate

@@ -31,30 +31,20 @@ def lane_sums(rows: np.ndarray, absolute: bool = False) -> np.ndarray:
     `absolute`) in ternqc's fixed order: value i goes to lane i % 32, each lane adds its values in order, and
     the 32 lane sums are added in order from +0. The order depends on nothing else (threads, batching, the
     CPU's vector width), and float64 lanes lose far less than float32 sums. One pass of the compiled scans
-    (`scan_kernel.row_sums`) where it takes the array, else numpy, with the same bits."""
-    if absolute and rows.dtype == np.float32:
-        got = scan_kernel.row_sums(rows, True)
-        if got is not None and not got[3]:  # non-finite values: numpy's sums, with their NaN/Inf
-            return got[0]
-    elif not absolute:
-        got = scan_kernel.row_sums(rows, False)
-        if got is not None and not got[3]:
-            return got[0]
+    (`scan_kernel.row_sums`) where it takes the array, else numpy (~5x slower), with the same bits."""
+    got = scan_kernel.row_sums(rows, absolute)
+    if got is not None and not got[3]:  # with NaN/Inf, numpy's sums (the same NaN/Inf, for the caller's mask)
+        return got[0]
     k, n = rows.shape
     body = n - n % SUM_LANES
     lanes = np.zeros((k, SUM_LANES))
-    step = max(SUM_LANES, (2**20 // max(k, 1)) // SUM_LANES * SUM_LANES)  # |x| of ~1M values at a time
-    for start in range(0, body, step):
-        part = rows[:, start : min(start + step, body)].reshape(k, -1, SUM_LANES)
-        # the lane sums so far, then this part's values: a reduction over the middle axis adds each lane's
-        # values one after the other (numpy's pairwise summation is only along the contiguous axis)
-        chain = np.empty((k, part.shape[1] + 1, SUM_LANES))
-        chain[:, 0] = lanes
+    if body:
+        part = rows[:, :body]
         if absolute:
-            np.abs(part, out=chain[:, 1:], dtype=np.float64)
-        else:
-            chain[:, 1:] = part
-        lanes = np.add.reduce(chain, axis=1)
+            part = np.abs(part)
+        # a reduction over the middle axis adds each lane's values one after the other, from the first row on
+        # (numpy's pairwise summation is only along the contiguous axis; the float64 cast is buffered)
+        lanes = np.add.reduce(part.reshape(k, -1, SUM_LANES), axis=1, dtype=np.float64)
     for i in range(body, n):  # the last n % 32 values: lane i % 32
         tail = rows[:, i].astype(np.float64)
         lanes[:, i - body] += np.abs(tail) if absolute else tail
