@@ -23,6 +23,7 @@ from attrs import field, frozen
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from ternqc.runtime.calibrate.heap import old_objects_frozen
 from ternqc.runtime.calibrate.hooks import collect_stats
 from ternqc.runtime.calibrate.points import ResolvedPoints
 from ternqc.runtime.calibrate.stats.feeder import TensorStats
@@ -180,6 +181,11 @@ def calibrate_pass(
             be collected on a tensor (e.g. per-channel dims with a changing shape), or the processes of a
             distributed run hold different models.
     """
+    with old_objects_frozen():
+        return _calibrate_pass(model, batches, resolved, quantile_budget, thresholds, progress, desc, bracket, bands)
+
+
+def _calibrate_pass(model, batches, resolved, quantile_budget, thresholds, progress, desc, bracket, bands) -> Calibrated:
     model.eval()
     world, rank = distributed.world_size(), distributed.rank()
     mine = range(rank, len(batches), world)
