@@ -203,7 +203,8 @@ class Bracket:
 
 def _scan_counts(values: np.ndarray, groups, bounds=None) -> list[tuple[int, tuple[int, np.ndarray], int, int]]:
     """Per group: count > lo, (count strictly between, the values between), count < lo, count > hi."""
-    return _as_counts(scan_brackets(values, [(lo, hi, a, b) for lo, hi, a, b in groups], bounds))
+    # views of the scan's buffers: `Bracket.add` copies them into its own before anything else scans
+    return _as_counts(scan_brackets(values, [(lo, hi, a, b) for lo, hi, a, b in groups], bounds, copy=False))
 
 
 def _as_counts(scanned: list) -> list[tuple[int, tuple[int, np.ndarray], int, int]]:

@@ -416,11 +416,13 @@ def scan_brackets(
     values: np.ndarray,
     brackets: list[tuple[np.float32, np.float32, bool, bool]],
     bounds: tuple[float, float] | None = None,
+    copy: bool = True,
 ) -> list[tuple[list[int], np.ndarray]]:
     """`_scan_part` over `values`: the compiled one-pass scan when there is one (`scan_kernel`, the same
     results), else numpy, split over threads from `_PARALLEL_SCAN` values (numpy releases the GIL; the pieces
-    are whole chunks, so the values between come back in `values`' order)."""
-    got = scan_kernel.scan_brackets(values, brackets)
+    are whole chunks, so the values between come back in `values`' order). Not `copy`: the values between
+    may be views valid until this thread's next scan."""
+    got = scan_kernel.scan_brackets(values, brackets, copy)
     if got is not None:
         return got
     if values.size < _PARALLEL_SCAN or select_threads() < 2:

@@ -89,10 +89,13 @@ def use_lanes(lanes: int) -> int:
 
 
 class _Scratch:
-    """Per-thread output buffers and result cells (the scans run in the selection threads too)."""
+    """Per-thread output buffers and result cells (the scans run in the selection threads too). `outs[i]`:
+    output buffer i (a scan's bracket i, or the probe's shared pass), made on first use and kept: the values a
+    scan keeps can then be handed out as views, without an allocation per call (a small allocation between
+    the forward's large tensors makes the heap take fresh pages for them: ~15k page faults a calibration)."""
 
     def __init__(self) -> None:
-        self.out = np.empty(SCRATCH, dtype=np.float32)
+        self.outs: list[np.ndarray] = []
         self.counts = np.zeros(4, dtype=np.int64)
         self.acc = np.zeros(2, dtype=np.int64)
         self.kept = np.zeros(1, dtype=np.int64)
@@ -100,26 +103,38 @@ class _Scratch:
         self.top = np.zeros(1, dtype=np.float32)
         self.mm = np.zeros(2, dtype=np.float32)
         self.lanes = np.zeros(SUM_LANES, dtype=np.float64)
-        names = ("out", "counts", "acc", "kept", "sum", "top", "mm", "lanes")
+        names = ("counts", "acc", "kept", "sum", "top", "mm", "lanes")
         self.ptr = {name: getattr(self, name).ctypes.data for name in names}
+
+    def out(self, i: int) -> np.ndarray:
+        while len(self.outs) <= i:
+            self.outs.append(np.empty(SCRATCH, dtype=np.float32))
+        return self.outs[i]
 
 
 def _scratch() -> _Scratch:
     s = getattr(_local, "scratch", None)
-    if s is None:
+    if s is None or (s.outs and s.outs[0].size != SCRATCH):
         s = _local.scratch = _Scratch()
     return s
 
 
-def _until_done(n: int, step) -> np.ndarray:
-    """Call `step(done)` until all `n` values are scanned: each call scans from value `done` and returns how many
-    values it scanned and how many it kept in the scratch buffer (a call stops early when the buffer could
-    fill). Returns the kept values of every call, in order."""
-    s, pieces, done = _scratch(), [], 0
+#: `_Scratch.out` index of the probe's shared pass (brackets use 0, 1, ...).
+_SHARED = 7
+
+
+def _until_done(n: int, step, out: np.ndarray, copy: bool) -> np.ndarray:
+    """Call `step(done)` until all `n` values are scanned: each call scans from value `done` into `out` and
+    returns how many values it scanned and how many it kept (a call stops early when `out` could fill). Returns
+    the kept values of every call, in order: a view of `out` when one call kept them all and not `copy` (valid
+    until the next scan into `out` in this thread), else a new array."""
+    pieces, done = [], 0
     while True:
         scanned, kept = step(done)
         done += scanned
-        pieces.append(s.out[:kept].copy())
+        if done >= n and not pieces and not copy:
+            return out[:kept]
+        pieces.append(out[:kept].copy())
         if done >= n:
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
@@ -129,45 +144,50 @@ def _usable(values: np.ndarray) -> bool:
 
 
 def scan_brackets(
-    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]]
+    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]], copy: bool = True
 ) -> list[tuple[list[int], np.ndarray]] | None:
     """Per bracket `(lo, hi, count < lo, count > hi)` with lo < hi: `[#(> lo), #(lo < v < hi), #(< lo) or 0,
     #(> hi) or 0]` and the values strictly between, in order (NaN counts nowhere); None without the library
-    or for values it does not take (not 1-D contiguous float32)."""
+    or for values it does not take (not 1-D contiguous float32). Not `copy`: the values between may be views
+    of this thread's buffers, valid until its next scan (consume them at once)."""
     if not _usable(values):
         return None
-    return _brackets(values, brackets, 0)[0]
+    return _brackets(values, brackets, 0, copy)[0]
 
 
 def scan_brackets_with_sums(
     values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]], absolute: bool
 ) -> tuple[list[tuple[list[int], np.ndarray]], tuple[float, float, float, bool]] | None:
-    """`scan_brackets`, and in the same pass over `values` as one row what `row_sums` gives: the fixed-order
-    sum of the values (of their magnitudes with `absolute`), their min and max (NaN left out) and whether any
-    is NaN or +-Inf. None where `scan_brackets` is None or without a bracket."""
+    """`scan_brackets(copy=False)`, and in the same pass over `values` as one row what `row_sums` gives: the
+    fixed-order sum of the values (of their magnitudes with `absolute`), their min and max (NaN left out) and
+    whether any is NaN or +-Inf. The values between are views valid until this thread's next such scan. None
+    where `scan_brackets` is None or without a bracket."""
     if not _usable(values) or not brackets:
         return None
-    return _brackets(values, brackets, 8 if absolute else 4)
+    return _brackets(values, brackets, 8 if absolute else 4, False)
 
 
-def _brackets(values: np.ndarray, brackets, sums: int):
-    """The scans of `scan_brackets`; `sums` (4: the values, 8: their magnitudes, 0: none) rides on the first."""
+def _brackets(values: np.ndarray, brackets, sums: int, copy: bool):
+    """The scans of `scan_brackets`; `sums` (4: the values, 8: their magnitudes, 0: none) rides on the first.
+    Bracket i keeps its values in output buffer i (the shared pass's in its own buffers)."""
     s, n, base = _scratch(), values.size, values.ctypes.data
     out = []
     s.lanes[:] = 0.0
     s.mm[:] = (np.inf, -np.inf)
-    for lo, hi, lt_lo, gt_hi in brackets:
+    first = _SHARED if sums else 0
+    for i, (lo, hi, lt_lo, gt_hi) in enumerate(brackets):
         flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums
         s.counts[:] = 0
+        buffer = s.out(first + i)
 
-        def step(done: int, lo=float(lo), hi=float(hi), flags=flags) -> tuple[int, int]:
+        def step(done: int, lo=float(lo), hi=float(hi), flags=flags, at=buffer.ctypes.data) -> tuple[int, int]:
             scanned = _LIB.ternqc_scan_bracket(
-                LANES, base + 4 * done, n - done, lo, hi, flags, s.ptr["counts"], s.ptr["out"], SCRATCH,
-                s.ptr["kept"], s.ptr["lanes"], s.ptr["mm"],
+                LANES, base + 4 * done, n - done, lo, hi, flags, s.ptr["counts"], at, SCRATCH, s.ptr["kept"],
+                s.ptr["lanes"], s.ptr["mm"],
             )
             return scanned, int(s.kept[0])
 
-        mids = _until_done(n, step)
+        mids = _until_done(n, step, buffer, copy)
         out.append(([int(c) for c in s.counts], mids))
         sums = 0
     total = 0.0
@@ -183,20 +203,21 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
     if not _usable(row) or (lo is not None and not lo < cut):  # the numpy scan's (cut, lo] when lo > cut
         return None
     s, n, base = _scratch(), row.size, row.ctypes.data
+    out = s.out(0)
     keep = lo is not None
     found = [0, 0.0, 0.0]  # count, sum and max above the cut, over every call
 
     def step(done: int) -> tuple[int, int]:
         scanned = _LIB.ternqc_scan_row(
             LANES, base + 4 * done, n - done, float(cut), float(lo) if keep else 0.0, int(keep), s.ptr["acc"],
-            s.ptr["sum"], s.ptr["top"], s.ptr["out"], SCRATCH,
+            s.ptr["sum"], s.ptr["top"], out.ctypes.data, SCRATCH,
         )
         found[0] += int(s.acc[0])
         found[1] += float(s.sum[0])
         found[2] = max(found[2], float(s.top[0]))
         return scanned, int(s.acc[1]) if keep else 0
 
-    between = _until_done(n, step)
+    between = _until_done(n, step, out, True)
     return found[0], found[1], found[2], between
 
 

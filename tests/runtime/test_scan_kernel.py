@@ -351,3 +351,23 @@ def test_bracket_scan_on_the_probe_pass_changes_nothing(monkeypatch):
     separate = _mlp_table(monkeypatch, native=True)
     assert not calls
     assert shared == separate
+
+
+def test_block_and_its_magnitudes_hold_no_cycle():
+    """A block and its block of |x| must not hold each other: the batch's tensor would stay alive until the
+    cyclic garbage collector runs (a calibration's memory grew with the number of batches)."""
+    import gc
+    import weakref
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        x = torch.randn(1, 4096)
+        alive = weakref.ref(x)
+        block = Block.prepare(x, np.array([0]), absolute=True)
+        block.absolute()
+        del block, x
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()
