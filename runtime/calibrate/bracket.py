@@ -91,11 +91,12 @@ class Bracket:
         return cls(out, budget, [fs for *_, fs in groups])
 
     def add(
-        self, values: np.ndarray, finite: int, bounds: tuple[float, float] | None = None, scanned: list | None = None
+        self, values: np.ndarray | None, finite: int, bounds: tuple[float, float] | None = None,
+        scanned: list | None = None,
     ) -> None:
         """Count a block (`values` 1-D float32, `finite` of them not NaN; `bounds`: its min and max when all
         are finite) and keep what falls inside. `scanned`: `scan_brackets(values, self.groups)`, already made
-        (by the block's probe)."""
+        (by the block's probe; `values` is then not needed)."""
         if self.overflowed:
             return
         self.seen += finite

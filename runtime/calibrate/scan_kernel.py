@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 #: The calling convention expected of the library (`ternqc_scan_abi` in `native/scan.c`).
-ABI = 2
+ABI = 3
 #: Values the scans may keep per call (the scratch buffer, per thread): a scan that keeps more is called again.
 SCRATCH = 2**16
 #: Lanes of the fixed-order sums (`SUM_LANES` in `native/scan.c`, `sums.lane_sums`).
@@ -96,20 +96,24 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.outs: list[np.ndarray] = []
-        self.counts = np.zeros(4, dtype=np.int64)
+        self.out_ptrs: list[int] = []
+        self.cells = np.zeros(5, dtype=np.int64)  # a bracket's four counts, then how many values it kept
+        self.counts = self.cells[:4]
+        self.kept = self.cells[4:]
         self.acc = np.zeros(2, dtype=np.int64)
-        self.kept = np.zeros(1, dtype=np.int64)
         self.sum = np.zeros(1, dtype=np.float64)
         self.top = np.zeros(1, dtype=np.float32)
         self.mm = np.zeros(2, dtype=np.float32)
-        self.lanes = np.zeros(SUM_LANES, dtype=np.float64)
+        self.lanes = np.zeros(SUM_LANES + 1, dtype=np.float64)  # the lanes, then their total
         names = ("counts", "acc", "kept", "sum", "top", "mm", "lanes")
         self.ptr = {name: getattr(self, name).ctypes.data for name in names}
 
-    def out(self, i: int) -> np.ndarray:
+    def out(self, i: int) -> tuple[np.ndarray, int]:
+        """Output buffer `i` and its address."""
         while len(self.outs) <= i:
             self.outs.append(np.empty(SCRATCH, dtype=np.float32))
-        return self.outs[i]
+            self.out_ptrs.append(self.outs[-1].ctypes.data)
+        return self.outs[i], self.out_ptrs[i]
 
 
 def _scratch() -> _Scratch:
@@ -156,44 +160,58 @@ def scan_brackets(
 
 
 def scan_brackets_with_sums(
-    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]], absolute: bool
+    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]], absolute: bool,
+    address: int | None = None,
 ) -> tuple[list[tuple[list[int], np.ndarray]], tuple[float, float, float, bool]] | None:
     """`scan_brackets(copy=False)`, and in the same pass over `values` as one row what `row_sums` gives: the
     fixed-order sum of the values (of their magnitudes with `absolute`), their min and max (NaN left out) and
     whether any is NaN or +-Inf. The values between are views valid until this thread's next such scan. None
-    where `scan_brackets` is None or without a bracket."""
+    where `scan_brackets` is None or without a bracket. `address`: where `values` start, when the caller
+    knows (a tensor's `data_ptr()`: numpy's `.ctypes` costs ~50 µs in a hook, where caches are cold)."""
     if not _usable(values) or not brackets:
         return None
-    return _brackets(values, brackets, 8 if absolute else 4, False)
+    return _brackets(values, brackets, 8 if absolute else 4, False, address)
 
 
-def _brackets(values: np.ndarray, brackets, sums: int, copy: bool):
+def _brackets(values: np.ndarray, brackets, sums: int, copy: bool, address: int | None = None):
     """The scans of `scan_brackets`; `sums` (4: the values, 8: their magnitudes, 0: none) rides on the first.
-    Bracket i keeps its values in output buffer i (the shared pass's in its own buffers)."""
-    s, n, base = _scratch(), values.size, values.ctypes.data
+    Bracket i keeps its values in output buffer i (the shared pass's in its own buffers). Lean: it runs in a
+    hook, between the forward's layers, where every Python operation meets cold caches."""
+    s, n = _scratch(), values.size
+    base = values.ctypes.data if address is None else address
     out = []
-    s.lanes[:] = 0.0
-    s.mm[:] = (np.inf, -np.inf)
     first = _SHARED if sums else 0
+    ptr = s.ptr
+    counts, kept_at, lanes, mm = ptr["counts"], ptr["kept"], ptr["lanes"], ptr["mm"]
     for i, (lo, hi, lt_lo, gt_hi) in enumerate(brackets):
-        flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums
-        s.counts[:] = 0
-        buffer = s.out(first + i)
+        # 16: counts from zero; 32 (the first bracket, with sums): the sums from +0 and min/max afresh
+        flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums | 16 | (32 if sums else 0)
+        buffer, at = s.out(first + i)
+        lo, hi = float(lo), float(hi)
+        scanned = _LIB.ternqc_scan_bracket(LANES, base, n, lo, hi, flags, counts, at, SCRATCH, kept_at, lanes, mm)
+        cells = s.cells.tolist()
+        if scanned >= n:  # one call: the usual case
+            mids = buffer[: cells[4]].copy() if copy else buffer[: cells[4]]
+        else:
+            first_piece = buffer[: cells[4]].copy()
+            flags &= ~(16 | 32)  # the rest of the same scan
 
-        def step(done: int, lo=float(lo), hi=float(hi), flags=flags, at=buffer.ctypes.data) -> tuple[int, int]:
-            scanned = _LIB.ternqc_scan_bracket(
-                LANES, base + 4 * done, n - done, lo, hi, flags, s.ptr["counts"], at, SCRATCH, s.ptr["kept"],
-                s.ptr["lanes"], s.ptr["mm"],
-            )
-            return scanned, int(s.kept[0])
+            def step(done: int, lo=lo, hi=hi, flags=flags, at=at, start=scanned) -> tuple[int, int]:
+                got = _LIB.ternqc_scan_bracket(
+                    LANES, base + 4 * (start + done), n - start - done, lo, hi, flags, counts, at, SCRATCH, kept_at,
+                    lanes, mm,
+                )
+                return got, int(s.kept[0])
 
-        mids = _until_done(n, step, buffer, copy)
-        out.append(([int(c) for c in s.counts], mids))
+            mids = np.concatenate([first_piece, _until_done(n - scanned, step, buffer, True)])
+            cells = s.cells.tolist()
+        out.append((cells[:4], mids))
         sums = 0
-    total = 0.0
-    for lane in s.lanes.tolist():  # in order from +0, as the library adds them
-        total += lane
-    return out, (total, float(s.mm[0]), float(s.mm[1]), not math.isfinite(total))
+    if out and first:
+        total = float(s.lanes[SUM_LANES])  # the lanes added in order from +0, by the library
+        lo, hi = s.mm.tolist()
+        return out, (total, lo, hi, not math.isfinite(total))
+    return out, None
 
 
 def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> tuple[int, float, float, np.ndarray] | None:
@@ -203,14 +221,14 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
     if not _usable(row) or (lo is not None and not lo < cut):  # the numpy scan's (cut, lo] when lo > cut
         return None
     s, n, base = _scratch(), row.size, row.ctypes.data
-    out = s.out(0)
+    out, at = s.out(0)
     keep = lo is not None
     found = [0, 0.0, 0.0]  # count, sum and max above the cut, over every call
 
     def step(done: int) -> tuple[int, int]:
         scanned = _LIB.ternqc_scan_row(
             LANES, base + 4 * done, n - done, float(cut), float(lo) if keep else 0.0, int(keep), s.ptr["acc"],
-            s.ptr["sum"], s.ptr["top"], out.ctypes.data, SCRATCH,
+            s.ptr["sum"], s.ptr["top"], at, SCRATCH,
         )
         found[0] += int(s.acc[0])
         found[1] += float(s.sum[0])

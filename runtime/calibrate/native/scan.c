@@ -69,7 +69,7 @@ __attribute__((constructor)) static void ternqc_compact8_init(void)
 
 /* The calling convention of this file's functions: scan_kernel.py refuses a library built with another
    (a stale build), and scans in numpy instead. */
-int32_t ternqc_scan_abi(void) { return 2; }
+int32_t ternqc_scan_abi(void) { return 3; }
 
 /* The vector width this CPU runs: 16, 8 or 4 floats. */
 int32_t ternqc_scan_lanes(void)
@@ -90,12 +90,20 @@ int32_t ternqc_scan_lanes(void)
    values strictly inside are written in order to out, *kept of them. NaN compares false everywhere. With
    flags & 4 (the values) or flags & 8 (their magnitudes), the same pass continues ternqc_row_sums's sums and
    min/max over x as a row (or the rest of one, from a multiple of SUM_LANES): lanes[0..SUM_LANES) and mm[0..2)
-   are read and updated (start from zeros and +Inf, -Inf; add the lanes in order from +0 at the end). Returns
+   are read and updated (start from zeros and +Inf, -Inf), and lanes[SUM_LANES] is set to the lanes added in
+   order from +0 (the row's sum after the call that scans its last value). flags & 16 zeroes counts first;
+   flags & 32 starts the sums afresh (lanes zero, mm +Inf and -Inf). Returns
    how many values were scanned: n, or fewer, a multiple of SUM_LANES, when out could fill (call again for the
    rest). `lanes`: ternqc_scan_lanes() or fewer. */
 int64_t ternqc_scan_bracket(int32_t lanes, const float *x, int64_t n, float lo, float hi, int32_t flags,
                             int64_t *counts, float *out, int64_t cap, int64_t *kept, double *sum_lanes, float *mm)
 {
+    if (flags & 16) memset(counts, 0, 4 * sizeof *counts); /* a new bracket: counts from zero */
+    if (flags & 32) { /* a new row: sums from +0, min and max from +Inf and -Inf */
+        memset(sum_lanes, 0, (SUM_LANES + 1) * sizeof *sum_lanes);
+        mm[0] = INFINITY;
+        mm[1] = -INFINITY;
+    }
 #ifdef TERNQC_X86_LEVELS
     if (lanes >= 16) return scan_bracket_v4(x, n, lo, hi, flags, counts, out, cap, kept, sum_lanes, mm);
     if (lanes >= 8) return scan_bracket_v3(x, n, lo, hi, flags, counts, out, cap, kept, sum_lanes, mm);

@@ -198,6 +198,9 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
     }
     if (sums) {
         memcpy(lanes, lane, sizeof lane);
+        double total = 0.0; /* the lanes so far, added in order from +0 (the row's sum once it is all scanned) */
+        for (int j = 0; j < SUM_LANES; j++) total += lane[j];
+        lanes[SUM_LANES] = total;
         mm[0] = smin;
         mm[1] = smax;
     }

@@ -93,6 +93,8 @@ class TensorStats:
         }
         self._plain = [s for s in self.states.values() if not s.wants_abs]
         self._abs = [s for s in self.states.values() if s.wants_abs]
+        # the states that may hand their bracket scan to the probe (`StatState.pending_scan`)
+        self._scanners = [s for s in self._plain if type(s).pending_scan is not StatState.pending_scan]
         self._nonfinite = 0
         self.updates = 0
         self.shape: tuple[int, ...] | None = None
@@ -181,7 +183,10 @@ class TensorStats:
     def _feed(self, x: torch.Tensor, keys: np.ndarray) -> None:
         brackets = None
         if x.shape[0] == 1:  # one batch: a bracketed quantile's scan can ride on the probe's pass
-            brackets = next((b for b in (s.pending_scan() for s in self._plain) if b is not None), None)
+            for state in self._scanners:
+                brackets = state.pending_scan()
+                if brackets is not None:
+                    break
         block = Block.prepare(x, keys, absolute=bool(self._abs), brackets=brackets)
         block.scratch = self._scratch_for
         self._nonfinite += block.bad

@@ -136,6 +136,15 @@ class QuantileState(StatState):
 
     def _observe(self, block):
         self._final = None
+        scanned = block.scanned
+        if scanned is not None and self._bracket is not None and scanned[0] is self._bracket.groups:
+            # the probe's pass scanned this state's brackets (finite values, on the CPU): only count
+            m = block.per_batch() * block.k
+            self._seen += m
+            self._bracket.add(None, m, None, scanned[1])
+            if self._bracket.narrow_due():
+                self._bracket.narrow()
+            return
         lay, x, mask = self.layout, block.x, block.mask
         if x.device.type != "cpu":
             x = x.cpu()
@@ -147,10 +156,7 @@ class QuantileState(StatState):
         self._seen += m
         if self._bracket is not None:
             bounds = (block.lo, block.hi) if mask is None and block.lo is not None else None
-            scanned = block.scanned
-            if scanned is not None and scanned[0] is not self._bracket.groups:
-                scanned = None  # another state's brackets
-            self._bracket.add(rows_view(x, lay)[0], m - block.bad, bounds, None if scanned is None else scanned[1])
+            self._bracket.add(rows_view(x, lay)[0], m - block.bad, bounds)
             if self._bracket.narrow_due():
                 self._bracket.narrow()
             return

@@ -140,7 +140,7 @@ class MomentsState(SumState):
         k = block.k
         if mask is None:
             n = x[0].numel() // lay.rows
-            mean = block.sums(lay) / n
+            mean = torch.as_tensor(block.sums(lay)) / n
             centre = mean.to(x.dtype)
             deviations = x - centre.reshape((k,) + lay.keep_shape)
             m2 = batch_sums(deviations.square_(), lay)

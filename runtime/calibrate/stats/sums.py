@@ -154,8 +154,8 @@ class Block:
         self._sums: dict[Layout, torch.Tensor] = {}
         self._abs: Block | None = None
         self.scratch: Callable[[torch.Tensor], torch.Tensor] | None = None  # memory for |x|, reused
-        self._whole: torch.Tensor | None = None  # `[K, 1]`: each batch's sum over all its values, when known
-        self._abs_whole: torch.Tensor | None = None  # the same of |x|, for the block of |x|
+        self._whole: np.ndarray | None = None  # `[K, 1]`: each batch's sum over all its values, when known
+        self._abs_whole: np.ndarray | None = None  # the same of |x|, for the block of |x|
         self._source: torch.Tensor | None = None  # the values this block is |x| of, until its own are made
         self.scanned: tuple | None = None  # `(brackets, results)` of a bracket scan made with the probe
 
@@ -171,7 +171,7 @@ class Block:
         for `Bracket.add`. A memory-bound pass read once instead of twice."""
         if x.is_cpu and x.dtype == torch.float32 and x.numel() and x.is_contiguous():
             if brackets is not None and x.shape[0] == 1:
-                got = scan_kernel.scan_brackets_with_sums(x.view(-1).numpy(), brackets, absolute)
+                got = scan_kernel.scan_brackets_with_sums(x.view(-1).numpy(), brackets, absolute, x.data_ptr())
                 if got is not None and not got[1][3]:
                     results, (total, lo, hi, _) = got
                     block = cls._probed(x, keys, absolute, np.array([total]), lo, hi)
@@ -190,7 +190,7 @@ class Block:
     def _probed(cls, x, keys, absolute: bool, sums: np.ndarray, lo: float, hi: float) -> Block:
         """A block of finite values whose min, max and per-batch sums (of |x| with `absolute`) are known."""
         block = cls(x, keys, None, 0, lo + 0.0, hi + 0.0, lo >= 0)
-        whole = torch.from_numpy(sums).reshape(-1, 1)
+        whole = sums.reshape(-1, 1)
         if absolute and not block.nonneg:
             block._abs_whole = whole
         else:  # the sums of x; of |x| too when x >= 0 (adding -0 or +0 to a sum from +0: the same bits)
@@ -229,16 +229,14 @@ class Block:
             self.lo, self.hi = (t.item() + 0.0 for t in torch.aminmax(self.x))
         return self.lo, self.hi
 
-    def sums(self, lay: Layout) -> torch.Tensor:
+    def sums(self, lay: Layout) -> torch.Tensor | np.ndarray:
         """`batch_sums(x, lay)`, computed once per layout (several statistics share it), or the sums over each
-        whole batch that came with the probe."""
+        whole batch that came with the probe (then a `[K, 1]` float64 numpy array: the same values)."""
+        if self._whole is not None and lay.rows == 1 and lay.reduce:
+            return self._whole
         got = self._sums.get(lay)
         if got is None:
-            if lay.rows == 1 and lay.reduce and self._whole is not None:
-                got = self._whole
-            else:
-                got = batch_sums(self.x, lay)
-            self._sums[lay] = got
+            got = self._sums[lay] = batch_sums(self.x, lay)
         return got
 
     def absolute(self) -> Block:
@@ -288,13 +286,15 @@ class Partials:
         self._n = 0
 
     def add(self, keys: np.ndarray, fields: tuple, rows: int) -> None:
-        """Partials of `len(keys)` batches: each field a `[K, rows]` tensor or one number for all."""
+        """Partials of `len(keys)` batches: each field a `[K, rows]` tensor or array, or one number for all."""
         k, n = len(keys), self._n
         self._reserve(n + k, rows, len(fields))
         self._keys[n : n + k] = keys
         for col, f in zip(self._cols, fields):
             if isinstance(f, torch.Tensor):
                 col[n : n + k] = f.detach().cpu().numpy().reshape(k, rows)
+            elif isinstance(f, np.ndarray):
+                col[n : n + k] = f.reshape(k, rows)
             else:
                 col[n : n + k] = f
         self._n = n + k
