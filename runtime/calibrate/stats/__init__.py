@@ -37,14 +37,18 @@ because of the memory budget, its result has `exact = False`. Zeros are reported
 
 Results do not depend on how the batches are split between processes, bit for bit (a sketch aside):
 - every batch gets a key (its index in the calibration, times 2^20, plus the call within the batch), and
-  each sum-like statistic keeps one float64 partial per key: a float32 sum over chunks of 16384 values
-  whose layout does not depend on the thread count (torch's single-output reductions do), added in float64.
-  Partials are folded left in key order, as they come in one process, all at once after a merge;
+  each sum-like statistic keeps one float64 partial per key: on the CPU the batch's values in a fixed order
+  (value i into float64 lane i % 32, each lane in order, the lanes in order: `sums.lane_sums`; the compiled
+  scans and numpy give the same bits, whatever the thread count or vector width), on an accelerator float32
+  sums over chunks of 16384 values added in float64 (torch's single-output reductions depend on the thread
+  count). Partials are folded left in key order, as they come in one process, all at once after a merge;
 - min/max and exact quantiles do not depend on the order of the values at all.
 
-Speed: `TensorStats` feeds all statistics of one tensor together: per batch one `aminmax` (which is also the
-NaN/Inf probe and tells whether |x| = x), at most one |x|, one chunked sum per sum-like statistic and one
-copy into the exact quantile buffer. Tensors of at most 16384 values per batch are first copied into a
+Speed: `TensorStats` feeds all statistics of one tensor together: per block one probe (`sums.Block.prepare`:
+with the compiled scans one pass gives the min and max, the NaN/Inf check, whether |x| = x and each batch's
+sum of |x|, and for a one-batch block also a bracketed quantile's counts and kept values; else one `aminmax`),
+|x| made only when a statistic reads its values, one sum per other sum-like statistic and one copy into the
+exact quantile buffer. Tensors of at most 16384 values per batch are first copied into a
 staging buffer and processed 64 batches at a time (a small model's cost is Python work per call, not
 arithmetic). Parameters are read once and their results computed at once. Memory: nothing small is kept
 per batch (per-batch partials go into preallocated arrays; small long-lived allocations between the
