@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 #: The calling convention expected of the library (`ternqc_scan_abi` in `native/scan.c`).
-ABI = 3
+ABI = 4
 #: Values the scans may keep per call (the scratch buffer, per thread): a scan that keeps more is called again.
 SCRATCH = 2**16
 #: Lanes of the fixed-order sums (`SUM_LANES` in `native/scan.c`, `sums.lane_sums`).
@@ -51,7 +51,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             lib.ternqc_scan_bracket.restype = _I64
             lib.ternqc_scan_bracket.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _I64, _P, _P, _P]
             lib.ternqc_scan_row.restype = _I64
-            lib.ternqc_scan_row.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _P, _P, _I64]
+            lib.ternqc_scan_row.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _P, _P, _I64, _P, _P]
             lib.ternqc_row_sums.restype = _I64
             lib.ternqc_row_sums.argtypes = [_I32, _P, _I64, _I64, _I32, _P, _P]
             return lib, ""
@@ -220,23 +220,51 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
     order; None without the library or for a row it does not take."""
     if not _usable(row) or (lo is not None and not lo < cut):  # the numpy scan's (cut, lo] when lo > cut
         return None
-    s, n, base = _scratch(), row.size, row.ctypes.data
-    out, at = s.out(0)
+    return _row(row, cut, lo, 0, 0, None, True)[:4]
+
+
+def scan_band_with_sums(
+    values: np.ndarray, cut: np.float32, lo: np.float32, absolute: bool, address: int | None = None
+) -> tuple[int, float, float, np.ndarray, tuple[float, float, float, bool]] | None:
+    """`scan_row(|values|, cut, lo)` (the α band's scan, on the magnitudes of `values`, 1-D float32) and in the
+    same pass what `scan_brackets_with_sums` adds: the fixed-order sum of the values (of their magnitudes with
+    `absolute`), their min and max and whether any is NaN or +-Inf (then nothing else is to be used). The
+    values in (lo, cut] are a view valid until this thread's next such scan. None where `scan_row` is None."""
+    if not _usable(values) or not lo < cut:
+        return None
+    return _row(values, cut, lo, 2, 8 if absolute else 4, address, False)
+
+
+def _row(row: np.ndarray, cut, lo, magnitudes: int, sums: int, address: int | None, copy: bool):
+    """The calls of `scan_row` (`magnitudes`: 2 to scan |row|; `sums`: 4 or 8 to sum along, see the C)."""
+    s, n = _scratch(), row.size
+    base = row.ctypes.data if address is None else address
+    out, at = s.out(_SHARED if sums else 0)
     keep = lo is not None
+    ptr = s.ptr
     found = [0, 0.0, 0.0]  # count, sum and max above the cut, over every call
+    flags = int(keep) | magnitudes | sums | (32 if sums else 0)
+    cut, lo = float(cut), float(lo) if keep else 0.0
 
     def step(done: int) -> tuple[int, int]:
+        nonlocal flags
         scanned = _LIB.ternqc_scan_row(
-            LANES, base + 4 * done, n - done, float(cut), float(lo) if keep else 0.0, int(keep), s.ptr["acc"],
-            s.ptr["sum"], s.ptr["top"], at, SCRATCH,
+            LANES, base + 4 * done, n - done, cut, lo, flags, ptr["acc"], ptr["sum"], ptr["top"], at, SCRATCH,
+            ptr["lanes"], ptr["mm"],
         )
-        found[0] += int(s.acc[0])
+        flags &= ~32  # the rest of the same row
+        acc = s.acc.tolist()
+        found[0] += acc[0]
         found[1] += float(s.sum[0])
         found[2] = max(found[2], float(s.top[0]))
-        return scanned, int(s.acc[1]) if keep else 0
+        return scanned, acc[1] if keep else 0
 
-    between = _until_done(n, step, out, True)
-    return found[0], found[1], found[2], between
+    between = _until_done(n, step, out, copy)
+    if not sums:
+        return found[0], found[1], found[2], between, None
+    total = float(s.lanes[SUM_LANES])
+    mn, mx = s.mm.tolist()
+    return found[0], found[1], found[2], between, (total, mn, mx, not math.isfinite(total))
 
 
 def row_sums(rows: np.ndarray, absolute: bool) -> tuple[np.ndarray, float, float, bool] | None:

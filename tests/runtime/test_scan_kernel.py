@@ -371,3 +371,64 @@ def test_block_and_its_magnitudes_hold_no_cycle():
     finally:
         if enabled:
             gc.enable()
+
+
+@needs_kernel
+@pytest.mark.parametrize("absolute", [False, True])
+def test_band_scan_with_sums_is_both_scans(lanes, monkeypatch, absolute):
+    """The α band's scan of |x| made in the probe's pass: the band scan's count, sum, max and kept values over
+    |x|, and the raw values' fixed-order sum, min and max, also when it stops and resumes."""
+    monkeypatch.setattr(scan_kernel, "SCRATCH", 128)
+    monkeypatch.setattr(scan_kernel._local, "scratch", None, raising=False)
+    x = np.random.default_rng(11).standard_normal(30_007).astype(np.float32)  # both signs, |x| around 1
+    x[::17] = -0.0
+    cut, lo = np.float32(1.5), np.float32(0.5)
+    count, total, top, between, (sum_all, mn, mx, bad) = scan_kernel.scan_band_with_sums(x, cut, lo, absolute)
+    want = _scan_piece(np.abs(x), cut, lo)
+    assert between.size > 10 * 128
+    assert (count, top) == (want[0], want[2])
+    assert total == want[1]  # exact here: every order gives these bits
+    np.testing.assert_array_equal(between.view(np.uint32), want[3].view(np.uint32))
+    assert np.float64(sum_all).view(np.int64) == np.float64(_sequential(x, absolute)).view(np.int64)
+    assert (mn, mx, bad) == (float(x.min()), float(x.max()), False)
+    x[5] = np.inf
+    assert scan_kernel.scan_band_with_sums(x, cut, lo, absolute)[4][3]
+
+
+@needs_kernel
+def test_band_scan_on_the_probe_pass_changes_nothing(monkeypatch):
+    """A pending α whose band is scanned in the probe's pass gives the bits of one scanned on its own; and the
+    probe's pass was really used."""
+    from ternqc.runtime.calibrate.stats.feeder import TensorStats
+    from ternqc.runtime.calibrate.stats.threshold_state import ThresholdAbsMeanState
+
+    spec = StatSpec("threshold_abs_mean")
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(64, 3000, generator=g) for _ in range(6)]
+    delta = 0.7 * float(torch.cat([x.abs().reshape(-1) for x in xs]).mean())
+
+    def finished():
+        ts = TensorStats([spec, StatSpec("abs_mean")], band=(0.9 * delta, 1.1 * delta),
+                         quantile_budget=QuantileBudget(4 * 2**20), plan_hint=len(xs), size_hint=len(xs))
+        for i, x in enumerate(xs):
+            ts.update(x, i)
+        state = ts.states[spec]
+        assert state.can_finish(delta)
+        state.set_threshold(delta)
+        return {k: np.asarray(v).tobytes() for s, r in ts.results().items() for k, v in r.items()}
+
+    calls = []
+    fused = scan_kernel.scan_band_with_sums
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(scan_kernel, "scan_band_with_sums", counting)
+    shared = finished()
+    assert len(calls) == len(xs) - 1  # every batch after the first, which places the band
+    monkeypatch.setattr(ThresholdAbsMeanState, "pending_band", lambda self: None)
+    calls.clear()
+    separate = finished()
+    assert not calls
+    assert shared == separate

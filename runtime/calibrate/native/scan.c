@@ -69,7 +69,7 @@ __attribute__((constructor)) static void ternqc_compact8_init(void)
 
 /* The calling convention of this file's functions: scan_kernel.py refuses a library built with another
    (a stale build), and scans in numpy instead. */
-int32_t ternqc_scan_abi(void) { return 3; }
+int32_t ternqc_scan_abi(void) { return 4; }
 
 /* The vector width this CPU runs: 16, 8 or 4 floats. */
 int32_t ternqc_scan_lanes(void)
@@ -112,19 +112,27 @@ int64_t ternqc_scan_bracket(int32_t lanes, const float *x, int64_t n, float lo, 
     return scan_bracket_v1(x, n, lo, hi, flags, counts, out, cap, kept, sum_lanes, mm);
 }
 
-/* Over a row of finite values >= 0, as far as out (room for cap >= 64 values) allows when keep is set:
-   acc[0] = the count, *sum the float64 sum (exact while n * max < 2^53 float32 spacings of cut, and then the
-   same in any order) and *top the max (0 with none) of the values > cut; with keep, the values in (lo, cut]
-   written in order to out, acc[1] of them. Returns how many values were scanned (n, or fewer: call again). */
-int64_t ternqc_scan_row(int32_t lanes, const float *x, int64_t n, float cut, float lo, int32_t keep,
-                        int64_t *acc, double *sum, float *top, float *out, int64_t cap)
+/* Over a row of finite values >= 0 (of |x| with flags & 2), as far as out (room for cap >= 64 values) allows
+   when keeping (flags & 1): acc[0] = the count, *sum the float64 sum (exact while n * max < 2^53 float32
+   spacings of cut, and then the same in any order) and *top the max (0 with none) of the values > cut; when
+   keeping, the values in (lo, cut] written in order to out, acc[1] of them. With flags & 4 (the values) or
+   flags & 8 (their magnitudes) the same pass continues ternqc_row_sums's sums and the min/max of the raw
+   values over x as a row, as ternqc_scan_bracket does (lanes[0..SUM_LANES], mm; flags & 32 starts them
+   afresh). Returns how many values were scanned (n, or fewer, a multiple of SUM_LANES: call again). */
+int64_t ternqc_scan_row(int32_t lanes, const float *x, int64_t n, float cut, float lo, int32_t flags,
+                        int64_t *acc, double *sum, float *top, float *out, int64_t cap, double *sum_lanes, float *mm)
 {
+    if (flags & 32) {
+        memset(sum_lanes, 0, (SUM_LANES + 1) * sizeof *sum_lanes);
+        mm[0] = INFINITY;
+        mm[1] = -INFINITY;
+    }
 #ifdef TERNQC_X86_LEVELS
-    if (lanes >= 16) return scan_row_v4(x, n, cut, lo, keep, acc, sum, top, out, cap);
-    if (lanes >= 8) return scan_row_v3(x, n, cut, lo, keep, acc, sum, top, out, cap);
+    if (lanes >= 16) return scan_row_v4(x, n, cut, lo, flags, acc, sum, top, out, cap, sum_lanes, mm);
+    if (lanes >= 8) return scan_row_v3(x, n, cut, lo, flags, acc, sum, top, out, cap, sum_lanes, mm);
 #endif
     (void)lanes;
-    return scan_row_v1(x, n, cut, lo, keep, acc, sum, top, out, cap);
+    return scan_row_v1(x, n, cut, lo, flags, acc, sum, top, out, cap, sum_lanes, mm);
 }
 
 /* Per row of the k rows of n values at x: sums[r], the float64 sum of the values (of |values| when take_abs)

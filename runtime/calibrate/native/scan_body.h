@@ -233,20 +233,33 @@ static int64_t NAME(scan_bracket)(const float *x, int64_t n, float lo, float hi,
 #undef SCAN
 }
 
+/* scan_row over x (over |x| with magnitudes); with sums (1: of the values, 2: of their magnitudes) the same pass
+   continues the fixed-order sums and min/max of the raw values, as scan_one does (lanes, mm). */
 INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float lo, int keep,
-                                   int64_t *acc, double *sum, float *top, float *out, int64_t cap)
+                                   int64_t *acc, double *sum, float *top, float *out, int64_t cap,
+                                   int magnitudes, int sums, double *lanes, float *mm)
 {
     const vf cv = NAME(splat)(cut), lv = NAME(splat)(lo);
+    const vi magnitude = (vi){0} + 0x7fffffff;
+    const ih half_magnitude = (ih){0} + 0x7fffffff;
     vd s = {0};
     vf mx = {0};
     vi cc = {0};
     int64_t c = 0, k = 0;
+    LANE_VARS;
+    vf rmn = NAME(splat)(INFINITY), rmx = NAME(splat)(-INFINITY);
+    if (sums) LANE_LOAD(lanes);
     int64_t i = 0;
     for (; i + BLOCK <= n && (!keep || k + BLOCK <= cap); i += BLOCK) {
         const float *p = x + i;
         vi seen = {0};
         for (int j = 0; j < BLOCK; j += LANES) {
-            const vf v = NAME(load)(p + j);
+            vf v = NAME(load)(p + j);
+            if (sums) {
+                rmn = NAME(min)(v, rmn);
+                rmx = NAME(max)(v, rmx);
+            }
+            if (magnitudes) v = (vf)((vi)v & magnitude);
             const vi a = (vi)(v > cv);
             const vf w = (vf)((vi)v & a); /* v where v > cut, else +0 */
             cc -= a;
@@ -255,11 +268,18 @@ INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float l
             s += __builtin_convertvector(w, vd);
             if (keep) seen |= (vi)(v > lv) & ~a;
         }
+        if (sums)
+            for (int j = 0; j < BLOCK; j += SUM_LANES) LANE_ADD(p + j, sums == 2);
         if (keep && NAME(any)(seen)) {
             for (int j = 0; j < BLOCK; j += LANES) {
-                const vf v = NAME(load)(p + j);
+                vf v = NAME(load)(p + j);
+                if (magnitudes) v = (vf)((vi)v & magnitude);
                 const vi inside = (vi)(v > lv) & ~(vi)(v > cv);
-                if (NAME(any)(inside)) NAME(compact)(p + j, inside, out, &k);
+                if (NAME(any)(inside)) {
+                    float held[LANES]; /* the magnitudes, for the compaction (which reads memory) */
+                    memcpy(held, &v, sizeof held);
+                    NAME(compact)(held, inside, out, &k);
+                }
             }
         }
         if (((i + BLOCK) & ((1 << 24) - 1)) == 0) {
@@ -275,8 +295,23 @@ INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float l
         m = mx[q] > m ? mx[q] : m;
     }
     if (i + BLOCK <= n || (keep && k + (n - i) > cap)) n = i; /* out may fill: the rest in the next call */
+    double lane[SUM_LANES];
+    float smin = sums ? mm[0] : 0.0f, smax = sums ? mm[1] : 0.0f;
+    if (sums) {
+        LANE_STORE(lane);
+        for (int q = 0; q < LANES; q++) {
+            smin = rmn[q] < smin ? rmn[q] : smin;
+            smax = rmx[q] > smax ? rmx[q] : smax;
+        }
+    }
     for (; i < n; i++) {
-        const float v = x[i];
+        const float r = x[i];
+        const float v = magnitudes ? fabsf(r) : r;
+        if (sums) { /* i is past a whole number of lane groups from x: lane i % SUM_LANES */
+            smin = r < smin ? r : smin;
+            smax = r > smax ? r : smax;
+            lane[i % SUM_LANES] += sums == 2 ? fabsf(r) : r;
+        }
         if (v > cut) {
             c++;
             total += v;
@@ -285,6 +320,14 @@ INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float l
             out[k++] = v;
         }
     }
+    if (sums) {
+        memcpy(lanes, lane, sizeof lane);
+        double all = 0.0;
+        for (int j = 0; j < SUM_LANES; j++) all += lane[j];
+        lanes[SUM_LANES] = all;
+        mm[0] = smin;
+        mm[1] = smax;
+    }
     acc[0] = c;
     acc[1] = k;
     *sum = total;
@@ -292,11 +335,26 @@ INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float l
     return n;
 }
 
-static int64_t NAME(scan_row)(const float *x, int64_t n, float cut, float lo, int32_t keep,
-                              int64_t *acc, double *sum, float *top, float *out, int64_t cap)
+static int64_t NAME(scan_row)(const float *x, int64_t n, float cut, float lo, int32_t flags,
+                              int64_t *acc, double *sum, float *top, float *out, int64_t cap, double *lanes, float *mm)
 {
-    if (keep) return NAME(scan_row_body)(x, n, cut, lo, 1, acc, sum, top, out, cap);
-    return NAME(scan_row_body)(x, n, cut, lo, 0, acc, sum, top, out, cap);
+    /* constant flags: each case compiles without the work it skips */
+#define ROW(keep, mag, sums) return NAME(scan_row_body)(x, n, cut, lo, keep, acc, sum, top, out, cap, mag, sums, lanes, mm)
+    switch (flags & 15) {
+    case 0: ROW(0, 0, 0);
+    case 1: ROW(1, 0, 0);
+    case 2 | 1: ROW(1, 1, 0);
+    case 2 | 1 | 4: ROW(1, 1, 1);
+    case 2 | 1 | 8: ROW(1, 1, 2);
+    case 2 | 4: ROW(0, 1, 1);
+    case 2 | 8: ROW(0, 1, 2);
+    case 2: ROW(0, 1, 0);
+    case 1 | 4: ROW(1, 0, 1);
+    case 1 | 8: ROW(1, 0, 2);
+    case 4: ROW(0, 0, 1);
+    default: ROW(0, 0, 2);
+    }
+#undef ROW
 }
 
 /* Per row r of the k rows of n values at x (row r at x + r*n): sums[r] = the float64 sum of the row's values

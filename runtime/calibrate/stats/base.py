@@ -64,6 +64,11 @@ class StatState:
         may scan them in the same pass (`Block.prepare`); None for most statistics."""
         return None
 
+    def pending_band(self) -> Any | None:
+        """The α band (`threshold_state._Band`) the next block's |x| goes into, when the block's probe may scan
+        it in its pass; None for most statistics."""
+        return None
+
     def observe(self, block: Block) -> None:
         """Add a prepared block of batches (|x| taken when `wants_abs`)."""
         numel = block.numel()  # not block.x: a block of |x| makes its values only when a statistic reads them

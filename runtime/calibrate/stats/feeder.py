@@ -95,6 +95,7 @@ class TensorStats:
         self._abs = [s for s in self.states.values() if s.wants_abs]
         # the states that may hand their bracket scan to the probe (`StatState.pending_scan`)
         self._scanners = [s for s in self._plain if type(s).pending_scan is not StatState.pending_scan]
+        self._banders = [s for s in self._abs if type(s).pending_band is not StatState.pending_band]
         self._nonfinite = 0
         self.updates = 0
         self.shape: tuple[int, ...] | None = None
@@ -181,13 +182,18 @@ class TensorStats:
         self._feed(block, keys)
 
     def _feed(self, x: torch.Tensor, keys: np.ndarray) -> None:
-        brackets = None
-        if x.shape[0] == 1:  # one batch: a bracketed quantile's scan can ride on the probe's pass
+        brackets = band = None
+        if x.shape[0] == 1:  # one batch: a bracketed quantile's scan or an α band's can ride on the probe's pass
             for state in self._scanners:
                 brackets = state.pending_scan()
                 if brackets is not None:
                     break
-        block = Block.prepare(x, keys, absolute=bool(self._abs), brackets=brackets)
+            if brackets is None:
+                for state in self._banders:
+                    band = state.pending_band()
+                    if band is not None:
+                        break
+        block = Block.prepare(x, keys, absolute=bool(self._abs), brackets=brackets, band=band)
         block.scratch = self._scratch_for
         self._nonfinite += block.bad
         for state in self._plain:

@@ -141,7 +141,7 @@ class Block:
     batch may come with the probe (`prepare`)."""
 
     __slots__ = ("_x", "keys", "mask", "bad", "lo", "hi", "nonneg", "_sums", "_abs", "scratch", "_whole",
-                 "_abs_whole", "_source", "scanned")
+                 "_abs_whole", "_source", "scanned", "banded")
 
     def __init__(self, x, keys, mask, bad, lo=None, hi=None, nonneg=False) -> None:
         self._x = x
@@ -158,9 +158,12 @@ class Block:
         self._abs_whole: np.ndarray | None = None  # the same of |x|, for the block of |x|
         self._source: torch.Tensor | None = None  # the values this block is |x| of, until its own are made
         self.scanned: tuple | None = None  # `(brackets, results)` of a bracket scan made with the probe
+        self.banded: tuple | None = None  # `(band, results)` of an α band's scan of |x| made with the probe
 
     @classmethod
-    def prepare(cls, x: torch.Tensor, keys: np.ndarray, absolute: bool = False, brackets: list | None = None) -> Block:
+    def prepare(
+        cls, x: torch.Tensor, keys: np.ndarray, absolute: bool = False, brackets: list | None = None, band=None
+    ) -> Block:
         """Probe `x` for NaN/Inf and its min and max: finite min and max mean no NaN/Inf, and a min >= 0 means
         |x| = x. A CPU float32 block goes through the compiled scans' one pass (`scan_kernel.row_sums`), which
         also gives each batch's sum over all its values (of |x| with `absolute`), the sums of `lane_sums`;
@@ -168,7 +171,9 @@ class Block:
 
         `brackets` (a bracketed quantile's groups, `Bracket.groups`), for a block of one batch: the same pass
         also scans them (`scan_kernel.scan_brackets_with_sums`); `scanned` then holds `(brackets, results)`
-        for `Bracket.add`. A memory-bound pass read once instead of twice."""
+        for `Bracket.add`. Else `band` (an α band, `threshold_state._Band`): the same pass scans |x| into it
+        (`scan_kernel.scan_band_with_sums`); `banded` then holds `(band, results)`, and so does the block of
+        |x|. A memory-bound pass read once instead of twice."""
         if x.is_cpu and x.dtype == torch.float32 and x.numel() and x.is_contiguous():
             if brackets is not None and x.shape[0] == 1:
                 got = scan_kernel.scan_brackets_with_sums(x.view(-1).numpy(), brackets, absolute, x.data_ptr())
@@ -176,6 +181,13 @@ class Block:
                     results, (total, lo, hi, _) = got
                     block = cls._probed(x, keys, absolute, np.array([total]), lo, hi)
                     block.scanned = (brackets, results)
+                    return block
+            if band is not None and x.shape[0] == 1:
+                got = scan_kernel.scan_band_with_sums(x.view(-1).numpy(), band.hi, band.lo, absolute, x.data_ptr())
+                if got is not None and not got[4][3]:
+                    total, lo, hi, _ = got[4]
+                    block = cls._probed(x, keys, absolute, np.array([total]), lo, hi)
+                    block.banded = (band, got[:4])
                     return block
             got = scan_kernel.row_sums(x.view(x.shape[0], -1).numpy(), absolute)
             if got is not None and not got[3]:
@@ -250,6 +262,7 @@ class Block:
             self._abs._source = self.x
             self._abs.scratch = self.scratch
             self._abs._whole = self._abs_whole
+            self._abs.banded = self.banded
         return self._abs
 
 

@@ -228,7 +228,18 @@ class ThresholdAbsMeanState(AbsMeanState):
             start += n
         return out
 
+    def pending_band(self) -> _Band | None:
+        """The band the next block's magnitudes go into, when the block's probe may scan it in its pass."""
+        if self.threshold is None and not self.overflowed and self._band is not None:
+            return self._band
+        return None
+
     def _band_add(self, block: Block) -> None:
+        banded = block.banded
+        if banded is not None and banded[0] is self._band:  # scanned by the probe's pass (finite, CPU, 1 batch)
+            if not self._band.add_scanned(int(np.asarray(block.keys).reshape(-1)[0]), block.per_batch(), banded[1]):
+                self._overflow()
+            return
         if block.mask is not None or not block.x.is_cpu:
             self._overflow()  # NaN/Inf (or a device tensor): a second pass sums this tensor
             return
@@ -313,17 +324,24 @@ class _Band:
         """Count and keep the block `x` (`[K, ...]` float32 on the CPU, finite, >= 0; one batch per row);
         False when the values in the band outgrow the budget."""
         for row, key in zip(x.reshape(x.shape[0], -1).numpy(), np.asarray(keys).reshape(-1)):
-            count, total, top, between = scan_row(row, self.hi, self.lo)
-            slot = self.inside.slot(between.size)
-            if slot is None:
+            if not self.add_scanned(int(key), row.size, scan_row(row, self.hi, self.lo)):
                 return False
-            slot[0] = between
-            self.keys.append(int(key))
-            self.sizes.append(row.size)
-            self.counts.append(count)
-            self.sums.append(total)
-            self.tops.append(top)
-            self.lengths.append(between.size)
+        return True
+
+    def add_scanned(self, key: int, size: int, scanned: tuple[int, float, float, np.ndarray]) -> bool:
+        """One batch of `size` values already scanned (`scan_row(|x|, H, L)`, e.g. by the block's probe): keep
+        its values in the band; False when they outgrow the budget."""
+        count, total, top, between = scanned
+        slot = self.inside.slot(between.size)
+        if slot is None:
+            return False
+        slot[0] = between
+        self.keys.append(key)
+        self.sizes.append(size)
+        self.counts.append(count)
+        self.sums.append(total)
+        self.tops.append(top)
+        self.lengths.append(between.size)
         return True
 
     def _per_batch(self, delta: np.float32) -> list[tuple[int, int, float, bool]]:
