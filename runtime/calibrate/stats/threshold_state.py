@@ -12,7 +12,7 @@ activations). Otherwise it overflows and the caller takes a second pass (`calibr
 
 Every path gives the same bits, because each batch's sum is *exact* where it can be: the values above Δ are
 float32 multiples of the float32 spacing u at Δ, so while `values × max < 2^53 u` every float64 partial sum of
-them is exact, whatever the order or split. A batch beyond that bound is summed in the fixed chunked order
+them is exact, whatever the order or split. A batch beyond that bound is summed in the fixed order
 (`sums.batch_sums`) instead, which only the batch's own values in their order can give: a band cannot answer
 for it (`can_finish` is False) and the caller takes a second pass. Batches are folded in key order.
 """
@@ -159,7 +159,7 @@ class ThresholdAbsMeanState(AbsMeanState):
             self.threshold = self.threshold.to(x.device)
         if lay.rows == 1 and block.mask is None and x.is_cpu and x.dtype == torch.float32 and self._one_threshold():
             # every value finite and >= 0 (|x|), one threshold t >= 0: per batch the count and the sum of the
-            # values > t, exact when the bound allows (the bits a band gives), else in the fixed chunked order
+            # values > t, exact when the bound allows (the bits a band gives), else in the fixed order
             delta = np.float32(float(self.threshold))
             bound = exact_bound(float(delta))
             rows = x.reshape(block.k, -1).numpy()
