@@ -332,18 +332,24 @@ def test_abs_mean_is_the_fixed_order_per_batch(monkeypatch):
             assert float(np.asarray(result["abs_mean"]).reshape(-1)[0]) == want
 
 
+def _count_calls(monkeypatch, name: str) -> list:
+    """Replace `scan_kernel.<name>` by itself plus a record of each call (the list returned)."""
+    calls: list = []
+    real = getattr(scan_kernel, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_kernel, name, counting)
+    return calls
+
+
 @needs_kernel
 def test_bracket_scan_on_the_probe_pass_changes_nothing(monkeypatch):
     """A calibration whose bracket scans ride on the probe's pass writes the same bits as one that scans the
     values a second time; and the first really used the shared pass."""
-    calls = []
-    fused = scan_kernel.scan_brackets_with_sums
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(scan_kernel, "scan_brackets_with_sums", counting)
+    calls = _count_calls(monkeypatch, "scan_brackets_with_sums")
     shared = _mlp_table(monkeypatch, native=True)
     assert calls
     monkeypatch.setattr(quantile_state.QuantileState, "pending_scan", lambda self: None)
@@ -417,14 +423,7 @@ def test_band_scan_on_the_probe_pass_changes_nothing(monkeypatch):
         state.set_threshold(delta)
         return {k: np.asarray(v).tobytes() for s, r in ts.results().items() for k, v in r.items()}
 
-    calls = []
-    fused = scan_kernel.scan_band_with_sums
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(scan_kernel, "scan_band_with_sums", counting)
+    calls = _count_calls(monkeypatch, "scan_band_with_sums")
     shared = finished()
     assert len(calls) == len(xs) - 1  # every batch after the first, which places the band
     monkeypatch.setattr(ThresholdAbsMeanState, "pending_band", lambda self: None)

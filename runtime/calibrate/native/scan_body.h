@@ -123,6 +123,18 @@ typedef double NAME(dh) __attribute__((vector_size(4 * LANES)));
 #define LANE_STORE(lanes) do { double *lanes_ = (lanes); LANE_EACH(LANE_STORE1) } while (0)
 #define LANE_ADD(p, take_abs) do { const float *p_ = (p); const int abs_ = (take_abs); LANE_EACH(LANE_ADD1) } while (0)
 
+/* The end of a call that sums along: the lanes back to lanes[0..SUM_LANES), their sum in order from +0 to
+   lanes[SUM_LANES] (the row's sum once it is all scanned), the min and max to mm. */
+INLINE void NAME(sums_done)(const double *lane, double *lanes, float *mm, float smin, float smax)
+{
+    memcpy(lanes, lane, SUM_LANES * sizeof *lane);
+    double total = 0.0;
+    for (int j = 0; j < SUM_LANES; j++) total += lane[j];
+    lanes[SUM_LANES] = total;
+    mm[0] = smin;
+    mm[1] = smax;
+}
+
 /* One bracket over x[0..n), up to where dst (room for cap >= BLOCK values) could fill: counts[0..3] gain
    #(x > lo), #(lo < x < hi), #(x < lo) if want_lt, #(x > hi) if want_gh over the values scanned; the values
    strictly inside are written in order to dst, *kept of them. With sums (1: of the values, 2: of their
@@ -196,14 +208,7 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
             lane[i % SUM_LANES] += sums == 2 ? fabsf(v) : v;
         }
     }
-    if (sums) {
-        memcpy(lanes, lane, sizeof lane);
-        double total = 0.0; /* the lanes so far, added in order from +0 (the row's sum once it is all scanned) */
-        for (int j = 0; j < SUM_LANES; j++) total += lane[j];
-        lanes[SUM_LANES] = total;
-        mm[0] = smin;
-        mm[1] = smax;
-    }
+    if (sums) NAME(sums_done)(lane, lanes, mm, smin, smax);
     counts[0] += c_gt;
     counts[1] += l < h ? c_gt - c_ge : 0; /* lo < hi: x >= hi implies x > lo (NaN is neither); else none */
     counts[2] += c_lt;
@@ -320,14 +325,7 @@ INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float l
             out[k++] = v;
         }
     }
-    if (sums) {
-        memcpy(lanes, lane, sizeof lane);
-        double all = 0.0;
-        for (int j = 0; j < SUM_LANES; j++) all += lane[j];
-        lanes[SUM_LANES] = all;
-        mm[0] = smin;
-        mm[1] = smax;
-    }
+    if (sums) NAME(sums_done)(lane, lanes, mm, smin, smax);
     acc[0] = c;
     acc[1] = k;
     *sum = total;
