@@ -193,8 +193,9 @@ class ExactValues:
         self._buf = np.empty((self.rows, 0), dtype=np.float32)
         self.n = 0
 
-    def quantiles(self, qs: tuple[float, ...], finite: np.ndarray) -> list[torch.Tensor]:
-        """The `q` quantile of each row for each `q` in `qs` (float32 tensors of shape `[rows]`).
+    def quantiles(self, qs: tuple[float, ...], finite: np.ndarray) -> list[torch.Tensor | np.ndarray]:
+        """The `q` quantile of each row for each `q` in `qs` (float32, shape `[rows]`: arrays for one row,
+        tensors for several).
 
         `finite` holds each row's number of non-NaN values. One row goes through `select_protocol` (the buffer
         is only read); many rows are partitioned in place at the needed ranks (sorted when a row has left-out
@@ -224,17 +225,20 @@ def wanted_ranks(qs: tuple[float, ...], finite: np.ndarray) -> list[int]:
 
 def quantiles_from_ranks(
     qs: tuple[float, ...], finite: np.ndarray, values: dict[int, float]
-) -> list[torch.Tensor]:
+) -> list[np.ndarray]:
     """One row's quantiles from the values at its integer ranks (`select_protocol`'s answer), interpolated
-    like `torch.quantile`; NaN when the row has no finite value."""
+    like `torch.quantile`, as `[1]` float32 arrays (small tensors cost more to make); NaN when the row has no
+    finite value."""
     if int(finite[0]) == 0:
-        return [torch.full((1,), float("nan")) for _ in qs]
+        return [np.full(1, np.nan, dtype=np.float32) for _ in qs]
     n1 = max(int(finite[0]) - 1, 0)
     rs = [float(q) * float(n1) for q in qs]  # `rank_of` for one row
-    lo = torch.tensor([values[math.floor(r)] for r in rs], dtype=torch.float32)
-    hi = torch.tensor([values[math.ceil(r)] for r in rs], dtype=torch.float32)
-    got = torch.lerp(lo, hi, torch.tensor([r - math.floor(r) for r in rs], dtype=torch.float32))
-    return list(got.reshape(-1, 1))  # one lerp for every q: element-wise, the same bits as one at a time
+    lo = np.array([values[math.floor(r)] for r in rs], dtype=np.float32)
+    hi = np.array([values[math.ceil(r)] for r in rs], dtype=np.float32)
+    weight = np.array([r - math.floor(r) for r in rs], dtype=np.float32)
+    # torch's lerp (its bits), on numpy's memory: one call for every q, element-wise, the same as one at a time
+    got = torch.lerp(torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(weight)).numpy()
+    return [got[i : i + 1] for i in range(len(qs))]
 
 
 def partition_quantiles(a: np.ndarray, qs: tuple[float, ...], finite: np.ndarray) -> list[torch.Tensor]:
