@@ -91,8 +91,8 @@ def use_lanes(lanes: int) -> int:
 class _Scratch:
     """Per-thread output buffers and result cells (the scans run in the selection threads too). `outs[i]`:
     output buffer i (a scan's bracket i, or the probe's shared pass), made on first use and kept: the values a
-    scan keeps can then be handed out as views, without an allocation per call (a small allocation between
-    the forward's large tensors makes the heap take fresh pages for them: ~15k page faults a calibration)."""
+    scan keeps can then be handed out as views where the caller copies them at once, without a new array per
+    call (in a hook, between the forward's layers, every such operation meets cold caches)."""
 
     def __init__(self) -> None:
         self.outs: list[np.ndarray] = []
@@ -123,7 +123,7 @@ def _scratch() -> _Scratch:
     return s
 
 
-#: `_Scratch.out` index of the probe's shared pass (brackets use 0, 1, ...).
+#: `_Scratch.out` index of the probe's shared pass (a scan's brackets use 0, 1, ...: two per quantile at most).
 _SHARED = 7
 
 
