@@ -97,9 +97,8 @@ class _Scratch:
     def __init__(self) -> None:
         self.outs: list[np.ndarray] = []
         self.out_ptrs: list[int] = []
-        self.cells = np.zeros(5, dtype=np.int64)  # a bracket's four counts, then how many values it kept
-        self.counts = self.cells[:4]
-        self.kept = self.cells[4:]
+        self.counts = np.zeros(4, dtype=np.int64)
+        self.kept = np.zeros(1, dtype=np.int64)
         self.acc = np.zeros(2, dtype=np.int64)
         self.sum = np.zeros(1, dtype=np.float64)
         self.top = np.zeros(1, dtype=np.float32)
@@ -179,39 +178,35 @@ def _brackets(values: np.ndarray, brackets, sums: int, copy: bool, address: int 
     hook, between the forward's layers, where every Python operation meets cold caches."""
     s, n = _scratch(), values.size
     base = values.ctypes.data if address is None else address
-    out = []
     first = _SHARED if sums else 0
     ptr = s.ptr
-    counts, kept_at, lanes, mm = ptr["counts"], ptr["kept"], ptr["lanes"], ptr["mm"]
+    out = []
     for i, (lo, hi, lt_lo, gt_hi) in enumerate(brackets):
         # 16: counts from zero; 32 (the first bracket, with sums): the sums from +0 and min/max afresh
         flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums | 16 | (32 if sums else 0)
         buffer, at = s.out(first + i)
-        lo, hi = float(lo), float(hi)
-        scanned = _LIB.ternqc_scan_bracket(LANES, base, n, lo, hi, flags, counts, at, SCRATCH, kept_at, lanes, mm)
-        cells = s.cells.tolist()
-        if scanned >= n:  # one call: the usual case
-            mids = buffer[: cells[4]].copy() if copy else buffer[: cells[4]]
-        else:
-            first_piece = buffer[: cells[4]].copy()
-            flags &= ~(16 | 32)  # the rest of the same scan
 
-            def step(done: int, lo=lo, hi=hi, flags=flags, at=at, start=scanned) -> tuple[int, int]:
-                got = _LIB.ternqc_scan_bracket(
-                    LANES, base + 4 * (start + done), n - start - done, lo, hi, flags, counts, at, SCRATCH, kept_at,
-                    lanes, mm,
-                )
-                return got, int(s.kept[0])
+        def step(done: int, lo=float(lo), hi=float(hi), at=at) -> tuple[int, int]:
+            nonlocal flags
+            scanned = _LIB.ternqc_scan_bracket(
+                LANES, base + 4 * done, n - done, lo, hi, flags, ptr["counts"], at, SCRATCH, ptr["kept"],
+                ptr["lanes"], ptr["mm"],
+            )
+            flags &= ~(16 | 32)  # a further call continues the same scan
+            return scanned, int(s.kept[0])
 
-            mids = np.concatenate([first_piece, _until_done(n - scanned, step, buffer, True)])
-            cells = s.cells.tolist()
-        out.append((cells[:4], mids))
+        mids = _until_done(n, step, buffer, copy)
+        out.append((s.counts.tolist(), mids))
         sums = 0
-    if out and first:
-        total = float(s.lanes[SUM_LANES])  # the lanes added in order from +0, by the library
-        lo, hi = s.mm.tolist()
-        return out, (total, lo, hi, not math.isfinite(total))
-    return out, None
+    return out, _shared_sums(s) if first else None
+
+
+def _shared_sums(s: _Scratch) -> tuple[float, float, float, bool]:
+    """What a scan that summed along adds: the fixed-order sum (the lanes added in order from +0, by the
+    library), the min and max, and whether a value was NaN or +-Inf."""
+    total = float(s.lanes[SUM_LANES])
+    mn, mx = s.mm.tolist()
+    return total, mn, mx, not math.isfinite(total)
 
 
 def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> tuple[int, float, float, np.ndarray] | None:
@@ -225,14 +220,15 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
 
 def scan_band_with_sums(
     values: np.ndarray, cut: np.float32, lo: np.float32, absolute: bool, address: int | None = None
-) -> tuple[int, float, float, np.ndarray, tuple[float, float, float, bool]] | None:
-    """`scan_row(|values|, cut, lo)` (the α band's scan, on the magnitudes of `values`, 1-D float32) and in the
-    same pass what `scan_brackets_with_sums` adds: the fixed-order sum of the values (of their magnitudes with
-    `absolute`), their min and max and whether any is NaN or +-Inf (then nothing else is to be used). The
+) -> tuple[tuple[int, float, float, np.ndarray], tuple[float, float, float, bool]] | None:
+    """`scan_row(|values|, cut, lo)` (the α band's scan, on the magnitudes of `values`, 1-D float32) and, as in
+    `scan_brackets_with_sums`, what the same pass adds: the fixed-order sum of the values (of their magnitudes
+    with `absolute`), their min and max and whether any is NaN or +-Inf (then nothing else is to be used). The
     values in (lo, cut] are a view valid until this thread's next such scan. None where `scan_row` is None."""
     if not _usable(values) or not lo < cut:
         return None
-    return _row(values, cut, lo, 2, 8 if absolute else 4, address, False)
+    *band, sums = _row(values, cut, lo, 2, 8 if absolute else 4, address, False)
+    return tuple(band), sums
 
 
 def _row(row: np.ndarray, cut, lo, magnitudes: int, sums: int, address: int | None, copy: bool):
@@ -260,11 +256,7 @@ def _row(row: np.ndarray, cut, lo, magnitudes: int, sums: int, address: int | No
         return scanned, acc[1] if keep else 0
 
     between = _until_done(n, step, out, copy)
-    if not sums:
-        return found[0], found[1], found[2], between, None
-    total = float(s.lanes[SUM_LANES])
-    mn, mx = s.mm.tolist()
-    return found[0], found[1], found[2], between, (total, mn, mx, not math.isfinite(total))
+    return found[0], found[1], found[2], between, _shared_sums(s) if sums else None
 
 
 def row_sums(rows: np.ndarray, absolute: bool) -> tuple[np.ndarray, float, float, bool] | None:

@@ -175,19 +175,19 @@ class Block:
         (`scan_kernel.scan_band_with_sums`); `banded` then holds `(band, results)`, and so does the block of
         |x|. A memory-bound pass read once instead of twice."""
         if x.is_cpu and x.dtype == torch.float32 and x.numel() and x.is_contiguous():
-            if brackets is not None and x.shape[0] == 1:
-                got = scan_kernel.scan_brackets_with_sums(x.view(-1).numpy(), brackets, absolute, x.data_ptr())
+            if x.shape[0] == 1 and (brackets is not None or band is not None):
+                flat, address = x.view(-1).numpy(), x.data_ptr()
+                if brackets is not None:
+                    got = scan_kernel.scan_brackets_with_sums(flat, brackets, absolute, address)
+                else:
+                    got = scan_kernel.scan_band_with_sums(flat, band.hi, band.lo, absolute, address)
                 if got is not None and not got[1][3]:
                     results, (total, lo, hi, _) = got
                     block = cls._probed(x, keys, absolute, np.array([total]), lo, hi)
-                    block.scanned = (brackets, results)
-                    return block
-            if band is not None and x.shape[0] == 1:
-                got = scan_kernel.scan_band_with_sums(x.view(-1).numpy(), band.hi, band.lo, absolute, x.data_ptr())
-                if got is not None and not got[4][3]:
-                    total, lo, hi, _ = got[4]
-                    block = cls._probed(x, keys, absolute, np.array([total]), lo, hi)
-                    block.banded = (band, got[:4])
+                    if brackets is not None:
+                        block.scanned = (brackets, results)
+                    else:
+                        block.banded = (band, results)
                     return block
             got = scan_kernel.row_sums(x.view(x.shape[0], -1).numpy(), absolute)
             if got is not None and not got[3]:
