@@ -173,6 +173,25 @@ class ExactValues:
         self._buf = buf
         return True
 
+    def adopt(self, buffer: np.ndarray, m: int) -> bool:
+        """Keep `buffer` (a pooled 1-D float32 array whose first `m` values are the first values of the one
+        row) as the buffer instead of copying them into it, when nothing is held yet and it is the size of the
+        room reserved (or, with less reserved, of the `m` values): never more bytes than a copy would hold,
+        never a smaller room that would have to grow by a copy. Whether it did."""
+        if self.n or self.rows != 1 or buffer.ndim != 1 or buffer.dtype != np.float32:
+            return False
+        if not (m <= buffer.size and self._buf.size <= buffer.size <= max(self._buf.size, m)):
+            return False
+        more = (buffer.size - self._buf.size) * 4
+        if more > 0 and not self.budget.reserve(more):
+            return False
+        if more < 0:
+            self.budget.release(-more)
+        give_back(self._buf)
+        self._buf = buffer.reshape(1, -1)
+        self.n = m
+        return True
+
     @classmethod
     def from_array(cls, values: np.ndarray) -> ExactValues:
         """A buffer holding `values` (`[rows, n]`), outside any budget (a merge result)."""

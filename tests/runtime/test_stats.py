@@ -446,3 +446,55 @@ def test_staged_batches_give_the_bits_of_batches_fed_one_by_one(dims):
         assert staged[s].keys() == alone.keys()
         for field, value in alone.items():
             np.testing.assert_array_equal(np.asarray(staged[s][field]), np.asarray(value), err_msg=s.key())
+
+
+@pytest.mark.parametrize(
+    "batches, hint, handed",
+    [(20, 20, True), (30, 10, True), (70, 70, False), (20, None, False)],
+)
+def test_staging_buffer_handed_to_the_exact_quantile_gives_torch_quantile(monkeypatch, batches, hint, handed):
+    """A quantile that keeps every value may keep the full staging buffer instead of copying it
+    (`ExactValues.adopt`): its quantiles equal torch.quantile over every value, bit for bit the results without
+    the handover, and the budget holds the same bytes. Cases: the stage is every batch (the hint); more
+    batches than hinted (the first stage handed over, the rest copied after it into a renewed stage); a
+    stage smaller than the room reserved (64 of 70 batches: not handed over, it would grow by a copy); no
+    hint (a 64-batch stage for 20 batches: not handed over, it would hold more bytes than the values)."""
+    from ternqc.runtime.calibrate.quantiles import ExactValues, QuantileBudget
+
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.relu(torch.randn(16, 40, generator=g)) for _ in range(batches)]  # an atom at 0, like a ReLU's
+    # q·(n-1) exact in float32 for both quantiles: torch.quantile's rank is then the same (`quantiles.rank_of`)
+    specs = [spec("range_quantile", quantile=0.5), spec("range_quantile", quantile=0.75), spec("abs_mean")]
+    adopted = []
+    adopt = ExactValues.adopt
+
+    def counting(self, buffer, m):
+        took = adopt(self, buffer, m)
+        adopted.append(took)
+        return took
+
+    def run(handover: bool):
+        monkeypatch.setattr(ExactValues, "adopt", counting if handover else (lambda self, buffer, m: False))
+        budget = QuantileBudget()
+        ts = TensorStats(specs, quantile_budget=budget, size_hint=hint, plan_hint=hint)
+        for x in xs:
+            ts.update(x)
+        results = ts.results()
+        peak = budget.peak
+        ts.freeze()
+        return results, peak, budget.used
+
+    with_handover, peak, used = run(True)
+    without, peak_without, _ = run(False)
+    assert any(adopted) == handed
+    assert used == 0
+    if hint is None or hint >= batches:  # every value fits the first room: the same bytes either way
+        assert peak == peak_without
+    every = torch.cat([x.reshape(-1) for x in xs])
+    for s in specs[:2]:
+        q = s.option("quantile")
+        assert float(with_handover[s]["max"]) == float(torch.quantile(every, q))
+        assert float(with_handover[s]["min"]) == float(torch.quantile(every, 1.0 - q))
+    for s in specs:
+        for field, value in without[s].items():
+            np.testing.assert_array_equal(np.asarray(with_handover[s][field]), np.asarray(value), err_msg=s.key())

@@ -174,7 +174,10 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
             for (int j = 0; j < BLOCK; j += LANES) {
                 const vf v = NAME(load)(p + j);
                 const vi inside = (vi)(v > lv) & (vi)(v < hv);
-                if (NAME(any)(inside)) NAME(compact)(p + j, inside, dst, &k);
+#if LANES == 4
+                if (NAME(any)(inside))
+#endif
+                    NAME(compact)(p + j, inside, dst, &k); /* vector widths: no branch to mispredict */
             }
         }
         gt += bgt;

@@ -54,6 +54,13 @@ class _Stage:
         view = self.rows[k] = self.buf[k]
         return view
 
+    def renew(self) -> None:
+        """A new buffer of the same size (a statistic kept the old one, see `Block.handover`)."""
+        kmax = len(self.rows)
+        self.flat = _empty(self.flat.numel(), self.flat.dtype, self.flat.device)
+        self.buf = self.flat[: self.buf[0].numel() * kmax].view((kmax, *self.shape))
+        self.rows = [None] * kmax
+
 
 class TensorStats:
     """Every statistic collected on one tensor, fed together (see the module docstring).
@@ -84,6 +91,7 @@ class TensorStats:
     ) -> None:
         self.batched = batched
         self._stage_bytes = stage_bytes
+        self._size_hint = size_hint  # updates expected: no more rows are staged than that
         options = {
             "quantile_budget": quantile_budget, "threshold": threshold, "eager": eager, "bracket": bracket, "band": band,
         }
@@ -164,7 +172,8 @@ class TensorStats:
         self.flush()
         st = self._stage
         per = x.numel()
-        kmax = max(2, min(_STAGE_MAX_BATCHES, self._stage_bytes // (per * x.element_size())))
+        kmax = max(2, min(_STAGE_MAX_BATCHES, self._size_hint or _STAGE_MAX_BATCHES,
+                          self._stage_bytes // (per * x.element_size())))
         flat = st.flat
         if flat is None or flat.numel() < kmax * per or flat.dtype != x.dtype or flat.device != x.device:
             flat = st.flat = _empty(kmax * per, x.dtype, x.device)
@@ -179,9 +188,12 @@ class TensorStats:
             return
         block, keys = st.buf[: st.k], np.array(st.keys, dtype=np.int64)
         st.k, st.keys = 0, []
-        self._feed(block, keys)
+        handover = st.flat.numpy() if st.flat.is_cpu and st.flat.dtype == torch.float32 else None
+        if self._feed(block, keys, handover):
+            st.renew()
 
-    def _feed(self, x: torch.Tensor, keys: np.ndarray) -> None:
+    def _feed(self, x: torch.Tensor, keys: np.ndarray, handover: np.ndarray | None = None) -> bool:
+        """Feed a block to every state; True when a state kept `handover` (the staging buffer holding `x`)."""
         brackets = band = None
         if x.shape[0] == 1:  # one batch: a bracketed quantile's scan or an α band's can ride on the probe's pass
             for state in self._scanners:
@@ -195,6 +207,7 @@ class TensorStats:
                         break
         block = Block.prepare(x, keys, absolute=bool(self._abs), brackets=brackets, band=band)
         block.scratch = self._scratch_for
+        block.handover = handover
         self._nonfinite += block.bad
         for state in self._plain:
             state.observe(block)
@@ -202,6 +215,7 @@ class TensorStats:
             absolute = block.absolute()
             for state in self._abs:
                 state.observe(absolute)
+        return handover is not None and block.handover is None
 
     @property
     def nonfinite(self) -> int:

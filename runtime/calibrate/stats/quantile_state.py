@@ -172,6 +172,9 @@ class QuantileState(StatState):
                     self._begin_bracket(None if slot is not None else (rows_view(x, lay)[0], m - block.bad))
                 return
             if self._sketch is None:
+                if block.handover is not None and mask is None and self._exact.adopt(block.handover, m):
+                    block.handover = None  # the staging buffer holding the values is now this state's
+                    return
                 slot = self._exact.slot(m)
                 if slot is not None:
                     write_rows(slot, x, lay)

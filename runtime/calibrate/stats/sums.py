@@ -141,7 +141,7 @@ class Block:
     batch may come with the probe (`prepare`)."""
 
     __slots__ = ("_x", "keys", "mask", "bad", "lo", "hi", "nonneg", "_sums", "_abs", "scratch", "_whole",
-                 "_abs_whole", "_source", "scanned", "banded")
+                 "_abs_whole", "_source", "scanned", "banded", "handover")
 
     def __init__(self, x, keys, mask, bad, lo=None, hi=None, nonneg=False) -> None:
         self._x = x
@@ -159,6 +159,9 @@ class Block:
         self._source: torch.Tensor | None = None  # the values this block is |x| of, until its own are made
         self.scanned: tuple | None = None  # `(brackets, results)` of a bracket scan made with the probe
         self.banded: tuple | None = None  # `(band, results)` of an α band's scan of |x| made with the probe
+        # a pooled 1-D float32 buffer whose first values are this block's (a full staging buffer): a state that
+        # would copy them all may keep the buffer instead, and then sets this to None (`ExactValues.adopt`)
+        self.handover: np.ndarray | None = None
 
     @classmethod
     def prepare(
