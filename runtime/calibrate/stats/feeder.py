@@ -54,12 +54,11 @@ class _Stage:
         view = self.rows[k] = self.buf[k]
         return view
 
-    def renew(self) -> None:
-        """A new buffer of the same size (a statistic kept the old one, see `Block.handover`)."""
-        kmax = len(self.rows)
-        self.flat = _empty(self.flat.numel(), self.flat.dtype, self.flat.device)
-        self.buf = self.flat[: self.buf[0].numel() * kmax].view((kmax, *self.shape))
-        self.rows = [None] * kmax
+    def handed_over(self) -> None:
+        """A statistic kept the buffer (`Block.handover`): the next batch makes a new one (`_restage`), if one
+        comes."""
+        self.flat = self.buf = self.shape = None
+        self.rows = []
 
 
 class TensorStats:
@@ -190,7 +189,7 @@ class TensorStats:
         st.k, st.keys = 0, []
         handover = st.flat.numpy() if st.flat.is_cpu and st.flat.dtype == torch.float32 else None
         if self._feed(block, keys, handover):
-            st.renew()
+            st.handed_over()
 
     def _feed(self, x: torch.Tensor, keys: np.ndarray, handover: np.ndarray | None = None) -> bool:
         """Feed a block to every state; True when a state kept `handover` (the staging buffer holding `x`)."""
