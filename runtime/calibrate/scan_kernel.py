@@ -159,24 +159,26 @@ def scan_brackets(
 
 
 def scan_brackets_with_sums(
-    values: np.ndarray, brackets: list[tuple[np.float32, np.float32, bool, bool]], absolute: bool,
-    address: int | None = None,
+    values: np.ndarray | None, brackets: list[tuple[np.float32, np.float32, bool, bool]], absolute: bool,
+    address: int | None = None, size: int | None = None,
 ) -> tuple[list[tuple[list[int], np.ndarray]], tuple[float, float, float, bool]] | None:
     """`scan_brackets(copy=False)`, and in the same pass over `values` as one row what `row_sums` gives: the
     fixed-order sum of the values (of their magnitudes with `absolute`), their min and max (NaN left out) and
     whether any is NaN or +-Inf. The values between are views valid until this thread's next such scan. None
-    where `scan_brackets` is None or without a bracket. `address`: where `values` start, when the caller
-    knows (a tensor's `data_ptr()`: numpy's `.ctypes` costs ~50 µs in a hook, where caches are cold)."""
-    if not _usable(values) or not brackets:
+    where `scan_brackets` is None or without a bracket. `values` None: the `size` float32 values at `address`
+    (a contiguous CPU float32 tensor's `data_ptr()` and `numel()`: a numpy view of it costs ~25 µs in a hook,
+    where caches are cold, and numpy's `.ctypes` ~50 µs)."""
+    if not brackets or not (_usable(values) if values is not None else _LIB is not None and address):
         return None
-    return _brackets(values, brackets, 8 if absolute else 4, False, address)
+    return _brackets(values, brackets, 8 if absolute else 4, False, address, size)
 
 
-def _brackets(values: np.ndarray, brackets, sums: int, copy: bool, address: int | None = None):
+def _brackets(values, brackets, sums: int, copy: bool, address: int | None = None, size: int | None = None):
     """The scans of `scan_brackets`; `sums` (4: the values, 8: their magnitudes, 0: none) rides on the first.
     Bracket i keeps its values in output buffer i (the shared pass's in its own buffers). Lean: it runs in a
-    hook, between the forward's layers, where every Python operation meets cold caches."""
-    s, n = _scratch(), values.size
+    hook, between the forward's layers, where every Python operation meets cold caches. `values` None: `size`
+    values at `address`."""
+    s, n = _scratch(), values.size if values is not None else size
     base = values.ctypes.data if address is None else address
     first = _SHARED if sums else 0
     ptr = s.ptr
@@ -219,21 +221,24 @@ def scan_row(row: np.ndarray, cut: np.float32, lo: np.float32 | None = None) -> 
 
 
 def scan_band_with_sums(
-    values: np.ndarray, cut: np.float32, lo: np.float32, absolute: bool, address: int | None = None
+    values: np.ndarray | None, cut: np.float32, lo: np.float32, absolute: bool, address: int | None = None,
+    size: int | None = None,
 ) -> tuple[tuple[int, float, float, np.ndarray], tuple[float, float, float, bool]] | None:
     """`scan_row(|values|, cut, lo)` (the α band's scan, on the magnitudes of `values`, 1-D float32) and, as in
     `scan_brackets_with_sums`, what the same pass adds: the fixed-order sum of the values (of their magnitudes
     with `absolute`), their min and max and whether any is NaN or +-Inf (then nothing else is to be used). The
-    values in (lo, cut] are a view valid until this thread's next such scan. None where `scan_row` is None."""
-    if not _usable(values) or not lo < cut:
+    values in (lo, cut] are a view valid until this thread's next such scan. None where `scan_row` is None.
+    `values` None: the `size` float32 values at `address`, as in `scan_brackets_with_sums`."""
+    if not lo < cut or not (_usable(values) if values is not None else _LIB is not None and address):
         return None
-    *band, sums = _row(values, cut, lo, 2, 8 if absolute else 4, address, False)
+    *band, sums = _row(values, cut, lo, 2, 8 if absolute else 4, address, False, size)
     return tuple(band), sums
 
 
-def _row(row: np.ndarray, cut, lo, magnitudes: int, sums: int, address: int | None, copy: bool):
-    """The calls of `scan_row` (`magnitudes`: 2 to scan |row|; `sums`: 4 or 8 to sum along, see the C)."""
-    s, n = _scratch(), row.size
+def _row(row, cut, lo, magnitudes: int, sums: int, address: int | None, copy: bool, size: int | None = None):
+    """The calls of `scan_row` (`magnitudes`: 2 to scan |row|; `sums`: 4 or 8 to sum along, see the C);
+    `row` None: `size` values at `address`."""
+    s, n = _scratch(), row.size if row is not None else size
     base = row.ctypes.data if address is None else address
     out, at = s.out(_SHARED if sums else 0)
     keep = lo is not None

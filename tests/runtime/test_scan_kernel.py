@@ -274,11 +274,17 @@ def test_bracket_scan_with_sums_is_both_scans(lanes, monkeypatch, which, absolut
     x = _adversarial(20_011, seed=which)
     x = np.where(np.isfinite(x), x, np.float32(1.5)).astype(np.float32)
     brackets = BRACKETS[which]
+    # by address and size (a tensor's memory, no numpy view): the same (its values copied: views of the buffers
+    # the next scan writes)
+    by_address = scan_kernel.scan_brackets_with_sums(None, brackets, absolute, x.ctypes.data, x.size)
+    by_address = ([(c, m.copy()) for c, m in by_address[0]], by_address[1])
     results, (total, lo, hi, bad) = scan_kernel.scan_brackets_with_sums(x, brackets, absolute)
+    assert by_address[1] == (total, lo, hi, bad)
     want = _scan_part(x, brackets)
-    for (gc, gm), (wc, wm) in zip(results, want):
-        assert gc == wc
+    for (gc, gm), (ac, am), (wc, wm) in zip(results, by_address[0], want):
+        assert gc == ac == wc
         np.testing.assert_array_equal(gm.view(np.uint32), wm.view(np.uint32))
+        np.testing.assert_array_equal(am.view(np.uint32), wm.view(np.uint32))
     assert np.float64(total).view(np.int64) == np.float64(_sequential(x, absolute)).view(np.int64)
     assert (lo, hi, bad) == (float(x.min()), float(x.max()), False)
     x[777] = np.nan
@@ -389,7 +395,11 @@ def test_band_scan_with_sums_is_both_scans(lanes, monkeypatch, absolute):
     x = np.random.default_rng(11).standard_normal(30_007).astype(np.float32)  # both signs, |x| around 1
     x[::17] = -0.0
     cut, lo = np.float32(1.5), np.float32(0.5)
+    by_address = scan_kernel.scan_band_with_sums(None, cut, lo, absolute, x.ctypes.data, x.size)
+    by_address = (by_address[0][:3], by_address[0][3].copy(), by_address[1])
     (count, total, top, between), (sum_all, mn, mx, bad) = scan_kernel.scan_band_with_sums(x, cut, lo, absolute)
+    assert by_address[0] == (count, total, top) and by_address[2] == (sum_all, mn, mx, bad)
+    np.testing.assert_array_equal(by_address[1].view(np.uint32), between.view(np.uint32))
     want = _scan_piece(np.abs(x), cut, lo)
     assert between.size > 10 * 128
     assert (count, top) == (want[0], want[2])

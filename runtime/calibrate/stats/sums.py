@@ -179,11 +179,11 @@ class Block:
         |x|. A memory-bound pass read once instead of twice."""
         if x.is_cpu and x.dtype == torch.float32 and x.numel() and x.is_contiguous():
             if x.shape[0] == 1 and (brackets is not None or band is not None):
-                flat, address = x.view(-1).numpy(), x.data_ptr()
+                address, size = x.data_ptr(), x.numel()  # checked above: contiguous float32 on the CPU
                 if brackets is not None:
-                    got = scan_kernel.scan_brackets_with_sums(flat, brackets, absolute, address)
+                    got = scan_kernel.scan_brackets_with_sums(None, brackets, absolute, address, size)
                 else:
-                    got = scan_kernel.scan_band_with_sums(flat, band.hi, band.lo, absolute, address)
+                    got = scan_kernel.scan_band_with_sums(None, band.hi, band.lo, absolute, address, size)
                 if got is not None and not got[1][3]:
                     results, (total, lo, hi, _) = got
                     block = cls._probed(x, keys, absolute, np.array([total]), lo, hi)
