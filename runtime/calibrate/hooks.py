@@ -68,7 +68,7 @@ class Collector:
                     batched=tensor not in PARAM_TENSORS,
                     quantile_budget=quantile_budget,
                     threshold=thresholds.get((path, tensor)),
-                    size_hint=None if tensor in PARAM_TENSORS else expected_batches,
+                    size_hint=1 if tensor in PARAM_TENSORS else expected_batches,  # a parameter is read once
                     plan_hint=None if tensor in PARAM_TENSORS else (planned_batches or expected_batches),
                     eager=eager,
                     stage_bytes=stage_bytes,

@@ -222,13 +222,20 @@ class ExactValues:
         """
         a = self.values()
         if self.rows == 1:
-            ranks = wanted_ranks(qs, finite)
-            if a.shape[1] <= PARTITION_UP_TO:  # one partition of them all costs less than the protocol's rounds
-                valid = [k for k in ranks if 0 <= k < int(finite[0])]
-                every = np.partition(a[0], valid) if valid else a[0]  # NaN goes last, past the finite ones
-                return quantiles_from_ranks(qs, finite, {k: every[k] for k in valid})
-            return quantiles_from_ranks(qs, finite, run_local(select_protocol(a[0], int(finite[0]), ranks)))
+            return row_quantiles(a[0], qs, finite)
         return partition_quantiles(a, qs, finite)
+
+
+def row_quantiles(values: np.ndarray, qs: tuple[float, ...], finite: np.ndarray) -> list[np.ndarray]:
+    """`ExactValues.quantiles` of one row: `values` (1-D float32, NaN = left out, only read), `finite[0]` of them
+    not NaN; `[1]` float32 arrays. Up to `PARTITION_UP_TO` values one partition (of a copy), beyond that
+    `select_protocol`."""
+    ranks = wanted_ranks(qs, finite)
+    if values.size <= PARTITION_UP_TO:  # one partition of them all costs less than the protocol's rounds
+        valid = [k for k in ranks if 0 <= k < int(finite[0])]
+        every = np.partition(values, valid) if valid else values  # NaN goes last, past the finite ones
+        return quantiles_from_ranks(qs, finite, {k: every[k] for k in valid})
+    return quantiles_from_ranks(qs, finite, run_local(select_protocol(values, int(finite[0]), ranks)))
 
 
 

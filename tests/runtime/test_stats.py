@@ -498,3 +498,27 @@ def test_staging_buffer_handed_to_the_exact_quantile_gives_torch_quantile(monkey
     for s in specs:
         for field, value in without[s].items():
             np.testing.assert_array_equal(np.asarray(with_handover[s][field]), np.asarray(value), err_msg=s.key())
+
+
+@pytest.mark.parametrize("shape", [(10, 4), (300, 200)])  # partitioned whole; the selection protocol (> 2^15)
+def test_parameter_read_once_takes_its_quantiles_from_its_values(shape):
+    """A parameter (not batched, one update expected: `size_hint=1`) gets its quantiles straight from its
+    values, without a buffer: the same as torch.quantile over them (median and 0.75: ranks exact in
+    float32), the same bits as the buffered path, its values untouched; a second update is refused."""
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(*shape, generator=g)
+    before = w.clone()
+    specs = [spec("range_quantile", quantile=0.5), spec("range_quantile", quantile=0.75), spec("range_min_max")]
+    once = TensorStats(specs, batched=False, size_hint=1)
+    once.update(w)
+    buffered = TensorStats(specs, batched=False)
+    buffered.update(w)
+    got, want = once.results(), buffered.results()
+    assert torch.equal(w, before)
+    for s in specs[:2]:
+        q = s.option("quantile")
+        assert got[s]["max"] == float(torch.quantile(w.reshape(-1), q))
+        assert got[s]["min"] == float(torch.quantile(w.reshape(-1), 1.0 - q))
+    assert got == want
+    with pytest.raises(ValueError, match="one update"):
+        once.update(w)

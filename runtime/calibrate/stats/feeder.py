@@ -149,7 +149,7 @@ class TensorStats:
             for state in self.states.values():  # a shape the statistics cannot take fails here, not later
                 state.adopt(shape)
             self._last_shape = shape
-        if st is not None and x.numel() <= _STAGE_MAX_NUMEL:
+        if st is not None and x.numel() <= _STAGE_MAX_NUMEL and self._size_hint != 1:  # one batch: nothing to group
             self._restage(x)
             self.update_staged(x, key)
         else:

@@ -18,6 +18,7 @@ from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
     quantiles_from_ranks,
+    row_quantiles,
     run_local,
     select_protocol,
     wanted_ranks,
@@ -63,6 +64,7 @@ class QuantileState(StatState):
         self._per_update = 0  # values per update, from the first batch (sizes the bracket buffers)
         self._bracket: Bracket | None = None
         self._missed = False
+        self._read_once = False  # a parameter's quantiles, made from its values at once (`_observe`)
         if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
             self._promise(1)
 
@@ -135,6 +137,9 @@ class QuantileState(StatState):
         self._exact.reserve(local)
 
     def _observe(self, block):
+        if self._read_once:
+            msg = f"{self.spec.key()}: a statistic expecting one update (size_hint=1) got another"
+            raise ValueError(msg)
         self._final = None
         scanned = block.scanned
         if scanned is not None and self._bracket is not None and scanned[0] is self._bracket.groups:
@@ -162,6 +167,13 @@ class QuantileState(StatState):
             return
         if self._sketch is None:
             if self._exact is None:
+                if not self.batched and self.size_hint == 1 and lay.rows == 1 and mask is None:
+                    # a parameter, read once (every value finite): its quantiles from its values, without a copy
+                    # into a buffer (the selection copies what it partitions)
+                    lo, hi = row_quantiles(rows_view(x, lay)[0], (1.0 - self.q, self.q), np.array([m]))
+                    self._final = {"min": lo, "max": hi, "range": hi - lo}
+                    self._read_once = True
+                    return
                 self._per_update = m // block.k
                 self._start(self._per_update)
             if self._head:
