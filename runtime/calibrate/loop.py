@@ -186,7 +186,8 @@ def calibrate_pass(
 
 
 def _calibrate_pass(model, batches, resolved, quantile_budget, thresholds, progress, desc, bracket, bands) -> Calibrated:
-    model.eval()
+    if any(m.training for m in model.modules()):  # reading the flags costs less than setting every one
+        model.eval()
     world, rank = distributed.world_size(), distributed.rank()
     mine = range(rank, len(batches), world)
     if world > 1:

@@ -104,7 +104,8 @@ class _Scratch:
         self.top = np.zeros(1, dtype=np.float32)
         self.mm = np.zeros(2, dtype=np.float32)
         self.lanes = np.zeros(SUM_LANES + 1, dtype=np.float64)  # the lanes, then their total
-        names = ("counts", "acc", "kept", "sum", "top", "mm", "lanes")
+        self.sums = np.zeros(64, dtype=np.float64)  # row_sums's per-row sums (grown when more rows come)
+        names = ("counts", "acc", "kept", "sum", "top", "mm", "lanes", "sums")
         self.ptr = {name: getattr(self, name).ctypes.data for name in names}
 
     def out(self, i: int) -> tuple[np.ndarray, int]:
@@ -264,18 +265,29 @@ def _row(row, cut, lo, magnitudes: int, sums: int, address: int | None, copy: bo
     return found[0], found[1], found[2], between, _shared_sums(s) if sums else None
 
 
-def row_sums(rows: np.ndarray, absolute: bool) -> tuple[np.ndarray, float, float, bool] | None:
+def row_sums(
+    rows: np.ndarray | None, absolute: bool, address: int | None = None, shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, float, float, bool] | None:
     """One pass over `rows` (`[K, n]` float32, C-contiguous): per row the float64 sum of the values (of their
     magnitudes with `absolute`) in `sums.lane_sums`'s order, the min and max of the values that are not NaN,
     and whether any value is NaN or +-Inf (the sums and min/max are then not to be used); None without the
-    library or for an array it does not take."""
-    if _LIB is None or rows.dtype != np.float32 or rows.ndim != 2 or not rows.flags.c_contiguous:
+    library or for an array it does not take. `rows` None: the `[K, n]` = `shape` float32 values at `address`
+    (a contiguous CPU float32 tensor's `data_ptr()`: numpy's views and `.ctypes` are slow where caches are
+    cold)."""
+    if rows is not None:
+        if rows.dtype != np.float32 or rows.ndim != 2 or not rows.flags.c_contiguous:
+            return None
+        address, shape = rows.ctypes.data, rows.shape
+    if _LIB is None or not address:
         return None
     s = _scratch()
-    k, n = rows.shape
-    sums = np.empty(k, dtype=np.float64)
-    bad = _LIB.ternqc_row_sums(LANES, rows.ctypes.data, k, n, int(absolute), sums.ctypes.data, s.ptr["mm"])
-    return sums, float(s.mm[0]), float(s.mm[1]), bool(bad)
+    k, n = shape
+    if k > s.sums.size:
+        s.sums = np.empty(k, dtype=np.float64)
+        s.ptr["sums"] = s.sums.ctypes.data
+    bad = _LIB.ternqc_row_sums(LANES, address, k, n, int(absolute), s.ptr["sums"], s.ptr["mm"])
+    mn, mx = s.mm.tolist()
+    return s.sums[:k].copy(), mn, mx, bool(bad)
 
 
 class numpy_scans:

@@ -248,6 +248,10 @@ def test_compiled_row_sums_follow_the_fixed_order(lanes, shape, absolute):
     sums, lo, hi, bad = scan_kernel.row_sums(x, absolute)
     want = np.array([_sequential(row, absolute) for row in x])
     np.testing.assert_array_equal(sums.view(np.int64), want.view(np.int64))
+    if x.size:  # by address and shape (a tensor's memory, no numpy view): the same
+        by_address = scan_kernel.row_sums(None, absolute, x.ctypes.data, x.shape)
+        np.testing.assert_array_equal(by_address[0].view(np.int64), want.view(np.int64))
+        assert by_address[1:] == (lo, hi, bad)
     assert not bad
     if x.size:
         assert (lo, hi) == (float(x.min()), float(x.max()))
