@@ -69,6 +69,28 @@ INLINE void NAME(compact)(const float *p, vi mask, float *dst, int64_t *k)
 #endif
 }
 
+/* acc + 1 in the lanes where a < b (a <= b for count_le); false where either is NaN. AVX-512: one masked
+   subtraction of the compare's mask (the generic form materialises the mask as a vector first). */
+INLINE vi NAME(count_lt)(vi acc, vf a, vf b)
+{
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+    const __mmask16 m = _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LT_OQ);
+    return (vi)_mm512_mask_sub_epi32((__m512i)acc, m, (__m512i)acc, _mm512_set1_epi32(-1));
+#else
+    return acc - (vi)(a < b);
+#endif
+}
+
+INLINE vi NAME(count_le)(vi acc, vf a, vf b)
+{
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+    const __mmask16 m = _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LE_OQ);
+    return (vi)_mm512_mask_sub_epi32((__m512i)acc, m, (__m512i)acc, _mm512_set1_epi32(-1));
+#else
+    return acc - (vi)(a <= b);
+#endif
+}
+
 /* min(v, m) and max(v, m) lane by lane, keeping m where v is NaN (x86's min/max take the second operand then) */
 INLINE vf NAME(min)(vf v, vf m)
 {
@@ -107,6 +129,14 @@ typedef double NAME(dh) __attribute__((vector_size(4 * LANES)));
 #define HALF (LANES / 2)
 #define NACC (SUM_LANES / HALF)
 
+/* half a vector of floats to doubles in one instruction (GCC splits the generic conversion at 16 lanes) */
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+#define TO_DOUBLE(f) ((dh)_mm512_cvtps_pd((__m256)(f)))
+#elif LANES == 8 && defined(TERNQC_X86_LEVELS)
+#define TO_DOUBLE(f) ((dh)_mm256_cvtps_pd((__m128)(f)))
+#else
+#define TO_DOUBLE(f) __builtin_convertvector((f), dh)
+#endif
 #define LANE_EACH(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7) F(8) F(9) F(10) F(11) F(12) F(13) F(14) F(15)
 #define LANE_VARS dh a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0}, a8 = {0}, \
     a9 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0}, a14 = {0}, a15 = {0}
@@ -117,7 +147,7 @@ typedef double NAME(dh) __attribute__((vector_size(4 * LANES)));
         fh f;                                                                                                    \
         memcpy(&f, p_ + (m) * HALF, sizeof f);                                                                   \
         if (abs_) f = (fh)((ih)f & half_magnitude);                                                              \
-        a##m += __builtin_convertvector(f, dh);                                                                  \
+        a##m += TO_DOUBLE(f);                                                                                    \
     }
 #define LANE_LOAD(lanes) do { const double *lanes_ = (lanes); LANE_EACH(LANE_LOAD1) } while (0)
 #define LANE_STORE(lanes) do { double *lanes_ = (lanes); LANE_EACH(LANE_STORE1) } while (0)
@@ -159,10 +189,10 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
         vi bgt = {0}, bge = {0};
         for (int j = 0; j < BLOCK; j += LANES) {
             const vf v = NAME(load)(p + j);
-            bgt -= (vi)(v > lv);
-            bge -= (vi)(v >= hv);
-            if (want_lt) lt -= (vi)(v < lv);
-            if (want_gh) gh -= (vi)(v > hv);
+            bgt = NAME(count_lt)(bgt, lv, v);
+            bge = NAME(count_le)(bge, hv, v);
+            if (want_lt) lt = NAME(count_lt)(lt, v, lv);
+            if (want_gh) gh = NAME(count_lt)(gh, hv, v);
             if (sums) {
                 mn = NAME(min)(v, mn);
                 mx = NAME(max)(v, mx);
@@ -420,6 +450,7 @@ static int64_t NAME(row_sums)(const float *x, int64_t k, int64_t n, int32_t take
 #undef LANE_LOAD
 #undef LANE_STORE
 #undef LANE_ADD
+#undef TO_DOUBLE
 
 #undef fh
 #undef ih
