@@ -69,6 +69,26 @@ INLINE void NAME(compact)(const float *p, vi mask, float *dst, int64_t *k)
 #endif
 }
 
+/* Append the values of p[0..LANES) strictly between l and h (NaN never) to dst[*k...], in order; room as for
+   compact. AVX-512: the compares stay masks, straight into the compress. */
+INLINE void NAME(keep_between)(const float *p, vf l, vf h, float *dst, int64_t *k)
+{
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+    const __m512 v = _mm512_loadu_ps(p);
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(v, (__m512)l, _CMP_GT_OQ), v, (__m512)h,
+                                                _CMP_LT_OQ);
+    _mm512_storeu_ps(dst + *k, _mm512_maskz_compress_ps(m, v));
+    *k += __builtin_popcount((unsigned)m);
+#else
+    const vf v = NAME(load)(p);
+    const vi inside = (vi)(v > l) & (vi)(v < h);
+#if LANES == 4
+    if (NAME(any)(inside))
+#endif
+        NAME(compact)(p, inside, dst, k); /* vector widths: no branch to mispredict */
+#endif
+}
+
 /* acc + 1 in the lanes where a < b (a <= b for count_le); false where either is NaN. AVX-512: one masked
    subtraction of the compare's mask (the generic form materialises the mask as a vector first). */
 INLINE vi NAME(count_lt)(vi acc, vf a, vf b)
@@ -201,14 +221,7 @@ INLINE int64_t NAME(scan_one)(const float *x, int64_t n, float l, float h, int w
         if (sums)
             for (int j = 0; j < BLOCK; j += SUM_LANES) LANE_ADD(p + j, sums == 2);
         if (NAME(any)(bgt - bge)) {  /* some lo < x < hi: x > lo and not x >= hi */
-            for (int j = 0; j < BLOCK; j += LANES) {
-                const vf v = NAME(load)(p + j);
-                const vi inside = (vi)(v > lv) & (vi)(v < hv);
-#if LANES == 4
-                if (NAME(any)(inside))
-#endif
-                    NAME(compact)(p + j, inside, dst, &k); /* vector widths: no branch to mispredict */
-            }
+            for (int j = 0; j < BLOCK; j += LANES) NAME(keep_between)(p + j, lv, hv, dst, &k);
         }
         gt += bgt;
         ge += bge;
