@@ -522,3 +522,33 @@ def test_parameter_read_once_takes_its_quantiles_from_its_values(shape):
     assert got == want
     with pytest.raises(ValueError, match="one update"):
         once.update(w)
+
+
+def test_partials_fold_in_key_order_however_the_keys_arrive():
+    """Per-batch partials fold left in key order: keys that arrive increasing (one process) are not sorted
+    again, keys out of order are; both, and a merge of two processes' interleaved keys, give the bits of a
+    plain left fold in key order (numpy, written out here)."""
+    from ternqc.runtime.calibrate.stats.sums import Partials, fold_sums
+
+    rng = np.random.default_rng(13)
+    keys = np.arange(40, dtype=np.int64) * 7
+    sums = rng.standard_normal((40, 3)) * 10.0 ** rng.integers(-8, 8, size=(40, 1))
+    want = np.zeros(3)
+    for row in sums:  # the left fold in key order, from +0
+        want = want + row
+
+    def folded(order, eager=False):
+        p = Partials(fold_sums, eager=eager)
+        for i in order:
+            p.add(keys[i : i + 1], (sums[i : i + 1],), 3)
+        return p
+
+    in_order = folded(range(40), eager=True)
+    shuffled = folded(rng.permutation(40))
+    got_keys, (got_cols,) = shuffled.pending()
+    assert np.array_equal(got_keys, keys) and np.array_equal(got_cols, sums)
+    even, odd = folded(range(0, 40, 2)), folded(range(1, 40, 2))
+    even.merge(odd)
+    for p in (in_order, shuffled, even):
+        (acc,) = p.fold()
+        assert np.array_equal(acc.view(np.int64), (np.zeros(3) + want).view(np.int64))

@@ -78,5 +78,5 @@ class AbsMeanState(SumState):
 
     def _result(self):
         n, total = self._acc()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return {"abs_mean": np.where(n > 0, total / n, np.nan)}
+        # total / n where a value was seen, else NaN (no division there: no warning to silence)
+        return {"abs_mean": np.divide(total, n, out=np.full(total.shape, np.nan), where=n > 0)}

@@ -300,11 +300,15 @@ class Partials:
         self._keys = np.empty(0, dtype=np.int64)
         self._cols: list[np.ndarray] = []
         self._n = 0
+        self._in_order = True  # the pending keys arrived increasing (one process: always)
 
     def add(self, keys: np.ndarray, fields: tuple, rows: int) -> None:
         """Partials of `len(keys)` batches: each field a `[K, rows]` tensor or array, or one number for all."""
         k, n = len(keys), self._n
         self._reserve(n + k, rows, len(fields))
+        if self._in_order:  # still increasing with these keys?
+            after = n == 0 or keys[0] > self._keys[n - 1]
+            self._in_order = bool(after) and (k == 1 or bool(np.all(keys[1:] > keys[:-1])))
         self._keys[n : n + k] = keys
         for col, f in zip(self._cols, fields):
             if isinstance(f, torch.Tensor):
@@ -332,6 +336,8 @@ class Partials:
     def pending(self) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """The unfolded keys (sorted) and fields (`[P, rows]` float64 each, in key order), as copies."""
         keys = self._keys[: self._n]
+        if self._in_order:  # already in key order: copies, no sort
+            return keys.copy(), tuple(c[: self._n].copy() for c in self._cols)
         order = np.argsort(keys, kind="stable")
         return keys[order], tuple(c[: self._n][order] for c in self._cols)
 
@@ -342,12 +348,14 @@ class Partials:
             self.acc = self.fold_fn(self.acc, cols)
             self.last = max(self.last, int(keys[-1]))
             self._n = 0
+            self._in_order = True
         return self.acc
 
     def set_pending(self, keys: np.ndarray, cols: tuple[np.ndarray, ...]) -> None:
         self._keys = np.array(keys, dtype=np.int64)
         self._cols = [np.array(c, dtype=np.float64) for c in cols]
         self._n = len(keys)
+        self._in_order = False
 
     def keys(self) -> np.ndarray:
         return self._keys[: self._n]
@@ -361,6 +369,7 @@ class Partials:
                 keys, cols = other.pending()
                 rows = cols[0].shape[1]
                 self._reserve(self._n + len(keys), rows, len(cols))
+                self._in_order = False  # another process's keys: sorted when folded
                 self._keys[self._n : self._n + len(keys)] = keys
                 for col, c in zip(self._cols, cols):
                     col[self._n : self._n + len(keys)] = c
