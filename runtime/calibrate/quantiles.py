@@ -238,7 +238,6 @@ def row_quantiles(values: np.ndarray, qs: tuple[float, ...], finite: np.ndarray)
     return quantiles_from_ranks(qs, finite, run_local(select_protocol(values, int(finite[0]), ranks)))
 
 
-
 def wanted_ranks(qs: tuple[float, ...], finite: np.ndarray) -> list[int]:
     """The 0-based integer ranks (floor and ceil of `q·(n-1)`) that the quantiles `qs` of one row need."""
     out = set()
