@@ -53,6 +53,7 @@ class Collector:
         self.batch: int | None = None
         self.stats: dict[str, dict[str, TensorStats]] = {}
         self.types: dict[str, str] = {}
+        self.modules: dict[str, nn.Module] = {}  # path -> module, looked up once
         activations = sum(t not in PARAM_TENSORS for tensors in resolved.modules.values() for t in tensors)
         stage_bytes = max(2**18, min(STAGE_BYTES, STAGING_BYTES // max(1, activations)))
         for path, tensors in resolved.modules.items():
@@ -62,6 +63,7 @@ class Collector:
                 msg = f"the model has no module {path!r} to profile"
                 raise UserError(msg) from exc
             self.types[path] = module_type(module)
+            self.modules[path] = module
             self.stats[path] = {
                 tensor: TensorStats(
                     specs,
@@ -80,7 +82,7 @@ class Collector:
 
     def _read_params(self) -> None:
         for path, tensors in self.stats.items():
-            module = self.model.get_submodule(path)
+            module = self.modules[path]
             for tensor, ts in tensors.items():
                 if tensor in PARAM_TENSORS:
                     value = param_view(module, tensor)  # as the rules see it: a Conv1D weight is [out, in]
@@ -93,7 +95,7 @@ class Collector:
     def _hooks(self) -> list[Any]:
         handles = []
         for path, tensors in self.stats.items():
-            module = self.model.get_submodule(path)
+            module = self.modules[path]
             inputs = [(input_index(t), ts, t) for t, ts in tensors.items() if input_index(t) is not None]
             if inputs:
                 handles.append(module.register_forward_pre_hook(_pre_hook(self, inputs, path)))

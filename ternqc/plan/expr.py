@@ -39,7 +39,7 @@ def _dims_validator(_inst: Any, _attr: Any, value: Any) -> None:
             raise ValueError(msg)
 
 
-@frozen
+@frozen(cache_hash=True)  # a key of many dicts in calibration
 class StatSpec:
     """One statistic with all its options fixed: `range_quantile(dims=all, abs=false, quantile=0.5)`.
 
