@@ -233,9 +233,31 @@ def row_quantiles(values: np.ndarray, qs: tuple[float, ...], finite: np.ndarray)
     ranks = wanted_ranks(qs, finite)
     if values.size <= PARTITION_UP_TO:  # one partition of them all costs less than the protocol's rounds
         valid = [k for k in ranks if 0 <= k < int(finite[0])]
-        every = np.partition(values, valid) if valid else values  # NaN goes last, past the finite ones
-        return quantiles_from_ranks(qs, finite, {k: every[k] for k in valid})
+        every = values.copy()
+        return quantiles_from_ranks(qs, finite, select_values(every, valid) if valid else {})
     return quantiles_from_ranks(qs, finite, run_local(select_protocol(values, int(finite[0]), ranks)))
+
+
+def select_values(values: np.ndarray, ranks: list[int]) -> dict[int, np.float32]:
+    """`{rank: value}` for the 0-based `ranks` (each < the number of finite values) of `values` (1-D float32,
+    NaN = left out, sorting last), which it reorders: up to `PARTITION_UP_TO` values one partition, beyond
+    that `select_protocol` (a sample, one compiled scan, then a partition of the few values near the ranks).
+
+    numpy's partition is slow on this path in two ways (measured, numpy 2.4, float32): with a single kth it
+    costs 2.5x what it does with two (8192 values: 71 vs 27 µs), and beyond ~2^14 values its cost jumps
+    erratically (25-47k values: 40-550 µs; the protocol ~60-75 µs). So a single rank is partitioned together
+    with its neighbour, and larger arrays go through the protocol."""
+    if not ranks:
+        return {}
+    if values.size > PARTITION_UP_TO:
+        finite = values.size - int(np.count_nonzero(np.isnan(values)))
+        return run_local(select_protocol(values, finite, ranks))
+    kth = sorted(set(ranks))
+    if len(kth) == 1 and values.size > 1:
+        kth.append(kth[0] + 1 if kth[0] + 1 < values.size else kth[0] - 1)
+        kth.sort()
+    values.partition(kth)
+    return {k: values[k] for k in ranks}
 
 
 def wanted_ranks(qs: tuple[float, ...], finite: np.ndarray) -> list[int]:
@@ -294,8 +316,9 @@ def partition_quantiles(a: np.ndarray, qs: tuple[float, ...], finite: np.ndarray
 #: values between, partitioned at the end) but a cheaper sample (a strided read and a partition): 2^13 against
 #: 2^15 took toy's 819k-value medians from ~1.55 ms to ~1.2 ms each (the sample's brackets 340 -> 115 µs).
 SAMPLE_SIZE = 2**13
-#: One row of at most this many values is partitioned whole instead (measured: faster up to ~2^15).
-PARTITION_UP_TO = 2**15
+#: One row of at most this many values is partitioned whole instead (measured: faster up to ~2^14; numpy's
+#: partition turns erratic beyond, see `select_values`).
+PARTITION_UP_TO = 2**14
 _SCAN_CHUNK = 2**16  # values compared at once (with their boolean masks they stay in the L2 cache)
 _PARALLEL_SCAN = 2**22  # from this many values the scan is split over threads (measured: smaller blocks gain nothing)
 _POOL: list = []
@@ -330,8 +353,7 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
     pooled = np.concatenate([sample for _, sample, _ in got])
     pooled = pooled[~np.isnan(pooled)]
     if pooled.size == n:  # the samples were everything: they answer directly
-        pooled.partition(ranks)
-        return {k: np.float32(pooled[k]) for k in ranks}
+        return {k: np.float32(v) for k, v in select_values(pooled, ranks).items()}
     groups = _brackets(pooled, n, ranks)
     # an edge the sample holds twice is probably an atom (e.g. a ReLU's zeros): count it in the same pass
     atoms = [(_repeated(pooled, lo), _repeated(pooled, hi)) for lo, hi, _ in groups]
@@ -351,9 +373,14 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
             else:
                 outside.append((g, k))
         if inside:
-            mids = np.concatenate([part[g][1] for part in got])
-            mids.partition([k - le_lo for k in inside])
-            out.update((k, mids[k - le_lo]) for k in inside)
+            mids = np.concatenate([part[g][1] for part in got])  # finite, the same in every process
+            wanted = [k - le_lo for k in inside]
+            if mids.size < n:  # fewer than before: narrowing them again ends
+                found = select_values(mids, wanted)
+            else:
+                mids.partition(wanted)
+                found = {k: mids[k] for k in wanted}
+            out.update((k + le_lo, v) for k, v in found.items())
     missed: list[int] = []
     if outside:  # on lo or hi (an atom, e.g. a ReLU's zeros), or outside the bracket: count the edges
         edges = sorted({g for g, _ in outside})

@@ -202,6 +202,50 @@ def test_a_rank_on_an_atom_the_sample_did_not_flag_is_found_by_counting_the_edge
     assert {k: float(v) for k, v in got.items()} == {k: float(want[k]) for k in ranks}
 
 
+@pytest.mark.parametrize(
+    ("size", "kind"),
+    [(1, "normal"), (2, "normal"), (5000, "normal"), (2**14, "relu"), (2**14 + 1, "normal"), (47_000, "relu"),
+     (300_000, "normal"), (300_000, "atoms"), (70_000, "nan")],
+)
+def test_select_values_gives_the_sorted_values_at_the_ranks(size, kind):
+    """Against np.sort: partitions (a single rank included) and, beyond PARTITION_UP_TO, the protocol, whose
+    values between are narrowed by the protocol again when there are many (300k values: ~17k between)."""
+    from ternqc.runtime.calibrate import quantiles
+
+    rng = np.random.default_rng(size)
+    values = rng.standard_normal(size).astype(np.float32)
+    if kind == "relu":
+        values = np.maximum(values, 0)
+    elif kind == "atoms":
+        values[rng.random(size) < 0.3] = 0.25
+    elif kind == "nan":
+        values[rng.random(size) < 0.1] = np.nan
+    want = np.sort(values)  # NaN last
+    finite = int(np.count_nonzero(~np.isnan(values)))
+    rank_sets = [[finite // 2], [0, finite - 1], [finite // 3, finite // 3 + 1, (2 * finite) // 3]]
+    for ranks in rank_sets:
+        ranks = sorted({k for k in ranks if 0 <= k < finite})
+        got = quantiles.select_values(values.copy(), ranks)
+        assert {k: float(v) for k, v in got.items()} == {k: float(want[k]) for k in ranks}
+
+
+def test_select_protocol_narrows_many_values_between_again(monkeypatch):
+    """A sample too small for the values (wide brackets: 60k values between for 600k) takes the values between
+    through the protocol again, with the same answer as a sort."""
+    from ternqc.runtime.calibrate import quantiles
+
+    calls = []
+    real = quantiles.select_values
+    monkeypatch.setattr(quantiles, "SAMPLE_SIZE", 2**9)
+    monkeypatch.setattr(quantiles, "select_values", lambda v, r: calls.append(v.size) or real(v, r))
+    values = np.random.default_rng(3).standard_normal(600_000).astype(np.float32)
+    ranks = [299_999, 300_000]
+    got = quantiles.run_local(quantiles.select_protocol(values, values.size, ranks))
+    want = np.sort(values)
+    assert {k: float(v) for k, v in got.items()} == {k: float(want[k]) for k in ranks}
+    assert calls and calls[0] > quantiles.PARTITION_UP_TO  # the values between went through it
+
+
 def test_released_buffers_are_reused_and_the_pool_is_bounded(monkeypatch):
     from ternqc.runtime.calibrate import buffers
 
