@@ -247,11 +247,16 @@ def select_values(values: np.ndarray, ranks: list[int]) -> dict[int, np.float32]
     costs 2.5x what it does with two (8192 values: 71 vs 27 µs), and beyond ~2^14 values its cost jumps
     erratically (25-47k values: 40-550 µs; the protocol ~60-75 µs). So a single rank is partitioned together
     with its neighbour, and larger arrays go through the protocol."""
-    if not ranks:
-        return {}
-    if values.size > PARTITION_UP_TO:
+    if ranks and values.size > PARTITION_UP_TO:
         finite = values.size - int(np.count_nonzero(np.isnan(values)))
         return run_local(select_protocol(values, finite, ranks))
+    return _partitioned(values, ranks)
+
+
+def _partitioned(values: np.ndarray, ranks: list[int]) -> dict[int, np.float32]:
+    """`{rank: value}` from one in-place partition of `values` at `ranks` (a single rank with a neighbour)."""
+    if not ranks:
+        return {}
     kth = sorted(set(ranks))
     if len(kth) == 1 and values.size > 1:
         kth.append(kth[0] + 1 if kth[0] + 1 < values.size else kth[0] - 1)
@@ -353,7 +358,7 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
     pooled = np.concatenate([sample for _, sample, _ in got])
     pooled = pooled[~np.isnan(pooled)]
     if pooled.size == n:  # the samples were everything: they answer directly
-        return {k: np.float32(v) for k, v in select_values(pooled, ranks).items()}
+        return {k: np.float32(v) for k, v in _partitioned(pooled, ranks).items()}
     groups = _brackets(pooled, n, ranks)
     # an edge the sample holds twice is probably an atom (e.g. a ReLU's zeros): count it in the same pass
     atoms = [(_repeated(pooled, lo), _repeated(pooled, hi)) for lo, hi, _ in groups]
@@ -375,11 +380,8 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
         if inside:
             mids = np.concatenate([part[g][1] for part in got])  # finite, the same in every process
             wanted = [k - le_lo for k in inside]
-            if mids.size < n:  # fewer than before: narrowing them again ends
-                found = select_values(mids, wanted)
-            else:
-                mids.partition(wanted)
-                found = {k: mids[k] for k in wanted}
+            # fewer than before: narrowing them again ends
+            found = select_values(mids, wanted) if mids.size < n else _partitioned(mids, wanted)
             out.update((k + le_lo, v) for k, v in found.items())
     missed: list[int] = []
     if outside:  # on lo or hi (an atom, e.g. a ReLU's zeros), or outside the bracket: count the edges

@@ -246,6 +246,18 @@ def test_select_protocol_narrows_many_values_between_again(monkeypatch):
     assert calls and calls[0] > quantiles.PARTITION_UP_TO  # the values between went through it
 
 
+def test_select_values_ends_when_the_sample_is_every_value(monkeypatch):
+    """A sample as large as the values (more than PARTITION_UP_TO of them) answers by one partition, not by
+    selecting among the same values again."""
+    from ternqc.runtime.calibrate import quantiles
+
+    monkeypatch.setattr(quantiles, "SAMPLE_SIZE", 2**16)
+    values = np.random.default_rng(4).standard_normal(40_000).astype(np.float32)
+    want = np.sort(values)
+    got = quantiles.select_values(values.copy(), [123, 20_000])
+    assert {k: float(v) for k, v in got.items()} == {123: float(want[123]), 20_000: float(want[20_000])}
+
+
 def test_released_buffers_are_reused_and_the_pool_is_bounded(monkeypatch):
     from ternqc.runtime.calibrate import buffers
 
