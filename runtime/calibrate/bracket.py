@@ -34,6 +34,7 @@ from ternqc.runtime.calibrate.quantiles import (
     _repeated,
     sample_brackets,
     scan_brackets,
+    select_values,
 )
 
 #: Values a state keeps exactly before it places its brackets (and the total up to which it never does).
@@ -130,9 +131,9 @@ class Bracket:
 
     def narrow(self, margin: float = NARROW, last: bool = True) -> None:
         """Shrink each group to the values within `margin` of the values counted so far on each side of its
-        fractions' current ranks (exact: the values inside are sorted, the counts move with the new edges;
-        an edge the values hold twice becomes an atom edge). `last`: no later narrowing. A group whose ranks
-        are not inside it now is left as it is (it will miss, and be collected again)."""
+        fractions' current ranks (exact: the new edges are selected among the values inside, the counts move
+        with them; an edge the values hold twice becomes an atom edge). `last`: no later narrowing. A group
+        whose ranks are not inside it now is left as it is (it will miss, and be collected again)."""
         fractions = self.fractions
         if fractions is None:
             return
@@ -142,21 +143,22 @@ class Bracket:
         for g, ((lo, hi, a, b), fs) in enumerate(zip(self.groups, fractions)):
             c = self.counts[g]
             le_lo = c[0]
-            mids = np.sort(self.inside[g].values()[0])
-            i_lo = math.floor((min(fs) - margin) * (n - 1)) - le_lo  # mids[i] is the value of rank le_lo + i
+            mids = self.inside[g].values()[0]  # reordered by the selection below (only their multiset counts)
+            i_lo = math.floor((min(fs) - margin) * (n - 1)) - le_lo  # the i-th smallest has rank le_lo + i
             i_hi = math.ceil((max(fs) + margin) * (n - 1)) - le_lo
             if i_lo >= mids.size or i_hi < 0 or (i_lo < 0 and i_hi >= mids.size):
                 continue  # the ranks sit on an edge's atom, or outside: nothing to narrow
-            new_lo = mids[i_lo] if i_lo >= 0 else lo
-            new_hi = mids[i_hi] if i_hi < mids.size else hi
+            found = select_values(mids, [i for i in (i_lo, i_hi) if 0 <= i < mids.size])  # not a sort of them
+            new_lo = found[i_lo] if i_lo >= 0 else lo
+            new_hi = found[i_hi] if i_hi < mids.size else hi
             if not new_lo < new_hi:
                 continue
             counts = list(c)
             if i_lo >= 0:
-                left, right = (int(np.searchsorted(mids, new_lo, side)) for side in ("left", "right"))
+                left, right = int(np.count_nonzero(mids < new_lo)), int(np.count_nonzero(mids <= new_lo))
                 counts[0], counts[2], a = le_lo + right, le_lo + left, right - left > 1
             if i_hi < mids.size:
-                left, right = (int(np.searchsorted(mids, new_hi, side)) for side in ("left", "right"))
+                left, right = int(np.count_nonzero(mids < new_hi)), int(np.count_nonzero(mids <= new_hi))
                 counts[1], counts[3], b = le_lo + left, le_lo + right, right - left > 1
             keep = mids[(mids > new_lo) & (mids < new_hi)]
             self.inside[g].release()
@@ -257,19 +259,19 @@ def bracket_protocol(local: Bracket | np.ndarray | None, ranks: list[int], misse
     for i, (lo, hi) in enumerate(intervals):
         counts = [[part[i][0][j] for part in everyone] for j in range(4)]
         le_lo, lt_hi, lt_lo, le_hi = (None if any(c is None for c in col) else sum(col) for col in counts)
-        between = None
+        inside = []
         for k in ranks:
             if k in out:
                 continue
             if le_lo <= k < lt_hi:
-                if between is None:
-                    between = np.concatenate([part[i][1] for part in everyone])
-                    between.sort()
-                out[k] = between[k - le_lo]
+                inside.append(k - le_lo)
             elif lt_lo is not None and lt_lo <= k < le_lo:
                 out[k] = lo
             elif le_hi is not None and lt_hi <= k < le_hi:
                 out[k] = hi
+        if inside:  # a selection among the values between, not a sort of them (~1% of all: 167k for 16.7M)
+            between = np.concatenate([part[i][1] for part in everyone])
+            out.update((k + le_lo, v) for k, v in select_values(between, inside).items())
     if any(k not in out for k in ranks):
         return None
     return {k: np.float32(v) for k, v in out.items()}
