@@ -258,6 +258,32 @@ def test_select_values_ends_when_the_sample_is_every_value(monkeypatch):
     assert {k: float(v) for k, v in got.items()} == {123: float(want[123]), 20_000: float(want[20_000])}
 
 
+def test_lerp_exactly_has_torch_lerps_bits_where_it_answers():
+    """Against torch.lerp (a vector and one element at a time: its vectorised and scalar paths), on normal,
+    subnormal, signed-zero and huge values: every answer has torch's bits; weights other than 0 and 0.5 go to
+    torch."""
+    from ternqc.runtime.calibrate.quantiles import lerp_exactly
+
+    rng = np.random.default_rng(11)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 3e-45, 6e-39, -1.2e-38, 1e38, -3e38, 3e38], dtype=np.float32)
+    pool = np.concatenate([rng.standard_normal(300), rng.standard_normal(100) * 1e-40, rng.standard_normal(100) * 1e37])
+    pool = np.concatenate([pool.astype(np.float32), special])
+    lo, hi = rng.choice(pool, 3000), rng.choice(pool, 3000)
+    answered = 0
+    for w in (0.0, 0.5):
+        vector = torch.lerp(torch.from_numpy(lo), torch.from_numpy(hi), torch.full((lo.size,), w)).numpy()
+        for i in range(0, lo.size, 7 if w else 1):
+            got = lerp_exactly(lo[i], hi[i], w)
+            if got is None:
+                continue
+            answered += 1
+            one = torch.lerp(torch.tensor([lo[i]]), torch.tensor([hi[i]]), torch.tensor([w])).numpy()[0]
+            assert np.float32(got).tobytes() == vector[i].tobytes() == one.tobytes(), (lo[i], hi[i], w)
+    assert answered > 3000
+    assert lerp_exactly(np.float32(1.0), np.float32(2.0), 0.25) is None
+    assert lerp_exactly(np.float32(1e-45), np.float32(4e-45), 0.5) is None  # a subnormal difference halved
+
+
 def test_released_buffers_are_reused_and_the_pool_is_bounded(monkeypatch):
     from ternqc.runtime.calibrate import buffers
 
