@@ -228,29 +228,33 @@ class ExactValues:
 
 def row_quantiles(values: np.ndarray, qs: tuple[float, ...], finite: np.ndarray) -> list[np.ndarray]:
     """`ExactValues.quantiles` of one row: `values` (1-D float32, NaN = left out, only read), `finite[0]` of them
-    not NaN; `[1]` float32 arrays. Up to `PARTITION_UP_TO` values one partition (of a copy), beyond that
-    `select_protocol`."""
-    ranks = wanted_ranks(qs, finite)
-    if values.size <= PARTITION_UP_TO:  # one partition of them all costs less than the protocol's rounds
-        valid = [k for k in ranks if 0 <= k < int(finite[0])]
-        every = values.copy()
-        return quantiles_from_ranks(qs, finite, select_values(every, valid) if valid else {})
-    return quantiles_from_ranks(qs, finite, run_local(select_protocol(values, int(finite[0]), ranks)))
+    not NaN; `[1]` float32 arrays (`select_values`)."""
+    valid = [k for k in wanted_ranks(qs, finite) if 0 <= k < int(finite[0])]
+    return quantiles_from_ranks(qs, finite, select_values(values, valid, int(finite[0]), keep=True))
 
 
-def select_values(values: np.ndarray, ranks: list[int]) -> dict[int, np.float32]:
-    """`{rank: value}` for the 0-based `ranks` (each < the number of finite values) of `values` (1-D float32,
-    NaN = left out, sorting last), which it reorders: up to `PARTITION_UP_TO` values one partition, beyond
-    that `select_protocol` (a sample, one compiled scan, then a partition of the few values near the ranks).
+def select_values(
+    values: np.ndarray, ranks: list[int], finite: int | None = None, keep: bool = False
+) -> dict[int, np.float32]:
+    """`{rank: value}` for the 0-based `ranks` (each < `finite`, the number of values not NaN; counted when
+    None) of `values` (1-D float32, NaN = left out, sorting last), which may be reordered unless `keep`.
 
-    numpy's partition is slow on this path in two ways (measured, numpy 2.4, float32): with a single kth it
-    costs 2.5x what it does with two (8192 values: 71 vs 27 µs), and beyond ~2^14 values its cost jumps
-    erratically (25-47k values: 40-550 µs; the protocol ~60-75 µs). So a single rank is partitioned together
-    with its neighbour, and larger arrays go through the protocol."""
-    if ranks and values.size > PARTITION_UP_TO:
-        finite = values.size - int(np.count_nonzero(np.isnan(values)))
-        return run_local(select_protocol(values, finite, ranks))
-    return _partitioned(values, ranks)
+    Beyond `PARTITION_SMALL` values the compiled selection (`scan_kernel.select`: brackets from samples and a
+    branch-free counting pass each; it only reads), else one partition (of a copy with `keep`); without the
+    library beyond `PARTITION_UP_TO` values `select_protocol` (a sample, one scan, a partition of the few values
+    near the ranks). numpy's partition costs ~8-10 ns a value on fresh data (about every other comparison
+    mispredicted; measured 134 µs for 12800 values, 8.9 ms for 819200, against 27 µs and 275 µs compiled), and
+    with a single kth 2.5x what it costs with two: a single rank is partitioned with its neighbour."""
+    if not ranks:
+        return {}
+    if values.size > PARTITION_SMALL:
+        count = finite if finite is not None else values.size - int(np.count_nonzero(np.isnan(values)))
+        got = scan_kernel.select(values, ranks, count)
+        if got is not None:
+            return got
+        if values.size > PARTITION_UP_TO:
+            return run_local(select_protocol(values, count, ranks))
+    return _partitioned(values.copy() if keep else values, ranks)
 
 
 def _partitioned(values: np.ndarray, ranks: list[int]) -> dict[int, np.float32]:
@@ -340,9 +344,11 @@ def partition_quantiles(a: np.ndarray, qs: tuple[float, ...], finite: np.ndarray
 #: values between, partitioned at the end) but a cheaper sample (a strided read and a partition): 2^13 against
 #: 2^15 took toy's 819k-value medians from ~1.55 ms to ~1.2 ms each (the sample's brackets 340 -> 115 µs).
 SAMPLE_SIZE = 2**13
-#: One row of at most this many values is partitioned whole instead (measured: faster up to ~2^14; numpy's
-#: partition turns erratic beyond, see `select_values`).
+#: Without the compiled selection, one row of at most this many values is partitioned whole instead of going
+#: through `select_protocol` (measured: faster up to ~2^14).
 PARTITION_UP_TO = 2**14
+#: At most this many values are partitioned by numpy even with the compiled selection (faster up to ~2-3k).
+PARTITION_SMALL = 2048
 _SCAN_CHUNK = 2**16  # values compared at once (with their boolean masks they stay in the L2 cache)
 _PARALLEL_SCAN = 2**22  # from this many values the scan is split over threads (measured: smaller blocks gain nothing)
 _POOL: list = []
@@ -377,7 +383,8 @@ def select_protocol(values: np.ndarray | None, finite: int, ranks: list[int], pa
     pooled = np.concatenate([sample for _, sample, _ in got])
     pooled = pooled[~np.isnan(pooled)]
     if pooled.size == n:  # the samples were everything: they answer directly
-        return {k: np.float32(v) for k, v in _partitioned(pooled, ranks).items()}
+        got = scan_kernel.select(pooled, ranks, n) if n > PARTITION_SMALL else None  # never the protocol again
+        return {k: np.float32(v) for k, v in (got or _partitioned(pooled, ranks)).items()}
     groups = _brackets(pooled, n, ranks)
     # an edge the sample holds twice is probably an atom (e.g. a ReLU's zeros): count it in the same pass
     atoms = [(_repeated(pooled, lo), _repeated(pooled, hi)) for lo, hi, _ in groups]
@@ -447,7 +454,7 @@ def sample_brackets(
     """`(lo, hi, members)` groups from a sample (no NaN, in any order): around each `(fraction, member)` of
     `items` (by increasing fraction), `width` of the sample plus five standard deviations of its rank error
     (and 8) on each side; overlapping brackets joined, their members together. An empty sample brackets
-    everything. The edges are the sample's order statistics at those positions (a partition, not a sort)."""
+    everything. The edges are the sample's order statistics at those positions (selected, not sorted)."""
     s = sample.size
     inf = np.float32(np.inf)
     if s == 0:
@@ -458,12 +465,11 @@ def sample_brackets(
         d = int(5.0 * math.sqrt(s * f * (1.0 - f)) + width * s) + 8
         spans.append((math.floor(j) - d, math.ceil(j) + d, member))
     kth = sorted({i for i_lo, i_hi, _ in spans for i in (i_lo, i_hi) if 0 <= i < s})
-    if kth:
-        sample = np.partition(sample, kth)
+    at = select_values(sample, kth, s, keep=True)
     groups: list[list] = []
     for i_lo, i_hi, member in spans:
-        lo = sample[i_lo] if i_lo >= 0 else -inf
-        hi = sample[i_hi] if i_hi < s else inf
+        lo = at[i_lo] if i_lo >= 0 else -inf
+        hi = at[i_hi] if i_hi < s else inf
         if groups and lo <= groups[-1][1]:
             groups[-1][1] = max(groups[-1][1], hi)
             groups[-1][2].append(member)

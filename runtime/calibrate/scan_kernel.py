@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 #: The calling convention expected of the library (`ternqc_scan_abi` in `native/scan.c`).
-ABI = 4
+ABI = 5
 #: Values the scans may keep per call (the scratch buffer, per thread): a scan that keeps more is called again.
 SCRATCH = 2**16
 #: Lanes of the fixed-order sums (`SUM_LANES` in `native/scan.c`, `sums.lane_sums`).
@@ -54,6 +54,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             lib.ternqc_scan_row.argtypes = [_I32, _P, _I64, _F, _F, _I32, _P, _P, _P, _P, _I64, _P, _P]
             lib.ternqc_row_sums.restype = _I64
             lib.ternqc_row_sums.argtypes = [_I32, _P, _I64, _I64, _I32, _P, _P]
+            lib.ternqc_select.restype = _I32
+            lib.ternqc_select.argtypes = [_I32, _P, _I64, _I64, _P, _I64, _P]
             return lib, ""
     return None, "the compiled scans are not built"
 
@@ -88,6 +90,10 @@ def use_lanes(lanes: int) -> int:
     return previous
 
 
+#: Ranks one `select` call takes at most (more are selected in several calls).
+_SELECT_RANKS = 64
+
+
 class _Scratch:
     """Per-thread output buffers and result cells (the scans run in the selection threads too). `outs[i]`:
     output buffer i (a scan's bracket i, or the probe's shared pass), made on first use and kept: the values a
@@ -105,7 +111,9 @@ class _Scratch:
         self.mm = np.zeros(2, dtype=np.float32)
         self.lanes = np.zeros(SUM_LANES + 1, dtype=np.float64)  # the lanes, then their total
         self.sums = np.zeros(64, dtype=np.float64)  # row_sums's per-row sums (grown when more rows come)
-        names = ("counts", "acc", "kept", "sum", "top", "mm", "lanes", "sums")
+        self.ranks = np.zeros(_SELECT_RANKS, dtype=np.int64)  # select's ranks and their values
+        self.values = np.zeros(_SELECT_RANKS, dtype=np.float32)
+        names = ("counts", "acc", "kept", "sum", "top", "mm", "lanes", "sums", "ranks", "values")
         self.ptr = {name: getattr(self, name).ctypes.data for name in names}
 
     def out(self, i: int) -> tuple[np.ndarray, int]:
@@ -288,6 +296,26 @@ def row_sums(
     bad = _LIB.ternqc_row_sums(LANES, address, k, n, int(absolute), s.ptr["sums"], s.ptr["mm"])
     mn, mx = s.mm.tolist()
     return s.sums[:k].copy(), mn, mx, bool(bad)
+
+
+def select(values: np.ndarray, ranks: list[int], finite: int) -> dict[int, np.float32] | None:
+    """`{rank: value}` for the 0-based `ranks` (each < `finite`) among the `finite` values of `values` (1-D
+    float32, NaN = left out, only read) that are not NaN, exactly: brackets from samples and one branch-free
+    counting pass each (`ternqc_select`). None without the library, for values it does not take, or when it
+    could not allocate its buffers."""
+    if not ranks or not _usable(values):
+        return None
+    s = _scratch()
+    wanted = sorted(set(ranks))
+    address = values.__array_interface__["data"][0]
+    found: dict[int, np.float32] = {}
+    for start in range(0, len(wanted), _SELECT_RANKS):
+        part = wanted[start : start + _SELECT_RANKS]
+        s.ranks[: len(part)] = part
+        if _LIB.ternqc_select(LANES, address, values.size, finite, s.ptr["ranks"], len(part), s.ptr["values"]):
+            return None
+        found.update(zip(part, s.values[: len(part)].tolist()))
+    return {k: np.float32(found[k]) for k in ranks}
 
 
 class numpy_scans:

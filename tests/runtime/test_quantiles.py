@@ -229,21 +229,25 @@ def test_select_values_gives_the_sorted_values_at_the_ranks(size, kind):
         assert {k: float(v) for k, v in got.items()} == {k: float(want[k]) for k in ranks}
 
 
-def test_select_protocol_narrows_many_values_between_again(monkeypatch):
-    """A sample too small for the values (wide brackets: 60k values between for 600k) takes the values between
-    through the protocol again, with the same answer as a sort."""
-    from ternqc.runtime.calibrate import quantiles
+@pytest.mark.parametrize("native", [True, False])
+def test_select_protocol_narrows_many_values_between_again(monkeypatch, native):
+    """A sample too small for the values (wide brackets: 60k values between for 600k) selects among the values
+    between as among any values (compiled, or without the library through the protocol again), with the same
+    answer as a sort."""
+    from ternqc.runtime.calibrate import quantiles, scan_kernel
 
+    if not native:
+        monkeypatch.setattr(scan_kernel, "select", lambda *a: None)
     calls = []
     real = quantiles.select_values
     monkeypatch.setattr(quantiles, "SAMPLE_SIZE", 2**9)
-    monkeypatch.setattr(quantiles, "select_values", lambda v, r: calls.append(v.size) or real(v, r))
+    monkeypatch.setattr(quantiles, "select_values", lambda v, r, *a, **k: calls.append(v.size) or real(v, r, *a, **k))
     values = np.random.default_rng(3).standard_normal(600_000).astype(np.float32)
     ranks = [299_999, 300_000]
     got = quantiles.run_local(quantiles.select_protocol(values, values.size, ranks))
     want = np.sort(values)
     assert {k: float(v) for k, v in got.items()} == {k: float(want[k]) for k in ranks}
-    assert calls and calls[0] > quantiles.PARTITION_UP_TO  # the values between went through it
+    assert max(calls) > quantiles.PARTITION_UP_TO  # the values between were selected among, not partitioned
 
 
 def test_select_values_ends_when_the_sample_is_every_value(monkeypatch):

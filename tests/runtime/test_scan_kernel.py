@@ -445,3 +445,35 @@ def test_band_scan_on_the_probe_pass_changes_nothing(monkeypatch):
     separate = finished()
     assert not calls
     assert shared == separate
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [1, 48, 49, 777, 5000, 70_001])
+@pytest.mark.parametrize("kind", ["adversarial", "atoms", "descending", "mostly_nan"])
+def test_select_equals_the_sorted_values(lanes, size, kind):
+    """`scan_kernel.select` against np.sort (NaN last) at every width: NaN left out, ±Inf and signed zeros
+    ranked, a few values repeated thousands of times, values in descending order, and nine in ten values NaN;
+    single ranks, neighbours, both ends, and more ranks than one call takes."""
+    rng = np.random.default_rng(size)
+    if kind == "adversarial":
+        x = _adversarial(size, size)
+    elif kind == "atoms":
+        x = rng.integers(-2, 3, size).astype(np.float32) / 4
+    elif kind == "descending":
+        x = np.sort(rng.standard_normal(size).astype(np.float32))[::-1].copy()
+    else:
+        x = rng.standard_normal(size).astype(np.float32)
+        x[rng.random(size) < 0.9] = np.nan
+    finite = int(np.count_nonzero(~np.isnan(x)))
+    if finite == 0:
+        return
+    want = np.sort(x)
+    before = x.copy()
+    rank_sets = [[finite // 2], [max(0, finite // 2 - 1), finite // 2], [0, finite - 1],
+                 sorted({int(k) for k in rng.integers(0, finite, 100)})]
+    for ranks in rank_sets:
+        got = scan_kernel.select(x, ranks, finite)
+        assert got is not None and set(got) == set(ranks)
+        for k in ranks:
+            assert got[k] == want[k] or (np.isnan(got[k]) and np.isnan(want[k])), (k, got[k], want[k])
+    assert np.array_equal(x, before, equal_nan=True)  # only read

@@ -14,6 +14,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Lanes of the fixed-order float64 sums (ternqc_row_sums): a multiple of every vector width, and enough
@@ -69,7 +70,7 @@ __attribute__((constructor)) static void ternqc_compact8_init(void)
 
 /* The calling convention of this file's functions: scan_kernel.py refuses a library built with another
    (a stale build), and scans in numpy instead. */
-int32_t ternqc_scan_abi(void) { return 4; }
+int32_t ternqc_scan_abi(void) { return 5; }
 
 /* The vector width this CPU runs: 16, 8 or 4 floats. */
 int32_t ternqc_scan_lanes(void)
@@ -148,4 +149,19 @@ int64_t ternqc_row_sums(int32_t lanes, const float *x, int64_t k, int64_t n, int
 #endif
     (void)lanes;
     return row_sums_v1(x, k, n, take_abs, sums, mm);
+}
+
+/* out[i] = the value at 0-based rank ks[i] (ascending, each < finite) among the `finite` values of x[0..n) that
+   are not NaN, exactly (x is only read): brackets from samples and one counting pass each, no sort and no
+   branch per value (numpy's partition mispredicts about every other comparison on fresh data: ~8 ns a value).
+   Returns 0, or -1 when memory could not be had (nothing is then known). */
+int32_t ternqc_select(int32_t lanes, const float *x, int64_t n, int64_t finite, const int64_t *ks, int64_t nk,
+                      float *out)
+{
+#ifdef TERNQC_X86_LEVELS
+    if (lanes >= 16) return select_v4(x, n, finite, ks, nk, out);
+    if (lanes >= 8) return select_v3(x, n, finite, ks, nk, out);
+#endif
+    (void)lanes;
+    return select_v1(x, n, finite, ks, nk, out);
 }

@@ -453,6 +453,135 @@ static int64_t NAME(row_sums)(const float *x, int64_t k, int64_t n, int32_t take
     return NAME(row_sums_body)(x, k, n, 0, sums, mm);
 }
 
+/* --- Exact selection: the values at given ranks, by brackets from a sample and one counting pass each --- */
+
+/* At most this many values are sorted (insertion sort) instead of bracketed. */
+#define SELECT_SMALL 48
+
+/* Append the values of x[0..n) strictly between l and h (lo < x < hi) to *dst (made here, room for them all);
+   counts as scan_one's. 0, or -1 when memory could not be had. */
+static int NAME(select_pass)(const float *x, int64_t n, float l, float h, int64_t *counts, float **dst,
+                             int64_t *kept)
+{
+    *dst = malloc((size_t)(n + BLOCK) * sizeof **dst);
+    if (*dst == NULL) return -1;
+    memset(counts, 0, 4 * sizeof *counts);
+    *kept = 0;
+    NAME(scan_one)(x, n, l, h, 1, 1, counts, *dst, n + BLOCK, kept, 0, NULL, NULL);
+    return 0;
+}
+
+/* out[i] = the value at 0-based rank ks[i] (ascending, each < finite) among the `finite` values of x[0..n) that
+   are not NaN (x is only read). Each round: a strided sample of the values, its order statistics around the
+   ranks (by this selection, on the sample) as a bracket [lo, hi], one pass that counts the values <= lo, < hi,
+   < lo, <= hi and copies those strictly between; a rank between the counts is selected among the copies, a
+   rank at lo or hi (an atom) is lo or hi, and a rank outside (the sample misled) among the values below lo or
+   above hi (a second pass). Every round leaves out at least one value, so it ends; a few dozen values are
+   sorted. Returns 0, or -1 when memory could not be had. */
+static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t *ks, int64_t nk, float *out)
+{
+    if (nk <= 0) return 0;
+    if (finite <= SELECT_SMALL) {
+        float a[SELECT_SMALL];
+        int64_t m = 0;
+        for (int64_t i = 0; i < n && m < SELECT_SMALL; i++)
+            if (x[i] == x[i]) a[m++] = x[i];
+        for (int64_t i = 1; i < m; i++) {
+            const float v = a[i];
+            int64_t j = i - 1;
+            while (j >= 0 && a[j] > v) {
+                a[j + 1] = a[j];
+                j--;
+            }
+            a[j + 1] = v;
+        }
+        for (int64_t i = 0; i < nk; i++) out[i] = a[ks[i]];
+        return 0;
+    }
+    if (nk > 1 && ks[nk - 1] - ks[0] > finite / 8) { /* far apart: one bracket each side */
+        const int64_t h = nk / 2;
+        if (NAME(select)(x, n, finite, ks, h, out)) return -1;
+        return NAME(select)(x, n, finite, ks + h, nk - h, out + h);
+    }
+    /* the sample: every stride-th value that is not NaN (all of them in order when NaN hide too many) */
+    int64_t want = finite / 8;
+    want = want < 32 ? 32 : want > 2048 ? 2048 : want;
+    float *sample = malloc((size_t)want * sizeof *sample);
+    if (sample == NULL) return -1;
+    const int64_t stride = n / want > 1 ? n / want : 1;
+    int64_t s = 0;
+    for (int64_t i = 0; i < n && s < want; i += stride)
+        if (x[i] == x[i]) sample[s++] = x[i];
+    if (s < 32)
+        for (int64_t i = s = 0; i < n && s < want; i++)
+            if (x[i] == x[i]) sample[s++] = x[i];
+    /* its order statistics around the ranks: 3 standard deviations of a sample rank (at most sqrt(s)/2) + 4 */
+    const int64_t d = (int64_t)(1.5 * sqrt((double)s)) + 4;
+    const int64_t i_lo = (int64_t)floor((double)ks[0] / (double)(finite - 1) * (double)(s - 1)) - d;
+    const int64_t i_hi = (int64_t)ceil((double)ks[nk - 1] / (double)(finite - 1) * (double)(s - 1)) + d;
+    int64_t pk[2];
+    float pv[2];
+    int np = 0;
+    if (i_lo >= 0) pk[np++] = i_lo;
+    if (i_hi < s) pk[np++] = i_hi;
+    const int bad = np ? NAME(select)(sample, s, s, pk, np, pv) : 0;
+    free(sample);
+    if (bad) return -1;
+    const float lo = i_lo >= 0 ? pv[0] : -INFINITY, hi = i_hi < s ? pv[np - 1] : INFINITY;
+    int64_t c[4], kept;
+    float *mid;
+    if (NAME(select_pass)(x, n, lo, hi, c, &mid, &kept)) return -1;
+    const int64_t le_lo = finite - c[0], lt_hi = le_lo + c[1], lt_lo = c[2], le_hi = finite - c[3];
+    int64_t rel[64];
+    int rc = 0;
+    int64_t i = 0;
+    while (i < nk && rc == 0) { /* runs of ranks in the same place, at most 64 at a time */
+        const int64_t k = ks[i];
+        if (lt_lo <= k && k < le_lo) { out[i++] = lo; continue; }
+        if (lt_hi <= k && k < le_hi) { out[i++] = hi; continue; }
+        int64_t j = i, m = 0;
+        if (le_lo <= k && k < lt_hi) { /* between: among the copies */
+            while (j < nk && m < 64 && le_lo <= ks[j] && ks[j] < lt_hi) rel[m++] = ks[j++] - le_lo;
+            rc = NAME(select)(mid, kept, kept, rel, m, out + i);
+        } else if (k < lt_lo) { /* below lo: among the values in (-inf, lo), -inf itself by its count */
+            float *below;
+            int64_t cb[4], nb;
+            if (NAME(select_pass)(x, n, -INFINITY, lo, cb, &below, &nb)) { rc = -1; break; }
+            const int64_t ninf = finite - cb[0];
+            while (j < nk && m < 64 && ks[j] < lt_lo && (ks[j] < ninf || ks[j] - ninf < nb)) {
+                if (ks[j] < ninf) out[j] = -INFINITY;
+                rel[m++] = ks[j] < ninf ? -1 : ks[j] - ninf;
+                j++;
+            }
+            int64_t r2[64], q = 0;
+            for (int64_t t = 0; t < m; t++) if (rel[t] >= 0) r2[q++] = rel[t];
+            float v2[64];
+            rc = NAME(select)(below, nb, nb, r2, q, v2);
+            for (int64_t t = 0, u = 0; t < m; t++) if (rel[t] >= 0) out[i + t] = v2[u++];
+            free(below);
+        } else { /* above hi: among the values in (hi, +inf), +inf itself by its count */
+            float *above;
+            int64_t ca[4], na;
+            if (NAME(select_pass)(x, n, hi, INFINITY, ca, &above, &na)) { rc = -1; break; }
+            while (j < nk && m < 64 && ks[j] >= le_hi) {
+                rel[m++] = ks[j] - le_hi < na ? ks[j] - le_hi : -1;
+                j++;
+            }
+            int64_t r2[64], q = 0;
+            for (int64_t t = 0; t < m; t++) if (rel[t] >= 0) r2[q++] = rel[t];
+            float v2[64];
+            rc = NAME(select)(above, na, na, r2, q, v2);
+            for (int64_t t = 0, u = 0; t < m; t++) out[i + t] = rel[t] >= 0 ? v2[u++] : INFINITY;
+            free(above);
+        }
+        i = j;
+    }
+    free(mid);
+    return rc;
+}
+
+#undef SELECT_SMALL
+
 #undef HALF
 #undef NACC
 #undef LANE_EACH
