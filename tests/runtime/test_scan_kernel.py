@@ -449,13 +449,20 @@ def test_band_scan_on_the_probe_pass_changes_nothing(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("size", [1, 48, 49, 777, 5000, 70_001])
-@pytest.mark.parametrize("kind", ["adversarial", "atoms", "descending", "mostly_nan"])
+@pytest.mark.parametrize("kind", ["adversarial", "atoms", "descending", "mostly_nan", "sample_high", "sample_low"])
 def test_select_equals_the_sorted_values(lanes, size, kind):
     """`scan_kernel.select` against np.sort (NaN last) at every width: NaN left out, ±Inf and signed zeros
-    ranked, a few values repeated thousands of times, values in descending order, and nine in ten values NaN;
-    single ranks, neighbours, both ends, and more ranks than one call takes."""
+    ranked, a few values repeated thousands of times, values in descending order, nine in ten values NaN, and
+    a misleading sample (every value at the first round's sampling stride far above or below the rest, so the
+    ranks fall outside its bracket); single ranks, neighbours, both ends, and more ranks than one call takes."""
     rng = np.random.default_rng(size)
-    if kind == "adversarial":
+    if kind.startswith("sample_"):
+        x = rng.standard_normal(size).astype(np.float32)
+        want = min(2048, max(32, size // 8))  # the first round samples every p-th value, p prime >= size / want
+        primes = (c for c in range(max(2, size // want), 2 * size + 3) if all(c % d for d in range(2, int(c**0.5) + 1)))
+        p = 1 if size // want <= 1 else next(primes)
+        x[::p] = 1000.0 if kind == "sample_high" else -1000.0
+    elif kind == "adversarial":
         x = _adversarial(size, size)
     elif kind == "atoms":
         x = rng.integers(-2, 3, size).astype(np.float32) / 4

@@ -458,6 +458,18 @@ static int64_t NAME(row_sums)(const float *x, int64_t k, int64_t n, int32_t take
 /* At most this many values are sorted (insertion sort) instead of bracketed. */
 #define SELECT_SMALL 48
 
+/* The smallest prime >= n (1 for n <= 1). */
+static int64_t NAME(prime_at_least)(int64_t n)
+{
+    if (n <= 2) return n < 1 ? 1 : n;
+    for (int64_t c = n | 1;; c += 2) {
+        int prime = 1;
+        for (int64_t p = 3; p * p <= c; p += 2)
+            if (c % p == 0) { prime = 0; break; }
+        if (prime) return c;
+    }
+}
+
 /* Append the values of x[0..n) strictly between l and h (lo < x < hi) to *dst (made here, room for them all);
    counts as scan_one's. 0, or -1 when memory could not be had. */
 static int NAME(select_pass)(const float *x, int64_t n, float l, float h, int64_t *counts, float **dst,
@@ -503,12 +515,12 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
         if (NAME(select)(x, n, finite, ks, h, out)) return -1;
         return NAME(select)(x, n, finite, ks + h, nk - h, out + h);
     }
-    /* the sample: every stride-th value that is not NaN (all of them in order when NaN hide too many) */
+    /* the sample: every stride-th value that is not NaN (the first ones in order when NaN hide too many) */
     int64_t want = finite / 8;
     want = want < 32 ? 32 : want > 2048 ? 2048 : want;
     float *sample = malloc((size_t)want * sizeof *sample);
     if (sample == NULL) return -1;
-    const int64_t stride = n / want > 1 ? n / want : 1;
+    const int64_t stride = NAME(prime_at_least)(n / want); /* prime: no aliasing with a tensor's layout */
     int64_t s = 0;
     for (int64_t i = 0; i < n && s < want; i += stride)
         if (x[i] == x[i]) sample[s++] = x[i];
