@@ -184,7 +184,11 @@ def _pre_hook(collector: Collector, inputs: list[tuple[int, TensorStats, str]], 
 
         def hook(module, args):
             if args and isinstance(args[0], torch.Tensor):
-                _update(ts, args[0], path, name, collector.batch)
+                try:  # `_update`, inline: this runs for every module on every batch
+                    ts.update(args[0], collector.batch)
+                except UserError as exc:
+                    msg = f"{path} {name}: {exc}"
+                    raise UserError(msg) from None
             else:
                 _update_nth(collector, args, inputs, path)
 

@@ -121,6 +121,21 @@ class TensorStats:
         return s[: x.numel()].view(x.shape)
 
     def update(self, x: torch.Tensor, batch: int | None = None) -> None:
+        st = self._stage
+        if (  # the common case, first: the first call of a batch, staged (the same as the general path below)
+            st is not None and batch is not None and batch != self._batch and x.shape == st.shape
+            and x.dtype is st.dtype and not x.requires_grad
+        ):
+            self._batch, self._call = batch, 0
+            self.updates += 1
+            k = st.k
+            row = st.rows[k]
+            (st.row(k) if row is None else row).copy_(x)
+            st.keys.append(batch * KEY_CALLS)
+            st.k = k + 1
+            if k + 1 == len(st.rows):
+                self.flush()
+            return
         if x.requires_grad or x.dtype not in FLOATS or (self.batched and x.dim() == 0):
             x = as_float(x, self.batched)
         if batch is None:
