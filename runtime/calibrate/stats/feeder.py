@@ -264,7 +264,7 @@ class TensorStats:
         for state in self.states.values():
             state.release()
         for t in (self._scratch, self._stage.flat if self._stage is not None else None):
-            if t is not None and t.device.type == "cpu" and t.dtype == torch.float32:
+            if t is not None and t.is_cpu and t.dtype == torch.float32:
                 give_back(t.numpy())
         self._scratch = None
         if self._stage is not None:

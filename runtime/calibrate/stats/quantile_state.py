@@ -113,9 +113,10 @@ class QuantileState(StatState):
         self.budget.cancel(self._promised)  # no sketch will be needed any more
         self._promised = 0
 
-    def _start(self, per_update: int) -> None:
+    def _start(self, per_update: int, reserve: bool = True) -> None:
         """The first batch: an exact buffer (sized from the hint) or, when the hint says the values cannot
-        fit, a sketch."""
+        fit, a sketch. Not `reserve`: the room is not taken yet (the first block is all the values, in a buffer
+        that `ExactValues.adopt` may keep)."""
         rows = self.layout.rows
         self._promise(rows)
         self._exact = ExactValues(rows, self.budget)
@@ -134,7 +135,8 @@ class QuantileState(StatState):
         self.budget.cancel(self._promised)
         self._promised = 0
         self.budget.force((planned - local) * rows * 4)  # the other processes' share of the values
-        self._exact.reserve(local)
+        if reserve:
+            self._exact.reserve(local)
 
     def _observe(self, block):
         if self._read_once:
@@ -151,7 +153,7 @@ class QuantileState(StatState):
                 self._bracket.narrow()
             return
         lay, x, mask = self.layout, block.x, block.mask
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             x = x.cpu()
             mask = None if mask is None else mask.cpu()
         if mask is not None:
@@ -175,7 +177,9 @@ class QuantileState(StatState):
                     self._read_once = True
                     return
                 self._per_update = m // block.k
-                self._start(self._per_update)
+                # a staging buffer holding every value planned here: kept as it is, no room reserved to give back
+                whole = block.handover is not None and mask is None and m == self._per_update * (self.size_hint or 0)
+                self._start(self._per_update, reserve=not whole)
             if self._head:
                 slot = self._exact.slot(m)
                 if slot is not None:
