@@ -317,11 +317,20 @@ INLINE int64_t NAME(scan_row_body)(const float *x, int64_t n, float cut, float l
             const vi bigger = (vi)(w > mx);
             mx = (vf)(((vi)w & bigger) | ((vi)mx & ~bigger));
             s += __builtin_convertvector(w, vd);
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+            if (keep) { /* lo < v <= cut: the compares stay masks, straight into the compress (as keep_between) */
+                const __mmask16 m = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask((__m512)v, (__m512)lv, _CMP_GT_OQ),
+                                                            (__m512)v, (__m512)cv, _CMP_LE_OQ);
+                _mm512_storeu_ps(out + k, _mm512_maskz_compress_ps(m, (__m512)v));
+                k += __builtin_popcount((unsigned)m);
+            }
+#else
             if (keep) seen |= (vi)(v > lv) & ~a;
+#endif
         }
         if (sums)
             for (int j = 0; j < BLOCK; j += SUM_LANES) LANE_ADD(p + j, sums == 2);
-        if (keep && NAME(any)(seen)) {
+        if (LANES < 16 && keep && NAME(any)(seen)) {
             for (int j = 0; j < BLOCK; j += LANES) {
                 vf v = NAME(load)(p + j);
                 if (magnitudes) v = (vf)((vi)v & magnitude);
