@@ -569,7 +569,7 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
             int64_t cb[4], nb;
             if (NAME(select_pass)(x, n, -INFINITY, lo, cb, &below, &nb)) { rc = -1; break; }
             const int64_t ninf = finite - cb[0];
-            while (j < nk && m < 64 && ks[j] < lt_lo && (ks[j] < ninf || ks[j] - ninf < nb)) {
+            while (j < nk && m < 64 && ks[j] < lt_lo) { /* lt_lo = ninf + nb */
                 if (ks[j] < ninf) out[j] = -INFINITY;
                 rel[m++] = ks[j] < ninf ? -1 : ks[j] - ninf;
                 j++;
