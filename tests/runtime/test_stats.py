@@ -448,6 +448,34 @@ def test_staged_batches_give_the_bits_of_batches_fed_one_by_one(dims):
             np.testing.assert_array_equal(np.asarray(staged[s][field]), np.asarray(value), err_msg=s.key())
 
 
+@pytest.mark.parametrize("dims", ["all", "none"])
+def test_staged_batches_copied_either_way_give_the_same_bits(dims):
+    """Batches staged by index (the hook's path): contiguous ones go in by a memmove, others (a transposed view,
+    a tensor subclass) by `copy_`; the results equal states fed one batch at a time."""
+    g = torch.Generator().manual_seed(11)
+    base = [torch.randn(8, 4, 5, generator=g) * 3 - 1 for _ in range(40)]
+    fed = []
+    for i, x in enumerate(base):
+        if i % 3 == 1:
+            fed.append(x.transpose(1, 2).contiguous().transpose(1, 2))  # the same values, not contiguous
+        elif i % 3 == 2:
+            fed.append(torch.nn.Parameter(x.clone(), requires_grad=False))  # a subclass
+        else:
+            fed.append(x)
+    assert not fed[1].is_contiguous()
+    specs = [spec(n, dims, **o) for n, o in STAT_CASES]
+    ts = TensorStats(specs, size_hint=40)
+    singles = {s: make_state(s) for s in specs}
+    for i, x in enumerate(fed):
+        ts.update(x, batch=i)
+        for state in singles.values():
+            state.update(base[i])
+    staged = ts.results()
+    for s, state in singles.items():
+        for field, value in state.result().items():
+            np.testing.assert_array_equal(np.asarray(staged[s][field]), np.asarray(value), err_msg=s.key())
+
+
 @pytest.mark.parametrize(
     "batches, hint, handed",
     [(20, 20, True), (30, 10, True), (70, 70, False), (20, None, False)],
