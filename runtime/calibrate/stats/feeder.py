@@ -142,14 +142,10 @@ class TensorStats:
         ):
             self._batch, self._call = batch, 0
             self.updates += 1
-            k = st.k
-            if st.address and type(x) is torch.Tensor and x.is_cpu and x.is_contiguous() and not x.is_neg():
-                ctypes.memmove(st.address + k * st.row_bytes, x.data_ptr(), st.row_bytes)  # `_Stage.put`, inline
-            else:
-                st.put(x)
+            st.put(x)
             st.keys.append(batch * KEY_CALLS)
-            st.k = k + 1
-            if k + 1 == st.kmax:
+            st.k += 1
+            if st.k == st.kmax:
                 self.flush()
             return
         if x.requires_grad or x.dtype not in FLOATS or (self.batched and x.dim() == 0):
