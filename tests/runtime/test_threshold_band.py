@@ -136,3 +136,43 @@ def test_a_row_scanned_by_threads_gives_what_one_thread_gives(monkeypatch):
     above = row[row > np.float32(0.6)]
     assert one[0] == above.size and one[2] == above.max()
     assert one[1] == np.sum(above, dtype=np.float64)  # exact: any order gives these bits
+
+
+def late(xs, band, budget):
+    """Pending with its band given after the first batch (`band_coming`, then `set_band`), as the calibration
+    pass does when it predicts Δ from its own first batch."""
+    ts = TensorStats([SPEC], band_coming=True, quantile_budget=budget, plan_hint=len(xs), size_hint=len(xs))
+    for i, x in enumerate(xs):
+        ts.update(x, i)
+        if i == 0:
+            ts.set_band(band)
+    return ts, ts.states[SPEC]
+
+
+@pytest.mark.parametrize(
+    ("budget_mib", "with_band", "kept"),
+    [(4, True, "band"), (64, True, "every value"), (64, False, "every value"), (4, False, "nothing")],
+)
+def test_a_band_given_after_the_first_batch_is_a_band_given_before(budget_mib, with_band, kept):
+    """The first batch kept whole, then taken again as a first batch with its band would have been: into the
+    band (values over a quarter of the budget), every value kept (they fit, band or not), or an overflow (no
+    band, too many values); the same state and the same bits as a state given the band up front, and the
+    budget holds no more than that one's."""
+    xs = batches("gaussian")
+    delta = 0.7 * float(np.mean(np.concatenate([x.abs().reshape(-1).numpy() for x in xs])))
+    band = (0.9 * delta, 1.1 * delta) if with_band else None
+    early_budget, late_budget = QuantileBudget(budget_mib * 2**20), QuantileBudget(budget_mib * 2**20)
+    before = TensorStats([SPEC], band=band, quantile_budget=early_budget, plan_hint=len(xs), size_hint=len(xs))
+    for i, x in enumerate(xs):
+        before.update(x, i)
+    ts, state = late(xs, band, late_budget)
+    first = before.states[SPEC]
+    assert (state.banded, state.overflowed) == (first.banded, first.overflowed)
+    assert {"band": (True, False), "every value": (False, False), "nothing": (False, True)}[kept] == (
+        state.banded, state.overflowed)
+    assert late_budget.used == early_budget.used and late_budget.peak <= early_budget.peak + 64 * 3000 * 4
+    if kept != "nothing":
+        assert state.can_finish(delta)
+        state.set_threshold(delta)
+        first.set_threshold(delta)
+        assert ts.results()[SPEC] == before.results()[SPEC] == known(xs, delta)
