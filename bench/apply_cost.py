@@ -33,7 +33,7 @@ from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.quantize.convert import convert_
 from ternqc.runtime.quantize.mapping import map_params
 from ternqc.runtime.run import pipeline
-from ternqc.runtime.run.predict import first_batch_prediction
+from ternqc.runtime.run.predict import predict_bands
 
 TARGET = 1.3
 FIXED_TARGET_MS = 2.0
@@ -46,10 +46,8 @@ def full_apply(model, batches, plan, budget_mib: float) -> dict[str, int]:
     settings = pipeline.RunSettings(progress=False, quantile_budget_mib=budget_mib)
     resolved = resolve_profile(plan.profile, model, include_derived=True)
     budget = int(budget_mib * 2**20)
-    # Δ from the first batch, predicted on the pass's own first batch, as `pipeline.profile` does in one process
-    predict = first_batch_prediction(model, [plan], batches, budget)
-    first = calibrate_pass(model, batches, resolved, quantile_budget=QuantileBudget(budget), progress=False,
-                           predict=predict)
+    bands = predict_bands(model, [plan], batches, budget)  # Δ from the first batch, as `pipeline.profile` does
+    first = calibrate_pass(model, batches, resolved, quantile_budget=QuantileBudget(budget), progress=False, bands=bands)
     result = pipeline.ProfileResult(table=first.table, notes=(), batches=tuple(batches), pending=first.pending)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
     mapping = map_params(plan, first.table, modules=modules)

@@ -46,7 +46,6 @@ class Collector:
         eager: bool = True,
         bracket: bool = True,
         bands: Mapping[tuple[str, str], tuple[float, float]] | None = None,
-        bands_coming: bool = False,
     ) -> None:
         self.model = model
         self.resolved = resolved
@@ -77,7 +76,6 @@ class Collector:
                     stage_bytes=stage_bytes,
                     bracket=bracket and tensor not in PARAM_TENSORS,
                     band=(bands or {}).get((path, tensor)),
-                    band_coming=bands_coming and tensor not in PARAM_TENSORS,
                 )
                 for tensor, specs in tensors.items()
             }
@@ -109,14 +107,6 @@ class Collector:
     def activations(self) -> list[TensorStats]:
         """The activation statistics, in resolution order (the same in every process)."""
         return [ts for tensors in self.stats.values() for t, ts in tensors.items() if t not in PARAM_TENSORS]
-
-    def set_bands(self, bands: Mapping[tuple[str, str], tuple[float, float]]) -> None:
-        """The bands predicted after the first batch (`bands_coming`): `(path, tensor) -> (L, H)`; a pending α
-        state without one keeps every value if they fit, else takes a second pass."""
-        for path, tensors in self.stats.items():
-            for tensor, ts in tensors.items():
-                if tensor not in PARAM_TENSORS:
-                    ts.set_band(bands.get((path, tensor)))
 
     def pending(self) -> dict[tuple[str, str], TensorStats]:
         """`(path, tensor) -> TensorStats` of the tensors that hold pending statistics (a derived statistic
@@ -244,7 +234,6 @@ def collect_stats(
     eager: bool = True,
     bracket: bool = True,
     bands: Mapping[tuple[str, str], tuple[float, float]] | None = None,
-    bands_coming: bool = False,
 ) -> Iterator[Collector]:
     """Collect `resolved`'s statistics from every forward run inside the block.
 
@@ -271,8 +260,6 @@ def collect_stats(
             `collector.missed()` lists those to collect again.
         bands: `(module_path, tensor) -> (L, H)` around a predicted Δ for pending `threshold_abs_mean` statistics whose values
             may not fit the budget (`threshold_state.py`).
-        bands_coming: those bands come after the first batch instead (`collector.set_bands`), which the
-            pending states keep whole meanwhile.
     """
     collector = Collector(
         model,
@@ -284,7 +271,6 @@ def collect_stats(
         eager,
         bracket,
         bands,
-        bands_coming,
     )
     handles: list[Any] = []
     try:

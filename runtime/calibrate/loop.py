@@ -13,9 +13,8 @@ share of the batches and the statistics are merged, with the same result as one 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -67,18 +66,6 @@ def calibration_batches(dataset, samples: int, batch_size: int, seed: int) -> li
         if len(batches) == wanted:
             break
     return batches
-
-
-@frozen
-class FirstBatchPrediction:
-    """What the first batch of a calibration pass also collects, and what becomes of it: `resolved` is
-    collected on that batch alone (in its own budget of `budget_bytes`), and `bands(table)` turns that table
-    into `(path, tensor) -> (L, H)` for the pass's pending α states (`run/predict.py`); `bands(None)` when the
-    table could not be made whole (a quantile that missed its bracket)."""
-
-    resolved: ResolvedPoints
-    budget_bytes: int
-    bands: Callable[[StatsTable | None], Mapping[tuple[str, str], tuple[float, float]]]
 
 
 @frozen
@@ -163,7 +150,6 @@ def calibrate_pass(
     desc: str = "calibrate",
     bracket: bool = True,
     bands: Mapping[tuple[str, str], tuple[float, float]] | None = None,
-    predict: FirstBatchPrediction | None = None,
 ) -> Calibrated:
     """Run `batches` through `model` (in eval mode, without gradients) and collect `resolved`'s statistics.
 
@@ -189,8 +175,6 @@ def calibrate_pass(
             the certified sketch. Never an approximate answer from a bracket.
         bands: `(module_path, tensor) -> (L, H)` around a predicted Δ for the pending statistics: when their
             values do not fit the budget, they keep only those inside (`stats/threshold_state.py`).
-        predict: make those bands from the first batch of this pass instead (one process only: the first
-            batch runs once for both); ignored under `torch.distributed`, where the caller predicts first.
 
     Raises:
         UserError: the model's forward raised (naming the module and the input shape), or a statistic cannot
@@ -198,14 +182,10 @@ def calibrate_pass(
             distributed run hold different models.
     """
     with old_objects_frozen():
-        return _calibrate_pass(
-            model, batches, resolved, quantile_budget, thresholds, progress, desc, bracket, bands, predict
-        )
+        return _calibrate_pass(model, batches, resolved, quantile_budget, thresholds, progress, desc, bracket, bands)
 
 
-def _calibrate_pass(
-    model, batches, resolved, quantile_budget, thresholds, progress, desc, bracket, bands, predict
-) -> Calibrated:
+def _calibrate_pass(model, batches, resolved, quantile_budget, thresholds, progress, desc, bracket, bands) -> Calibrated:
     if any(m.training for m in model.modules()):  # reading the flags costs less than setting every one
         model.eval()
     world, rank = distributed.world_size(), distributed.rank()
@@ -213,7 +193,6 @@ def _calibrate_pass(
     if world > 1:
         distributed.check_same_model(model)
     failure: tuple[Any, BaseException] | None = None
-    predicting = predict is not None and world == 1 and len(mine) > 0
     with collect_stats(
         model,
         resolved,
@@ -224,18 +203,11 @@ def _calibrate_pass(
         eager=world == 1,
         bracket=bracket,
         bands=bands,
-        bands_coming=predicting,
-    ) as collector, contextlib.ExitStack() as first:
-        # the prediction's statistics ride on the first batch: its hooks are removed once that batch is in
-        probe = first.enter_context(collect_stats(
-            model, predict.resolved, quantile_budget=QuantileBudget(predict.budget_bytes), expected_batches=1,
-        )) if predicting else None
+    ) as collector:
         for i in progress_bar(mine, total=len(mine), desc=desc, enabled=progress and rank == 0):
             collector.batch = i
             inputs = batches[i][0]
             try:
-                if probe is not None:
-                    probe.batch = i
                 call_model(model, inputs)
             except KeyboardInterrupt:
                 raise
@@ -247,10 +219,6 @@ def _calibrate_pass(
             except Exception as exc:  # noqa: BLE001 - the model's own failure, explained below
                 failure = (inputs, exc)
                 break
-            if probe is not None:
-                first.close()
-                collector.set_bands(predict.bands(None if probe.missed() else probe.table()))
-                probe = None
     error = None
     if failure is not None:
         inputs, exc = failure
@@ -339,7 +307,6 @@ def _describe_inputs(inputs: Any) -> str:
 
 __all__ = [
     "Calibrated",
-    "FirstBatchPrediction",
     "batches_from_iterable",
     "calibrate",
     "calibrate_pass",

@@ -207,15 +207,6 @@ class ExactValues:
         """The `[rows, n]` values seen (a view; NaN = left out)."""
         return self._buf[:, : self.n]
 
-    def detach(self) -> np.ndarray:
-        """The `[rows, n]` values, no longer held here nor counted in the budget: the caller reads them, then
-        gives it back (`buffers.give_back`)."""
-        values = self.values()
-        self.budget.release(self._buf.nbytes)
-        self._buf = np.empty((self.rows, 0), dtype=np.float32)
-        self.n = 0
-        return values
-
     def release(self) -> None:
         """Give the buffer back (after switching to a sketch)."""
         self.budget.release(self._buf.nbytes)

@@ -54,7 +54,7 @@ from ternqc.runtime.report import details as report_details
 from ternqc.runtime.report.sensitivity import layer_sensitivity
 from ternqc.runtime.run import collectives as distributed
 from ternqc.runtime.run import effects
-from ternqc.runtime.run.predict import absent_parameters, first_batch_prediction, predict_bands, scaled_inputs
+from ternqc.runtime.run.predict import absent_parameters, predict_bands, scaled_inputs
 
 VALIDATION_SPLIT = "validation"
 
@@ -216,17 +216,11 @@ def profile(
         if not (p.selector.kind == "type" and p.selector.pattern in QUANTISABLE) and p.reason != "derived"
     )
     budget_bytes = int(settings.quantile_budget_mib * 2**20)
-    # Δ predicted from the first batch: an α whose values do not fit the budget keeps those near it instead. In
-    # one process the prediction rides on the pass's first batch; across processes it runs first (every
-    # process the same collective calls)
-    bands, predict = {}, None
-    if derived and distributed.world_size() > 1:
-        bands = predict_bands(model, [plan, *sharing], batches, budget_bytes)
-    elif derived:
-        predict = first_batch_prediction(model, [plan, *sharing], batches, budget_bytes)
+    # Δ predicted from the first batch: an α whose values do not fit the budget keeps those near it instead
+    bands = predict_bands(model, [plan, *sharing], batches, budget_bytes) if derived else {}
     done = calib.calibrate_pass(
         model, batches, resolved, quantile_budget=QuantileBudget(budget_bytes), progress=settings.progress,
-        desc="calibrate", bands=bands, predict=predict,
+        desc="calibrate", bands=bands,
     )
     table = done.table
     notes += tuple(f"{ms.path}: {n}" for ms in table.values() for n in ms.notes)

@@ -21,7 +21,6 @@ from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.stats.threshold_state import band_around
-from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.combinations import check_module
 from ternqc.runtime.quantize.mapping import map_params
@@ -53,22 +52,15 @@ def predict_thresholds(
     resolved = prof.resolve_profile(plan.profile, model)
     first = calib.calibrate_pass(model, list(batches[:1]), resolved, quantile_budget=QuantileBudget(budget_bytes),
                                  progress=False, desc="predict")
-    return thresholds_from(model, plan, first.table, _samples(batches[0][0]))
-
-
-def thresholds_from(
-    model: nn.Module, plan: Plan, table: StatsTable, samples: int
-) -> dict[tuple[str, str], tuple[float, float]]:
-    """`predict_thresholds`' bands from `table`, the plan's statistics of one batch of `samples` samples."""
     types = [(name, prof.module_type(m)) for name, m in model.named_modules() if name]
     # modules the batch did not run as modules (MultiheadAttention's out_proj): their inputs stay unset, as
     # `apply` leaves them
-    reached = {path for path, ms in table.items() if "data_in_0" in ms.values}
+    reached = {path for path, ms in first.table.items() if "data_in_0" in ms.values}
     calls = {path: int(path in reached) for path, t in types if t in QUANTISABLE}
     unset, _ = never_called(plan, calls, types)
     absent = absent_parameters(model) | unset
     try:
-        mapping = map_params(plan, table, modules=types, absent_tensors=absent)
+        mapping = map_params(plan, first.table, modules=types, absent_tensors=absent)
         configs = {}
         for path, m in mapping.modules.items():
             check_module(m.node, m.op, m.params, m.explain)
@@ -76,6 +68,7 @@ def thresholds_from(
     except (UserError, ValueError):
         return {}
     out = {}
+    samples = _samples(batches[0][0])
     for path, mq in scaled_inputs(configs).items():
         tq = mq.tensor("data_in")
         if tq.kind == "ternary" and isinstance(tq.delta, (int, float)) and tq.delta > 0:  # per channel: no band
@@ -88,42 +81,11 @@ def predict_bands(
 ) -> dict[tuple[str, str], tuple[float, float]]:
     """`predict_thresholds` for each plan (the same profile, other rules: a sweep's combinations), joined: per
     tensor the smallest band holding every plan's (only tensors every plan predicts)."""
-    return _joined([predict_thresholds(model, p, batches, budget_bytes) for p in _unique(plans)])
-
-
-def first_batch_prediction(
-    model: nn.Module, plans: Sequence[Plan], batches: Sequence, budget_bytes: int
-) -> calib.FirstBatchPrediction | None:
-    """`predict_bands`, folded into the calibration pass (`calibrate_pass(..., predict=)`): the plans'
-    statistics collected on its first batch while it runs, the bands made from them after that batch (None
-    when no plan derives anything). The same bands as `predict_bands`, one forward of a batch fewer."""
-    unique = _unique(plans)
-    if not batches or not any(p.reason == "derived" for plan in unique for p in plan.profile):
-        return None
-    samples = _samples(batches[0][0])
-
-    def bands(table: StatsTable | None) -> dict[tuple[str, str], tuple[float, float]]:
-        if table is None:
-            return {}
-        return _joined([
-            thresholds_from(model, p, table, samples) if any(q.reason == "derived" for q in p.profile) else {}
-            for p in unique
-        ])
-
-    resolved = prof.resolve_profile(unique[0].profile, model)  # a sweep's plans share their profile
-    return calib.FirstBatchPrediction(resolved, budget_bytes, bands)
-
-
-def _unique(plans: Sequence[Plan]) -> list[Plan]:
     unique: list[Plan] = []
     for p in plans:
         if not any(p is q for q in unique):
             unique.append(p)
-    return unique
-
-
-def _joined(got: list[dict]) -> dict[tuple[str, str], tuple[float, float]]:
-    """Per tensor the smallest band holding every one of `got` (only tensors every one predicts)."""
+    got = [predict_thresholds(model, p, batches, budget_bytes) for p in unique]
     if not got:
         return {}
     keys = set(got[0]).intersection(*got[1:])

@@ -4,7 +4,6 @@ over only the modules that did not, the same bits every way."""
 
 from __future__ import annotations
 
-import attrs
 import numpy as np
 import pytest
 import torch
@@ -36,17 +35,9 @@ def run(setup, budget_mib, monkeypatch=None, seen=None, bands=False, predict=Non
     with pytest.MonkeyPatch.context() as mp:
         if not bands:
             mp.setattr(pipeline, "predict_bands", lambda *args: {})
-            mp.setattr(pipeline, "first_batch_prediction", lambda *args: None)
         elif predict is not None:
             real_predict = pipeline.predict_bands
             mp.setattr(pipeline, "predict_bands", lambda *args: predict(real_predict(*args)))
-            real_first = pipeline.first_batch_prediction
-
-            def first(*args):  # the prediction made on the pass's first batch, replaced the same way
-                got = real_first(*args)
-                return attrs.evolve(got, bands=lambda table: predict(got.bands(table)))
-
-            mp.setattr(pipeline, "first_batch_prediction", first)
         return _apply(plan, settings, monkeypatch, seen)
 
 
@@ -201,49 +192,3 @@ def test_a_sweep_over_the_activation_threshold_finishes_every_combination_in_one
             for node in want.report["nodes"].values()
             if node["path"] in one_pass
         }
-
-
-def test_the_prediction_rides_on_the_first_batch_with_the_same_bands_and_bits(setup):
-    """`calibrate_pass(predict=first_batch_prediction(...))` against predicting first (`predict_bands`, a
-    calibration of the first batch alone, then the pass with the bands): the same bands, the same pending α
-    states (banded or kept) and the same α bits for a Δ in each band, with one forward of a batch fewer."""
-    from ternqc.runtime.calibrate.points import resolve_profile
-    from ternqc.runtime.calibrate.quantiles import QuantileBudget
-    from ternqc.runtime.run.predict import first_batch_prediction, predict_bands
-
-    plan, _ = setup
-    torch.manual_seed(3)
-    model = ToyNet().eval()
-    g = torch.Generator().manual_seed(4)
-    batches = [(torch.rand(64, 1, 2, 2, generator=g) * 10 - 5, None) for _ in range(8)]
-    resolved = resolve_profile(plan.profile, model, include_derived=True)
-    budget = 256 * 1024  # the 100-wide inputs' α values (200 KiB) take more than a quarter of it: bands
-    forwards = []
-    hook = model.register_forward_pre_hook(lambda m, a: forwards.append(1))
-    try:
-        bands = predict_bands(model, [plan], batches, budget)
-        old = loop.calibrate_pass(model, batches, resolved, quantile_budget=QuantileBudget(budget), progress=False,
-                                  bands=bands)
-        old_forwards, forwards[:] = len(forwards), []
-        real = first_batch_prediction(model, [plan], batches, budget)
-        given = []
-        predict = attrs.evolve(real, bands=lambda table: given.append(real.bands(table)) or given[-1])
-        new = loop.calibrate_pass(model, batches, resolved, quantile_budget=QuantileBudget(budget), progress=False,
-                                  predict=predict)
-    finally:
-        hook.remove()
-    assert (old_forwards, len(forwards)) == (len(batches) + 1, len(batches))
-    assert given == [bands] and bands
-    assert new.table == old.table
-    assert old.pending.keys() == new.pending.keys()
-    banded = []
-    for key, ts in old.pending.items():
-        (spec, before), = [(s, st) for s, st in ts.states.items() if st.pending]
-        after = new.pending[key].states[spec]
-        assert (after.banded, after.overflowed) == (before.banded, before.overflowed)
-        banded.append(before.banded)
-        delta = sum(bands[key]) / 2 if key in bands else 1.0
-        before.set_threshold(delta)
-        after.set_threshold(delta)
-        assert after.result() == before.result() and before.result()["count"] > 0
-    assert any(banded) and not all(banded)  # bands, and every value kept (seq_blocks.0's 8 KiB)

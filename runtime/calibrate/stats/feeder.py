@@ -85,8 +85,7 @@ class TensorStats:
     `sync` (a process of a distributed run). `freeze()` computes the results and drops the buffers.
     `stage_bytes` bounds the staging buffer of small batches. `bracket`: quantiles over everything keep only the
     values near their ranks (`bracket.py`); one that misses is left out of `results()` and listed by
-    `missed()`, for the caller to collect again. `band`, `band_coming`: for a pending α state, its band, or
-    that it comes after the first batch (`set_band`).
+    `missed()`, for the caller to collect again.
     """
 
     def __init__(
@@ -102,14 +101,12 @@ class TensorStats:
         stage_bytes: int = STAGE_BYTES,
         bracket: bool = False,
         band: tuple[float, float] | None = None,
-        band_coming: bool = False,
     ) -> None:
         self.batched = batched
         self._stage_bytes = stage_bytes
         self._size_hint = size_hint  # updates expected: no more rows are staged than that
         options = {
             "quantile_budget": quantile_budget, "threshold": threshold, "eager": eager, "bracket": bracket, "band": band,
-            "band_coming": band_coming,
         }
         self.states = {
             spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
@@ -263,15 +260,6 @@ class TensorStats:
         rank drifted out of its bracket): collect them again."""
         self.flush()
         return [spec for spec, state in self.states.items() if state.missed]
-
-    def set_band(self, band: tuple[float, float] | None) -> None:
-        """Give the states waiting for a band (`band_coming`) theirs, once the first batch is in them (a staged
-        batch is processed first); tensors without such a state are left as they are."""
-        waiting = [state for state in self._banders if state.ctx.band_coming]  # the states that take a band
-        if waiting:
-            self.flush()
-        for state in waiting:
-            state.set_band(band)
 
     def pending(self) -> dict[StatSpec, StatState]:
         """The states still waiting for a threshold (`ThresholdAbsMeanState` of a derived point): they keep

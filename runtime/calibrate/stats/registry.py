@@ -28,8 +28,7 @@ class StatContext:
     partials as they come (False: a process of a distributed run, or a merge target). `bracket`: a quantile
     over everything may keep only the values near its ranks (`bracket.py`; a miss is collected again).
     `band`: `(L, H)` around a prediction of `threshold_abs_mean`'s Δ; a pending state whose values do not fit
-    keeps only those inside (`threshold_state.py`). `band_coming`: the band is predicted from the first batch
-    of this very pass and given after it (`set_band`); that batch is kept whole meanwhile.
+    keeps only those inside (`threshold_state.py`).
     """
 
     batched: bool = True
@@ -40,7 +39,6 @@ class StatContext:
     eager: bool = True
     bracket: bool = False
     band: tuple[float, float] | None = None
-    band_coming: bool = False
 
 
 def register_stat(*names: str) -> Callable[[type], type]:

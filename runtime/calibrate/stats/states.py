@@ -178,7 +178,6 @@ def make_state(
     eager: bool = True,
     bracket: bool = False,
     band: tuple[float, float] | None = None,
-    band_coming: bool = False,
 ) -> StatState:
     """A fresh state for `spec`: the registered class's `from_spec(spec, StatContext(...))`.
 
@@ -193,9 +192,8 @@ def make_state(
         eager: fold per-batch partials as they come (False in a process of a distributed run).
         bracket: a quantile over everything may keep only the values near its ranks (`bracket.py`).
         band: for a pending `threshold_abs_mean`: `(L, H)` around the predicted Δ (`threshold_state.py`).
-        band_coming: for a pending `threshold_abs_mean`: the band is given after the first batch (`set_band`).
     """
-    ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager, bracket, band, band_coming)
+    ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager, bracket, band)
     return STAT_REGISTRY[spec.name].from_spec(spec, ctx)
 
 

@@ -28,7 +28,6 @@ import torch
 
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate import scan_kernel
-from ternqc.runtime.calibrate.buffers import give_back
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
@@ -140,9 +139,7 @@ class ThresholdAbsMeanState(AbsMeanState):
         return self._band is not None
 
     def _blank(self) -> StatState:
-        ctx = attrs.evolve(
-            self.ctx, threshold=self.threshold, size_hint=None, plan_hint=None, eager=False, band=None, band_coming=False
-        )
+        ctx = attrs.evolve(self.ctx, threshold=self.threshold, size_hint=None, plan_hint=None, eager=False, band=None)
         return type(self)(self.spec, ctx)
 
     def _budget(self) -> QuantileBudget:
@@ -188,14 +185,8 @@ class ThresholdAbsMeanState(AbsMeanState):
 
     def _keep(self, block: Block) -> None:
         """Keep the block's |x| (float32, CPU) for `set_threshold`: the band when Δ was predicted, else every
-        value while the budget allows (an overflow when it refuses). While the band is coming (`set_band`),
-        the first batch whole."""
+        value while the budget allows (an overflow when it refuses)."""
         if self.overflowed:
-            return
-        if self.ctx.band_coming:
-            if self._kept is None:
-                self._kept = ExactValues(1, self._budget())
-            self._keep_values(block)
             return
         band = self.ctx.band
         if self._band is None and self._kept is None and band is not None and 0 < band[0] < band[1]:
@@ -206,7 +197,8 @@ class ThresholdAbsMeanState(AbsMeanState):
         if self._band is not None:
             self._band_add(block)
             return
-        m = block.x.numel()
+        x = block.x
+        m = x.numel()
         if self._kept is None:
             self._kept = ExactValues(1, self._budget())
             planned = (m // block.k) * (self.ctx.plan_hint or 0)
@@ -217,32 +209,12 @@ class ThresholdAbsMeanState(AbsMeanState):
             if local:
                 self._kept.budget.force((planned - local) * 4)  # the other processes' share
                 self._kept.reserve(local)
-        self._keep_values(block)
-
-    def _keep_values(self, block: Block) -> None:
-        """Copy the block's values into `_kept` (an overflow when the budget refuses)."""
-        x = block.x
-        slot = self._kept.slot(x.numel())
+        slot = self._kept.slot(m)
         if slot is None:
             self._overflow()
             return
         slot[0, :] = x.reshape(-1).cpu().numpy() if x.dtype == torch.float32 else x.reshape(-1).float().cpu().numpy()
         self._blocks.append((np.asarray(block.keys, dtype=np.int64).copy(), tuple(x.shape), block.mask is None))
-
-    def set_band(self, band: tuple[float, float] | None) -> None:
-        """The band predicted after the first batch (`ctx.band_coming`; None: no prediction). What was kept of
-        that batch is taken again as a first batch with `band` would have been (`_keep`): into the band, or
-        kept whole when every planned value fits, else an overflow (a second pass). The same bits as a state
-        given the band before its first batch."""
-        self.ctx = attrs.evolve(self.ctx, band=band, band_coming=False)
-        if self.overflowed or self.threshold is not None or self._kept is None:
-            return
-        blocks = self._kept_blocks()
-        values = self._kept.detach()  # still readable, no longer counted: the budget sees a first batch
-        self._kept, self._blocks = None, []
-        for x, keys, finite in blocks:
-            self._keep(Block(x, keys, None, 0) if finite else Block.prepare(x, keys))
-        give_back(values)
 
     def _kept_blocks(self) -> list[tuple[torch.Tensor, np.ndarray, bool]]:
         """The kept values as `(x, keys, all finite)` per block, views of the buffer."""
