@@ -2,9 +2,10 @@
 transformer, and the fixed cost of one calibration on toy.
 
 Calibration alone: `calibrate_pass` of the plan's profiled statistics (what `ternqc profile` runs). Apply: the
-same pass with the plan's derived points kept (the values α needs, within the quantile budget), mapping,
-configs, α (from the first pass, or a second pass over only the tensors whose values did not fit) and
-`convert_`; evaluation on a validation split is left out (it is not calibration). Each repetition runs both on
+model check's forward of the first batch (which also gives the Δ prediction its statistics), the same pass with
+the plan's derived points kept (the values α needs, within the quantile budget, or bands around the predicted
+Δ), mapping, configs, α (from the first pass, or a second pass over only the tensors whose values did not
+fit) and `convert_`; evaluation on a validation split is left out (it is not calibration). Each repetition runs both on
 a fresh copy of the model (copying is not timed), alternating which goes first; the ratio is the median of
 the per-repetition ratios. Rows for the default 256 MiB quantile budget and for one that holds every value.
 
@@ -33,7 +34,8 @@ from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.quantize.convert import convert_
 from ternqc.runtime.quantize.mapping import map_params
 from ternqc.runtime.run import pipeline
-from ternqc.runtime.run.predict import predict_bands
+from ternqc.runtime.run.effects import check_model
+from ternqc.runtime.run.predict import FirstBatchProbe
 
 TARGET = 1.3
 FIXED_TARGET_MS = 2.0
@@ -46,8 +48,12 @@ def full_apply(model, batches, plan, budget_mib: float) -> dict[str, int]:
     settings = pipeline.RunSettings(progress=False, quantile_budget_mib=budget_mib)
     resolved = resolve_profile(plan.profile, model, include_derived=True)
     budget = int(budget_mib * 2**20)
-    bands = predict_bands(model, [plan], batches, budget)  # Δ from the first batch, as `pipeline.profile` does
-    first = calibrate_pass(model, batches, resolved, quantile_budget=QuantileBudget(budget), progress=False, bands=bands)
+    # the model check on the first batch, whose forward also gives the Δ prediction its statistics, as
+    # `pipeline.apply` does in one process
+    probe = FirstBatchProbe(model, [plan], batches, budget)
+    check_model(model, batches[0], around=probe.collecting)
+    first = calibrate_pass(model, batches, resolved, quantile_budget=QuantileBudget(budget), progress=False,
+                           bands=probe.bands)
     result = pipeline.ProfileResult(table=first.table, notes=(), batches=tuple(batches), pending=first.pending)
     modules = [(name, type(m).__name__.lower()) for name, m in model.named_modules() if name]
     mapping = map_params(plan, first.table, modules=modules)

@@ -18,6 +18,7 @@ cannot take effect, with the reason) and plain notes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -60,10 +61,15 @@ class Effect:
 
 
 def check_model(
-    model: nn.Module, batch: tuple[Any, Any], evaluation: Any = None, metric: Callable | None = None
+    model: nn.Module,
+    batch: tuple[Any, Any],
+    evaluation: Any = None,
+    metric: Callable | None = None,
+    around: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> ModelCheck:
     """Run one calibration batch through `model` (eval mode, no gradients), counting the calls of every
     quantisable module; then, when there is evaluation data, run its first batch and decide the task.
+    `around()`: a context that batch's forward (only) runs in, e.g. `FirstBatchProbe.collecting`.
 
     Raises:
         UserError: the model fails on the batch (naming the module), or its output or labels fit no task
@@ -79,7 +85,7 @@ def check_model(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (around() if around is not None else contextlib.nullcontext()):
             try:
                 call_model(model, inputs)
             except (UserError, KeyboardInterrupt):

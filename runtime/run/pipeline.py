@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -54,7 +54,7 @@ from ternqc.runtime.report import details as report_details
 from ternqc.runtime.report.sensitivity import layer_sensitivity
 from ternqc.runtime.run import collectives as distributed
 from ternqc.runtime.run import effects
-from ternqc.runtime.run.predict import absent_parameters, predict_bands, scaled_inputs
+from ternqc.runtime.run.predict import FirstBatchProbe, absent_parameters, predict_bands, scaled_inputs
 
 VALIDATION_SPLIT = "validation"
 
@@ -200,11 +200,13 @@ def profile(
     *,
     derived: bool = False,
     sharing: Sequence[Plan] = (),
+    bands: Mapping[tuple[str, str], tuple[float, float]] | None = None,
 ) -> ProfileResult:
     """Calibrate `model` on `data` (default: `dataset_data`) and collect the plan's statistics; with
     `derived`, also keep the values of its derived statistics (within the quantile budget, or in bands
     around their predicted Δ) in `pending`, for `apply`. `sharing`: other plans with the same profile that
-    will finish these states (a sweep): the bands cover each plan's Δ."""
+    will finish these states (a sweep): the bands cover each plan's Δ. `bands`: those bands, predicted
+    already (`FirstBatchProbe`); None predicts them here (`predict_bands`)."""
     if data is None:
         data = dataset_data(plan, settings)
     batches = list(data.calibration)
@@ -217,7 +219,8 @@ def profile(
     )
     budget_bytes = int(settings.quantile_budget_mib * 2**20)
     # Δ predicted from the first batch: an α whose values do not fit the budget keeps those near it instead
-    bands = predict_bands(model, [plan, *sharing], batches, budget_bytes) if derived else {}
+    if bands is None:
+        bands = predict_bands(model, [plan, *sharing], batches, budget_bytes) if derived else {}
     done = calib.calibrate_pass(
         model, batches, resolved, quantile_budget=QuantileBudget(budget_bytes), progress=settings.progress,
         desc="calibrate", bands=bands,
@@ -318,9 +321,15 @@ def apply(
         metric = load_factory(settings.metric, what="metric")
     if not data.calibration:
         raise UserError("the calibration data holds no batch")
-    check = effects.check_model(model, data.calibration[0], data.evaluation, metric)
+    # in one process the Δ prediction's statistics of the first batch ride on the check's forward of it
+    probe = None
+    if profiled is None and distributed.world_size() == 1:
+        probe = FirstBatchProbe(model, [plan], data.calibration, int(settings.quantile_budget_mib * 2**20))
+    check = effects.check_model(
+        model, data.calibration[0], data.evaluation, metric, around=probe.collecting if probe else None
+    )
     if profiled is None:
-        result = profile(model, plan, settings, data, derived=True)
+        result = profile(model, plan, settings, data, derived=True, bands=probe.bands if probe else None)
     else:  # a sweep's shared calibration: its pending derived states are finished per combination, on copies
         result = attrs.evolve(profiled, table=dict(profiled.table), pending=copy.deepcopy(profiled.pending))
     types = {name: prof.module_type(m) for name, m in model.named_modules() if name}

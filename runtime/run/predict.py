@@ -6,11 +6,14 @@ statistics of the first batch only. The first calibration pass gives these to th
 tensor whose values do not fit the quantile budget keeps only those near its predicted Δ
 (`calibrate/stats/threshold_state.py`) instead of needing a second pass. A prediction is only a hint: the
 final Δ is checked against the band, and nothing is predicted when the rules cannot be evaluated on one batch.
+The first batch's statistics come from a calibration of that batch (`predict_bands`), or, in `apply` in one
+process, from the model check's forward of it, which runs anyway (`FirstBatchProbe`): one forward fewer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,8 +22,10 @@ from torch import nn
 from ternqc.plan import QUANTISABLE, TENSOR_ALIASES, Plan
 from ternqc.runtime.calibrate import loop as calib
 from ternqc.runtime.calibrate import points as prof
+from ternqc.runtime.calibrate.hooks import collect_stats
 from ternqc.runtime.calibrate.stats.states import QuantileBudget
 from ternqc.runtime.calibrate.stats.threshold_state import band_around
+from ternqc.runtime.calibrate.table import StatsTable
 from ternqc.runtime.errors import UserError
 from ternqc.runtime.quantize.combinations import check_module
 from ternqc.runtime.quantize.mapping import map_params
@@ -52,15 +57,22 @@ def predict_thresholds(
     resolved = prof.resolve_profile(plan.profile, model)
     first = calib.calibrate_pass(model, list(batches[:1]), resolved, quantile_budget=QuantileBudget(budget_bytes),
                                  progress=False, desc="predict")
+    return thresholds_from(model, plan, first.table, _samples(batches[0][0]))
+
+
+def thresholds_from(
+    model: nn.Module, plan: Plan, table: StatsTable, samples: int
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """`predict_thresholds`' bands from `table`, the plan's statistics of one batch of `samples` samples."""
     types = [(name, prof.module_type(m)) for name, m in model.named_modules() if name]
     # modules the batch did not run as modules (MultiheadAttention's out_proj): their inputs stay unset, as
     # `apply` leaves them
-    reached = {path for path, ms in first.table.items() if "data_in_0" in ms.values}
+    reached = {path for path, ms in table.items() if "data_in_0" in ms.values}
     calls = {path: int(path in reached) for path, t in types if t in QUANTISABLE}
     unset, _ = never_called(plan, calls, types)
     absent = absent_parameters(model) | unset
     try:
-        mapping = map_params(plan, first.table, modules=types, absent_tensors=absent)
+        mapping = map_params(plan, table, modules=types, absent_tensors=absent)
         configs = {}
         for path, m in mapping.modules.items():
             check_module(m.node, m.op, m.params, m.explain)
@@ -68,7 +80,6 @@ def predict_thresholds(
     except (UserError, ValueError):
         return {}
     out = {}
-    samples = _samples(batches[0][0])
     for path, mq in scaled_inputs(configs).items():
         tq = mq.tensor("data_in")
         if tq.kind == "ternary" and isinstance(tq.delta, (int, float)) and tq.delta > 0:  # per channel: no band
@@ -81,11 +92,51 @@ def predict_bands(
 ) -> dict[tuple[str, str], tuple[float, float]]:
     """`predict_thresholds` for each plan (the same profile, other rules: a sweep's combinations), joined: per
     tensor the smallest band holding every plan's (only tensors every plan predicts)."""
+    return _joined([predict_thresholds(model, p, batches, budget_bytes) for p in _unique(plans)])
+
+
+class FirstBatchProbe:
+    """`predict_bands` without a forward of its own: the plans' statistics of the first calibration batch,
+    collected while the caller runs that batch anyway (`pipeline.apply`'s model check: `check_model(...,
+    around=probe.collecting)`). After that forward `bands` holds the joined bands (`thresholds_from` per plan;
+    {} when no plan derives anything); before it, and when the forward raised, None. One batch, so no
+    brackets: every value kept when they fit the budget (else the certified sketch), as a bracket that missed
+    would be collected again by `predict_thresholds`."""
+
+    def __init__(self, model: nn.Module, plans: Sequence[Plan], batches: Sequence, budget_bytes: int) -> None:
+        self.model = model
+        self.plans = [p for p in _unique(plans) if any(q.reason == "derived" for q in p.profile)]
+        self.samples = _samples(batches[0][0]) if batches else 1
+        self.budget_bytes = budget_bytes
+        self.bands: dict[tuple[str, str], tuple[float, float]] | None = None
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """The context for the first batch's forward (hooks on the profiled modules, removed on exit)."""
+        if not self.plans:
+            yield
+            self.bands = {}
+            return
+        resolved = prof.resolve_profile(self.plans[0].profile, self.model)  # a sweep's plans share their profile
+        with collect_stats(
+            self.model, resolved, quantile_budget=QuantileBudget(self.budget_bytes), expected_batches=1, bracket=False
+        ) as collector:
+            collector.batch = 0
+            yield
+        table = collector.table()
+        self.bands = _joined([thresholds_from(self.model, p, table, self.samples) for p in self.plans])
+
+
+def _unique(plans: Sequence[Plan]) -> list[Plan]:
     unique: list[Plan] = []
     for p in plans:
         if not any(p is q for q in unique):
             unique.append(p)
-    got = [predict_thresholds(model, p, batches, budget_bytes) for p in unique]
+    return unique
+
+
+def _joined(got: list[dict]) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per tensor the smallest band holding every one of `got` (only tensors every one predicts)."""
     if not got:
         return {}
     keys = set(got[0]).intersection(*got[1:])

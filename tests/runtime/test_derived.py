@@ -4,6 +4,8 @@ over only the modules that did not, the same bits every way."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -34,10 +36,19 @@ def run(setup, budget_mib, monkeypatch=None, seen=None, bands=False, predict=Non
     settings = pipeline.RunSettings(ckpt=ckpt, dataset="toy-tiny", progress=False, quantile_budget_mib=budget_mib)
     with pytest.MonkeyPatch.context() as mp:
         if not bands:
-            mp.setattr(pipeline, "predict_bands", lambda *args: {})
-        elif predict is not None:
+            predict = lambda got: {}  # noqa: E731
+        if predict is not None:  # `apply` predicts on the model check's forward (`FirstBatchProbe`)
             real_predict = pipeline.predict_bands
             mp.setattr(pipeline, "predict_bands", lambda *args: predict(real_predict(*args)))
+
+            class Probe(pipeline.FirstBatchProbe):
+                @contextlib.contextmanager
+                def collecting(self):
+                    with super().collecting():
+                        yield
+                    self.bands = predict(self.bands)
+
+            mp.setattr(pipeline, "FirstBatchProbe", Probe)
         return _apply(plan, settings, monkeypatch, seen)
 
 
@@ -192,3 +203,43 @@ def test_a_sweep_over_the_activation_threshold_finishes_every_combination_in_one
             for node in want.report["nodes"].values()
             if node["path"] in one_pass
         }
+
+
+@pytest.mark.parametrize("model_kind", ["toy", "transformer"])
+def test_the_first_batch_probe_gives_the_bands_of_a_calibration_of_that_batch(setup, model_kind):
+    """`FirstBatchProbe` collects the prediction's statistics during a forward of the first batch run for another
+    reason (the model check): the same bands as `predict_bands`, which calibrates that batch itself."""
+    from ternqc.runtime.run.effects import check_model
+    from ternqc.runtime.run.predict import FirstBatchProbe, predict_bands
+
+    plan, _ = setup
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(4)
+    if model_kind == "toy":
+        model = ToyNet().eval()
+        batches = [(torch.rand(64, 1, 2, 2, generator=g) * 10 - 5, None) for _ in range(4)]
+    else:
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation=torch.nn.ReLU(), batch_first=True)
+        model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+        batches = [(torch.randn(4, 16, 32, generator=g), None) for _ in range(4)]
+    budget = 256 * 1024
+    want = predict_bands(model, [plan], batches, budget)
+    probe = FirstBatchProbe(model, [plan], batches, budget)
+    check_model(model, batches[0], around=probe.collecting)
+    assert want and probe.bands == want
+
+
+def test_apply_calibrates_the_first_batch_only_in_the_pass(setup, monkeypatch):
+    """`apply` in one process: the Δ prediction's statistics come from the model check's forward, so the only
+    calibration is the pass over every batch (before: a calibration of the first batch, then the pass)."""
+    calls = []
+    real = loop.calibrate_pass
+
+    def spy(model, batches, *args, **kwargs):
+        calls.append(len(batches))
+        return real(model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "calibrate_pass", spy)
+    result = run(setup, SOME_FIT, bands=True)
+    assert calls[0] > 1 and 1 not in calls
+    assert any(n == 1 for n in passes(result).values())
