@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 #: The calling convention expected of the library (`ternqc_scan_abi` in `native/scan.c`).
-ABI = 5
+ABI = 6
 #: Values a scan may keep per call at least (the scratch buffers, per thread): one that keeps more is called again.
 SCRATCH = 2**16
 #: At most this many values in an output buffer of a bracket or band scan, grown on demand and kept per thread
@@ -59,6 +59,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             lib.ternqc_row_sums.argtypes = [_I32, _P, _I64, _I64, _I32, _P, _P]
             lib.ternqc_select.restype = _I32
             lib.ternqc_select.argtypes = [_I32, _P, _I64, _I64, _P, _I64, _P]
+            lib.ternqc_row_sums_select.restype = _I32
+            lib.ternqc_row_sums_select.argtypes = [_I32, _P, _I64, _I64, _I32, _P, _P, _P, _I64, _P]
             return lib, ""
     return None, "the compiled scans are not built"
 
@@ -307,6 +309,33 @@ def row_sums(
     bad = _LIB.ternqc_row_sums(LANES, address, k, n, int(absolute), s.ptr["sums"], s.ptr["mm"])
     mn, mx = s.mm.tolist()
     return s.sums[:k].copy(), mn, mx, bool(bad)
+
+
+def row_sums_select(
+    absolute: bool, address: int, shape: tuple[int, int], ranks: list[int]
+) -> tuple[np.ndarray, float, float, bool, dict[int, np.float32] | None] | None:
+    """`row_sums` of the `[K, n]` = `shape` float32 values at `address` (a contiguous CPU float32 tensor's
+    `data_ptr()`) and, in the same pass, `{rank: value}` for the 0-based ascending `ranks` (at most 64, each
+    < K·n) among all of them, exactly as `select` gives them: the pass that reads the values for the sums also
+    counts them against a bracket from a sample and keeps those inside (one read of a block instead of two).
+    The dict is None when a value is NaN or +-Inf (the ranks then count other values: select them again).
+    None without the library or when it could not allocate its buffers."""
+    if _LIB is None or not address or not ranks or len(ranks) > _SELECT_RANKS:
+        return None
+    s = _scratch()
+    k, n = shape
+    if k > s.sums.size:
+        s.sums = np.empty(k, dtype=np.float64)
+        s.ptr["sums"] = s.sums.ctypes.data
+    s.ranks[: len(ranks)] = ranks
+    rc = _LIB.ternqc_row_sums_select(
+        LANES, address, k, n, int(absolute), s.ptr["sums"], s.ptr["mm"], s.ptr["ranks"], len(ranks), s.ptr["values"]
+    )
+    if rc < 0:
+        return None
+    mn, mx = s.mm.tolist()
+    found = None if rc else dict(zip(ranks, (np.float32(v) for v in s.values[: len(ranks)].tolist())))
+    return s.sums[:k].copy(), mn, mx, bool(rc), found
 
 
 def select(values: np.ndarray, ranks: list[int], finite: int) -> dict[int, np.float32] | None:

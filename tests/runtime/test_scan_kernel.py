@@ -447,21 +447,29 @@ def test_band_scan_on_the_probe_pass_changes_nothing(monkeypatch):
     assert shared == separate
 
 
-@needs_kernel
-@pytest.mark.parametrize("size", [1, 48, 49, 777, 5000, 70_001])
-@pytest.mark.parametrize("kind", ["adversarial", "atoms", "descending", "mostly_nan", "sample_high", "sample_low"])
-def test_select_equals_the_sorted_values(lanes, size, kind):
-    """`scan_kernel.select` against np.sort (NaN last) at every width: NaN left out, ±Inf and signed zeros
-    ranked, a few values repeated thousands of times, values in descending order, nine in ten values NaN, and
-    a misleading sample (every value at the first round's sampling stride far above or below the rest, so the
-    ranks fall outside its bracket); single ranks, neighbours, both ends, and more ranks than one call takes."""
+def _selection_case(kind: str, size: int) -> np.ndarray:
+    """`size` float32 values of one of the selection tests' kinds (see `test_select_equals_the_sorted_values`);
+    the sampling stride is the first round's over `size` values."""
     rng = np.random.default_rng(size)
+    want = min(2048, max(32, size // 8))  # the first round samples every p-th value, p prime >= size / want
+    primes = (c for c in range(max(2, size // want), 2 * size + 3) if all(c % d for d in range(2, int(c**0.5) + 1)))
+    p = 1 if size // want <= 1 else next(primes)
     if kind.startswith("sample_"):
         x = rng.standard_normal(size).astype(np.float32)
-        want = min(2048, max(32, size // 8))  # the first round samples every p-th value, p prime >= size / want
-        primes = (c for c in range(max(2, size // want), 2 * size + 3) if all(c % d for d in range(2, int(c**0.5) + 1)))
-        p = 1 if size // want <= 1 else next(primes)
         x[::p] = 1000.0 if kind == "sample_high" else -1000.0
+    elif kind.startswith("hidden_atom"):
+        x = rng.standard_normal(size).astype(np.float32)
+        sample = np.sort(x[::p][:want])
+        s, k = sample.size, size // 2  # the bracket of the median, as the first round places it
+        n1 = max(1, size - 1)
+        d = int(1.5 * np.sqrt(s)) + 4
+        at = (int(np.floor(k / n1 * (s - 1))) - d if kind.endswith("lo")
+              else int(np.ceil(k / n1 * (s - 1))) + d)
+        unsampled = np.ones(size, bool)
+        unsampled[::p][:want] = False
+        if 0 <= at < s and unsampled.sum() > size // 2:
+            where = np.flatnonzero(unsampled & (rng.random(size) < 0.35))
+            x[where] = sample[at]  # 35 % of the values, never in the sample
     elif kind == "adversarial":
         x = _adversarial(size, size)
     elif kind == "atoms":
@@ -471,6 +479,24 @@ def test_select_equals_the_sorted_values(lanes, size, kind):
     else:
         x = rng.standard_normal(size).astype(np.float32)
         x[rng.random(size) < 0.9] = np.nan
+    return x
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", [1, 48, 49, 777, 5000, 70_001])
+@pytest.mark.parametrize(
+    "kind",
+    ["adversarial", "atoms", "descending", "mostly_nan", "sample_high", "sample_low", "hidden_atom_lo", "hidden_atom_hi"],
+)
+def test_select_equals_the_sorted_values(lanes, size, kind):
+    """`scan_kernel.select` against np.sort (NaN last) at every width: NaN left out, ±Inf and signed zeros
+    ranked, a few values repeated thousands of times, values in descending order, nine in ten values NaN, and
+    a misleading sample (every value at the first round's sampling stride far above or below the rest, so the
+    ranks fall outside its bracket), and an atom the sample sees once at a bracket end while the median falls
+    in it (its count beyond the atom comes from a pass of its own); single ranks, neighbours, both ends, and
+    more ranks than one call takes."""
+    x = _selection_case(kind, size)
+    rng = np.random.default_rng(size)
     finite = int(np.count_nonzero(~np.isnan(x)))
     if finite == 0:
         return
@@ -484,3 +510,41 @@ def test_select_equals_the_sorted_values(lanes, size, kind):
         for k in ranks:
             assert got[k] == want[k] or (np.isnan(got[k]) and np.isnan(want[k])), (k, got[k], want[k])
     assert np.array_equal(x, before, equal_nan=True)  # only read
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 300), (3, 5000), (64, 777), (7, 10_001)])
+@pytest.mark.parametrize(
+    "kind", ["normal", "adversarial", "atoms", "descending", "sample_high", "sample_low", "hidden_atom_lo",
+             "hidden_atom_hi", "relu"],
+)
+@pytest.mark.parametrize("absolute", [False, True])
+def test_row_sums_select_equals_the_sums_and_the_sorted_values(lanes, shape, kind, absolute):
+    """`scan_kernel.row_sums_select`: the per-row sums in the fixed order (`_sequential`, bit for bit), the min
+    and max, and the values at the ranks as np.sort orders them, every width; the selection's cases as
+    `select` meets them (atoms at a bracket end, seen by the sample or hidden from it, a misleading sample,
+    ranks far apart, too few values to sample); a NaN or an infinity: the sums are flagged and nothing is
+    selected."""
+    k, n = shape
+    normal = np.random.default_rng(n).standard_normal(k * n)
+    x = (np.maximum(normal, 0) if kind == "relu" else normal if kind == "normal" else _selection_case(kind, k * n))
+    x = x.astype(np.float32).reshape(k, n)
+    if kind == "adversarial":  # its NaN and infinities: flagged
+        got = scan_kernel.row_sums_select(absolute, x.ctypes.data, shape, [x.size // 2])
+        assert got is not None and got[3] and got[4] is None
+        x = np.where(np.isfinite(x), x, np.float32(1.5))
+    want_sorted = np.sort(x.ravel())
+    want_sums = np.array([_sequential(row, absolute) for row in x])
+    total = x.size
+    for ranks in ([total // 2], [(total - 1) // 2, total - (total - 1) // 2 - 1], [0, total - 1],
+                  [total // 100, total // 100 + 1], [total - 1]):
+        ranks = sorted(set(ranks))
+        before = x.copy()
+        got = scan_kernel.row_sums_select(absolute, x.ctypes.data, shape, ranks)
+        assert got is not None
+        sums, lo, hi, bad, found = got
+        assert not bad
+        np.testing.assert_array_equal(sums.view(np.int64), want_sums.view(np.int64))
+        assert (lo, hi) == (float(x.min()), float(x.max()))
+        assert found == {r: want_sorted[r] for r in ranks}, (ranks, found)
+        assert np.array_equal(x, before)  # only read

@@ -528,17 +528,85 @@ def test_staging_buffer_handed_to_the_exact_quantile_gives_torch_quantile(monkey
             np.testing.assert_array_equal(np.asarray(with_handover[s][field]), np.asarray(value), err_msg=s.key())
 
 
+@pytest.mark.parametrize(
+    "batches, hint, nan, fused",
+    [(20, 20, False, True), (30, 20, False, True), (20, 20, True, False), (20, None, False, False)],
+)
+def test_quantile_selected_by_the_probe_pass_equals_torch_quantile(monkeypatch, batches, hint, nan, fused):
+    """A quantile that keeps a whole block (every planned batch, in one process) has its ranks selected by the
+    block's probe, in the pass that reads the values for the sums (`QuantileState.pending_select`,
+    `scan_kernel.row_sums_select`): torch.quantile over every value, bit for bit the results of the separate
+    selection, for every statistic of the tensor. Cases: the planned batches; more batches than planned (the
+    probe's answer is dropped when the next batches come); a NaN among the values (the probe selects nothing:
+    the ranks count other values); no plan (nothing asked of the probe). A second quantile of the same tensor
+    selects on its own."""
+    from ternqc.runtime.calibrate import scan_kernel
+    from ternqc.runtime.calibrate.stats.base import StatState
+    from ternqc.runtime.calibrate.stats.quantile_state import QuantileState
+
+    if not scan_kernel.available():
+        pytest.skip("the scan library was not built here")
+    g = torch.Generator().manual_seed(13)
+    xs = [torch.relu(torch.randn(16, 40, generator=g)) for _ in range(batches)]
+    if nan:
+        xs[3][2, 5] = float("nan")
+    specs = [spec("range_quantile", quantile=0.5), spec("range_quantile", quantile=0.75), spec("abs_mean"),
+             spec("range_min_max")]
+    answered = []
+    real = scan_kernel.row_sums_select
+
+    def recording(*args):
+        got = real(*args)
+        answered.append(got is not None and got[4] is not None)
+        return got
+
+    monkeypatch.setattr(scan_kernel, "row_sums_select", recording)
+
+    def run():
+        ts = TensorStats(specs, size_hint=hint, plan_hint=hint)
+        for x in xs:
+            ts.update(x)
+        return ts.results()
+
+    probed = run()
+    assert any(answered) == fused
+    monkeypatch.setattr(QuantileState, "pending_select", StatState.pending_select)
+    answered.clear()
+    separate = run()
+    assert not answered
+    assert probed == separate
+    every = torch.cat([x.reshape(-1) for x in xs])
+    every = every[~every.isnan()]
+    for s in specs[:2]:
+        q = s.option("quantile")
+        assert probed[s]["max"] == float(torch.quantile(every, q))
+        assert probed[s]["min"] == float(torch.quantile(every, 1.0 - q))
+
+
 @pytest.mark.parametrize("shape", [(10, 4), (300, 200)])  # partitioned whole; the selection protocol (> 2^15)
-def test_parameter_read_once_takes_its_quantiles_from_its_values(shape):
+def test_parameter_read_once_takes_its_quantiles_from_its_values(monkeypatch, shape):
     """A parameter (not batched, one update expected: `size_hint=1`) gets its quantiles straight from its
     values, without a buffer: the same as torch.quantile over them (median and 0.75: ranks exact in
-    float32), the same bits as the buffered path, its values untouched; a second update is refused."""
+    float32), the same bits as the buffered path, its values untouched; a second update is refused. Beyond
+    2048 values (with the compiled scans) the first quantile's ranks are selected by the probe's pass."""
+    from ternqc.runtime.calibrate import scan_kernel
+
     g = torch.Generator().manual_seed(12)
     w = torch.randn(*shape, generator=g)
     before = w.clone()
     specs = [spec("range_quantile", quantile=0.5), spec("range_quantile", quantile=0.75), spec("range_min_max")]
+    answered = []
+    real = scan_kernel.row_sums_select
+
+    def recording(*args):
+        got = real(*args)
+        answered.append(got is not None and got[4] is not None)
+        return got
+
+    monkeypatch.setattr(scan_kernel, "row_sums_select", recording)
     once = TensorStats(specs, batched=False, size_hint=1)
     once.update(w)
+    assert any(answered) == (scan_kernel.available() and w.numel() > 2048)
     buffered = TensorStats(specs, batched=False)
     buffered.update(w)
     got, want = once.results(), buffered.results()

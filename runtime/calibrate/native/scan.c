@@ -70,7 +70,7 @@ __attribute__((constructor)) static void ternqc_compact8_init(void)
 
 /* The calling convention of this file's functions: scan_kernel.py refuses a library built with another
    (a stale build), and scans in numpy instead. */
-int32_t ternqc_scan_abi(void) { return 5; }
+int32_t ternqc_scan_abi(void) { return 6; }
 
 /* The vector width this CPU runs: 16, 8 or 4 floats. */
 int32_t ternqc_scan_lanes(void)
@@ -164,4 +164,19 @@ int32_t ternqc_select(int32_t lanes, const float *x, int64_t n, int64_t finite, 
 #endif
     (void)lanes;
     return select_v1(x, n, finite, ks, nk, out);
+}
+
+/* ternqc_row_sums over the k rows of n values at x and, in the same pass (one read of the values instead of two),
+   out[i] = the value at 0-based rank ks[i] (ascending, each < k * n, nk <= 64) among all of them, exactly, as
+   ternqc_select gives them. Returns 1 when a value is NaN or +-Inf (sums and mm as ternqc_row_sums, out not
+   written), -1 when memory could not be had (nothing to use), else 0. */
+int32_t ternqc_row_sums_select(int32_t lanes, const float *x, int64_t k, int64_t n, int32_t take_abs, double *sums,
+                               float *mm, const int64_t *ks, int64_t nk, float *out)
+{
+#ifdef TERNQC_X86_LEVELS
+    if (lanes >= 16) return (int32_t)row_sums_select_v4(x, k, n, take_abs, sums, mm, ks, nk, out);
+    if (lanes >= 8) return (int32_t)row_sums_select_v3(x, k, n, take_abs, sums, mm, ks, nk, out);
+#endif
+    (void)lanes;
+    return (int32_t)row_sums_select_v1(x, k, n, take_abs, sums, mm, ks, nk, out);
 }

@@ -479,23 +479,80 @@ static int64_t NAME(prime_at_least)(int64_t n)
     }
 }
 
-/* Append the values of x[0..n) strictly between l and h (lo < x < hi) to *dst (made here, room for them all);
-   counts as scan_one's. 0, or -1 when memory could not be had. */
-static int NAME(select_pass)(const float *x, int64_t n, float l, float h, int64_t *counts, float **dst,
-                             int64_t *kept)
+/* The selection's pass over x[0..n): counts[0] = #(x > l), counts[1] = #(x < h), and when want_lt / want_gh
+   counts[2] = #(x < l), counts[3] = #(x > h) (NaN in none); the values strictly between l and h written in order
+   to dst (room for n + LANES values), *kept of them. Two comparisons a vector in the common case (the two extra
+   counts only tell an atom at l or h from the values beyond it, rarely needed), no branch on the data. Lane
+   counts are int32, folded every 2^24 values. */
+static void NAME(select_count)(const float *x, int64_t n, float l, float h, int want_lt, int want_gh,
+                               int64_t *counts, float *dst, int64_t *kept)
 {
-    *dst = malloc((size_t)(n + BLOCK) * sizeof **dst);
+    const vf lv = NAME(splat)(l), hv = NAME(splat)(h);
+    int64_t c_gt = 0, c_lh = 0, c_lt = 0, c_gh = 0, k = 0, i = 0;
+    while (i + LANES <= n) {
+        const int64_t end = i + (((n - i) / LANES) * LANES < (1 << 24) ? ((n - i) / LANES) * LANES : (1 << 24));
+        vi gt = {0}, lh = {0}, lt = {0}, gh = {0};
+#if LANES == 16 && defined(TERNQC_X86_LEVELS)
+        for (; i < end; i += LANES) {
+            const __m512 v = _mm512_loadu_ps(x + i);
+            const __mmask16 g = _mm512_cmp_ps_mask(v, (__m512)lv, _CMP_GT_OQ);
+            const __mmask16 s = _mm512_cmp_ps_mask(v, (__m512)hv, _CMP_LT_OQ);
+            gt = (vi)_mm512_mask_sub_epi32((__m512i)gt, g, (__m512i)gt, _mm512_set1_epi32(-1));
+            lh = (vi)_mm512_mask_sub_epi32((__m512i)lh, s, (__m512i)lh, _mm512_set1_epi32(-1));
+            if (want_lt) lt = NAME(count_lt)(lt, (vf)v, lv);
+            if (want_gh) gh = NAME(count_lt)(gh, hv, (vf)v);
+            const __mmask16 in = g & s;
+            _mm512_storeu_ps(dst + k, _mm512_maskz_compress_ps(in, v));
+            k += __builtin_popcount((unsigned)in);
+        }
+#else
+        for (; i < end; i += LANES) {
+            const vf v = NAME(load)(x + i);
+            const vi g = (vi)(v > lv), s = (vi)(v < hv);
+            gt -= g;
+            lh -= s;
+            if (want_lt) lt -= (vi)(v < lv);
+            if (want_gh) gh -= (vi)(v > hv);
+            NAME(compact)(x + i, g & s, dst, &k);
+        }
+#endif
+        c_gt += NAME(hsum)(gt), c_lh += NAME(hsum)(lh), c_lt += NAME(hsum)(lt), c_gh += NAME(hsum)(gh);
+    }
+    for (; i < n; i++) {
+        const float v = x[i];
+        c_gt += v > l;
+        c_lh += v < h;
+        c_lt += want_lt && v < l;
+        c_gh += want_gh && v > h;
+        if (v > l && v < h) dst[k++] = v;
+    }
+    counts[0] = c_gt, counts[1] = c_lh, counts[2] = c_lt, counts[3] = c_gh;
+    *kept = k;
+}
+
+/* select_count into *dst, made here (room for every value): 0, or -1 when memory could not be had. */
+static int NAME(select_pass)(const float *x, int64_t n, float l, float h, int want_lt, int want_gh,
+                             int64_t *counts, float **dst, int64_t *kept)
+{
+    *dst = malloc((size_t)(n + LANES) * sizeof **dst);
     if (*dst == NULL) return -1;
-    memset(counts, 0, 4 * sizeof *counts);
-    *kept = 0;
-    NAME(scan_one)(x, n, l, h, 1, 1, counts, *dst, n + BLOCK, kept, 0, NULL, NULL);
+    NAME(select_count)(x, n, l, h, want_lt, want_gh, counts, *dst, kept);
     return 0;
+}
+
+/* How many of the s values of sample equal v. */
+static int64_t NAME(count_equal)(const float *sample, int64_t s, float v)
+{
+    int64_t c = 0;
+    for (int64_t i = 0; i < s; i++) c += sample[i] == v;
+    return c;
 }
 
 /* out[i] = the value at 0-based rank ks[i] (ascending, each < finite) among the `finite` values of x[0..n) that
    are not NaN (x is only read). Each round: a strided sample of the values, its order statistics around the
-   ranks (by this selection, on the sample) as a bracket [lo, hi], one pass that counts the values <= lo, < hi,
-   < lo, <= hi and copies those strictly between; a rank between the counts is selected among the copies, a
+   ranks (by this selection, on the sample) as a bracket [lo, hi], one pass that counts the values <= lo and
+   < hi (and < lo, <= hi when the sample shows an atom there; else in a pass of their own when a rank needs
+   them) and copies those strictly between; a rank between the counts is selected among the copies, a
    rank at lo or hi (an atom) is lo or hi, and a rank outside (the sample misled) among the values below lo or
    above hi (a second pass). Every round leaves out at least one value, so it ends; a few dozen values are
    sorted. Returns 0, or -1 when memory could not be had. */
@@ -546,13 +603,30 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
     if (i_lo >= 0) pk[np++] = i_lo;
     if (i_hi < s) pk[np++] = i_hi;
     const int bad = np ? NAME(select)(sample, s, s, pk, np, pv) : 0;
+    const float lo = i_lo >= 0 ? pv[0] : -INFINITY, hi = i_hi < s ? pv[np - 1] : INFINITY;
+    /* the counts beyond an atom at lo or hi, in the same pass when the sample shows the atom */
+    const int want_lt = bad == 0 && lo > -INFINITY && lo < hi && NAME(count_equal)(sample, s, lo) > 1;
+    const int want_gh = bad == 0 && hi < INFINITY && lo < hi && NAME(count_equal)(sample, s, hi) > 1;
     free(sample);
     if (bad) return -1;
-    const float lo = i_lo >= 0 ? pv[0] : -INFINITY, hi = i_hi < s ? pv[np - 1] : INFINITY;
     int64_t c[4], kept;
     float *mid;
-    if (NAME(select_pass)(x, n, lo, hi, c, &mid, &kept)) return -1;
-    const int64_t le_lo = finite - c[0], lt_hi = le_lo + c[1], lt_lo = c[2], le_hi = finite - c[3];
+    if (NAME(select_pass)(x, n, lo, hi, want_lt, want_gh, c, &mid, &kept)) return -1;
+    /* ranks [lt_lo, le_lo) are lo, [le_lo, lt_hi) among the copies, [lt_hi, le_hi) are hi; lt_lo and le_hi only
+       matter for a rank below le_lo or from lt_hi on: counted now when not known (lo = hi: from the others) */
+    const int64_t le_lo = finite - c[0], lt_hi = c[1] > le_lo ? c[1] : le_lo;
+    int64_t lt_lo = lo == -INFINITY ? 0 : lo >= hi ? c[1] : want_lt ? c[2] : -1;
+    int64_t le_hi = hi == INFINITY ? finite : lo >= hi ? le_lo : want_gh ? finite - c[3] : -1;
+    float none[LANES]; /* the destination of a counting pass over (v, v), which keeps nothing */
+    int64_t c2[4], zero;
+    if (lt_lo < 0 && ks[0] < le_lo) {
+        NAME(select_count)(x, n, lo, lo, 1, 0, c2, none, &zero);
+        lt_lo = c2[2];
+    }
+    if (le_hi < 0 && ks[nk - 1] >= lt_hi) {
+        NAME(select_count)(x, n, hi, hi, 0, 1, c2, none, &zero);
+        le_hi = finite - c2[3];
+    }
     int64_t rel[64];
     int rc = 0;
     int64_t i = 0;
@@ -567,7 +641,7 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
         } else if (k < lt_lo) { /* below lo: among the values in (-inf, lo), -inf itself by its count */
             float *below;
             int64_t cb[4], nb;
-            if (NAME(select_pass)(x, n, -INFINITY, lo, cb, &below, &nb)) { rc = -1; break; }
+            if (NAME(select_pass)(x, n, -INFINITY, lo, 0, 0, cb, &below, &nb)) { rc = -1; break; }
             const int64_t ninf = finite - cb[0];
             while (j < nk && m < 64 && ks[j] < lt_lo) { /* lt_lo = ninf + nb */
                 if (ks[j] < ninf) out[j] = -INFINITY;
@@ -583,7 +657,7 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
         } else { /* above hi: among the values in (hi, +inf), +inf itself by its count */
             float *above;
             int64_t ca[4], na;
-            if (NAME(select_pass)(x, n, hi, INFINITY, ca, &above, &na)) { rc = -1; break; }
+            if (NAME(select_pass)(x, n, hi, INFINITY, 0, 0, ca, &above, &na)) { rc = -1; break; }
             while (j < nk && m < 64 && ks[j] >= le_hi) {
                 rel[m++] = ks[j] - le_hi < na ? ks[j] - le_hi : -1;
                 j++;
@@ -599,6 +673,104 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
     }
     free(mid);
     return rc;
+}
+
+/* row_sums over the k rows of n values at x and, in the same pass, out[i] = the value at 0-based rank ks[i]
+   (ascending, each < k * n, nk <= 64) among all of them, when every value is finite: a bracket from a strided
+   sample (as select places it), and the pass that reads the values for the sums also counts them against it
+   and copies those inside; a rank inside is selected among the copies, a rank at an end is that end, and a
+   rank the sample misled (outside) by select over all the values. Ranks far apart, or too few values to
+   sample: the sums, then select. Returns 1 when a value is NaN or +-Inf (sums and mm as row_sums gives them,
+   out not written), -1 when memory could not be had (nothing to use), else 0. */
+static int64_t NAME(row_sums_select)(const float *x, int64_t k, int64_t n, int take_abs, double *sums, float *mm,
+                                     const int64_t *ks, int64_t nk, float *out)
+{
+    const int64_t total = k * n;
+    if (nk <= 0 || nk > 64 || total <= 8 * SELECT_SMALL || (nk > 1 && ks[nk - 1] - ks[0] > total / 8)) {
+        if (NAME(row_sums)(x, k, n, take_abs, sums, mm)) return 1;
+        return nk > 0 && NAME(select)(x, total, total, ks, nk, out) ? -1 : 0;
+    }
+    /* the sample and its bracket, as select's first round (a NaN among the values: the pass tells) */
+    int64_t want = total / 8;
+    want = want > 2048 ? 2048 : want;
+    float *sample = malloc((size_t)want * sizeof *sample);
+    if (sample == NULL) return -1;
+    const int64_t stride = NAME(prime_at_least)(total / want);
+    int64_t s = 0;
+    for (int64_t i = 0; i < total && s < want; i += stride)
+        if (x[i] == x[i]) sample[s++] = x[i];
+    if (s < 32) { /* NaN everywhere the stride looked: no fusing */
+        free(sample);
+        if (NAME(row_sums)(x, k, n, take_abs, sums, mm)) return 1;
+        return NAME(select)(x, total, total, ks, nk, out) ? -1 : 0;
+    }
+    const int64_t d = (int64_t)(1.5 * sqrt((double)s)) + 4;
+    const int64_t i_lo = (int64_t)floor((double)ks[0] / (double)(total - 1) * (double)(s - 1)) - d;
+    const int64_t i_hi = (int64_t)ceil((double)ks[nk - 1] / (double)(total - 1) * (double)(s - 1)) + d;
+    int64_t pk[2];
+    float pv[2];
+    int np = 0;
+    if (i_lo >= 0) pk[np++] = i_lo;
+    if (i_hi < s) pk[np++] = i_hi;
+    const int bad_sample = np ? NAME(select)(sample, s, s, pk, np, pv) : 0;
+    const float lo = i_lo >= 0 ? pv[0] : -INFINITY, hi = i_hi < s ? pv[np - 1] : INFINITY;
+    /* the counts beyond an atom at lo or hi in the same pass when the sample shows it (or lo = hi) */
+    const int want_lt = bad_sample == 0 && lo > -INFINITY && (lo >= hi || NAME(count_equal)(sample, s, lo) > 1);
+    const int want_gh = bad_sample == 0 && hi < INFINITY && (lo >= hi || NAME(count_equal)(sample, s, hi) > 1);
+    free(sample);
+    if (bad_sample) return -1;
+    float *mid = malloc((size_t)(total + BLOCK) * sizeof *mid);
+    if (mid == NULL) return -1;
+    int64_t c[4] = {0, 0, 0, 0}, kept = 0, bad = 0;
+    double lanes[SUM_LANES + 1];
+    float range[2] = {INFINITY, -INFINITY};
+    for (int64_t r = 0; r < k; r++) { /* each row's sums from +0, as row_sums */
+        int64_t row_kept = 0;
+        memset(lanes, 0, sizeof lanes);
+        NAME(scan_one)(x + r * n, n, lo, hi, want_lt, want_gh, c, mid + kept, total + BLOCK - kept, &row_kept,
+                       take_abs ? 2 : 1, lanes, range);
+        kept += row_kept;
+        sums[r] = lanes[SUM_LANES];
+        bad |= !(fabs(sums[r]) <= DBL_MAX);
+    }
+    mm[0] = range[0];
+    mm[1] = range[1];
+    if (bad) {
+        free(mid);
+        return 1;
+    }
+    /* ranks [lt_lo, le_lo) are lo, [le_lo, lt_hi) among the copies, [lt_hi, le_hi) are hi */
+    const int64_t le_lo = total - c[0], lt_hi = le_lo + c[1];
+    int64_t lt_lo = lo == -INFINITY ? 0 : want_lt ? c[2] : -1;
+    int64_t le_hi = hi == INFINITY ? total : want_gh ? total - c[3] : -1;
+    float none[LANES]; /* the destination of a counting pass over (v, v), which keeps nothing */
+    int64_t c2[4], zero;
+    if (lt_lo < 0 && ks[0] < le_lo) {
+        NAME(select_count)(x, total, lo, lo, 1, 0, c2, none, &zero);
+        lt_lo = c2[2];
+    }
+    if (le_hi < 0 && ks[nk - 1] >= lt_hi) {
+        NAME(select_count)(x, total, hi, hi, 0, 1, c2, none, &zero);
+        le_hi = total - c2[3];
+    }
+    int64_t rel[64], m = 0, first = -1;
+    int outside = 0;
+    for (int64_t i = 0; i < nk; i++) {
+        const int64_t r = ks[i];
+        if (lt_lo <= r && r < le_lo) out[i] = lo;
+        else if (lt_hi <= r && r < le_hi) out[i] = hi;
+        else if (le_lo <= r && r < lt_hi) { /* ascending: one run */
+            if (first < 0) first = i;
+            rel[m++] = r - le_lo;
+        } else outside = 1;
+    }
+    int rc = 0;
+    if (outside) /* the sample misled: every rank by select over all the values */
+        rc = NAME(select)(x, total, total, ks, nk, out);
+    else if (m)
+        rc = NAME(select)(mid, kept, kept, rel, m, out + first);
+    free(mid);
+    return rc ? -1 : 0;
 }
 
 #undef SELECT_SMALL

@@ -64,6 +64,12 @@ class StatState:
         may scan them in the same pass (`Block.prepare`); None for most statistics."""
         return None
 
+    def pending_select(self, k: int, numel: int) -> list[int] | None:
+        """The 0-based ranks (among all its values) to select in the next block's probe pass, when this state
+        keeps that block (`k` batches, `numel` values) whole and it is every value it will see; None for most
+        statistics."""
+        return None
+
     def pending_band(self) -> Any | None:
         """The α band (`threshold_state._Band`) the next block's |x| goes into, when the block's probe may scan
         it in its pass; None for most statistics."""

@@ -117,6 +117,7 @@ class TensorStats:
         # the states that may hand their bracket scan to the probe (`StatState.pending_scan`)
         self._scanners = [s for s in self._plain if type(s).pending_scan is not StatState.pending_scan]
         self._banders = [s for s in self._abs if type(s).pending_band is not StatState.pending_band]
+        self._selectors = [s for s in self._plain if type(s).pending_select is not StatState.pending_select]
         self._nonfinite = 0
         self.updates = 0
         self.shape: tuple[int, ...] | None = None
@@ -217,7 +218,7 @@ class TensorStats:
 
     def _feed(self, x: torch.Tensor, keys: np.ndarray, handover: np.ndarray | None = None) -> bool:
         """Feed a block to every state; True when a state kept `handover` (the staging buffer holding `x`)."""
-        brackets = band = None
+        brackets = band = select = None
         if x.shape[0] == 1:  # one batch: a bracketed quantile's scan or an α band's can ride on the probe's pass
             for state in self._scanners:
                 brackets = state.pending_scan()
@@ -228,7 +229,12 @@ class TensorStats:
                     band = state.pending_band()
                     if band is not None:
                         break
-        block = Block.prepare(x, keys, absolute=bool(self._abs), brackets=brackets, band=band)
+        if brackets is None and band is None:  # a quantile that keeps this whole block: its selection too
+            for state in self._selectors:
+                select = state.pending_select(x.shape[0], x.numel())
+                if select is not None:
+                    break
+        block = Block.prepare(x, keys, absolute=bool(self._abs), brackets=brackets, band=band, select=select)
         block.scratch = self._scratch_for
         block.handover = handover
         self._nonfinite += block.bad

@@ -15,6 +15,7 @@ import torch
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.bracket import HEAD_VALUES, WIDTH, Bracket, BracketMissed, bracket_protocol
 from ternqc.runtime.calibrate.quantiles import (
+    PARTITION_SMALL,
     ExactValues,
     QuantileBudget,
     quantiles_from_ranks,
@@ -113,6 +114,19 @@ class QuantileState(StatState):
         self.budget.cancel(self._promised)  # no sketch will be needed any more
         self._promised = 0
 
+    def _mode(self, per_update: int) -> str:
+        """How the first batch (`per_update` values) starts this state: "head" (bracketing: keep the head, then
+        brackets), "exact" (a buffer for every value planned), "sketch" (they cannot fit), or "open" (no plan:
+        a buffer that grows while the budget allows)."""
+        planned = per_update * (self.plan_hint or 0)
+        if self.bracketing and (not planned or planned > EXACT_UP_TO or planned * 4 > self.budget.available):
+            return "head"
+        if not self.plan_hint:
+            return "open"
+        if planned * self.layout.rows * 4 > self.budget.available + self._promised:
+            return "sketch"
+        return "exact"
+
     def _start(self, per_update: int, reserve: bool = True) -> None:
         """The first batch: an exact buffer (sized from the hint) or, when the hint says the values cannot
         fit, a sketch. Not `reserve`: the room is not taken yet (the first block is all the values, in a buffer
@@ -120,23 +134,43 @@ class QuantileState(StatState):
         rows = self.layout.rows
         self._promise(rows)
         self._exact = ExactValues(rows, self.budget)
-        planned = per_update * (self.plan_hint or 0)
-        if self.bracketing and (not planned or planned > EXACT_UP_TO or planned * 4 > self.budget.available):
+        mode = self._mode(per_update)
+        if mode == "head":
             self._head = True  # keep the head, then brackets (`_begin_bracket`); never a sketch
             return
-        if not self.plan_hint:
+        if mode == "open":
             return
-        planned = per_update * self.plan_hint
-        local = per_update * (self.size_hint or self.plan_hint)
-        if planned * rows * 4 > self.budget.available + self._promised:
+        if mode == "sketch":
             self._exact = None
             self._to_sketch()
             return
+        planned = per_update * self.plan_hint
+        local = per_update * (self.size_hint or self.plan_hint)
         self.budget.cancel(self._promised)
         self._promised = 0
         self.budget.force((planned - local) * rows * 4)  # the other processes' share of the values
         if reserve:
             self._exact.reserve(local)
+
+    def pending_select(self, k: int, numel: int) -> list[int] | None:
+        """The ranks of this state's quantiles among `numel` values, when the next block (`k` batches of them)
+        is every value it will see and they are to be selected exactly in one row (a parameter read once; or
+        every batch planned, in one process, kept whole): the block's probe can select them in the pass that
+        reads the values for the sums (`Block.prepare(select=...)`), and this state need not read them again.
+        None otherwise (values seen already, a sketch or brackets coming, per-channel rows, too few values for
+        a pass to matter)."""
+        if (
+            self._seen or self._exact is not None or self._sketch is not None or self._bracket is not None
+            or self.layout is None or self.layout.rows != 1 or numel <= PARTITION_SMALL or self._read_once
+        ):
+            return None
+        if self.batched and (
+            k != self.size_hint or self.plan_hint != self.size_hint or self._mode(numel // k) != "exact"
+        ):
+            return None
+        if not self.batched and self.size_hint != 1:
+            return None
+        return wanted_ranks((1.0 - self.q, self.q), np.array([numel]))
 
     def _observe(self, block):
         if self._read_once:
@@ -172,8 +206,11 @@ class QuantileState(StatState):
                 if not self.batched and self.size_hint == 1 and lay.rows == 1 and mask is None:
                     # a parameter, read once (every value finite): its quantiles from its values, without a copy
                     # into a buffer (the selection copies what it partitions)
-                    lo, hi = row_quantiles(rows_view(x, lay)[0], (1.0 - self.q, self.q), np.array([m]))
-                    self._final = {"min": lo, "max": hi, "range": hi - lo}
+                    final = self._probe_selected(block, m)
+                    if final is None:
+                        lo, hi = row_quantiles(rows_view(x, lay)[0], (1.0 - self.q, self.q), np.array([m]))
+                        final = {"min": lo, "max": hi, "range": hi - lo}
+                    self._final = final
                     self._read_once = True
                     return
                 self._per_update = m // block.k
@@ -188,18 +225,33 @@ class QuantileState(StatState):
                     self._begin_bracket(None if slot is not None else (rows_view(x, lay)[0], m - block.bad))
                 return
             if self._sketch is None:
+                final = self._probe_selected(block, m) if mask is None else None
                 if block.handover is not None and mask is None and self._exact.adopt(block.handover, m):
                     block.handover = None  # the staging buffer holding the values is now this state's
+                    self._final = final
                     return
                 slot = self._exact.slot(m)
                 if slot is not None:
                     write_rows(slot, x, lay)
+                    self._final = final
                     return
                 if self.bracketing:  # more values than planned (a module called more often): brackets
                     self._begin_bracket((rows_view(x, lay)[0], m - block.bad))
                     return
                 self._to_sketch()
         self._sketch.add(rows_view(x, lay))
+
+    def _probe_selected(self, block, m: int) -> dict[str, np.ndarray] | None:
+        """The result from the values the block's probe selected (`pending_select`), when the block (`m` finite
+        values) is every value this state has seen; else None."""
+        found = block.selected
+        if found is None or self._seen != m:
+            return None
+        qs, finite = (1.0 - self.q, self.q), np.array([m])
+        if not all(r in found for r in wanted_ranks(qs, finite)):
+            return None
+        lo, hi = quantiles_from_ranks(qs, finite, found)
+        return {"min": lo, "max": hi, "range": hi - lo}
 
     def pending_scan(self) -> list | None:
         """The bracket groups of the next block, when this state is counting into brackets over the values

@@ -141,7 +141,7 @@ class Block:
     batch may come with the probe (`prepare`)."""
 
     __slots__ = ("_x", "keys", "mask", "bad", "lo", "hi", "nonneg", "_sums", "_abs", "scratch", "_whole",
-                 "_abs_whole", "_source", "scanned", "banded", "handover")
+                 "_abs_whole", "_source", "scanned", "banded", "handover", "selected")
 
     def __init__(self, x, keys, mask, bad, lo=None, hi=None, nonneg=False) -> None:
         self._x = x
@@ -162,10 +162,17 @@ class Block:
         # a pooled 1-D float32 buffer whose first values are this block's (a full staging buffer): a state that
         # would copy them all may keep the buffer instead, and then sets this to None (`ExactValues.adopt`)
         self.handover: np.ndarray | None = None
+        self.selected: dict[int, np.float32] | None = None  # `{rank: value}` over the whole block, from the probe
 
     @classmethod
     def prepare(
-        cls, x: torch.Tensor, keys: np.ndarray, absolute: bool = False, brackets: list | None = None, band=None
+        cls,
+        x: torch.Tensor,
+        keys: np.ndarray,
+        absolute: bool = False,
+        brackets: list | None = None,
+        band=None,
+        select: list[int] | None = None,
     ) -> Block:
         """Probe `x` for NaN/Inf and its min and max: finite min and max mean no NaN/Inf, and a min >= 0 means
         |x| = x. A CPU float32 block goes through the compiled scans' one pass (`scan_kernel.row_sums`), which
@@ -176,7 +183,10 @@ class Block:
         also scans them (`scan_kernel.scan_brackets_with_sums`); `scanned` then holds `(brackets, results)`
         for `Bracket.add`. Else `band` (an α band, `threshold_state._Band`): the same pass scans |x| into it
         (`scan_kernel.scan_band_with_sums`); `banded` then holds `(band, results)`, and so does the block of
-        |x|. A memory-bound pass read once instead of twice."""
+        |x|. Else `select` (0-based ascending ranks among all the block's values, from a quantile state that
+        keeps this whole block: `QuantileState.pending_select`): the same pass selects them
+        (`scan_kernel.row_sums_select`); `selected` then holds `{rank: value}` when every value is finite. A
+        memory-bound pass read once instead of twice."""
         if x.is_cpu and x.dtype == torch.float32 and x.numel() and x.is_contiguous():
             if x.shape[0] == 1 and (brackets is not None or band is not None):
                 address, size = x.data_ptr(), x.numel()  # checked above: contiguous float32 on the CPU
@@ -192,7 +202,14 @@ class Block:
                     else:
                         block.banded = (band, results)
                     return block
-            got = scan_kernel.row_sums(None, absolute, x.data_ptr(), (x.shape[0], x.numel() // x.shape[0]))
+            shape = (x.shape[0], x.numel() // x.shape[0])
+            if select is not None and brackets is None and band is None:
+                got = scan_kernel.row_sums_select(absolute, x.data_ptr(), shape, select)
+                if got is not None and not got[3]:
+                    block = cls._probed(x, keys, absolute, got[0], got[1], got[2])
+                    block.selected = got[4]
+                    return block
+            got = scan_kernel.row_sums(None, absolute, x.data_ptr(), shape)
             if got is not None and not got[3]:
                 return cls._probed(x, keys, absolute, got[0], got[1], got[2])
         lo, hi = (t.item() + 0.0 for t in torch.aminmax(x))
