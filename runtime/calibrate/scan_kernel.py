@@ -286,6 +286,15 @@ def _row(row, cut, lo, magnitudes: int, sums: int, address: int | None, copy: bo
     return found[0], found[1], found[2], between, _shared_sums(s) if sums else None
 
 
+def _sums_room(k: int) -> _Scratch:
+    """This thread's scratch, its per-row sums grown to `k` rows when fewer."""
+    s = _scratch()
+    if k > s.sums.size:
+        s.sums = np.empty(k, dtype=np.float64)
+        s.ptr["sums"] = s.sums.ctypes.data
+    return s
+
+
 def row_sums(
     rows: np.ndarray | None, absolute: bool, address: int | None = None, shape: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, float, float, bool] | None:
@@ -301,11 +310,8 @@ def row_sums(
         address, shape = rows.ctypes.data, rows.shape
     if _LIB is None or not address:
         return None
-    s = _scratch()
+    s = _sums_room(shape[0])
     k, n = shape
-    if k > s.sums.size:
-        s.sums = np.empty(k, dtype=np.float64)
-        s.ptr["sums"] = s.sums.ctypes.data
     bad = _LIB.ternqc_row_sums(LANES, address, k, n, int(absolute), s.ptr["sums"], s.ptr["mm"])
     mn, mx = s.mm.tolist()
     return s.sums[:k].copy(), mn, mx, bool(bad)
@@ -322,11 +328,8 @@ def row_sums_select(
     None without the library or when it could not allocate its buffers."""
     if _LIB is None or not address or not ranks or len(ranks) > _SELECT_RANKS:
         return None
-    s = _scratch()
+    s = _sums_room(shape[0])
     k, n = shape
-    if k > s.sums.size:
-        s.sums = np.empty(k, dtype=np.float64)
-        s.ptr["sums"] = s.sums.ctypes.data
     s.ranks[: len(ranks)] = ranks
     rc = _LIB.ternqc_row_sums_select(
         LANES, address, k, n, int(absolute), s.ptr["sums"], s.ptr["mm"], s.ptr["ranks"], len(ranks), s.ptr["values"]

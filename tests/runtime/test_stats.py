@@ -528,6 +528,22 @@ def test_staging_buffer_handed_to_the_exact_quantile_gives_torch_quantile(monkey
             np.testing.assert_array_equal(np.asarray(with_handover[s][field]), np.asarray(value), err_msg=s.key())
 
 
+def _record_probe_selections(monkeypatch) -> list[bool]:
+    """Wrap `scan_kernel.row_sums_select`; the list returned gets, per call, whether it selected values."""
+    from ternqc.runtime.calibrate import scan_kernel
+
+    answered: list[bool] = []
+    real = scan_kernel.row_sums_select
+
+    def recording(*args):
+        got = real(*args)
+        answered.append(got is not None and got[4] is not None)
+        return got
+
+    monkeypatch.setattr(scan_kernel, "row_sums_select", recording)
+    return answered
+
+
 @pytest.mark.parametrize(
     "batches, hint, nan, fused",
     [(20, 20, False, True), (30, 20, False, True), (20, 20, True, False), (20, None, False, False)],
@@ -552,15 +568,7 @@ def test_quantile_selected_by_the_probe_pass_equals_torch_quantile(monkeypatch, 
         xs[3][2, 5] = float("nan")
     specs = [spec("range_quantile", quantile=0.5), spec("range_quantile", quantile=0.75), spec("abs_mean"),
              spec("range_min_max")]
-    answered = []
-    real = scan_kernel.row_sums_select
-
-    def recording(*args):
-        got = real(*args)
-        answered.append(got is not None and got[4] is not None)
-        return got
-
-    monkeypatch.setattr(scan_kernel, "row_sums_select", recording)
+    answered = _record_probe_selections(monkeypatch)
 
     def run():
         ts = TensorStats(specs, size_hint=hint, plan_hint=hint)
@@ -595,15 +603,7 @@ def test_parameter_read_once_takes_its_quantiles_from_its_values(monkeypatch, sh
     w = torch.randn(*shape, generator=g)
     before = w.clone()
     specs = [spec("range_quantile", quantile=0.5), spec("range_quantile", quantile=0.75), spec("range_min_max")]
-    answered = []
-    real = scan_kernel.row_sums_select
-
-    def recording(*args):
-        got = real(*args)
-        answered.append(got is not None and got[4] is not None)
-        return got
-
-    monkeypatch.setattr(scan_kernel, "row_sums_select", recording)
+    answered = _record_probe_selections(monkeypatch)
     once = TensorStats(specs, batched=False, size_hint=1)
     once.update(w)
     assert any(answered) == (scan_kernel.available() and w.numel() > 2048)

@@ -548,6 +548,52 @@ static int64_t NAME(count_equal)(const float *sample, int64_t s, float v)
     return c;
 }
 
+static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t *ks, int64_t nk, float *out);
+
+/* select's bracket for the ranks ks[0..nk) (ascending) among the `finite` values of x[0..n) that are not NaN: a
+   sample of every stride-th value (stride a prime >= n / want: no aliasing with a tensor's layout; the first
+   values in order when NaN hide too many), its order statistics around the ranks' positions, 3 standard
+   deviations of a sample rank (at most sqrt(s)/2) + 4 away, as [*lo, *hi] (-inf / +inf past the sample's ends),
+   and whether the sample holds lo, hi more than once (*atom_lo, *atom_hi: an atom the pass should count beyond).
+   Returns 0; 1 when fewer than 32 values could be sampled (nothing set); -1 when memory could not be had. */
+static int NAME(sample_bracket)(const float *x, int64_t n, int64_t finite, const int64_t *ks, int64_t nk, float *lo,
+                                float *hi, int *atom_lo, int *atom_hi)
+{
+    int64_t want = finite / 8;
+    want = want < 32 ? 32 : want > 2048 ? 2048 : want;
+    float *sample = malloc((size_t)want * sizeof *sample);
+    if (sample == NULL) return -1;
+    const int64_t stride = NAME(prime_at_least)(n / want);
+    int64_t s = 0;
+    for (int64_t i = 0; i < n && s < want; i += stride)
+        if (x[i] == x[i]) sample[s++] = x[i];
+    if (s < 32)
+        for (int64_t i = s = 0; i < n && s < want; i++)
+            if (x[i] == x[i]) sample[s++] = x[i];
+    if (s < 32) {
+        free(sample);
+        return 1;
+    }
+    const int64_t d = (int64_t)(1.5 * sqrt((double)s)) + 4;
+    const int64_t i_lo = (int64_t)floor((double)ks[0] / (double)(finite - 1) * (double)(s - 1)) - d;
+    const int64_t i_hi = (int64_t)ceil((double)ks[nk - 1] / (double)(finite - 1) * (double)(s - 1)) + d;
+    int64_t pk[2];
+    float pv[2];
+    int np = 0;
+    if (i_lo >= 0) pk[np++] = i_lo;
+    if (i_hi < s) pk[np++] = i_hi;
+    if (np && NAME(select)(sample, s, s, pk, np, pv)) {
+        free(sample);
+        return -1;
+    }
+    *lo = i_lo >= 0 ? pv[0] : -INFINITY;
+    *hi = i_hi < s ? pv[np - 1] : INFINITY;
+    *atom_lo = *lo > -INFINITY && NAME(count_equal)(sample, s, *lo) > 1;
+    *atom_hi = *hi < INFINITY && NAME(count_equal)(sample, s, *hi) > 1;
+    free(sample);
+    return 0;
+}
+
 /* out[i] = the value at 0-based rank ks[i] (ascending, each < finite) among the `finite` values of x[0..n) that
    are not NaN (x is only read). Each round: a strided sample of the values, its order statistics around the
    ranks (by this selection, on the sample) as a bracket [lo, hi], one pass that counts the values <= lo and
@@ -581,34 +627,11 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
         if (NAME(select)(x, n, finite, ks, h, out)) return -1;
         return NAME(select)(x, n, finite, ks + h, nk - h, out + h);
     }
-    /* the sample: every stride-th value that is not NaN (the first ones in order when NaN hide too many) */
-    int64_t want = finite / 8;
-    want = want < 32 ? 32 : want > 2048 ? 2048 : want;
-    float *sample = malloc((size_t)want * sizeof *sample);
-    if (sample == NULL) return -1;
-    const int64_t stride = NAME(prime_at_least)(n / want); /* prime: no aliasing with a tensor's layout */
-    int64_t s = 0;
-    for (int64_t i = 0; i < n && s < want; i += stride)
-        if (x[i] == x[i]) sample[s++] = x[i];
-    if (s < 32)
-        for (int64_t i = s = 0; i < n && s < want; i++)
-            if (x[i] == x[i]) sample[s++] = x[i];
-    /* its order statistics around the ranks: 3 standard deviations of a sample rank (at most sqrt(s)/2) + 4 */
-    const int64_t d = (int64_t)(1.5 * sqrt((double)s)) + 4;
-    const int64_t i_lo = (int64_t)floor((double)ks[0] / (double)(finite - 1) * (double)(s - 1)) - d;
-    const int64_t i_hi = (int64_t)ceil((double)ks[nk - 1] / (double)(finite - 1) * (double)(s - 1)) + d;
-    int64_t pk[2];
-    float pv[2];
-    int np = 0;
-    if (i_lo >= 0) pk[np++] = i_lo;
-    if (i_hi < s) pk[np++] = i_hi;
-    const int bad = np ? NAME(select)(sample, s, s, pk, np, pv) : 0;
-    const float lo = i_lo >= 0 ? pv[0] : -INFINITY, hi = i_hi < s ? pv[np - 1] : INFINITY;
+    float lo, hi;
+    int atom_lo, atom_hi;
+    if (NAME(sample_bracket)(x, n, finite, ks, nk, &lo, &hi, &atom_lo, &atom_hi)) return -1; /* finite > 48 */
     /* the counts beyond an atom at lo or hi, in the same pass when the sample shows the atom */
-    const int want_lt = bad == 0 && lo > -INFINITY && lo < hi && NAME(count_equal)(sample, s, lo) > 1;
-    const int want_gh = bad == 0 && hi < INFINITY && lo < hi && NAME(count_equal)(sample, s, hi) > 1;
-    free(sample);
-    if (bad) return -1;
+    const int want_lt = atom_lo && lo < hi, want_gh = atom_hi && lo < hi;
     int64_t c[4], kept;
     float *mid;
     if (NAME(select_pass)(x, n, lo, hi, want_lt, want_gh, c, &mid, &kept)) return -1;
@@ -691,34 +714,16 @@ static int64_t NAME(row_sums_select)(const float *x, int64_t k, int64_t n, int t
         return nk > 0 && NAME(select)(x, total, total, ks, nk, out) ? -1 : 0;
     }
     /* the sample and its bracket, as select's first round (a NaN among the values: the pass tells) */
-    int64_t want = total / 8;
-    want = want > 2048 ? 2048 : want;
-    float *sample = malloc((size_t)want * sizeof *sample);
-    if (sample == NULL) return -1;
-    const int64_t stride = NAME(prime_at_least)(total / want);
-    int64_t s = 0;
-    for (int64_t i = 0; i < total && s < want; i += stride)
-        if (x[i] == x[i]) sample[s++] = x[i];
-    if (s < 32) { /* NaN everywhere the stride looked: no fusing */
-        free(sample);
+    float lo, hi;
+    int atom_lo, atom_hi;
+    const int placed = NAME(sample_bracket)(x, total, total, ks, nk, &lo, &hi, &atom_lo, &atom_hi);
+    if (placed < 0) return -1;
+    if (placed > 0) { /* NaN nearly everywhere: no fusing */
         if (NAME(row_sums)(x, k, n, take_abs, sums, mm)) return 1;
         return NAME(select)(x, total, total, ks, nk, out) ? -1 : 0;
     }
-    const int64_t d = (int64_t)(1.5 * sqrt((double)s)) + 4;
-    const int64_t i_lo = (int64_t)floor((double)ks[0] / (double)(total - 1) * (double)(s - 1)) - d;
-    const int64_t i_hi = (int64_t)ceil((double)ks[nk - 1] / (double)(total - 1) * (double)(s - 1)) + d;
-    int64_t pk[2];
-    float pv[2];
-    int np = 0;
-    if (i_lo >= 0) pk[np++] = i_lo;
-    if (i_hi < s) pk[np++] = i_hi;
-    const int bad_sample = np ? NAME(select)(sample, s, s, pk, np, pv) : 0;
-    const float lo = i_lo >= 0 ? pv[0] : -INFINITY, hi = i_hi < s ? pv[np - 1] : INFINITY;
     /* the counts beyond an atom at lo or hi in the same pass when the sample shows it (or lo = hi) */
-    const int want_lt = bad_sample == 0 && lo > -INFINITY && (lo >= hi || NAME(count_equal)(sample, s, lo) > 1);
-    const int want_gh = bad_sample == 0 && hi < INFINITY && (lo >= hi || NAME(count_equal)(sample, s, hi) > 1);
-    free(sample);
-    if (bad_sample) return -1;
+    const int want_lt = lo > -INFINITY && (lo >= hi || atom_lo), want_gh = hi < INFINITY && (lo >= hi || atom_hi);
     float *mid = malloc((size_t)(total + BLOCK) * sizeof *mid);
     if (mid == NULL) return -1;
     int64_t c[4] = {0, 0, 0, 0}, kept = 0, bad = 0;
