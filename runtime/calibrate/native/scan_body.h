@@ -540,6 +540,24 @@ static int NAME(select_pass)(const float *x, int64_t n, float l, float h, int wa
     return 0;
 }
 
+/* The counts a rank at or beyond a bracket end [lo, hi] needs and the bracket's pass did not make (-1): *lt_lo =
+   #(x < lo) when the first rank ks[0] is below le_lo = #(x <= lo), *le_hi = n_finite - #(x > hi) when the last rank
+   is at or past lt_hi = #(x < hi); each by a counting pass of its own over x[0..n), which keeps nothing. */
+static void NAME(far_counts)(const float *x, int64_t n, int64_t finite, float lo, float hi, const int64_t *ks,
+                             int64_t nk, int64_t le_lo, int64_t lt_hi, int64_t *lt_lo, int64_t *le_hi)
+{
+    float none[LANES]; /* the destination of a counting pass over (v, v): nothing is strictly inside */
+    int64_t c[4], zero;
+    if (*lt_lo < 0 && ks[0] < le_lo) {
+        NAME(select_count)(x, n, lo, lo, 1, 0, c, none, &zero);
+        *lt_lo = c[2];
+    }
+    if (*le_hi < 0 && ks[nk - 1] >= lt_hi) {
+        NAME(select_count)(x, n, hi, hi, 0, 1, c, none, &zero);
+        *le_hi = finite - c[3];
+    }
+}
+
 /* How many of the s values of sample equal v. */
 static int64_t NAME(count_equal)(const float *sample, int64_t s, float v)
 {
@@ -640,16 +658,7 @@ static int NAME(select)(const float *x, int64_t n, int64_t finite, const int64_t
     const int64_t le_lo = finite - c[0], lt_hi = c[1] > le_lo ? c[1] : le_lo;
     int64_t lt_lo = lo == -INFINITY ? 0 : lo >= hi ? c[1] : want_lt ? c[2] : -1;
     int64_t le_hi = hi == INFINITY ? finite : lo >= hi ? le_lo : want_gh ? finite - c[3] : -1;
-    float none[LANES]; /* the destination of a counting pass over (v, v), which keeps nothing */
-    int64_t c2[4], zero;
-    if (lt_lo < 0 && ks[0] < le_lo) {
-        NAME(select_count)(x, n, lo, lo, 1, 0, c2, none, &zero);
-        lt_lo = c2[2];
-    }
-    if (le_hi < 0 && ks[nk - 1] >= lt_hi) {
-        NAME(select_count)(x, n, hi, hi, 0, 1, c2, none, &zero);
-        le_hi = finite - c2[3];
-    }
+    NAME(far_counts)(x, n, finite, lo, hi, ks, nk, le_lo, lt_hi, &lt_lo, &le_hi);
     int64_t rel[64];
     int rc = 0;
     int64_t i = 0;
@@ -748,16 +757,7 @@ static int64_t NAME(row_sums_select)(const float *x, int64_t k, int64_t n, int t
     const int64_t le_lo = total - c[0], lt_hi = le_lo + c[1];
     int64_t lt_lo = lo == -INFINITY ? 0 : want_lt ? c[2] : -1;
     int64_t le_hi = hi == INFINITY ? total : want_gh ? total - c[3] : -1;
-    float none[LANES]; /* the destination of a counting pass over (v, v), which keeps nothing */
-    int64_t c2[4], zero;
-    if (lt_lo < 0 && ks[0] < le_lo) {
-        NAME(select_count)(x, total, lo, lo, 1, 0, c2, none, &zero);
-        lt_lo = c2[2];
-    }
-    if (le_hi < 0 && ks[nk - 1] >= lt_hi) {
-        NAME(select_count)(x, total, hi, hi, 0, 1, c2, none, &zero);
-        le_hi = total - c2[3];
-    }
+    NAME(far_counts)(x, total, total, lo, hi, ks, nk, le_lo, lt_hi, &lt_lo, &le_hi);
     int64_t rel[64], m = 0, first = -1;
     int outside = 0;
     for (int64_t i = 0; i < nk; i++) {
