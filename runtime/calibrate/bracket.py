@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from ternqc.runtime.calibrate import scan_kernel
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
@@ -52,6 +53,8 @@ NARROW = 0.005
 HEAD_SAMPLE = 2**15
 
 _INF = np.float32(np.inf)
+#: Room (values) a group's buffer has at least before each compiled scan writes into it (`add_pass`).
+_ROOM = 4096
 
 
 class BracketMissed(RuntimeError):
@@ -115,6 +118,52 @@ class Bracket:
                     self.overflow()
                     return
                 slot[0] = mids
+
+    def add_pass(self, address: int, n: int, sums: int) -> tuple[float, float, float] | None:
+        """`add` of the `n` float32 values at `address` (a contiguous CPU float32 tensor's `data_ptr()`), by the
+        compiled scan: one pass per group, writing the values inside straight into the group's buffer (no
+        copy), the first pass also summing them (`sums` 4) or their magnitudes (8) in the fixed order, with
+        their min and max. Returns `(sum, min, max)` (sums 0: `(0.0, nan, nan)`). None, with nothing added,
+        when a value is NaN or +-Inf, the budget refuses room, or there is no library: the caller takes
+        `add`'s way (which also overflows where the budget refuses)."""
+        if self.overflowed or not scan_kernel.available():
+            return None
+        marks = [values.n for values in self.inside]
+        counted = []
+        totals = (0.0, math.nan, math.nan)
+        for g, (lo, hi, a, b) in enumerate(self.groups):
+            inside, lo, hi = self.inside[g], float(lo), float(hi)
+            done, fresh, step_sums = 0, True, sums if g == 0 else 0
+            while done < n or fresh:
+                room = inside.tail(_ROOM)
+                if room is None:
+                    return self._undo(marks)
+                scanned, kept = scan_kernel.scan_bracket_into(
+                    address + 4 * done, n - done, lo, hi, a, b, step_sums, fresh, room[0], room[1]
+                )
+                inside.n += kept
+                done += scanned
+                fresh = False
+            if step_sums:
+                total, mn, mx, bad = scan_kernel.pass_sums()
+                if bad:
+                    return self._undo(marks)
+                totals = (total, mn, mx)
+            counted.append(scan_kernel.pass_counts())
+        self.seen += n
+        for g, (gt_lo, between, lt_lo, gt_hi) in enumerate(counted):
+            c = self.counts[g]
+            c[0] += n - gt_lo
+            c[1] += n - gt_lo + between
+            c[2] += lt_lo
+            c[3] += n - gt_hi if self.groups[g][3] else 0
+        return totals
+
+    def _undo(self, marks: list[int]) -> None:
+        """Drop the values a failed `add_pass` wrote (the groups' buffers back to `marks` values)."""
+        for values, n in zip(self.inside, marks):
+            values.n = n
+        return None
 
     def reserve(self, seen: int, coming: int) -> None:
         """Size each group's buffer once for `coming` more values, from the share of the `seen` values that

@@ -142,6 +142,8 @@ class ExactValues:
         self.n = 0
         self.budget = budget
         self._buf = np.empty((rows, 0), dtype=np.float32)
+        self._address_of: np.ndarray | None = None  # the buffer whose address `_address` is (`tail`)
+        self._address = 0
 
     @property
     def nbytes(self) -> int:
@@ -155,6 +157,17 @@ class ExactValues:
         view = self._buf[:, self.n : need]
         self.n = need
         return view
+
+    def tail(self, free: int) -> tuple[int, int] | None:
+        """One row: the address of the room after the values held and how many values it has, at least `free`
+        (grown within the budget; None when it refuses). A compiled scan writes there; `n` then grows by what it
+        wrote."""
+        if self._buf.shape[1] - self.n < free and not self._grow(self.n + free, None):
+            return None
+        buf = self._buf
+        if self._address_of is not buf:  # `__array_interface__` once per buffer (`.ctypes` is slower still)
+            self._address_of, self._address = buf, buf.__array_interface__["data"][0]
+        return self._address + 4 * self.n, buf.shape[1] - self.n
 
     def reserve(self, total: int) -> bool:
         """Allocate room for `total` values per row at once (taken from the budget); False if it does not

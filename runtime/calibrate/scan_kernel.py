@@ -222,6 +222,38 @@ def _brackets(values, brackets, sums: int, copy: bool, address: int | None = Non
     return out, _shared_sums(s) if first else None
 
 
+def scan_bracket_into(
+    address: int, n: int, lo: float, hi: float, lt_lo: bool, gt_hi: bool, sums: int, fresh: bool, dst: int, cap: int
+) -> tuple[int, int]:
+    """One call of the compiled bracket scan over the `n` float32 values at `address` (a contiguous CPU float32
+    tensor's `data_ptr()`, or an offset into it), writing the values strictly between `lo` and `hi` (`lo` < `hi`)
+    in order to the float32 room at `dst` (`cap` >= 128 values: a `Bracket` group's own buffer, no copy).
+    `sums` 4 or 8: the same pass continues the fixed-order sums of the values (8: of their magnitudes) and
+    their min and max, as `scan_brackets_with_sums` does. `fresh`: counts (and sums) from zero, else they go on
+    from the previous call in this thread. Returns `(scanned, kept)`: fewer than `n` scanned when the room could
+    fill (call again from there, not `fresh`). The library must be loaded (`available()`). What accumulates:
+    `pass_counts()`, `pass_sums()`."""
+    s = _scratch()
+    ptr = s.ptr
+    flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums | ((16 | (32 if sums else 0)) if fresh else 0)
+    scanned = _LIB.ternqc_scan_bracket(
+        LANES, address, n, lo, hi, flags, ptr["counts"], dst, cap, ptr["kept"], ptr["lanes"], ptr["mm"]
+    )
+    return scanned, int(s.kept[0])
+
+
+def pass_counts() -> list[int]:
+    """`[#(> lo), #(lo < v < hi), #(< lo) or 0, #(> hi) or 0]` of this thread's `scan_bracket_into` calls since
+    the last fresh one."""
+    return _scratch().counts.tolist()
+
+
+def pass_sums() -> tuple[float, float, float, bool]:
+    """What this thread's `scan_bracket_into` calls with sums gave since the last fresh one: the fixed-order sum,
+    the min and max, and whether a value was NaN or +-Inf (then none of it, nor the counts, is to be used)."""
+    return _shared_sums(_scratch())
+
+
 def _shared_sums(s: _Scratch) -> tuple[float, float, float, bool]:
     """What a scan that summed along adds: the fixed-order sum (the lanes added in order from +0, by the
     library), the min and max, and whether a value was NaN or +-Inf."""

@@ -5,8 +5,8 @@ In: a `StatSpec` and a `StatContext`. Out: a state that subclasses fill in (`sta
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
@@ -20,6 +20,9 @@ from ternqc.runtime.calibrate.stats.sums import (
     as_float,
 )
 from ternqc.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    from ternqc.runtime.calibrate.bracket import Bracket
 
 # ---------------------------------------------------------------------------------------------------------
 # States
@@ -73,6 +76,20 @@ class StatState:
     def pending_band(self) -> Any | None:
         """The α band (`threshold_state._Band`) the next block's |x| goes into, when the block's probe may scan
         it in its pass; None for most statistics."""
+        return None
+
+    def pass_feeder(self, absolute: bool) -> Callable[[int, int, float, float, float], None] | None:
+        """A function `feed(n, key, lo, hi, total)` adding one batch of `n` finite values with `key` (their min
+        and max; their fixed-order sum, `sums.lane_sums`'s, of their magnitudes with `absolute`) to this state
+        from a batch pass's results alone, exactly as `observe` of that batch's block would (`BatchPass`:
+        no block made), valid while nothing but such batches of this shape come; None when this state needs
+        the values themselves (most statistics). A feeder mirrors its class's `_observe`: a subclass that
+        observes otherwise gets none unless it says how."""
+        return None
+
+    def pass_bracket(self) -> Bracket | None:
+        """The bracket a batch pass scans for this state (`Bracket.add_pass`), when its feeder expects that; None
+        for most statistics."""
         return None
 
     def observe(self, block: Block) -> None:

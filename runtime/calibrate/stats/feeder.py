@@ -15,6 +15,7 @@ import torch
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.buffers import give_back, take_buffer
 from ternqc.runtime.calibrate.quantiles import QuantileBudget
+from ternqc.runtime.calibrate.stats.batch_pass import BatchPass
 from ternqc.runtime.calibrate.stats.states import StatState, make_state
 from ternqc.runtime.calibrate.stats.sums import FLOATS, Block, as_float
 
@@ -127,6 +128,7 @@ class TensorStats:
         self._call = 0
         self._frozen: dict[StatSpec, dict[str, Any]] | None = None
         self._scratch: torch.Tensor | None = None
+        self._pass: BatchPass | None = None  # how the next large batch may be fed in one compiled pass
 
     def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like `x` for |x|, reused across batches (fresh memory is slow to fault in)."""
@@ -149,6 +151,19 @@ class TensorStats:
             if st.k == st.kmax:
                 self.flush()
             return
+        bp = self._pass
+        if (  # a large batch of the shape the batch pass was made for, nothing staged before it
+            bp is not None and x.shape == bp.shape and x.dtype is torch.float32 and not x.requires_grad
+            and x.is_cpu and x.is_contiguous() and (st is None or st.k == 0)
+        ):
+            call = self._call + 1 if batch is not None and batch == self._batch else 0
+            key = self.updates if batch is None else batch * KEY_CALLS + call
+            if bp.feed(x.data_ptr(), x.numel(), key):
+                if batch is not None:
+                    self._batch, self._call = batch, call
+                self.updates += 1
+                return
+            self._pass = None  # the general path takes this batch and decides again
         if x.requires_grad or x.dtype not in FLOATS or (self.batched and x.dim() == 0):
             x = as_float(x, self.batched)
         if batch is None:
@@ -178,6 +193,8 @@ class TensorStats:
         else:
             self.flush()
             self._feed(x.unsqueeze(0), np.array([key], dtype=np.int64))
+            if self.batched and x.is_cpu and x.dtype is torch.float32:
+                self._pass = BatchPass.build(self.states.values(), x.shape, bool(self._abs))
 
     def update_staged(self, x: torch.Tensor, key: int) -> None:
         st = self._stage
@@ -276,6 +293,7 @@ class TensorStats:
     def freeze(self) -> None:
         """Compute the results now and release the memory behind them (buffers go back to the pool)."""
         self._frozen = self.results()
+        self._pass = None
         for state in self.states.values():
             state.release()
         for t in (self._scratch, self._stage.flat if self._stage is not None else None):
@@ -292,6 +310,7 @@ class TensorStats:
         """The protocol generators that merge this tensor's statistics with the other processes'
         (`distributed.sync_stats`)."""
         self.flush()
+        self._pass = None  # the states change under the merge
         gens: dict[Any, Generator] = {"meta": self._sync_meta()}
         gens.update((i, state.sync()) for i, state in enumerate(self.states.values()) if not state.pending)
         return gens

@@ -261,6 +261,26 @@ class QuantileState(StatState):
             return None
         return b.groups
 
+    def pass_bracket(self) -> Bracket | None:
+        """The bracket this state counts a batch into, when a batch pass may scan it: counting over the values
+        themselves (not |x|), in one row, not missed."""
+        b = self._bracket
+        if b is None or b.overflowed or self.wants_abs or self._missed or self.layout is None or self.layout.rows != 1:
+            return None
+        return b
+
+    def pass_feeder(self, absolute: bool):
+        if type(self)._observe is not QuantileState._observe or self.pass_bracket() is None:
+            return None
+
+        def feed(n: int, key: int, lo: float, hi: float, total: float) -> None:
+            # the pass counted the batch into the bracket (`Bracket.add_pass`); the rest of `_observe`'s bracket way
+            self.count += n
+            self._final = None
+            self._seen += n
+
+        return feed
+
     def _begin_bracket(self, extra: tuple[np.ndarray, int] | None) -> None:
         """Place brackets from the head (or from `extra`, a block the head had no room for), count the head
         into them and give the head back; then count `extra` too."""

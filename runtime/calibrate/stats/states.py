@@ -50,6 +50,19 @@ class MinMaxState(StatState):
         self._mx: torch.Tensor | None = None
         self._dtype: torch.dtype | None = None
 
+    def pass_feeder(self, absolute: bool):
+        lay = self.layout
+        if type(self)._observe is not MinMaxState._observe or self.wants_abs or lay is None or lay.rows != 1:
+            return None
+        if self._dtype is None:  # no batch seen yet
+            return None
+
+        def feed(n: int, key: int, lo: float, hi: float, total: float) -> None:
+            self.count += n
+            self._lo, self._hi = min(self._lo, lo), max(self._hi, hi)
+
+        return feed
+
     def _observe(self, block):
         lay, x, mask = self.layout, block.x, block.mask
         self._dtype = self._dtype or x.dtype

@@ -68,6 +68,20 @@ class AbsMeanState(SumState):
     takes_abs = True
     _names = ("n", "sum")
 
+    def pass_feeder(self, absolute: bool):
+        lay = self.layout
+        if type(self)._observe is not AbsMeanState._observe or not absolute:  # a subclass observes otherwise
+            return None
+        if lay is None or lay.rows != 1 or not lay.reduce:
+            return None
+        partials = self._partials
+
+        def feed(n: int, key: int, lo: float, hi: float, total: float) -> None:
+            self.count += n
+            partials.add_one(key, (n, total))
+
+        return feed
+
     def _observe(self, block):
         lay, mask = self.layout, block.mask
         if mask is None:

@@ -338,6 +338,21 @@ class Partials:
         if self.eager and self._n >= FOLD_EVERY:
             self.fold()
 
+    def add_one(self, key: int, fields: tuple[float, ...]) -> None:
+        """`add` of one batch with one result position, each field one number (a batch pass, `BatchPass`: no
+        arrays made)."""
+        n = self._n
+        if n >= len(self._keys) or not self._cols or self._cols[0].shape[1] != 1:
+            self._reserve(n + 1, 1, len(fields))
+        if self._in_order and n and not key > self._keys[n - 1]:
+            self._in_order = False
+        self._keys[n] = key
+        for col, f in zip(self._cols, fields):
+            col[n, 0] = f
+        self._n = n + 1
+        if self.eager and self._n >= FOLD_EVERY:
+            self.fold()
+
     def _reserve(self, need: int, rows: int, fields: int) -> None:
         cap = len(self._keys)
         if need <= cap and self._cols and self._cols[0].shape[1] == rows:

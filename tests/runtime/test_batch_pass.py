@@ -1,0 +1,222 @@
+"""The batch pass (`stats/batch_pass.py`): a large batch fed to every statistic by one compiled pass gives the
+general path's bits, declines (changing nothing) where that path must decide, and is really taken.
+
+References: the general path (`TensorStats._feed` with a `Block`, the pass turned off), numpy's sort for the
+quantiles (`test_bracket.reference`), the fixed-order sum written out in Python floats
+(`test_scan_kernel._sequential`) folded left in batch order, numpy's min and max.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ternqc.plan import StatSpec
+from ternqc.runtime.calibrate import bracket as bracket_mod
+from ternqc.runtime.calibrate import scan_kernel
+from ternqc.runtime.calibrate.bracket import Bracket
+from ternqc.runtime.calibrate.quantiles import QuantileBudget
+from ternqc.runtime.calibrate.stats import batch_pass, quantile_state
+from ternqc.runtime.calibrate.stats.feeder import TensorStats
+from ternqc.runtime.calibrate.stats.sums import Partials, fold_sums
+from ternqc.runtime.calibrate.stats.threshold_state import ThresholdAbsMeanState
+from tests.runtime.test_bracket import reference
+from tests.runtime.test_scan_kernel import _sequential, needs_kernel
+
+pytestmark = needs_kernel
+
+MINMAX, ABSMEAN = StatSpec("range_min_max"), StatSpec("abs_mean")
+
+
+def quantile(q: float) -> StatSpec:
+    return StatSpec("range_quantile", options=(("quantile", q),))
+
+
+@pytest.fixture(autouse=True)
+def _bracket_small_streams(monkeypatch):
+    """Streams of ~2M values are bracketed here as the large ones are (see test_bracket)."""
+    monkeypatch.setattr(quantile_state, "EXACT_UP_TO", 2 * bracket_mod.HEAD_VALUES)
+
+
+def batches_of(kind: str, n: int = 10, shape=(64, 4096)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(*shape, generator=g) for _ in range(n)]
+    if kind == "relu":  # ~60% zeros: the median is the atom at 0
+        xs = [torch.relu(x - 0.25) for x in xs]
+    elif kind == "nan":  # a NaN and an Inf in batches the pass would take
+        xs[4][3, 5] = float("nan")
+        xs[7][0, 0] = float("inf")
+    elif kind == "drift":  # the median walks out of the first batches' bracket: a miss
+        xs = [x + 2.0 * i for i, x in enumerate(xs)]
+    elif kind == "positive":  # |x| = x: the probe's sums of |x| are the sums of x
+        xs = [x.abs() + 1.0 for x in xs]
+    return xs
+
+
+class Bits:
+    """A result value compared by its bits (and dtype, shape); `value` as a numpy array."""
+
+    def __init__(self, value) -> None:
+        self.value = np.asarray(value)
+
+    def __eq__(self, other) -> bool:
+        a, b = self.value, other.value
+        return (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes())
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def collect(xs, specs, budget_bytes=256 * 2**20, plan=None):
+    """The statistics of `xs` fed batch by batch, and how many batches the pass took."""
+    ts = TensorStats(specs, bracket=True, quantile_budget=QuantileBudget(budget_bytes), plan_hint=plan)
+    taken = []
+    real = batch_pass.BatchPass.feed
+
+    def counting(self, *args):
+        got = real(self, *args)
+        taken.append(got)
+        return got
+
+    batch_pass.BatchPass.feed = counting
+    try:
+        for i, x in enumerate(xs):
+            ts.update(x, i)
+        results = {s.key(): {k: Bits(v) for k, v in r.items()} for s, r in ts.results().items()}
+    finally:
+        batch_pass.BatchPass.feed = real
+    return results, sorted(s.key() for s in ts.missed()), ts.nonfinite, sum(taken)
+
+
+def general(monkeypatch, *args, **kwargs):
+    """`collect` with the pass turned off: every batch through a `Block`."""
+    with monkeypatch.context() as m:
+        m.setattr(batch_pass.BatchPass, "build", classmethod(lambda cls, *a: None))
+        return collect(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "relu", "nan", "drift", "positive"])
+@pytest.mark.parametrize("q", [0.5, 0.9])
+def test_the_pass_gives_the_general_paths_bits(monkeypatch, kind, q):
+    xs = batches_of(kind)
+    specs = [MINMAX, quantile(q), ABSMEAN]
+    got, missed, nonfinite, taken = collect(xs, specs)
+    want, want_missed, want_nonfinite, none = general(monkeypatch, xs, specs)
+    assert none == 0 and taken >= len(xs) - 3  # the head, and the batches with NaN/Inf, go the general way
+    assert (got, missed, nonfinite) == (want, want_missed, want_nonfinite)
+    assert nonfinite == (2 if kind == "nan" else 0)
+    assert bool(missed) == (kind == "drift")
+    # independent: numpy's sort for the quantile, numpy's min/max, the fixed order written out for abs_mean
+    finite = [x[torch.isfinite(x)].numpy() for x in xs]
+    every = np.concatenate(finite)
+    assert (got[MINMAX.key()]["min"].value, got[MINMAX.key()]["max"].value) == (every.min(), every.max())
+    total = 0.0
+    for f in finite:  # per batch the fixed-order sum of |x|, batches added left in order
+        total += _sequential(f, True)
+    assert got[ABSMEAN.key()]["abs_mean"].value == total / every.size
+    if not missed:
+        assert (got[quantile(q).key()]["min"].value, got[quantile(q).key()]["max"].value) == reference(xs, q)
+
+
+def test_the_pass_takes_every_batch_after_the_head():
+    xs = batches_of("gaussian", n=12)  # 262,144 values a batch: the first is the head the brackets come from
+    _, missed, _, taken = collect(xs, [MINMAX, quantile(0.5), ABSMEAN])
+    assert not missed and taken == len(xs) - 1
+
+
+def test_without_a_bracket_the_pass_is_one_probe(monkeypatch):
+    """min/max and abs_mean alone: the pass is the probe's row sums, fed to both."""
+    xs = batches_of("gaussian", n=5)
+    got = collect(xs, [MINMAX, ABSMEAN])
+    assert got[3] == len(xs) - 1 and got[:3] == general(monkeypatch, xs, [MINMAX, ABSMEAN])[:3]
+
+
+def test_statistics_that_need_the_values_get_no_pass(monkeypatch):
+    """Two bracketed quantiles (two passes), a quantile of |x|, a variance, an α: every batch through a Block,
+    with the same results as ever."""
+    xs = batches_of("gaussian", n=4)
+    for specs in (
+        [quantile(0.5), quantile(0.99)],
+        [StatSpec("range_quantile", abs=True, options=(("quantile", 0.5),)), MINMAX],
+        [StatSpec("variance_precise"), MINMAX],
+    ):
+        got = collect(xs, specs)
+        assert got[3] == 0 and got == general(monkeypatch, xs, specs)
+    assert ThresholdAbsMeanState(StatSpec("threshold_abs_mean")).pass_feeder(True) is None
+
+
+def test_an_overflowing_bracket_is_a_miss_as_on_the_general_path(monkeypatch):
+    xs = [torch.randn(64, 4096) * 1e-3 for _ in range(8)]
+    xs[0] = torch.randn(64, 4096) * 100  # a wide bracket from a wide head, then everything inside it
+    specs = [MINMAX, quantile(0.5), ABSMEAN]
+    got = collect(xs, specs, budget_bytes=2 * 2**20)
+    assert got[1] == [quantile(0.5).key()]
+    assert got[:3] == general(monkeypatch, xs, specs, budget_bytes=2 * 2**20)[:3]
+
+
+def _bracket(head: np.ndarray, q: float, budget: QuantileBudget) -> Bracket:
+    return Bracket.start(head, (1.0 - q, q), budget)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_add_pass_counts_and_keeps_as_add_and_sums_in_the_fixed_order(monkeypatch, q, absolute):
+    """Into buffers with little room (each scan stops and goes on many times), `add_pass` gives `add`'s counts
+    and the same values inside in the same order, and the pass's sum, min and max are the reference's."""
+    monkeypatch.setattr(bracket_mod, "_ROOM", 128)
+    rng = np.random.default_rng(3)
+    head = rng.standard_normal(50_000).astype(np.float32)
+    blocks = [rng.standard_normal(40_003).astype(np.float32) * s for s in (1.0, 1.3, 0.8)]
+    by_pass, by_add = _bracket(head, q, QuantileBudget()), _bracket(head, q, QuantileBudget())
+    for x in blocks:
+        total, mn, mx = by_pass.add_pass(x.ctypes.data, x.size, 8 if absolute else 4)
+        by_add.add(x, x.size)
+        assert np.float64(total).view(np.int64) == np.float64(_sequential(x, absolute)).view(np.int64)
+        assert (mn, mx) == (float(x.min()), float(x.max()))
+    assert by_pass.counts == by_add.counts and by_pass.seen == by_add.seen
+    kept = [v.values()[0] for v in by_pass.inside]
+    assert sum(k.size for k in kept) > 20 * 128  # the room filled and the scans went on
+    for mine, theirs in zip(kept, (v.values()[0] for v in by_add.inside)):
+        np.testing.assert_array_equal(mine.view(np.uint32), theirs.view(np.uint32))
+
+
+def test_add_pass_declines_without_a_trace():
+    """A NaN or Inf, or a budget with no room: None, and the counts and the values kept are as before."""
+    rng = np.random.default_rng(4)
+    head = rng.standard_normal(50_000).astype(np.float32)
+    for spoil, budget in (("nan", QuantileBudget()), ("inf", QuantileBudget()), (None, QuantileBudget(60_000))):
+        b = _bracket(head, 0.5, budget)
+        x = rng.standard_normal(40_000).astype(np.float32)
+        assert b.add_pass(x.ctypes.data, x.size, 4) is not None
+        before = (b.counts[0][:], b.seen, b.inside[0].n, b.inside[0].values()[0].copy())
+        y = rng.standard_normal(40_000).astype(np.float32) * (1e-3 if spoil is None else 1.0)  # near the median: inside the bracket
+        y = np.concatenate([y] * 8) if spoil is None else y  # more inside than the budget has room for
+        if spoil:
+            y[-3] = np.nan if spoil == "nan" else np.inf
+        assert b.add_pass(y.ctypes.data, y.size, 4) is None
+        assert (b.counts[0], b.seen, b.inside[0].n) == before[:3]
+        np.testing.assert_array_equal(b.inside[0].values()[0], before[3])
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_add_one_is_add_of_one_batch(eager):
+    keys = [3, 5, 4, 9, 1] + list(range(10, 80))  # out of order, then past a fold
+    one, many = Partials(fold_sums, eager), Partials(fold_sums, eager)
+    for k in keys:
+        one.add_one(k, (7, k * 0.1))
+        many.add(np.array([k]), (7, np.array([[k * 0.1]])), 1)
+    assert one._in_order == many._in_order
+    a, b = one.pending(), many.pending()
+    np.testing.assert_array_equal(a[0], b[0])
+    for x, y in zip(a[1], b[1]):
+        np.testing.assert_array_equal(x, y)
+    fa, fb = one.fold(), many.fold()
+    for x, y in zip(fa, fb):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_the_pass_needs_the_library(monkeypatch):
+    with scan_kernel.numpy_scans():
+        got = collect(batches_of("gaussian", n=3), [MINMAX, quantile(0.5), ABSMEAN])
+    assert got[3] == 0
