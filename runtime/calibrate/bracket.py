@@ -125,39 +125,39 @@ class Bracket:
         copy), the first pass also summing them (`sums` 4) or their magnitudes (8) in the fixed order, with
         their min and max. Returns `(sum, min, max)` (sums 0: `(0.0, nan, nan)`). None, with nothing added,
         when a value is NaN or +-Inf, the budget refuses room, or there is no library: the caller takes
-        `add`'s way (which also overflows where the budget refuses)."""
+        `add`'s way (which also overflows where the budget refuses). Lean: it runs in a hook, after a pass
+        that left every cache cold."""
         if self.overflowed or not scan_kernel.available():
             return None
-        marks = [values.n for values in self.inside]
-        counted = []
-        totals = (0.0, math.nan, math.nan)
-        for g, (lo, hi, a, b) in enumerate(self.groups):
-            inside, lo, hi = self.inside[g], float(lo), float(hi)
-            done, fresh, step_sums = 0, True, sums if g == 0 else 0
-            while done < n or fresh:
-                room = inside.tail(_ROOM)
+        groups, inside = self.groups, self.inside
+        marks = [values.n for values in inside]
+        results = []
+        for g in range(len(groups)):
+            lo, hi, a, b = groups[g]
+            values, step_sums, done, fresh = inside[g], sums if g == 0 else 0, 0, True
+            while True:
+                room = values.tail(_ROOM)
                 if room is None:
                     return self._undo(marks)
-                scanned, kept = scan_kernel.scan_bracket_into(
-                    address + 4 * done, n - done, lo, hi, a, b, step_sums, fresh, room[0], room[1]
+                got = scan_kernel.scan_bracket_into(
+                    address + 4 * done, n - done, float(lo), float(hi), a, b, step_sums, fresh, room[0], room[1]
                 )
-                inside.n += kept
-                done += scanned
+                values.n += got[5]
+                done += got[0]
                 fresh = False
-            if step_sums:
-                total, mn, mx, bad = scan_kernel.pass_sums()
-                if bad:
-                    return self._undo(marks)
-                totals = (total, mn, mx)
-            counted.append(scan_kernel.pass_counts())
+                if done >= n:
+                    break
+            if step_sums and not math.isfinite(got[6]):  # a NaN or +-Inf: the general path leaves them out
+                return self._undo(marks)
+            results.append(got)
         self.seen += n
-        for g, (gt_lo, between, lt_lo, gt_hi) in enumerate(counted):
+        for g, (_, gt_lo, between, lt_lo, gt_hi, *_) in enumerate(results):
             c = self.counts[g]
             c[0] += n - gt_lo
             c[1] += n - gt_lo + between
             c[2] += lt_lo
-            c[3] += n - gt_hi if self.groups[g][3] else 0
-        return totals
+            c[3] += n - gt_hi if groups[g][3] else 0
+        return results[0][6:] if sums else (0.0, math.nan, math.nan)
 
     def _undo(self, marks: list[int]) -> None:
         """Drop the values a failed `add_pass` wrote (the groups' buffers back to `marks` values)."""

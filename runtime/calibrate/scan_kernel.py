@@ -16,6 +16,7 @@ import ctypes
 import importlib.machinery
 import math
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -30,6 +31,8 @@ SCRATCH = 2**16
 BAND_SCRATCH = 2**20
 #: Lanes of the fixed-order sums (`SUM_LANES` in `native/scan.c`, `sums.lane_sums`).
 SUM_LANES = 32
+#: A thread's result cells (`_Scratch.cells`): 4 counts, kept, the lanes (skipped) and their total, min, max.
+_RESULTS = struct.Struct(f"<4qq{8 * SUM_LANES}xd2f")
 
 _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -109,13 +112,17 @@ class _Scratch:
         self.size = SCRATCH  # the output buffers' size when made (a test may change SCRATCH)
         self.outs: list[np.ndarray] = []
         self.out_ptrs: list[int] = []
-        self.counts = np.zeros(4, dtype=np.int64)
-        self.kept = np.zeros(1, dtype=np.int64)
+        # the counts, kept, lanes and min/max cells in one block, in `_RESULTS`' layout: a scan's results are read
+        # back in one unpack (`scan_bracket_into`; in a hook every further read meets cold caches)
+        self.cells = np.zeros(_RESULTS.size, dtype=np.uint8)
+        self.cells_view = memoryview(self.cells)
+        self.counts = self.cells[0:32].view(np.int64)
+        self.kept = self.cells[32:40].view(np.int64)
         self.acc = np.zeros(2, dtype=np.int64)
         self.sum = np.zeros(1, dtype=np.float64)
         self.top = np.zeros(1, dtype=np.float32)
-        self.mm = np.zeros(2, dtype=np.float32)
-        self.lanes = np.zeros(SUM_LANES + 1, dtype=np.float64)  # the lanes, then their total
+        self.lanes = self.cells[40 : 48 + 8 * SUM_LANES].view(np.float64)  # the lanes, then their total
+        self.mm = self.cells[48 + 8 * SUM_LANES : 56 + 8 * SUM_LANES].view(np.float32)
         self.sums = np.zeros(64, dtype=np.float64)  # row_sums's per-row sums (grown when more rows come)
         self.ranks = np.zeros(_SELECT_RANKS, dtype=np.int64)  # select's ranks and their values
         self.values = np.zeros(_SELECT_RANKS, dtype=np.float32)
@@ -224,34 +231,24 @@ def _brackets(values, brackets, sums: int, copy: bool, address: int | None = Non
 
 def scan_bracket_into(
     address: int, n: int, lo: float, hi: float, lt_lo: bool, gt_hi: bool, sums: int, fresh: bool, dst: int, cap: int
-) -> tuple[int, int]:
+) -> tuple:
     """One call of the compiled bracket scan over the `n` float32 values at `address` (a contiguous CPU float32
     tensor's `data_ptr()`, or an offset into it), writing the values strictly between `lo` and `hi` (`lo` < `hi`)
     in order to the float32 room at `dst` (`cap` >= 128 values: a `Bracket` group's own buffer, no copy).
     `sums` 4 or 8: the same pass continues the fixed-order sums of the values (8: of their magnitudes) and
     their min and max, as `scan_brackets_with_sums` does. `fresh`: counts (and sums) from zero, else they go on
-    from the previous call in this thread. Returns `(scanned, kept)`: fewer than `n` scanned when the room could
-    fill (call again from there, not `fresh`). The library must be loaded (`available()`). What accumulates:
-    `pass_counts()`, `pass_sums()`."""
+    from the previous call in this thread. Returns `(scanned, #(> lo), #(lo < v < hi), #(< lo) or 0, #(> hi) or 0,
+    kept, sum, min, max)`: fewer than `n` scanned when the room could fill (call again from there, not
+    `fresh`); the counts, sum, min and max over every call since the last fresh one, `kept` of this call (sum,
+    min and max only with `sums`; a sum that is not finite means a NaN or +-Inf: nothing of the pass is to be
+    used). The library must be loaded (`available()`)."""
     s = _scratch()
     ptr = s.ptr
     flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums | ((16 | (32 if sums else 0)) if fresh else 0)
     scanned = _LIB.ternqc_scan_bracket(
         LANES, address, n, lo, hi, flags, ptr["counts"], dst, cap, ptr["kept"], ptr["lanes"], ptr["mm"]
     )
-    return scanned, int(s.kept[0])
-
-
-def pass_counts() -> list[int]:
-    """`[#(> lo), #(lo < v < hi), #(< lo) or 0, #(> hi) or 0]` of this thread's `scan_bracket_into` calls since
-    the last fresh one."""
-    return _scratch().counts.tolist()
-
-
-def pass_sums() -> tuple[float, float, float, bool]:
-    """What this thread's `scan_bracket_into` calls with sums gave since the last fresh one: the fixed-order sum,
-    the min and max, and whether a value was NaN or +-Inf (then none of it, nor the counts, is to be used)."""
-    return _shared_sums(_scratch())
+    return (scanned, *_RESULTS.unpack_from(s.cells_view))
 
 
 def _shared_sums(s: _Scratch) -> tuple[float, float, float, bool]:
