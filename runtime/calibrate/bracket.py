@@ -105,12 +105,8 @@ class Bracket:
             return
         self.seen += finite
         counted = _scan_counts(values, self.groups, bounds) if scanned is None else _as_counts(scanned)
-        for g, ((*_, b), (gt_lo, between, lt_lo, gt_hi)) in enumerate(zip(self.groups, counted)):
-            c = self.counts[g]
-            c[0] += finite - gt_lo
-            c[1] += finite - gt_lo + between[0]
-            c[2] += lt_lo
-            c[3] += finite - gt_hi if b else 0
+        for g, (gt_lo, between, lt_lo, gt_hi) in enumerate(counted):
+            self._count(g, finite, gt_lo, between[0], lt_lo, gt_hi)
             mids = between[1]
             if mids.size:
                 slot = self.inside[g].slot(mids.size)
@@ -152,12 +148,17 @@ class Bracket:
             results.append(got)
         self.seen += n
         for g, (_, gt_lo, between, lt_lo, gt_hi, *_) in enumerate(results):
-            c = self.counts[g]
-            c[0] += n - gt_lo
-            c[1] += n - gt_lo + between
-            c[2] += lt_lo
-            c[3] += n - gt_hi if groups[g][3] else 0
+            self._count(g, n, gt_lo, between, lt_lo, gt_hi)
         return results[0][6:] if sums else (0.0, math.nan, math.nan)
+
+    def _count(self, g: int, finite: int, gt_lo: int, between: int, lt_lo: int, gt_hi: int) -> None:
+        """Add a block's scan of group `g` (`finite` values: how many were > lo, strictly inside, < lo, > hi) to
+        its counts `[<= lo, < hi, < lo, <= hi]` (the last only at an atom edge)."""
+        c = self.counts[g]
+        c[0] += finite - gt_lo
+        c[1] += finite - gt_lo + between
+        c[2] += lt_lo
+        c[3] += finite - gt_hi if self.groups[g][3] else 0
 
     def _undo(self, marks: list[int]) -> None:
         """Drop the values a failed `add_pass` wrote (the groups' buffers back to `marks` values)."""
