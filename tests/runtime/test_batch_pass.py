@@ -216,7 +216,7 @@ def test_add_one_is_add_of_one_batch(eager):
         np.testing.assert_array_equal(x, y)
 
 
-def test_the_pass_needs_the_library(monkeypatch):
+def test_the_pass_needs_the_library():
     with scan_kernel.numpy_scans():
         got = collect(batches_of("gaussian", n=3), [MINMAX, quantile(0.5), ABSMEAN])
     assert got[3] == 0
