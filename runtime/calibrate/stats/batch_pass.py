@@ -35,7 +35,7 @@ class BatchPass:
 
     @classmethod
     def build(cls, states, shape, absolute: bool) -> BatchPass | None:
-        """The pass for `states` (one tensor's, adopted to batches of `shape`, a `torch.Size`), or None when one
+        """The pass for `states` (one tensor's, adopted to batches of `shape`), or None when one
         of them needs the values themselves, two would scan brackets, or there is no compiled library."""
         if not scan_kernel.available():
             return None

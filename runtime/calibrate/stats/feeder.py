@@ -129,6 +129,7 @@ class TensorStats:
         self._frozen: dict[StatSpec, dict[str, Any]] | None = None
         self._scratch: torch.Tensor | None = None
         self._pass: BatchPass | None = None  # how the next large batch may be fed in one compiled pass
+        self._pass_due = False  # a batch went through the general path: the next may make the pass
 
     def _scratch_for(self, x: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like `x` for |x|, reused across batches (fresh memory is slow to fault in)."""
@@ -152,6 +153,10 @@ class TensorStats:
                 self.flush()
             return
         bp = self._pass
+        if bp is None and self._pass_due:  # the next batch after one through the general path: make the pass now
+            self._pass_due = False  # (not then: most tensors seen once, e.g. of a one-batch calibration, need none)
+            if x.is_cpu and x.dtype is torch.float32:
+                bp = self._pass = BatchPass.build(self.states.values(), self._last_shape, bool(self._abs))
         if (  # a large batch of the shape the batch pass was made for, nothing staged before it
             bp is not None and x.shape == bp.shape and x.dtype is torch.float32 and not x.requires_grad
             and x.is_cpu and x.is_contiguous() and (st is None or st.k == 0)
@@ -193,8 +198,7 @@ class TensorStats:
         else:
             self.flush()
             self._feed(x.unsqueeze(0), np.array([key], dtype=np.int64))
-            if self.batched and x.is_cpu and x.dtype is torch.float32:
-                self._pass = BatchPass.build(self.states.values(), x.shape, bool(self._abs))
+            self._pass_due = self.batched
 
     def update_staged(self, x: torch.Tensor, key: int) -> None:
         st = self._stage
@@ -293,7 +297,7 @@ class TensorStats:
     def freeze(self) -> None:
         """Compute the results now and release the memory behind them (buffers go back to the pool)."""
         self._frozen = self.results()
-        self._pass = None
+        self._pass, self._pass_due = None, False
         for state in self.states.values():
             state.release()
         for t in (self._scratch, self._stage.flat if self._stage is not None else None):
@@ -310,7 +314,7 @@ class TensorStats:
         """The protocol generators that merge this tensor's statistics with the other processes'
         (`distributed.sync_stats`)."""
         self.flush()
-        self._pass = None  # the states change under the merge
+        self._pass, self._pass_due = None, False  # the states change under the merge
         gens: dict[Any, Generator] = {"meta": self._sync_meta()}
         gens.update((i, state.sync()) for i, state in enumerate(self.states.values()) if not state.pending)
         return gens

@@ -420,6 +420,8 @@ class Partials:
 
 def fold_sums(acc, cols):
     """Left fold of additive partials: `acc + p0 + p1 + ...` in order (`np.add.accumulate` is sequential)."""
+    if acc is None and len(cols[0]) == 1:  # one partial: the fold is the partial itself
+        return tuple(c[0].copy() for c in cols)
     out = []
     for i, c in enumerate(cols):
         stacked = c if acc is None else np.concatenate([acc[i][None], c])
