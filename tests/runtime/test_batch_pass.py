@@ -125,6 +125,25 @@ def test_the_pass_takes_every_batch_after_the_head():
     assert not missed and taken == len(xs) - 1
 
 
+def test_a_batch_of_another_shape_goes_the_general_way(monkeypatch):
+    """A smaller batch among the large ones (a last batch, a module called on other shapes): that batch through a
+    block, the pass made again after it; results as the general path's and the references'."""
+    xs = batches_of("gaussian", n=10)
+    xs[6] = xs[6][:32]
+    specs = [MINMAX, quantile(0.5), ABSMEAN]
+    got = collect(xs, specs)
+    assert got[3] == len(xs) - 3  # not the head, not the smaller batch, not the one after it (the pass remade)
+    assert got[:3] == general(monkeypatch, xs, specs)[:3]
+    results = got[0]
+    every = np.concatenate([x.reshape(-1).numpy() for x in xs])
+    assert (results[MINMAX.key()]["min"].value, results[MINMAX.key()]["max"].value) == (every.min(), every.max())
+    assert (results[quantile(0.5).key()]["min"].value, results[quantile(0.5).key()]["max"].value) == reference(xs, 0.5)
+    total = 0.0
+    for x in xs:
+        total += _sequential(x.reshape(-1).numpy(), True)
+    assert results[ABSMEAN.key()]["abs_mean"].value == total / every.size
+
+
 def test_without_a_bracket_the_pass_is_one_probe(monkeypatch):
     """min/max and abs_mean alone: the pass is the probe's row sums, fed to both."""
     xs = batches_of("gaussian", n=5)

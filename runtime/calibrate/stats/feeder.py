@@ -157,18 +157,19 @@ class TensorStats:
             self._pass_due = False  # (not then: most tensors seen once, e.g. of a one-batch calibration, need none)
             if x.is_cpu and x.dtype is torch.float32:
                 bp = self._pass = BatchPass.build(self.states.values(), self._last_shape, bool(self._abs))
-        if (  # a large batch of the shape the batch pass was made for, nothing staged before it
-            bp is not None and x.shape == bp.shape and x.dtype is torch.float32 and not x.requires_grad
-            and x.is_cpu and x.is_contiguous() and (st is None or st.k == 0)
-        ):
-            call = self._call + 1 if batch is not None and batch == self._batch else 0
-            key = self.updates if batch is None else batch * KEY_CALLS + call
-            if bp.feed(x.data_ptr(), x.numel(), key):
-                if batch is not None:
-                    self._batch, self._call = batch, call
-                self.updates += 1
-                return
-            self._pass = None  # the general path takes this batch and decides again
+        if bp is not None:
+            if (  # a large batch of the shape the batch pass was made for, nothing staged before it
+                x.shape == bp.shape and x.dtype is torch.float32 and not x.requires_grad and x.is_cpu
+                and x.is_contiguous() and (st is None or st.k == 0)
+            ):
+                call = self._call + 1 if batch is not None and batch == self._batch else 0
+                key = self.updates if batch is None else batch * KEY_CALLS + call
+                if bp.feed(x.data_ptr(), x.numel(), key):
+                    if batch is not None:
+                        self._batch, self._call = batch, call
+                    self.updates += 1
+                    return
+            self._pass = None  # the general path takes this batch (the states may change) and decides again
         if x.requires_grad or x.dtype not in FLOATS or (self.batched and x.dim() == 0):
             x = as_float(x, self.batched)
         if batch is None:
