@@ -6,6 +6,9 @@ in alternating order in the same process) with median ratio and spread; `table(t
 
 Identical runs vary by 30-100% here (PITFALLS.md), so every comparison interleaves the variants, repeats,
 and reports the median of the per-repetition ratios, not a ratio of single runs.
+
+Every benchmark process runs as the `ternqc` command does: importing this module fixes glibc's allocator
+thresholds (`ternqc.allocator.keep_freed_memory`), for the baseline and the variant alike.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import time
 from collections.abc import Callable
 
 from attrs import frozen
+
+from ternqc.allocator import keep_freed_memory
+
+keep_freed_memory()  # as the `ternqc` command runs (its forwards reuse freed memory): baselines and variants alike
 
 
 @frozen

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ternqc import signals
+from ternqc import allocator, signals
 from ternqc.commands import COMMANDS
 from ternqc.parser import build_parser
 
@@ -65,6 +65,7 @@ def entry() -> None:
     """The `ternqc` script: SIGTERM stops like Ctrl-C, then `main`; once it returns, a late signal ends the
     process at once (no traceback from an exit handler)."""
     signals.install()
+    allocator.keep_freed_memory()  # the forwards of calibration, training and evaluation reuse freed memory
     try:
         code = main()
     except KeyboardInterrupt as exc:  # before main's own handler is in place (imports, argument parsing)
