@@ -21,7 +21,6 @@ In: nothing. Out: whether the settings were made.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -40,8 +39,7 @@ def keep_freed_memory() -> bool:
     if os.environ.get("TERNQC_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library (no `find_library`: it runs ldconfig)
     except (OSError, AttributeError):  # another C library (musl has no mallopt to speak of)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
