@@ -211,7 +211,7 @@ def _brackets(values, brackets, sums: int, copy: bool, address: int | None = Non
     out = []
     for i, (lo, hi, lt_lo, gt_hi) in enumerate(brackets):
         # 16: counts from zero; 32 (the first bracket, with sums): the sums from +0 and min/max afresh
-        flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums | 16 | (32 if sums else 0)
+        flags = _bracket_flags(lt_lo, gt_hi, sums, fresh=True)
         buffer, at = s.out(first + i, min(n // 16, BAND_SCRATCH))  # brackets keep ~0.5-6% of a tensor
 
         def step(done: int, lo=float(lo), hi=float(hi), at=at, cap=buffer.size) -> tuple[int, int]:
@@ -229,6 +229,12 @@ def _brackets(values, brackets, sums: int, copy: bool, address: int | None = Non
     return out, _shared_sums(s) if first else None
 
 
+def _bracket_flags(lt_lo: bool, gt_hi: bool, sums: int, fresh: bool) -> int:
+    """`ternqc_scan_bracket`'s flags: 1 count < lo, 2 count > hi, `sums` (4 the values, 8 their magnitudes);
+    `fresh`: 16 counts from zero, 32 (with sums) the sums from +0 and min/max afresh."""
+    return (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums | ((16 | (32 if sums else 0)) if fresh else 0)
+
+
 def scan_bracket_into(
     address: int, n: int, lo: float, hi: float, lt_lo: bool, gt_hi: bool, sums: int, fresh: bool, dst: int, cap: int
 ) -> tuple:
@@ -244,7 +250,7 @@ def scan_bracket_into(
     used). The library must be loaded (`available()`)."""
     s = _scratch()
     ptr = s.ptr
-    flags = (1 if lt_lo else 0) | (2 if gt_hi else 0) | sums | ((16 | (32 if sums else 0)) if fresh else 0)
+    flags = _bracket_flags(lt_lo, gt_hi, sums, fresh)
     scanned = _LIB.ternqc_scan_bracket(
         LANES, address, n, lo, hi, flags, ptr["counts"], dst, cap, ptr["kept"], ptr["lanes"], ptr["mm"]
     )

@@ -87,6 +87,11 @@ class StatState:
         observes otherwise gets none unless it says how."""
         return None
 
+    def _observes_as(self, cls: type) -> bool:
+        """Whether this state observes as `cls` does (its `_observe` is `cls`'s): a feeder that mirrors `cls`'s
+        `_observe` holds only then."""
+        return type(self)._observe is cls._observe
+
     def pass_bracket(self) -> Bracket | None:
         """The bracket a batch pass scans for this state (`Bracket.add_pass`), when its feeder expects that; None
         for most statistics."""

@@ -162,8 +162,7 @@ class TensorStats:
                 x.shape == bp.shape and x.dtype is torch.float32 and not x.requires_grad and x.is_cpu
                 and x.is_contiguous() and (st is None or st.k == 0)
             ):
-                call = self._call + 1 if batch is not None and batch == self._batch else 0
-                key = self.updates if batch is None else batch * KEY_CALLS + call
+                key, call = self._key(batch)
                 if bp.feed(x.data_ptr(), x.numel(), key):
                     if batch is not None:
                         self._batch, self._call = batch, call
@@ -172,12 +171,9 @@ class TensorStats:
             self._pass = None  # the general path takes this batch (the states may change) and decides again
         if x.requires_grad or x.dtype not in FLOATS or (self.batched and x.dim() == 0):
             x = as_float(x, self.batched)
-        if batch is None:
-            key = self.updates
-        else:
-            self._call = self._call + 1 if batch == self._batch else 0
-            self._batch = batch
-            key = batch * KEY_CALLS + self._call
+        key, call = self._key(batch)
+        if batch is not None:
+            self._batch, self._call = batch, call
         self.updates += 1
         shape = x.shape
         st = self._stage
@@ -200,6 +196,12 @@ class TensorStats:
             self.flush()
             self._feed(x.unsqueeze(0), np.array([key], dtype=np.int64))
             self._pass_due = self.batched
+
+    def _key(self, batch: int | None) -> tuple[int, int]:
+        """The key of a call in `batch` (`batch * KEY_CALLS` + the call within the batch; without a batch, the
+        number of updates so far) and that call's number within its batch; nothing is changed."""
+        call = self._call + 1 if batch is not None and batch == self._batch else 0
+        return (self.updates if batch is None else batch * KEY_CALLS + call), call
 
     def update_staged(self, x: torch.Tensor, key: int) -> None:
         st = self._stage

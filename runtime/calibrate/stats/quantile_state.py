@@ -270,7 +270,7 @@ class QuantileState(StatState):
         return b
 
     def pass_feeder(self, absolute: bool):
-        if type(self)._observe is not QuantileState._observe or self.pass_bracket() is None:
+        if not self._observes_as(QuantileState) or self.pass_bracket() is None:
             return None
 
         def feed(n: int, key: int, lo: float, hi: float, total: float) -> None:

@@ -52,7 +52,7 @@ class MinMaxState(StatState):
 
     def pass_feeder(self, absolute: bool):
         lay = self.layout
-        if type(self)._observe is not MinMaxState._observe or self.wants_abs or lay is None or lay.rows != 1:
+        if not self._observes_as(MinMaxState) or self.wants_abs or lay is None or lay.rows != 1:
             return None
         if self._dtype is None:  # no batch seen yet
             return None

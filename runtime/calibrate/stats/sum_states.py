@@ -70,7 +70,7 @@ class AbsMeanState(SumState):
 
     def pass_feeder(self, absolute: bool):
         lay = self.layout
-        if type(self)._observe is not AbsMeanState._observe or not absolute:  # a subclass observes otherwise
+        if not self._observes_as(AbsMeanState) or not absolute:  # a subclass observes otherwise
             return None
         if lay is None or lay.rows != 1 or not lay.reduce:
             return None
