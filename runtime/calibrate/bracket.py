@@ -53,8 +53,8 @@ NARROW = 0.005
 HEAD_SAMPLE = 2**15
 
 _INF = np.float32(np.inf)
-#: Room (values) a group's buffer has at least before each compiled scan writes into it (`add_pass`).
-_ROOM = 4096
+#: Room (values) a group's buffer (or an α band's) has at least before each compiled scan writes into it (`add_pass`).
+PASS_ROOM = 4096
 
 
 class BracketMissed(RuntimeError):
@@ -115,14 +115,15 @@ class Bracket:
                     return
                 slot[0] = mids
 
-    def add_pass(self, address: int, n: int, sums: int) -> tuple[float, float, float] | None:
+    def add_pass(self, address: int, n: int, sums: int, key: int = 0) -> tuple[float, float, float] | None:
         """`add` of the `n` float32 values at `address` (a contiguous CPU float32 tensor's `data_ptr()`), by the
         compiled scan: one pass per group, writing the values inside straight into the group's buffer (no
         copy), the first pass also summing them (`sums` 4) or their magnitudes (8) in the fixed order, with
         their min and max. Returns `(sum, min, max)` (sums 0: `(0.0, nan, nan)`). None, with nothing added,
         when a value is NaN or +-Inf, the budget refuses room, or there is no library: the caller takes
-        `add`'s way (which also overflows where the budget refuses). Lean: it runs in a hook, after a pass
-        that left every cache cold."""
+        `add`'s way (which also overflows where the budget refuses). `key` (the batch's) is not needed here
+        (a batch pass's scans all take it, `BatchPass`). Lean: it runs in a hook, after a pass that left every
+        cache cold."""
         if self.overflowed or not scan_kernel.available():
             return None
         groups, inside = self.groups, self.inside
@@ -132,7 +133,7 @@ class Bracket:
             lo, hi, a, b = groups[g]
             values, step_sums, done, fresh = inside[g], sums if g == 0 else 0, 0, True
             while True:
-                room = values.tail(_ROOM)
+                room = values.tail(PASS_ROOM)
                 if room is None:
                     return self._undo(marks)
                 got = scan_kernel.scan_bracket_into(
@@ -174,6 +175,11 @@ class Bracket:
         self.narrow_at = max(self.narrow_at, int((seen + coming) * NARROW_AFTER_SHARE))
         for values in self.inside:
             values.reserve(values.n + int(values.n / seen * coming * 1.25) + 4096)
+
+    def settle(self) -> None:
+        """After a batch pass's batch (`add_pass` and every state's feeder): narrow when due, as `add`'s callers do."""
+        if self.narrow_due():
+            self.narrow()
 
     def narrow_due(self) -> bool:
         """Whether enough values have been counted to narrow (once)."""

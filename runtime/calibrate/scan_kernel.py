@@ -33,6 +33,9 @@ BAND_SCRATCH = 2**20
 SUM_LANES = 32
 #: A thread's result cells (`_Scratch.cells`): 4 counts, kept, the lanes (skipped) and their total, min, max.
 _RESULTS = struct.Struct(f"<4qq{8 * SUM_LANES}xd2f")
+#: The same cells after a band scan (`scan_band_into`): the count above the cut and the values kept (the first two
+#: count cells), the float64 sum and the max above the cut (the next two), then as in `_RESULTS`.
+_BAND_RESULTS = struct.Struct(f"<qqdf4x8x{8 * SUM_LANES}xd2f")
 
 _P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -128,6 +131,8 @@ class _Scratch:
         self.values = np.zeros(_SELECT_RANKS, dtype=np.float32)
         names = ("counts", "acc", "kept", "sum", "top", "mm", "lanes", "sums", "ranks", "values")
         self.ptr = {name: getattr(self, name).ctypes.data for name in names}
+        cells = self.ptr["counts"]  # a band scan's results in the count cells (`_BAND_RESULTS`)
+        self.ptr.update(band_acc=cells, band_sum=cells + 16, band_top=cells + 24)
 
     def out(self, i: int, size: int = 0) -> tuple[np.ndarray, int]:
         """Output buffer `i` (at least `size` values, grown when smaller: kept for the next scans) and its
@@ -255,6 +260,28 @@ def scan_bracket_into(
         LANES, address, n, lo, hi, flags, ptr["counts"], dst, cap, ptr["kept"], ptr["lanes"], ptr["mm"]
     )
     return (scanned, *_RESULTS.unpack_from(s.cells_view))
+
+
+def scan_band_into(
+    address: int, n: int, cut: float, lo: float, sums: int, fresh: bool, dst: int, cap: int
+) -> tuple:
+    """One call of the compiled band scan over the magnitudes of the `n` float32 values at `address` (as in
+    `scan_bracket_into`), writing those in (`lo`, `cut`] in order to the float32 room at `dst` (`cap` >= 128
+    values: the band's own buffer, no copy). `sums` 4 or 8: the same pass continues the fixed-order sums of the
+    values (8: of their magnitudes) and the min and max of the values, as `scan_band_with_sums` does; `fresh`
+    starts them afresh, else they go on from the previous call in this thread. Returns `(scanned, count above
+    the cut, kept, their float64 sum above the cut, their max above the cut (0 with none), sum, min, max)`:
+    fewer than `n` scanned when the room could fill (call again from there, not `fresh`); the count, sum and max
+    above the cut and `kept` of this call, the sums, min and max over every call since the last fresh one (a sum
+    that is not finite means a NaN or +-Inf: nothing of the pass is to be used). The library must be loaded."""
+    s = _scratch()
+    ptr = s.ptr
+    flags = 1 | 2 | sums | (32 if sums and fresh else 0)  # keep, magnitudes, sums (from +0 when fresh)
+    scanned = _LIB.ternqc_scan_row(
+        LANES, address, n, cut, lo, flags, ptr["band_acc"], ptr["band_sum"], ptr["band_top"], dst, cap,
+        ptr["lanes"], ptr["mm"],
+    )
+    return (scanned, *_BAND_RESULTS.unpack_from(s.cells_view))
 
 
 def _shared_sums(s: _Scratch) -> tuple[float, float, float, bool]:

@@ -20,13 +20,13 @@ from ternqc.runtime.calibrate.quantiles import QuantileBudget
 from ternqc.runtime.calibrate.stats import batch_pass, quantile_state
 from ternqc.runtime.calibrate.stats.feeder import TensorStats
 from ternqc.runtime.calibrate.stats.sums import Partials, fold_sums
-from ternqc.runtime.calibrate.stats.threshold_state import ThresholdAbsMeanState
+from ternqc.runtime.calibrate.stats.threshold_state import ThresholdAbsMeanState, _Band, scan_row
 from tests.runtime.test_bracket import reference
 from tests.runtime.test_scan_kernel import _sequential, needs_kernel
 
 pytestmark = needs_kernel
 
-MINMAX, ABSMEAN = StatSpec("range_min_max"), StatSpec("abs_mean")
+MINMAX, ABSMEAN, ALPHA = StatSpec("range_min_max"), StatSpec("abs_mean"), StatSpec("threshold_abs_mean")
 
 
 def quantile(q: float) -> StatSpec:
@@ -183,7 +183,7 @@ def _bracket(head: np.ndarray, q: float, budget: QuantileBudget) -> Bracket:
 def test_add_pass_counts_and_keeps_as_add_and_sums_in_the_fixed_order(monkeypatch, q, absolute):
     """Into buffers with little room (each scan stops and goes on many times), `add_pass` gives `add`'s counts
     and the same values inside in the same order, and the pass's sum, min and max are the reference's."""
-    monkeypatch.setattr(bracket_mod, "_ROOM", 128)
+    monkeypatch.setattr(bracket_mod, "PASS_ROOM", 128)
     rng = np.random.default_rng(3)
     head = rng.standard_normal(50_000).astype(np.float32)
     blocks = [rng.standard_normal(40_003).astype(np.float32) * s for s in (1.0, 1.3, 0.8)]
@@ -239,3 +239,126 @@ def test_the_pass_needs_the_library():
     with scan_kernel.numpy_scans():
         got = collect(batches_of("gaussian", n=3), [MINMAX, quantile(0.5), ABSMEAN])
     assert got[3] == 0
+
+
+# --- a pending α (`threshold_abs_mean` waiting for Δ): its band, or every |x|, kept by the pass -------------------
+
+
+def pending_alpha(xs, delta, budget_bytes, passes=True):
+    """`xs` fed to abs_mean and a pending α with a band of ±10% around `delta` (4 MiB: a band; 256 MiB: every |x|
+    kept, `KEEP_SHARE`), Δ = `delta` set afterwards when the state can finish; the results by their bits (None for
+    α when it cannot), whether it kept a band, and how many batches the pass took."""
+    ts = TensorStats([ABSMEAN, ALPHA], band=(0.9 * delta, 1.1 * delta), quantile_budget=QuantileBudget(budget_bytes),
+                     plan_hint=len(xs), size_hint=len(xs))
+    taken = []
+    real = batch_pass.BatchPass.feed
+
+    def counting(self, *args):
+        got = real(self, *args)
+        taken.append(got)
+        return got
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(batch_pass.BatchPass, "feed", counting)
+        if not passes:
+            m.setattr(batch_pass.BatchPass, "build", classmethod(lambda cls, *a: None))
+        for i, x in enumerate(xs):
+            ts.update(x, i)
+        state = ts.states[ALPHA]
+        banded, finishes = state.banded, state.can_finish(delta)
+        if finishes:
+            state.set_threshold(delta)
+        results = {s.key(): {k: Bits(v) for k, v in r.items()} for s, r in ts.results().items()}
+    return results if finishes else {ABSMEAN.key(): results[ABSMEAN.key()]}, banded, state.overflowed, sum(taken)
+
+
+def alpha_reference(xs, delta):
+    """Count and mean of |x| over |x| > Δ: per batch numpy's float64 sum of the values above (exact here, so any
+    order gives these bits), the batches added left in order."""
+    count, total = 0, 0.0
+    for x in xs:
+        a = x.abs().reshape(-1).numpy()
+        above = a[a > np.float32(delta)]
+        count += above.size
+        total += float(np.sum(above, dtype=np.float64))
+    return count, total / count
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "relu"])
+@pytest.mark.parametrize("budget_mib", [4, 256])  # a band; every value kept
+def test_a_pending_alpha_is_kept_by_the_pass_with_the_general_paths_bits(kind, budget_mib):
+    xs = batches_of(kind, n=8)
+    delta = 0.7 * float(np.mean(np.concatenate([x.abs().reshape(-1).numpy() for x in xs])))
+    got, banded, overflowed, taken = pending_alpha(xs, delta, budget_mib * 2**20)
+    want, want_banded, _, none = pending_alpha(xs, delta, budget_mib * 2**20, passes=False)
+    assert taken == len(xs) - 1 and none == 0  # every batch after the first, which decides band or all
+    assert banded == want_banded == (budget_mib == 4) and not overflowed
+    assert got == want
+    count, mean = alpha_reference(xs, delta)
+    assert (got[ALPHA.key()]["count"].value, got[ALPHA.key()]["abs_mean"].value) == (count, mean)
+    total = 0.0
+    for x in xs:  # abs_mean alongside: the fixed-order sums of |x| from the same pass
+        total += _sequential(x.reshape(-1).numpy(), True)
+    assert got[ABSMEAN.key()]["abs_mean"].value == total / sum(x.numel() for x in xs)
+
+
+@pytest.mark.parametrize("budget_mib", [4, 256])
+def test_a_nan_leaves_a_pending_alpha_to_a_second_pass_as_on_the_general_path(budget_mib):
+    """A NaN in a batch the pass would take: declined, the general path takes it (a band overflows; every value
+    kept keeps it, masked); the same results either way."""
+    xs = batches_of("gaussian", n=6)
+    xs[3][2, 7] = float("nan")
+    delta = 0.55
+    got = pending_alpha(xs, delta, budget_mib * 2**20)
+    want = pending_alpha(xs, delta, budget_mib * 2**20, passes=False)
+    assert got[:3] == want[:3] and got[2] == (budget_mib == 4)
+    assert got[3] == len(xs) - 2  # not the first, not the NaN batch (the pass made again at the next one)
+
+
+def test_a_band_over_the_budget_overflows_as_on_the_general_path():
+    xs = batches_of("gaussian", n=6)
+    got = pending_alpha(xs, 0.55, 2**18)  # room for the first batches' band only (~80 kB a batch)
+    want = pending_alpha(xs, 0.55, 2**18, passes=False)
+    assert got[2] and got[:3] == want[:3]
+
+
+def test_a_delta_outside_the_band_cannot_finish_after_the_pass_either():
+    xs = batches_of("gaussian", n=5)
+    ts = TensorStats([ABSMEAN, ALPHA], band=(0.5, 0.6), quantile_budget=QuantileBudget(4 * 2**20), plan_hint=5, size_hint=5)
+    for i, x in enumerate(xs):
+        ts.update(x, i)
+    state = ts.states[ALPHA]
+    assert state.banded and state.can_finish(0.55) and not state.can_finish(0.7) and not state.can_finish(0.45)
+
+
+def test_band_add_pass_keeps_as_add_scanned(monkeypatch):
+    """Into rooms of 128 values (each scan stops and goes on many times), `_Band.add_pass` keeps the values
+    `scan_row` finds in the band, in order, with its count, sum and max above; and sums |x| in the fixed order."""
+    monkeypatch.setattr(bracket_mod, "PASS_ROOM", 128)
+    rng = np.random.default_rng(8)
+    by_pass, by_scan = _Band((0.5, 0.6), QuantileBudget()), _Band((0.5, 0.6), QuantileBudget())
+    for key, scale in enumerate((1.0, 1.3, 0.8)):
+        x = rng.standard_normal(40_003).astype(np.float32) * scale
+        total, mn, mx = by_pass.add_pass(x.ctypes.data, x.size, 8, key)
+        assert by_scan.add_scanned(key, x.size, scan_row(np.abs(x), by_scan.hi, by_scan.lo))
+        assert np.float64(total).view(np.int64) == np.float64(_sequential(x, True)).view(np.int64)
+        assert (mn, mx) == (float(x.min()), float(x.max()))
+    fields = ("keys", "sizes", "counts", "sums", "tops", "lengths")
+    assert [getattr(by_pass, f) for f in fields] == [getattr(by_scan, f) for f in fields]
+    assert by_pass.inside.n > 20 * 128  # the room filled and the scans went on
+    np.testing.assert_array_equal(by_pass.inside.values().view(np.uint32), by_scan.inside.values().view(np.uint32))
+
+
+def test_band_add_pass_declines_without_a_trace():
+    rng = np.random.default_rng(9)
+    for spoil, budget in (("nan", QuantileBudget()), ("inf", QuantileBudget()), (None, QuantileBudget(300_000))):
+        band = _Band((0.5, 0.6), budget)
+        x = rng.standard_normal(40_000).astype(np.float32)
+        assert band.add_pass(x.ctypes.data, x.size, 8, 0) is not None
+        before = (band.keys[:], band.inside.n, band.inside.values().copy())
+        y = np.full(400_000, 0.55, dtype=np.float32) if spoil is None else rng.standard_normal(40_000).astype(np.float32)
+        if spoil:
+            y[-3] = np.nan if spoil == "nan" else -np.inf
+        assert band.add_pass(y.ctypes.data, y.size, 8, 1) is None
+        assert (band.keys, band.inside.n) == before[:2]
+        np.testing.assert_array_equal(band.inside.values(), before[2])

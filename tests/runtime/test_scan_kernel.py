@@ -418,9 +418,13 @@ def test_band_scan_with_sums_is_both_scans(lanes, monkeypatch, absolute):
 @needs_kernel
 def test_band_scan_on_the_probe_pass_changes_nothing(monkeypatch):
     """A pending α whose band is scanned in the probe's pass gives the bits of one scanned on its own; and the
-    probe's pass was really used."""
+    probe's pass was really used. (Batch passes off: they take these batches otherwise, `test_batch_pass`; the
+    probe's band scan is the way where no batch pass can be made, e.g. next to a variance.)"""
+    from ternqc.runtime.calibrate.stats import batch_pass
     from ternqc.runtime.calibrate.stats.feeder import TensorStats
     from ternqc.runtime.calibrate.stats.threshold_state import ThresholdAbsMeanState
+
+    monkeypatch.setattr(batch_pass.BatchPass, "build", classmethod(lambda cls, *a: None))
 
     spec = StatSpec("threshold_abs_mean")
     g = torch.Generator().manual_seed(5)

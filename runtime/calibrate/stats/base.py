@@ -22,7 +22,7 @@ from ternqc.runtime.calibrate.stats.sums import (
 from ternqc.runtime.errors import UserError
 
 if TYPE_CHECKING:
-    from ternqc.runtime.calibrate.bracket import Bracket
+    from ternqc.runtime.calibrate.stats.batch_pass import PassScan
 
 # ---------------------------------------------------------------------------------------------------------
 # States
@@ -92,9 +92,9 @@ class StatState:
         `_observe` holds only then."""
         return type(self)._observe is cls._observe
 
-    def pass_bracket(self) -> Bracket | None:
-        """The bracket a batch pass scans for this state (`Bracket.add_pass`), when its feeder expects that; None
-        for most statistics."""
+    def pass_scan(self) -> PassScan | None:
+        """What a batch pass scans for this state besides the sums (`PassScan.add_pass`: a quantile's bracket, a
+        pending α's band or its buffer of every value), when its feeder expects that; None for most statistics."""
         return None
 
     def observe(self, block: Block) -> None:

@@ -13,54 +13,65 @@ have left every cache cold, against ~150 µs for the scan of a 1 MiB batch. Here
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from ternqc.runtime.calibrate import scan_kernel
-from ternqc.runtime.calibrate.bracket import Bracket
 
 #: `feed(n, key, lo, hi, total)`: a state's share of one batch (see `StatState.pass_feeder`).
 Feeder = Callable[[int, int, float, float, float], None]
 
 
+class PassScan(Protocol):
+    """What a batch pass scans besides the sums (`StatState.pass_scan`): a quantile's `Bracket`, an α's band."""
+
+    def add_pass(self, address: int, n: int, sums: int, key: int) -> tuple[float, float, float] | None:
+        """Scan the batch (`n` float32 values at `address`, `key`) into what it keeps, the same pass making the
+        fixed-order sum (`sums` 4: of the values, 8: of their magnitudes), min and max: `(sum, min, max)`;
+        None, with nothing changed, where the general path must take the batch (a NaN or +-Inf, no room)."""
+
+    def settle(self) -> None:
+        """After the batch has gone to every state's feeder."""
+
+
 class BatchPass:
-    """The states of one tensor and how to feed them a batch of `shape` (`build`), with at most one bracket
-    scanned in the pass; `absolute`: the pass sums the magnitudes (a statistic of |x| is fed)."""
+    """The states of one tensor and how to feed them a batch of `shape` (`build`), with at most one scan made in
+    the pass (a quantile's bracket, an α's band; see `StatState.pass_scan`); `absolute`: the pass sums the
+    magnitudes (a statistic of |x| is fed)."""
 
-    __slots__ = ("shape", "absolute", "feeders", "bracket")
+    __slots__ = ("shape", "absolute", "feeders", "scan")
 
-    def __init__(self, shape, absolute: bool, feeders: list[Feeder], bracket: Bracket | None) -> None:
+    def __init__(self, shape, absolute: bool, feeders: list[Feeder], scan: PassScan | None) -> None:
         self.shape = shape
         self.absolute = absolute
         self.feeders = feeders
-        self.bracket = bracket
+        self.scan = scan
 
     @classmethod
     def build(cls, states, shape, absolute: bool) -> BatchPass | None:
         """The pass for `states` (one tensor's, adopted to batches of `shape`), or None when one
-        of them needs the values themselves, two would scan brackets, or there is no compiled library."""
+        of them needs the values themselves, two would scan, or there is no compiled library."""
         if not scan_kernel.available():
             return None
-        feeders, bracket = [], None
+        feeders, scan = [], None
         for state in states:
             feeder = state.pass_feeder(absolute)
             if feeder is None:
                 return None
-            got = state.pass_bracket()
+            got = state.pass_scan()
             if got is not None:
-                if bracket is not None:
+                if scan is not None:
                     return None
-                bracket = got
+                scan = got
             feeders.append(feeder)
-        return cls(shape, absolute, feeders, bracket)
+        return cls(shape, absolute, feeders, scan)
 
     def feed(self, address: int, n: int, key: int) -> bool:
         """Feed the batch of `n` float32 values at `address` (a contiguous CPU float32 tensor's `data_ptr()`)
         with `key` to every state; False, with nothing changed, where the general path must take it."""
-        bracket = self.bracket
+        scan = self.scan
         sums = 8 if self.absolute else 4
-        if bracket is not None:
-            if bracket.overflowed:
-                return False
-            got = bracket.add_pass(address, n, sums)
+        if scan is not None:
+            got = scan.add_pass(address, n, sums, key)
             if got is None:
                 return False
             total, lo, hi = got
@@ -72,6 +83,6 @@ class BatchPass:
         lo, hi = lo + 0.0, hi + 0.0  # a zero is +0 (either zero may come first), as `Block.prepare` gives it
         for feeder in self.feeders:
             feeder(n, key, lo, hi, total)
-        if bracket is not None and bracket.narrow_due():
-            bracket.narrow()
+        if scan is not None:
+            scan.settle()
         return True

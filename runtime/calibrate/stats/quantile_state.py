@@ -261,7 +261,7 @@ class QuantileState(StatState):
             return None
         return b.groups
 
-    def pass_bracket(self) -> Bracket | None:
+    def pass_scan(self) -> Bracket | None:
         """The bracket this state counts a batch into, when a batch pass may scan it: counting over the values
         themselves (not |x|), in one row, not missed."""
         b = self._bracket
@@ -270,7 +270,7 @@ class QuantileState(StatState):
         return b
 
     def pass_feeder(self, absolute: bool):
-        if not self._observes_as(QuantileState) or self.pass_bracket() is None:
+        if not self._observes_as(QuantileState) or self.pass_scan() is None:
             return None
 
         def feed(n: int, key: int, lo: float, hi: float, total: float) -> None:

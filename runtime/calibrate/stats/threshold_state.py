@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ternqc.plan import StatSpec
-from ternqc.runtime.calibrate import scan_kernel
+from ternqc.runtime.calibrate import bracket, scan_kernel
 from ternqc.runtime.calibrate.quantiles import (
     ExactValues,
     QuantileBudget,
@@ -228,6 +228,30 @@ class ThresholdAbsMeanState(AbsMeanState):
             start += n
         return out
 
+    def pass_feeder(self, absolute: bool):
+        if not self._observes_as(ThresholdAbsMeanState) or not absolute or self.threshold is not None:
+            return None
+        if not self.overflowed and self.pass_scan() is None:
+            return None
+
+        def feed(n: int, key: int, lo: float, hi: float, total: float) -> None:
+            # the pass kept the batch (`_Band.add_pass`, `_KeepPass.add_pass`; overflowed: nothing to keep, as
+            # `_keep`); the rest of `observe`'s way
+            self.count += n
+
+        return feed
+
+    def pass_scan(self) -> _Band | _KeepPass | None:
+        """While pending in one row, what a batch pass keeps a batch's |x| in: the band, or the buffer of every
+        value; None otherwise (Δ known, overflowed, nothing decided yet)."""
+        if self.threshold is not None or self.overflowed or self.layout is None or self.layout.rows != 1:
+            return None
+        if self._band is not None:
+            return self._band
+        if self._kept is not None:
+            return _KeepPass(self._kept, self._blocks, (1, *self._shape))
+        return None
+
     def pending_band(self) -> _Band | None:
         """The band the next block's magnitudes go into, when the block's probe may scan it in its pass."""
         if self.threshold is None and not self.overflowed and self._band is not None:
@@ -344,6 +368,42 @@ class _Band:
         self.lengths.append(between.size)
         return True
 
+    def add_pass(self, address: int, n: int, sums: int, key: int) -> tuple[float, float, float] | None:
+        """`add_scanned` of the batch of `n` float32 values at `address` (a contiguous CPU float32 tensor's
+        `data_ptr()`), scanned by the compiled band scan straight into the buffer (no copy; a room that fills is
+        grown and the scan goes on), the same pass making the fixed-order sum (`sums` 4 or 8), min and max of
+        the values: `(sum, min, max)`. None, with nothing kept, when a value is NaN or +-Inf, the budget
+        refuses room, or there are no sums: the general path then decides (`_band_add`)."""
+        inside = self.inside
+        mark, done, fresh = inside.n, 0, True
+        count, above, top = 0, 0.0, 0.0
+        cut, lo = float(self.hi), float(self.lo)
+        while True:
+            room = inside.tail(bracket.PASS_ROOM) if sums else None
+            if room is None:
+                inside.n = mark
+                return None
+            got = scan_kernel.scan_band_into(address + 4 * done, n - done, cut, lo, sums, fresh, room[0], room[1])
+            inside.n += got[2]
+            done += got[0]
+            fresh = False
+            count, above, top = count + got[1], above + got[3], max(top, got[4])  # as `scan_row` adds its calls
+            if done >= n:
+                break
+        if not math.isfinite(got[5]):  # a NaN or +-Inf: the general path leaves the band to a second pass
+            inside.n = mark
+            return None
+        self.keys.append(key)
+        self.sizes.append(n)
+        self.counts.append(count)
+        self.sums.append(above)
+        self.tops.append(top)
+        self.lengths.append(inside.n - mark)
+        return got[5], got[6], got[7]
+
+    def settle(self) -> None:
+        """Nothing to do after a batch pass's batch."""
+
     def _per_batch(self, delta: np.float32) -> list[tuple[int, int, float, bool]]:
         """Per batch: (key, count above Δ, sum above Δ, exact), computed once per Δ. The max above Δ is the max
         above H when there is one, else the largest kept value above Δ: the exact max, as `scan_row` finds it."""
@@ -377,3 +437,33 @@ class _Band:
 
     def release(self) -> None:
         self.inside.release()
+
+
+class _KeepPass:
+    """A batch pass's scan for a pending state that keeps every |x| (`_keep`): the band scan with every magnitude
+    in its band (nothing above +Inf, everything above -1) writes them in order straight into the state's buffer,
+    the same values `_keep` copies there, and the batch is recorded as `_keep` records it."""
+
+    __slots__ = ("kept", "blocks", "shape")
+
+    def __init__(self, kept: ExactValues, blocks: list, shape: tuple[int, ...]) -> None:
+        self.kept = kept
+        self.blocks = blocks  # the state's `_blocks`
+        self.shape = shape  # of a block of one batch
+
+    def add_pass(self, address: int, n: int, sums: int, key: int) -> tuple[float, float, float] | None:
+        """`_keep` of the batch (`n` float32 values at `address`): `(sum, min, max)` as `_Band.add_pass`; None, with
+        nothing kept, when a value is NaN or +-Inf (the general path keeps it with its mask), the budget refuses
+        room (the general path overflows), or there are no sums."""
+        room = self.kept.tail(n) if sums else None  # as `slot(n)` grows
+        if room is None:
+            return None
+        got = scan_kernel.scan_band_into(address, n, math.inf, -1.0, sums, True, room[0], room[1])
+        if got[0] != n or got[2] != n or not math.isfinite(got[5]):
+            return None
+        self.kept.n += n
+        self.blocks.append((np.array([key], dtype=np.int64), self.shape, True))
+        return got[5], got[6], got[7]
+
+    def settle(self) -> None:
+        """Nothing to do after a batch pass's batch."""
