@@ -16,7 +16,8 @@ from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.buffers import give_back, take_buffer
 from ternqc.runtime.calibrate.quantiles import QuantileBudget
 from ternqc.runtime.calibrate.stats.batch_pass import BatchPass
-from ternqc.runtime.calibrate.stats.states import StatState, make_state
+from ternqc.runtime.calibrate.stats.registry import StatContext
+from ternqc.runtime.calibrate.stats.states import StatState, make_states
 from ternqc.runtime.calibrate.stats.sums import FLOATS, Block, as_float
 
 #: A batch's key is `batch index * KEY_CALLS + call within the batch` (a module called twice per forward).
@@ -106,13 +107,8 @@ class TensorStats:
         self.batched = batched
         self._stage_bytes = stage_bytes
         self._size_hint = size_hint  # updates expected: no more rows are staged than that
-        options = {
-            "quantile_budget": quantile_budget, "threshold": threshold, "eager": eager, "bracket": bracket, "band": band,
-        }
-        self.states = {
-            spec: make_state(spec, batched=batched, size_hint=size_hint, plan_hint=plan_hint, **options)
-            for spec in specs
-        }
+        ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager, bracket, band)
+        self.states = make_states(specs, ctx)
         self._plain = [s for s in self.states.values() if not s.wants_abs]
         self._abs = [s for s in self.states.values() if s.wants_abs]
         # the states that may hand their bracket scan to the probe (`StatState.pending_scan`)

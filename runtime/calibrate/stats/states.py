@@ -7,6 +7,7 @@ constructor takes `(spec, ctx: StatContext)` (`registry.py`); `make_state` only 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -208,6 +209,13 @@ def make_state(
     """
     ctx = StatContext(batched, quantile_budget, threshold, size_hint, plan_hint, eager, bracket, band)
     return STAT_REGISTRY[spec.name].from_spec(spec, ctx)
+
+
+def make_states(specs: Iterable[StatSpec], ctx: StatContext) -> dict[StatSpec, StatState]:
+    """`{spec: state}` for the statistics of one tensor, which share `ctx` (made once: a calibration makes a
+    state per statistic and tensor, and every context costs its making; a state that needs another one makes
+    its own with `attrs.evolve`, contexts are frozen)."""
+    return {spec: STAT_REGISTRY[spec.name].from_spec(spec, ctx) for spec in specs}
 
 
 def from_tensors(
