@@ -57,6 +57,7 @@ from ternqc.runtime.quantize.quantizers import (
     ModuleQuant,
     TensorQuant,
     as_tensor,
+    broadcasts_to,
     ternarize,
 )
 from ternqc.runtime.quantize.types import MODULE_TYPES, is_transposed, module_type, param_view
@@ -464,11 +465,7 @@ def _input_quantiser(
 
 def _check_fits(node: str, t: str, kind: str, value: torch.Tensor, p: torch.Tensor) -> None:
     """A per-channel Δ/α must broadcast to its weight/bias shape without enlarging it."""
-    try:
-        ok = torch.broadcast_shapes(value.shape, p.shape) == p.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(value.shape, p.shape):
         msg = (
             f"{node}: {t} {_SYMBOL[kind]} has shape {tuple(value.shape)}, which does not broadcast to {t}'s "
             f"shape {tuple(p.shape)} (e.g. [out, 1] for a Linear weight, [out, 1, 1, 1] for a Conv2d weight)"

@@ -303,6 +303,15 @@ def ternarize(x: torch.Tensor, delta: Any) -> torch.Tensor:
     return (x > d).to(x.dtype) - (x < -d).to(x.dtype)
 
 
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` broadcasts to `target` without enlarging it: at most as many dimensions, each
+    (right-aligned) 1 or `target`'s. (What `torch.broadcast_shapes(shape, target) == target` says, without
+    its first call importing sympy: half a second of every `apply`.)"""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(tuple(target))))
+
+
 def weight_alpha(w: torch.Tensor, delta: Any) -> torch.Tensor:
     """α derived from a weight or bias: the mean of |w| over the elements with |w| > Δ (0 where none).
 
@@ -317,11 +326,7 @@ def weight_alpha(w: torch.Tensor, delta: Any) -> torch.Tensor:
     import torch
 
     d = as_tensor(delta, w)
-    try:
-        fits = torch.broadcast_shapes(d.shape, w.shape) == w.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(d.shape, w.shape):
         msg = f"threshold of shape {tuple(d.shape)} does not fit a tensor of shape {tuple(w.shape)}"
         raise ValueError(msg)
     padded = (1,) * (w.dim() - d.dim()) + tuple(d.shape)
