@@ -10,6 +10,7 @@ import torch
 
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.quantiles import QuantileBudget
+from ternqc.runtime.calibrate.stats import threshold_state
 from ternqc.runtime.calibrate.stats.feeder import TensorStats
 from ternqc.runtime.calibrate.stats.threshold_state import BAND_LIMITS, band_around, exact_bound
 
@@ -73,6 +74,21 @@ def test_values_that_take_a_small_share_of_the_budget_are_all_kept_with_the_same
     assert not state.banded and state.can_finish(0.3) and state.can_finish(5.0)  # any Δ: every value is here
     state.set_threshold(0.3)
     assert ts.results()[SPEC] == known(xs, 0.3)
+
+
+def test_many_values_take_a_band_however_large_the_budget(monkeypatch):
+    """Past `KEEP_BYTES` a tensor keeps a band even when the budget would hold every value (fresh memory is
+    what keeping them costs); the same bits."""
+    xs = batches("relu")
+    every = sum(x.numel() for x in xs) * 4
+    monkeypatch.setattr(threshold_state, "KEEP_BYTES", every - 1)
+    ts, state = banded(xs, 0.3, QuantileBudget(256 * 2**20))
+    assert state.banded and state.can_finish(0.3) and not state.can_finish(5.0)
+    state.set_threshold(0.3)
+    assert ts.results()[SPEC] == known(xs, 0.3)
+    monkeypatch.setattr(threshold_state, "KEEP_BYTES", every)
+    _, state = banded(xs, 0.3, QuantileBudget(256 * 2**20))
+    assert not state.banded
 
 
 def test_a_delta_outside_the_band_is_refused():

@@ -5,7 +5,7 @@ In: blocks of |x| (`sums.Block`), Δ at construction (`ctx.threshold`, a second 
 (`ctx.band`, from a calibration of the first batch: `band_around`). Out: MASE's `abs_mean` field and `count` (how many |x| > Δ).
 
 A pending state keeps every |x| while they fit the quantile budget and sums them once Δ comes. With a
-predicted Δ, unless its values take at most `KEEP_SHARE` of the budget left, it keeps only the values in a
+predicted Δ, unless its values are few (`KEEP_SHARE` of the budget left, `KEEP_BYTES`), it keeps only the values in a
 band `[L, H]` around the prediction and, per batch, the count, sum and max of those above H: given a Δ inside
 the band, each batch's sum is the sum above H plus the kept values above Δ (~2-8% of the values on real
 activations). Otherwise it overflows and the caller takes a second pass (`calibrate/derived.py`).
@@ -62,9 +62,14 @@ def exact_bound(delta: float) -> float:
     return math.ldexp(1.0, 53 + e - 24)
 
 
-#: A tensor with a predicted Δ keeps every value (cheaper than a band: a copy now, one scan at the end) only when
-#: they take at most this share of the budget left; else a band, which leaves room for the tensors after it.
+#: A tensor with a predicted Δ keeps every value (any Δ then finishes it, a prediction cannot miss) only when they
+#: take at most this share of the budget left and at most `KEEP_BYTES`; else a band, the same bits in a few % of
+#: the memory, which leaves room for the tensors after it.
 KEEP_SHARE = 0.25
+#: Fresh memory is what keeping every value costs (page faults; up to ~3 ms a MiB here): the MLP's `apply` with a
+#: 1024 MiB budget, every value kept (8 × 64 MiB), took 2.7 s in a fresh process against 1.3 s banded, and in
+#: a warm one the band was 19 ms faster still (its batches go through the batch pass as well).
+KEEP_BYTES = 16 * 2**20
 #: Values scanned at once (with the masks and the product they stay in the L2 cache).
 CHUNK = 2**16
 #: From this many values a row is scanned by several threads.
@@ -191,7 +196,7 @@ class ThresholdAbsMeanState(AbsMeanState):
         band = self.ctx.band
         if self._band is None and self._kept is None and band is not None and 0 < band[0] < band[1]:
             planned = (block.x.numel() // block.k) * (self.ctx.plan_hint or 0)
-            if self.layout.rows == 1 and not (0 < planned * 4 <= self._budget().available * KEEP_SHARE):
+            if self.layout.rows == 1 and not (0 < planned * 4 <= min(self._budget().available * KEEP_SHARE, KEEP_BYTES)):
                 # a band: the same bits in a tenth of the memory, which leaves the budget to the other tensors
                 self._band = _Band(band, self._budget())
         if self._band is not None:
