@@ -8,6 +8,8 @@ quantiles (`test_bracket.reference`), the fixed-order sum written out in Python 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -68,9 +70,10 @@ class Bits:
         return repr(self.value)
 
 
-def collect(xs, specs, budget_bytes=256 * 2**20, plan=None):
-    """The statistics of `xs` fed batch by batch, and how many batches the pass took."""
-    ts = TensorStats(specs, bracket=True, quantile_budget=QuantileBudget(budget_bytes), plan_hint=plan)
+@contextlib.contextmanager
+def counting_feeds(passes: bool = True):
+    """Inside, each `BatchPass.feed`'s answer is appended to the list yielded (True: the pass took the batch);
+    not `passes`: no batch pass is made (every batch through a `Block`)."""
     taken = []
     real = batch_pass.BatchPass.feed
 
@@ -79,13 +82,20 @@ def collect(xs, specs, budget_bytes=256 * 2**20, plan=None):
         taken.append(got)
         return got
 
-    batch_pass.BatchPass.feed = counting
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(batch_pass.BatchPass, "feed", counting)
+        if not passes:
+            m.setattr(batch_pass.BatchPass, "build", classmethod(lambda cls, *a: None))
+        yield taken
+
+
+def collect(xs, specs, budget_bytes=256 * 2**20, plan=None):
+    """The statistics of `xs` fed batch by batch, and how many batches the pass took."""
+    ts = TensorStats(specs, bracket=True, quantile_budget=QuantileBudget(budget_bytes), plan_hint=plan)
+    with counting_feeds() as taken:
         for i, x in enumerate(xs):
             ts.update(x, i)
         results = {s.key(): {k: Bits(v) for k, v in r.items()} for s, r in ts.results().items()}
-    finally:
-        batch_pass.BatchPass.feed = real
     return results, sorted(s.key() for s in ts.missed()), ts.nonfinite, sum(taken)
 
 
@@ -246,22 +256,11 @@ def test_the_pass_needs_the_library():
 
 def pending_alpha(xs, delta, budget_bytes, passes=True):
     """`xs` fed to abs_mean and a pending α with a band of ±10% around `delta` (4 MiB: a band; 256 MiB: every |x|
-    kept, `KEEP_SHARE`), Δ = `delta` set afterwards when the state can finish; the results by their bits (None for
-    α when it cannot), whether it kept a band, and how many batches the pass took."""
+    kept, `KEEP_SHARE`), Δ = `delta` set afterwards when the state can finish; the results by their bits (α left out
+    when it cannot finish), whether it kept a band, and how many batches the pass took."""
     ts = TensorStats([ABSMEAN, ALPHA], band=(0.9 * delta, 1.1 * delta), quantile_budget=QuantileBudget(budget_bytes),
                      plan_hint=len(xs), size_hint=len(xs))
-    taken = []
-    real = batch_pass.BatchPass.feed
-
-    def counting(self, *args):
-        got = real(self, *args)
-        taken.append(got)
-        return got
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(batch_pass.BatchPass, "feed", counting)
-        if not passes:
-            m.setattr(batch_pass.BatchPass, "build", classmethod(lambda cls, *a: None))
+    with counting_feeds(passes) as taken:
         for i, x in enumerate(xs):
             ts.update(x, i)
         state = ts.states[ALPHA]
