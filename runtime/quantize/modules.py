@@ -451,7 +451,7 @@ def _input_quantiser(
     q = TernaryInput(tq, like, op)
     for kind in ("delta", "alpha"):
         v = getattr(q, kind)
-        if v is None or sample_shape is None or _fits_sample(tuple(v.shape), sample_shape):
+        if v is None or sample_shape is None or broadcasts_to(v.shape, sample_shape):
             continue
         shown = tuple("*" if s is None else s for s in sample_shape)
         msg = (
@@ -471,12 +471,6 @@ def _check_fits(node: str, t: str, kind: str, value: torch.Tensor, p: torch.Tens
             f"shape {tuple(p.shape)} (e.g. [out, 1] for a Linear weight, [out, 1, 1, 1] for a Conv2d weight)"
         )
         raise UserError(msg)
-
-
-def _fits_sample(shape: tuple[int, ...], sample: tuple[int | None, ...]) -> bool:
-    if len(shape) > len(sample):
-        return False
-    return all(s == 1 or want is None or s == want for s, want in zip(reversed(shape), reversed(sample)))
 
 
 def _fmt_values(v: torch.Tensor) -> str:

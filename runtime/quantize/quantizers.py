@@ -303,13 +303,14 @@ def ternarize(x: torch.Tensor, delta: Any) -> torch.Tensor:
     return (x > d).to(x.dtype) - (x < -d).to(x.dtype)
 
 
-def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int | None, ...]) -> bool:
     """Whether a tensor of `shape` broadcasts to `target` without enlarging it: at most as many dimensions, each
-    (right-aligned) 1 or `target`'s. (What `torch.broadcast_shapes(shape, target) == target` says, without
-    its first call importing sympy: half a second of every `apply`.)"""
+    (right-aligned) 1 or `target`'s; a None in `target` is a size not known yet (a sample's), which any size
+    fits. (What `torch.broadcast_shapes(shape, target) == target` says, without its first call importing sympy:
+    half a second of every `apply`.)"""
     if len(shape) > len(target):
         return False
-    return all(s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(tuple(target))))
+    return all(s == 1 or t is None or s == t for s, t in zip(reversed(tuple(shape)), reversed(tuple(target))))
 
 
 def weight_alpha(w: torch.Tensor, delta: Any) -> torch.Tensor:

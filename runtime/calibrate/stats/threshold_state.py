@@ -254,7 +254,7 @@ class ThresholdAbsMeanState(AbsMeanState):
         if self._band is not None:
             return self._band
         if self._kept is not None:
-            return _KeepPass(self._kept, self._blocks, (1, *self._shape))
+            return _KeepPass(self)
         return None
 
     def pending_band(self) -> _Band | None:
@@ -449,25 +449,25 @@ class _KeepPass:
     in its band (nothing above +Inf, everything above -1) writes them in order straight into the state's buffer,
     the same values `_keep` copies there, and the batch is recorded as `_keep` records it."""
 
-    __slots__ = ("kept", "blocks", "shape")
+    __slots__ = ("state",)
 
-    def __init__(self, kept: ExactValues, blocks: list, shape: tuple[int, ...]) -> None:
-        self.kept = kept
-        self.blocks = blocks  # the state's `_blocks`
-        self.shape = shape  # of a block of one batch
+    def __init__(self, state: ThresholdAbsMeanState) -> None:
+        self.state = state  # its `_kept` buffer and `_blocks` record, read at each batch
 
     def add_pass(self, address: int, n: int, sums: int, key: int) -> tuple[float, float, float] | None:
         """`_keep` of the batch (`n` float32 values at `address`): `(sum, min, max)` as `_Band.add_pass`; None, with
         nothing kept, when a value is NaN or +-Inf (the general path keeps it with its mask), the budget refuses
         room (the general path overflows), or there are no sums."""
-        room = self.kept.tail(n) if sums else None  # as `slot(n)` grows
+        state = self.state
+        kept = state._kept
+        room = kept.tail(n) if sums else None  # as `slot(n)` grows
         if room is None:
             return None
         got = scan_kernel.scan_band_into(address, n, math.inf, -1.0, sums, True, room[0], room[1])
         if got[0] != n or got[2] != n or not math.isfinite(got[5]):
             return None
-        self.kept.n += n
-        self.blocks.append((np.array([key], dtype=np.int64), self.shape, True))
+        kept.n += n
+        state._blocks.append((np.array([key], dtype=np.int64), (1, *state._shape), True))
         return got[5], got[6], got[7]
 
     def settle(self) -> None:
