@@ -66,6 +66,41 @@ def test_calibrate_collects_and_sets_eval_mode():
     assert table["seq_blocks.0"].values["data_in_0"][MINMAX]["count"] == 256 * 4
 
 
+class _Twice(nn.Module):
+    """A shared Linear called twice in one forward (as in a weight-tied or looped block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.shared(self.shared(x) * 3.0 + 1.0)
+
+
+@pytest.mark.parametrize("n_batches", [1, 3])
+def test_a_module_called_twice_per_forward_gets_exact_quantiles_from_every_call(n_batches):
+    """One batch planned per call counted once: a module called twice per forward still gets torch.quantile over
+    the inputs of every call (the one-batch answer from the probe is taken back when the second call comes)."""
+    from ternqc.runtime.calibrate.points import ResolvedPoints
+
+    torch.manual_seed(0)
+    model = _Twice()
+    specs = (StatSpec("range_quantile", options=(("quantile", 0.5),)), StatSpec("range_quantile", options=(("quantile", 0.75),)), MINMAX)
+    seen = []
+    model.shared.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    batches = [(torch.randn(16, 64), None) for _ in range(n_batches)]
+    table = calibrate(model, batches, ResolvedPoints.from_mapping({"shared": {"data_in_0": specs}}), progress=False)
+    assert len(seen) == 2 * n_batches
+    every = torch.cat([x.reshape(-1) for x in seen])
+    got = table["shared"].values["data_in_0"]
+    for s in specs[:2]:
+        q = s.option("quantile")
+        assert got[s]["max"] == float(torch.quantile(every, q))
+        assert got[s]["min"] == float(torch.quantile(every, 1.0 - q))
+        assert got[s]["count"] == every.numel()
+    assert got[MINMAX]["max"] == float(every.max())
+
+
 def test_rejected_inputs_name_the_module_and_the_input_shape():
     model = ToyNet()
     batches = [(torch.randn(128, 1, 3, 3), torch.zeros(128))]

@@ -591,12 +591,58 @@ def test_quantile_selected_by_the_probe_pass_equals_torch_quantile(monkeypatch, 
         assert probed[s]["min"] == float(torch.quantile(every, 1.0 - q))
 
 
-@pytest.mark.parametrize("shape", [(10, 4), (300, 200)])  # partitioned whole; the selection protocol (> 2^15)
+@pytest.mark.parametrize("numel", [7, 48, 49, 500, 12800])
+@pytest.mark.parametrize("calls", [1, 2, 3])
+def test_one_planned_batch_is_answered_by_its_probe_and_more_calls_go_the_general_way(monkeypatch, numel, calls):
+    """A one-batch calibration as `calibrate` makes it (one process, one update planned, bracketing): the block's
+    probe selects the quantiles' ranks at any size, and the values are kept only in a copy, in the budget as an
+    exact buffer of them would be, given back on `freeze`. A module called more often than planned sends the
+    kept values the general way first: every result equals torch.quantile over every value, and bit for bit
+    the results with the probe's selection turned off."""
+    from ternqc.runtime.calibrate import scan_kernel
+    from ternqc.runtime.calibrate.quantiles import QuantileBudget
+    from ternqc.runtime.calibrate.stats.base import StatState
+    from ternqc.runtime.calibrate.stats.quantile_state import QuantileState
+
+    g = torch.Generator().manual_seed(numel)
+    xs = [torch.randn(1, numel, generator=g) for _ in range(calls)]
+    specs = [spec("range_quantile", quantile=0.5), spec("range_quantile", quantile=0.75), spec("abs_mean"),
+             spec("range_min_max")]
+    answered = _record_probe_selections(monkeypatch)
+
+    def run():
+        budget = QuantileBudget()
+        ts = TensorStats(specs, quantile_budget=budget, size_hint=1, plan_hint=1, bracket=True)
+        held = []
+        for x in xs:
+            ts.update(x, 0)  # calls of one batch
+            held.append(budget.used)
+        ts.freeze()
+        return ts.results(), held, budget.used
+
+    probed, held, after = run()
+    assert any(answered) == scan_kernel.available()
+    monkeypatch.setattr(QuantileState, "pending_select", StatState.pending_select)
+    answered.clear()
+    separate, held_separate, after_separate = run()
+    assert not any(answered)
+    assert probed == separate
+    assert held[0] == held_separate[0] == 2 * 4 * numel  # two quantiles, each the values of the batch
+    assert after == after_separate == 0
+    every = torch.cat([x.reshape(-1) for x in xs])
+    for s in specs[:2]:
+        q = s.option("quantile")
+        assert probed[s]["max"] == float(torch.quantile(every, q))
+        assert probed[s]["min"] == float(torch.quantile(every, 1.0 - q))
+    assert probed[specs[3]]["min"] == float(every.min()) and probed[specs[3]]["max"] == float(every.max())
+
+
+@pytest.mark.parametrize("shape", [(10, 4), (300, 200)])
 def test_parameter_read_once_takes_its_quantiles_from_its_values(monkeypatch, shape):
     """A parameter (not batched, one update expected: `size_hint=1`) gets its quantiles straight from its
     values, without a buffer: the same as torch.quantile over them (median and 0.75: ranks exact in
-    float32), the same bits as the buffered path, its values untouched; a second update is refused. Beyond
-    2048 values (with the compiled scans) the first quantile's ranks are selected by the probe's pass."""
+    float32), the same bits as the buffered path, its values untouched; a second update is refused. With the
+    compiled scans the first quantile's ranks are selected by the probe's pass, at any size."""
     from ternqc.runtime.calibrate import scan_kernel
 
     g = torch.Generator().manual_seed(12)
@@ -606,7 +652,7 @@ def test_parameter_read_once_takes_its_quantiles_from_its_values(monkeypatch, sh
     answered = _record_probe_selections(monkeypatch)
     once = TensorStats(specs, batched=False, size_hint=1)
     once.update(w)
-    assert any(answered) == (scan_kernel.available() and w.numel() > 2048)
+    assert any(answered) == scan_kernel.available()
     buffered = TensorStats(specs, batched=False)
     buffered.update(w)
     got, want = once.results(), buffered.results()

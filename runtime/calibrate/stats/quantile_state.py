@@ -15,7 +15,6 @@ import torch
 from ternqc.plan import StatSpec
 from ternqc.runtime.calibrate.bracket import HEAD_VALUES, WIDTH, Bracket, BracketMissed, bracket_protocol
 from ternqc.runtime.calibrate.quantiles import (
-    PARTITION_SMALL,
     ExactValues,
     QuantileBudget,
     quantiles_from_ranks,
@@ -29,6 +28,7 @@ from ternqc.runtime.calibrate.stats.base import StatState
 from ternqc.runtime.calibrate.stats.layout import pseudo_layout, result_form
 from ternqc.runtime.calibrate.stats.registry import StatContext, register_stat
 from ternqc.runtime.calibrate.stats.sums import (
+    Block,
     batch_counts,
     rows_view,
     write_rows,
@@ -65,7 +65,9 @@ class QuantileState(StatState):
         self._per_update = 0  # values per update, from the first batch (sizes the bracket buffers)
         self._bracket: Bracket | None = None
         self._missed = False
-        self._read_once = False  # a parameter's quantiles, made from its values at once (`_observe`)
+        # answered from the first block, which was every value planned (`_answer_at_once`)
+        self._read_once = False
+        self._kept: np.ndarray | None = None  # that block's values, when more may come after all (a copy)
         if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
             self._promise(1)
 
@@ -108,6 +110,9 @@ class QuantileState(StatState):
         if self._final is None and self.layout is not None and not self._missed:
             self._final = self._compute()
         self._release_exact()
+        if self._kept is not None:
+            self.budget.release(self._kept.nbytes)
+            self._kept = None
         if self._bracket is not None:
             self._bracket.release()
             self._bracket = None
@@ -157,11 +162,10 @@ class QuantileState(StatState):
         is every value it will see and they are to be selected exactly in one row (a parameter read once; or
         every batch planned, in one process, kept whole): the block's probe can select them in the pass that
         reads the values for the sums (`Block.prepare(select=...)`), and this state need not read them again.
-        None otherwise (values seen already, a sketch or brackets coming, per-channel rows, too few values for
-        a pass to matter)."""
+        None otherwise (values seen already, a sketch or brackets coming, per-channel rows)."""
         if (
             self._seen or self._exact is not None or self._sketch is not None or self._bracket is not None
-            or self.layout is None or self.layout.rows != 1 or numel <= PARTITION_SMALL or self._read_once
+            or self.layout is None or self.layout.rows != 1 or self._read_once
         ):
             return None
         if self.batched and (
@@ -174,8 +178,10 @@ class QuantileState(StatState):
 
     def _observe(self, block):
         if self._read_once:
-            msg = f"{self.spec.key()}: a statistic expecting one update (size_hint=1) got another"
-            raise ValueError(msg)
+            if not self.batched:
+                msg = f"{self.spec.key()}: a statistic expecting one update (size_hint=1) got another"
+                raise ValueError(msg)
+            self._take_back()  # more values than the one batch planned (a module called twice)
         self._final = None
         scanned = block.scanned
         if scanned is not None and self._bracket is not None and scanned[0] is self._bracket.groups:
@@ -203,15 +209,7 @@ class QuantileState(StatState):
             return
         if self._sketch is None:
             if self._exact is None:
-                if not self.batched and self.size_hint == 1 and lay.rows == 1 and mask is None:
-                    # a parameter, read once (every value finite): its quantiles from its values, without a copy
-                    # into a buffer (the selection copies what it partitions)
-                    final = self._probe_selected(block, m)
-                    if final is None:
-                        lo, hi = row_quantiles(rows_view(x, lay)[0], (1.0 - self.q, self.q), np.array([m]))
-                        final = {"min": lo, "max": hi, "range": hi - lo}
-                    self._final = final
-                    self._read_once = True
+                if lay.rows == 1 and mask is None and self._answer_at_once(block, m, x):
                     return
                 self._per_update = m // block.k
                 # a staging buffer holding every value planned here: kept as it is, no room reserved to give back
@@ -240,6 +238,43 @@ class QuantileState(StatState):
                     return
                 self._to_sketch()
         self._sketch.add(rows_view(x, lay))
+
+    def _answer_at_once(self, block, m: int, x: torch.Tensor) -> bool:
+        """Answer from the first block (`m` finite values in one row) when it is every value this state plans to
+        see, without copying them into a buffer: a parameter read once (its ranks selected by the block's
+        probe, or by a partition here, which copies what it partitions); or the one batch planned of a
+        bracketing state in one process (a one-batch calibration), whose ranks the probe selected. False:
+        the general way. A second block after an answer from one batch makes this statistic `missed` (its
+        values are gone): the caller collects it again, in one more forward of that batch."""
+        if not self.batched:
+            if self.size_hint != 1:
+                return False
+            final = self._probe_selected(block, m)
+            if final is None:
+                lo, hi = row_quantiles(rows_view(x, self.layout)[0], (1.0 - self.q, self.q), np.array([m]))
+                final = {"min": lo, "max": hi, "range": hi - lo}
+        else:
+            if not (self.bracketing and self.ctx.eager and block.k == 1 and self.size_hint == self.plan_hint == 1):
+                return False
+            final = self._probe_selected(block, m)
+            if final is None:
+                return False
+            # kept in a plain copy, in case more come: the room the exact buffer would have taken (`_start`)
+            self._kept = x.numpy().reshape(-1).copy()
+            self.budget.cancel(self._promised)
+            self._promised = 0
+            self.budget.force(self._kept.nbytes)
+        self._final = final
+        self._read_once = True
+        return True
+
+    def _take_back(self) -> None:
+        """Another block after an answer from the one batch planned: that batch's kept values go the general way
+        first (an exact buffer while the budget allows, else brackets), as they would have without the answer."""
+        kept, self._kept, self._read_once = self._kept, None, False
+        self.budget.release(kept.nbytes)
+        self._seen -= kept.size
+        self._observe(Block(torch.from_numpy(kept)[None], None, None, 0))
 
     def _probe_selected(self, block, m: int) -> dict[str, np.ndarray] | None:
         """The result from the values the block's probe selected (`pending_select`), when the block (`m` finite
