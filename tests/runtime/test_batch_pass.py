@@ -245,6 +245,46 @@ def test_add_one_is_add_of_one_batch(eager):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("then", ["fold", "add", "add_one", "merge", "merged_into"])
+@pytest.mark.parametrize("eager", [True, False])
+def test_a_first_partial_held_as_numbers_is_one_in_the_arrays(then, eager):
+    """`add_one` before anything else holds its partial as numbers (a one-batch calibration makes no arrays);
+    whatever comes next (a fold, another partial by `add` or `add_one`, a merge either way) gives what the
+    arrays give, bit for bit: pending keys and fields, the fold (sums in key order: 1e16 makes it matter) and
+    the last key folded."""
+
+    def run(lean: bool, look: bool):
+        p = Partials(fold_sums, eager)
+        if lean:
+            p.add_one(4, (7, 0.1))
+        else:
+            p.add(np.array([4]), (7, np.array([[0.1]])), 1)
+        other = Partials(fold_sums, eager)
+        other.add(np.array([2, 9]), (np.array([[3.0], [5.0]]), np.array([[1e16], [0.3]])), 1)
+        if then == "add":
+            p.add(np.array([1]), (2, np.array([[0.7]])), 1)
+        elif then == "add_one":
+            p.add_one(1, (2, 0.7))
+        elif then == "merge":
+            p.merge(other)
+        elif then == "merged_into":
+            other.merge(p)
+            p = other
+        keys, cols = p.pending() if look else (np.empty(0), ())  # `pending` first, or the fold straight away
+        return keys, cols, p.fold(), p.last
+
+    for look in (True, False):
+        lean, arrays = run(True, look), run(False, look)
+        np.testing.assert_array_equal(lean[0], arrays[0])
+        for x, y in zip((*lean[1], *lean[2]), (*arrays[1], *arrays[2])):
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+        assert lean[3] == arrays[3]
+    total = {"fold": 0.1, "add": 0.7 + 0.1, "add_one": 0.7 + 0.1, "merge": 1e16 + 0.1 + 0.3,
+             "merged_into": 1e16 + 0.1 + 0.3}[then]
+    assert float(lean[2][1][0]) == total  # key order, folded left
+
+
 def test_the_pass_needs_the_library():
     with scan_kernel.numpy_scans():
         got = collect(batches_of("gaussian", n=3), [MINMAX, quantile(0.5), ABSMEAN])

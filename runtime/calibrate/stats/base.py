@@ -183,8 +183,8 @@ class StatState:
     def _fmt(self, t: torch.Tensor | np.ndarray) -> float | list:
         if self.layout is None:
             return float("nan")
-        if self.layout.scalar:
-            return float(t.reshape(())) + 0.0  # -0.0 -> +0.0
+        if self.layout.scalar:  # a python float, a numpy scalar, or one value in an array or tensor
+            return float(t if getattr(t, "ndim", 0) == 0 else t.reshape(())) + 0.0  # -0.0 -> +0.0
         a = np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t) + 0.0
         return a.reshape(self.layout.result_shape).tolist()
 

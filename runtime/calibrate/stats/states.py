@@ -111,10 +111,10 @@ class MinMaxState(StatState):
             self._fold(*got)
 
     def _result(self):
-        if self._mn is None and self._lo != _INF:  # one position: numpy scalars, no tensor round trip
+        if self._mn is None and self._lo != _INF:  # one position: numpy scalars, no array or tensor made
             dtype = np.float64 if self._dtype is torch.float64 else np.float32
-            mn, mx = np.array([self._lo], dtype=dtype), np.array([self._hi], dtype=dtype)
-            return {"min": mn, "max": mx, "range": mx - mn}
+            mn, mx = dtype(self._lo), dtype(self._hi)
+            return {"min": mn, "max": mx, "range": mx - mn}  # the range in that dtype, as MASE
         got = self._bounds()
         if got is None:
             nan = torch.full((self.layout.rows,), float("nan"))

@@ -6,6 +6,8 @@ bit for bit (`Partials`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -84,7 +86,9 @@ class AbsMeanState(SumState):
 
     def _observe(self, block):
         lay, mask = self.layout, block.mask
-        if mask is None:
+        if mask is None and lay.rows == 1 and block.k == 1:  # one batch, one position: numbers, no arrays
+            self._partials.add_one(int(block.keys[0]), (block.per_batch(), float(block.sums(lay).reshape(()))))
+        elif mask is None:
             self._partials.add(block.keys, (block.per_batch() // lay.rows, block.sums(lay)), lay.rows)
         else:
             sums = batch_sums(torch.where(mask, block.x, 0.0), lay)
@@ -93,6 +97,6 @@ class AbsMeanState(SumState):
     def _result(self):
         n, total = self._acc()
         if total.shape == (1,):  # one position (the usual case): the same IEEE division, fewer numpy calls
-            return {"abs_mean": np.array([total[0] / n[0] if n[0] > 0 else np.nan])}
+            return {"abs_mean": float(total[0]) / float(n[0]) if n[0] > 0 else math.nan}
         # total / n where a value was seen, else NaN (no division there: no warning to silence)
         return {"abs_mean": np.divide(total, n, out=np.full(total.shape, np.nan), where=n > 0)}

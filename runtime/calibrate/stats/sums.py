@@ -318,9 +318,19 @@ class Partials:
         self._cols: list[np.ndarray] = []
         self._n = 0
         self._in_order = True  # the pending keys arrived increasing (one process: always)
+        # the first partial of one position, as numbers (`add_one` before anything else; a one-batch calibration
+        # folds it straight into `acc`): arrays are made only when a second one comes
+        self._one: tuple[int, tuple[float, ...]] | None = None
+
+    def _settle_one(self) -> None:
+        """Move the partial held as numbers into the arrays."""
+        one, self._one = self._one, None
+        self._append_one(*one)
 
     def add(self, keys: np.ndarray, fields: tuple, rows: int) -> None:
         """Partials of `len(keys)` batches: each field a `[K, rows]` tensor or array, or one number for all."""
+        if self._one is not None:
+            self._settle_one()
         k, n = len(keys), self._n
         self._reserve(n + k, rows, len(fields))
         if self._in_order:  # still increasing with these keys?
@@ -339,8 +349,16 @@ class Partials:
             self.fold()
 
     def add_one(self, key: int, fields: tuple[float, ...]) -> None:
-        """`add` of one batch with one result position, each field one number (a batch pass, `BatchPass`: no
-        arrays made)."""
+        """`add` of one batch with one result position, each field one number (a batch pass, `BatchPass`; a block
+        of one batch: no arrays made)."""
+        if self._n == 0 and self._one is None and self.acc is None:
+            self._one = (key, fields)
+            return
+        if self._one is not None:
+            self._settle_one()
+        self._append_one(key, fields)
+
+    def _append_one(self, key: int, fields: tuple[float, ...]) -> None:
         n = self._n
         if n >= len(self._keys) or not self._cols or self._cols[0].shape[1] != 1:
             self._reserve(n + 1, 1, len(fields))
@@ -367,6 +385,8 @@ class Partials:
 
     def pending(self) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """The unfolded keys (sorted) and fields (`[P, rows]` float64 each, in key order), as copies."""
+        if self._one is not None:
+            self._settle_one()
         keys = self._keys[: self._n]
         if self._in_order:  # already in key order: copies, no sort
             return keys.copy(), tuple(c[: self._n].copy() for c in self._cols)
@@ -375,6 +395,13 @@ class Partials:
 
     def fold(self) -> tuple[np.ndarray, ...] | None:
         """Fold every pending partial into `acc` (in key order) and return `acc`."""
+        if self._one is not None and self._n == 0 and self.acc is None:  # one partial, folded from nothing: itself
+            (key, fields), self._one = self._one, None
+            self.acc = tuple(np.array([f], dtype=np.float64) for f in fields)
+            self.last = max(self.last, key)
+            return self.acc
+        if self._one is not None:
+            self._settle_one()
         if self._n:
             keys, cols = self.pending()
             self.acc = self.fold_fn(self.acc, cols)
@@ -384,12 +411,15 @@ class Partials:
         return self.acc
 
     def set_pending(self, keys: np.ndarray, cols: tuple[np.ndarray, ...]) -> None:
+        self._one = None
         self._keys = np.array(keys, dtype=np.int64)
         self._cols = [np.array(c, dtype=np.float64) for c in cols]
         self._n = len(keys)
         self._in_order = False
 
     def keys(self) -> np.ndarray:
+        if self._one is not None:
+            self._settle_one()
         return self._keys[: self._n]
 
     def merge(self, other: Partials) -> None:
