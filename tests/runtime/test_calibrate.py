@@ -101,6 +101,41 @@ def test_a_module_called_twice_per_forward_gets_exact_quantiles_from_every_call(
     assert got[MINMAX]["max"] == float(every.max())
 
 
+class _TwiceChangedInPlace(nn.Module):
+    """A shared Linear called twice, its first input changed in place between the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = x * 1.0
+        h = self.shared(y)
+        y.mul_(2.0)
+        return self.shared(y + h)
+
+
+def test_a_first_input_changed_in_place_before_a_second_call_is_collected_again():
+    """One batch: the first call's values are kept by reference (no copy); the model changing them in place
+    before calling the module again makes the statistic collected again, in one more forward: still
+    torch.quantile over the inputs of both calls as they were."""
+    from ternqc.runtime.calibrate.points import ResolvedPoints
+
+    torch.manual_seed(1)
+    model = _TwiceChangedInPlace()
+    specs = (StatSpec("range_quantile", options=(("quantile", 0.5),)), MINMAX)
+    seen = []
+    model.shared.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    table = calibrate(model, [(torch.randn(16, 64), None)], ResolvedPoints.from_mapping({"shared": {"data_in_0": specs}}),
+                      progress=False)
+    assert len(seen) == 4  # the statistic's second pass: one more forward of the batch
+    every = torch.cat([x.reshape(-1) for x in seen[:2]])
+    got = table["shared"].values["data_in_0"]
+    assert got[specs[0]]["max"] == float(torch.quantile(every, 0.5))
+    assert got[specs[0]]["count"] == every.numel()
+    assert got[MINMAX]["max"] == float(every.max())
+
+
 def test_rejected_inputs_name_the_module_and_the_input_shape():
     model = ToyNet()
     batches = [(torch.randn(128, 1, 3, 3), torch.zeros(128))]

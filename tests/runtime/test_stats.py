@@ -637,6 +637,31 @@ def test_one_planned_batch_is_answered_by_its_probe_and_more_calls_go_the_genera
     assert probed[specs[3]]["min"] == float(every.min()) and probed[specs[3]]["max"] == float(every.max())
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_one_planned_batch_keeps_its_values_safe_from_later_changes(view):
+    """The one batch's values are kept by reference only when its tensor is its own memory: a view into a
+    larger tensor is copied (the larger one is not held), so changing that tensor later changes nothing; a
+    tensor of its own changed in place is noticed (its version), and the quantile is left for the caller to
+    collect again (`missed`), never answered from changed values."""
+    from ternqc.runtime.calibrate.quantiles import QuantileBudget
+
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(2, 5000, generator=g)
+    first = big[:1] if view else big[:1].clone()
+    original = first.clone()
+    second = torch.randn(1, 5000, generator=g)
+    median = spec("range_quantile", quantile=0.5)
+    ts = TensorStats([median], quantile_budget=QuantileBudget(), size_hint=1, plan_hint=1, bracket=True)
+    ts.update(first, 0)
+    first.mul_(3.0)  # after the call, before the next (of the big tensor too, for the view)
+    ts.update(second, 0)
+    if view:
+        every = torch.cat([original.reshape(-1), second.reshape(-1)])
+        assert ts.results()[median]["max"] == float(torch.quantile(every, 0.5))
+    else:
+        assert ts.missed() == [median] and median not in ts.results()
+
+
 @pytest.mark.parametrize("shape", [(10, 4), (300, 200)])
 def test_parameter_read_once_takes_its_quantiles_from_its_values(monkeypatch, shape):
     """A parameter (not batched, one update expected: `size_hint=1`) gets its quantiles straight from its

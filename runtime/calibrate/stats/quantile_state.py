@@ -67,7 +67,9 @@ class QuantileState(StatState):
         self._missed = False
         # answered from the first block, which was every value planned (`_answer_at_once`)
         self._read_once = False
-        self._kept: np.ndarray | None = None  # that block's values, when more may come after all (a copy)
+        # that block's values, in case more come after all (`_keep`), and the version they had then
+        self._kept: torch.Tensor | None = None
+        self._kept_version: int | None = None
         if spec.dims == "all":  # one row: promise the sketch before any buffer can take the room
             self._promise(1)
 
@@ -111,8 +113,8 @@ class QuantileState(StatState):
             self._final = self._compute()
         self._release_exact()
         if self._kept is not None:
-            self.budget.release(self._kept.nbytes)
-            self._kept = None
+            self.budget.release(4 * self._kept.numel())
+            self._kept = self._kept_version = None
         if self._bracket is not None:
             self._bracket.release()
             self._bracket = None
@@ -182,6 +184,8 @@ class QuantileState(StatState):
                 msg = f"{self.spec.key()}: a statistic expecting one update (size_hint=1) got another"
                 raise ValueError(msg)
             self._take_back()  # more values than the one batch planned (a module called twice)
+        if self._missed:  # the kept values were changed in place: this statistic is collected again
+            return
         self._final = None
         scanned = block.scanned
         if scanned is not None and self._bracket is not None and scanned[0] is self._bracket.groups:
@@ -259,22 +263,43 @@ class QuantileState(StatState):
             final = self._probe_selected(block, m)
             if final is None:
                 return False
-            # kept in a plain copy, in case more come: the room the exact buffer would have taken (`_start`)
-            self._kept = x.numpy().reshape(-1).copy()
-            self.budget.cancel(self._promised)
-            self._promised = 0
-            self.budget.force(self._kept.nbytes)
+            self._keep(x)
         self._final = final
         self._read_once = True
         return True
 
+    def _keep(self, x: torch.Tensor) -> None:
+        """Keep the one batch's values `x` (`[1, *shape]`, float32 on the CPU) in case more come after all (a module
+        called again), in the room the exact buffer would have taken (`_start`): the batch's tensor itself with
+        its version (the model changing it in place bumps the version), when nothing more hangs on its memory
+        (not a view into a larger tensor); else a copy."""
+        base = x._base
+        kept, version = None, None
+        if base is None or base.numel() == x.numel():
+            try:
+                kept, version = x, x._version
+            except RuntimeError:  # an inference tensor has no version counter
+                kept = None
+        self._kept = kept if kept is not None else x.clone()
+        self._kept_version = version
+        self.budget.cancel(self._promised)
+        self._promised = 0
+        self.budget.force(4 * x.numel())
+
     def _take_back(self) -> None:
         """Another block after an answer from the one batch planned: that batch's kept values go the general way
-        first (an exact buffer while the budget allows, else brackets), as they would have without the answer."""
-        kept, self._kept, self._read_once = self._kept, None, False
-        self.budget.release(kept.nbytes)
-        self._seen -= kept.size
-        self._observe(Block(torch.from_numpy(kept)[None], None, None, 0))
+        first (an exact buffer while the budget allows, else brackets), as they would have without the answer. When
+        the model changed them in place since, they are gone: `missed`, and the caller collects this statistic
+        again."""
+        kept, version = self._kept, self._kept_version
+        self._kept = self._kept_version = None
+        self._read_once = False
+        self.budget.release(4 * kept.numel())
+        if version is not None and kept._version != version:
+            self._final, self._missed = None, True
+            return
+        self._seen -= kept.numel()
+        self._observe(Block(kept, None, None, 0))
 
     def _probe_selected(self, block, m: int) -> dict[str, np.ndarray] | None:
         """The result from the values the block's probe selected (`pending_select`), when the block (`m` finite
