@@ -247,9 +247,8 @@ class QuantileState(StatState):
         """Answer from the first block (`m` finite values in one row) when it is every value this state plans to
         see, without copying them into a buffer: a parameter read once (its ranks selected by the block's
         probe, or by a partition here, which copies what it partitions); or the one batch planned of a
-        bracketing state in one process (a one-batch calibration), whose ranks the probe selected. False:
-        the general way. A second block after an answer from one batch makes this statistic `missed` (its
-        values are gone): the caller collects it again, in one more forward of that batch."""
+        bracketing state in one process (a one-batch calibration), whose ranks the probe selected, its values
+        kept in case a module is called again (`_keep`, `_take_back`). False: the general way."""
         if not self.batched:
             if self.size_hint != 1:
                 return False
