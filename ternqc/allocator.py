@@ -1,19 +1,22 @@
 """The C allocator of a `ternqc` process: freed memory kept for the next forward instead of mapped afresh.
 
-glibc hands a freed block at or above its mmap threshold back to the system, and the next block of that size
-is fresh pages, each faulted in on first touch (~1.5-3 µs a page on the machines measured). The threshold
-starts at 128 KiB and rises as blocks are freed, and where it settles depends on the order of every
-allocation in the process. Measured on a 4-layer `nn.TransformerEncoder` (16 batches of 32 × 128 tokens): the
-forward with empty hooks page-faulted ~65k times a batch, the same forward inside a calibration ~100k (the
-statistics' own small allocations between the layers' leave glibc in another state), which was most of what
-the calibration cost beyond the forward. With the thresholds fixed, both forwards fault ~32k times a batch
-(only the 32 MiB feed-forward tensors, above any threshold glibc allows, are mapped afresh).
+glibc maps a block at or above its mmap threshold on its own and hands it back to the system when it is freed,
+so the next block of that size is fresh pages, each faulted in on first touch (~1.5-3 µs a page on the
+machines measured). The threshold starts at 128 KiB, moves as blocks are freed, and cannot be set above
+32 MiB; a block above it still comes from the heap when the top of the heap has room, which depends on the
+order of every allocation in the process. Measured on a 4-layer `nn.TransformerEncoder` (16 batches of
+32 × 128 tokens, 32 MiB feed-forward tensors): with glibc's defaults the forward with empty hooks faulted
+~65k pages a batch and the same forward inside a calibration ~100k; with the threshold fixed at 32 MiB (this
+module's first setting) the same forward faulted 0 to 940k pages over the 16 batches from one run to the
+next (~1 s of a 6-7 s pass, in the plain forward, the forward with empty hooks and the calibration alike).
 
-`keep_freed_memory()` fixes glibc's mmap threshold at its largest (32 MiB: smaller blocks come from the heap
-and are reused) and keeps up to 256 MiB freed at the top of the heap before returning it. The cost: up to
-that much memory stays resident after it is freed. The `ternqc` command calls it at start; library callers
-choose (it changes the whole process). `TERNQC_MALLOC=0` leaves the allocator alone. Elsewhere than glibc it
-does nothing.
+`keep_freed_memory()` turns glibc's own mappings off (M_MMAP_MAX 0: every block comes from the heap, and a
+freed block is reused by the next one that fits) and keeps up to 256 MiB freed at the top of the heap before
+returning it (M_TRIM_THRESHOLD): the transformer's forwards then fault nothing after the first. The cost: up
+to 256 MiB stays resident after it is freed, and freed memory below a live block stays resident until it is
+reused (a mapped block went back to the system when freed). The `ternqc` command calls it at start; library
+callers choose (it changes the whole process). `TERNQC_MALLOC=0` leaves the allocator alone. Elsewhere than
+glibc it does nothing.
 
 In: nothing. Out: whether the settings were made.
 """
@@ -26,16 +29,16 @@ import sys
 
 #: glibc's `mallopt` parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-#: glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX); larger values are refused
-MMAP_THRESHOLD = 32 * 2**20
+_M_MMAP_MAX = -4
+#: how many blocks glibc may map on their own: none (every block from the heap, reused once freed)
+MMAP_MAX = 0
 #: freed memory at the top of the heap kept before any is returned to the system
 TRIM_THRESHOLD = 256 * 2**20
 
 
 def keep_freed_memory() -> bool:
-    """Fix glibc's thresholds (see the module doc); False where nothing was changed (not glibc, or
-    `TERNQC_MALLOC=0`)."""
+    """Turn glibc's mappings off and fix its trim threshold (see the module doc); False where nothing was
+    changed (not glibc, or `TERNQC_MALLOC=0`)."""
     if os.environ.get("TERNQC_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -43,4 +46,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # another C library (musl has no mallopt to speak of)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(_M_MMAP_MAX, MMAP_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
