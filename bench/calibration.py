@@ -24,7 +24,7 @@ from ternqc.runtime.calibrate.stats.states import QuantileBudget
 TARGETS = {"toy": 2.0, "mlp": 1.10, "transformer": 1.10}
 #: what each target divides by: the plain forward, or the forward with empty hooks (the floor)
 AGAINST = {"toy": "forward", "mlp": "floor", "transformer": "floor"}
-REPS = {"toy": 61, "mlp": 11, "transformer": 5}  # toy is cheap (~10 ms a run): more repetitions, a steadier median; the MLP and the transformer swing most on a shared machine
+REPS = {"toy": 61, "mlp": 21, "transformer": 9}  # toy is cheap (~10 ms a run): more repetitions, a steadier median; the MLP and the transformer swing most on a shared machine (single ratios 0.7-1.6 in one run: a median of 11 and of 5 still moved by ±0.06)
 QUICK_REPS = {"toy": 7, "mlp": 3, "transformer": 1}
 
 

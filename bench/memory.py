@@ -3,8 +3,9 @@
 A child process builds the MLP, runs one forward (so torch's own memory is in place), records its peak
 resident memory so far, calibrates on batches made on demand (`LazyBatches`: the data is not held, only what
 calibration keeps counts), and reports its peak resident memory (VmHWM) and the quantile memory the budget
-accounted (Linux: /proc). Acceptance: 4 x more batches raise the peak by less than 10% beyond the quantile
-memory, which stays within its budget (exact values while they fit, then a sketch).
+accounted (Linux: /proc); each figure is the median of three such processes (one alone moves by ~20 MiB).
+Acceptance: 4 x more batches raise the peak by less than 10% beyond the quantile memory, which stays within
+its budget (exact values while they fit, then a sketch).
 
     .venv/bin/python bench/memory.py [--quick]
 """
@@ -50,7 +51,15 @@ def child(batches: int, budget_mib: float) -> None:
     print(json.dumps({"before": before, "peak": status("VmHWM"), "quantile": budget.peak, "exact": exact}))
 
 
-def measure(batches: int, budget_mib: float) -> dict:
+def measure(batches: int, budget_mib: float, runs: int = 3) -> dict:
+    """The child's report of the run with the median peak beyond the quantile memory, of `runs` fresh processes
+    (one process's peak moves by ~20 MiB from run to run: glibc's and torch's own memory)."""
+    reports = [measure_once(batches, budget_mib) for _ in range(runs)]
+    reports.sort(key=lambda m: m["peak"] - m["quantile"])
+    return reports[len(reports) // 2]
+
+
+def measure_once(batches: int, budget_mib: float) -> dict:
     out = subprocess.run(
         [sys.executable, str(HERE / "memory.py"), "--child", str(batches), str(budget_mib)],
         check=True,
@@ -64,7 +73,8 @@ def run(quick: bool = False) -> str:
     n = 16 if quick else 64
     rows, verdicts = [], []
     for budget in (256.0, 16.0):
-        small, large = measure(n, budget), measure(4 * n, budget)
+        runs = 1 if quick else 3
+        small, large = measure(n, budget, runs), measure(4 * n, budget, runs)
         other = [(m["peak"] - m["quantile"]) for m in (small, large)]
         growth = (other[1] - other[0]) / other[0]
         within = all(m["quantile"] <= budget * 2**20 for m in (small, large))

@@ -1,7 +1,9 @@
 """A process-wide pool of large float32 buffers (exact quantile values, staging, |x|).
 
 Fresh memory is slow here (page faults), so released buffers are kept for the next calibration in the process.
-In: a size (`take_buffer`) or a buffer (`give_back`). Out: a 1-D float32 array.
+In: a size (`take_buffer`) or a buffer (`give_back`). Out: a 1-D float32 array. The pool holds at most
+`POOL_BYTES`, and a quantile budget that hands memory out trims it to what it has not handed out
+(`trim_pool`): buffers kept for reuse count against the budget's limit like the buffers in use.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 POOL_BYTES = 512 * 2**20
 _POOL_MIN = 2**16  # smaller arrays come from the heap, which reuses its memory anyway
 _FREE: list[np.ndarray] = []
+_HELD = [0]  # bytes in `_FREE`
 
 
 def take_buffer(size: int) -> np.ndarray:
@@ -36,15 +39,27 @@ def give_back(buf: np.ndarray) -> None:
     if base.size < _POOL_MIN or base.dtype != np.float32 or base.ndim != 1 or any(b is base for b in _FREE):
         return
     _FREE.append(base)
-    while sum(b.nbytes for b in _FREE) > POOL_BYTES:
+    _HELD[0] += base.nbytes
+    trim_pool(POOL_BYTES)
+
+
+def pooled_bytes() -> int:
+    """Bytes the pool holds."""
+    return _HELD[0]
+
+
+def trim_pool(max_bytes: int) -> None:
+    """Free pooled buffers, the smallest first, until the pool holds at most `max_bytes`."""
+    while _HELD[0] > max_bytes:
         _drop(min(_FREE, key=lambda b: b.size))
 
 
 def _drop(buf: np.ndarray) -> None:
     del _FREE[next(i for i, b in enumerate(_FREE) if b is buf)]
+    _HELD[0] -= buf.nbytes
 
 
 def clear_pool() -> None:
     """Free the pooled buffers."""
     _FREE.clear()
-
+    _HELD[0] = 0

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ternqc.runtime.calibrate import scan_kernel
-from ternqc.runtime.calibrate.buffers import give_back, take_buffer
+from ternqc.runtime.calibrate.buffers import give_back, take_buffer, trim_pool
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
@@ -49,6 +49,11 @@ class QuantileBudget:
     and `claim`s its promise. `used` and `peak` count bytes held, for reports and tests. The limit holds
     exactly when every promise is made before the buffers fill it (always for dims=all, whose one row is
     known up front); a per-channel state first seen after that may exceed it by its sketch.
+
+    Buffers released to the process's pool (`buffers.give_back`: a buffer that grew, a head given up for
+    brackets, every buffer once the run is done) count against the limit too: each time bytes are taken the
+    pool is trimmed to what the budget has not handed out, so the values held and those kept for reuse stay
+    within the limit together.
     """
 
     def __init__(self, bytes: int = DEFAULT_BUDGET_BYTES) -> None:
@@ -87,9 +92,15 @@ class QuantileBudget:
         return True
 
     def force(self, nbytes: int) -> None:
-        """Take `nbytes` even beyond the limit (a sketch that cannot be made smaller)."""
+        """Take `nbytes` even beyond the limit (a sketch that cannot be made smaller); the pool keeps at most
+        what is left."""
         self.used += int(nbytes)
         self.peak = max(self.peak, self.used)
+        self.trim_pool()
+
+    def trim_pool(self) -> None:
+        """Free pooled buffers until the pool holds at most what the budget has not handed out."""
+        trim_pool(max(0, self.limit - self.used - self.promised))
 
     def release(self, nbytes: int) -> None:
         self.used = max(0, self.used - int(nbytes))
@@ -185,6 +196,7 @@ class ExactValues:
         buf = take_buffer(self.rows * grown).reshape(self.rows, grown)
         buf[:, : self.n] = self._buf[:, : self.n]
         give_back(self._buf)
+        self.budget.trim_pool()  # the smaller buffer kept for reuse only within the budget
         self._buf = buf
         return True
 
@@ -203,6 +215,7 @@ class ExactValues:
         if more < 0:
             self.budget.release(-more)
         give_back(self._buf)
+        self.budget.trim_pool()
         self._buf = buffer.reshape(1, -1)
         self.n = m
         return True

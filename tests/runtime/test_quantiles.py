@@ -300,4 +300,30 @@ def test_released_buffers_are_reused_and_the_pool_is_bounded(monkeypatch):
     for _ in range(5):
         buffers.give_back(np.empty(2**18, dtype=np.float32))
     assert sum(x.nbytes for x in buffers._FREE) <= 3 * 2**20
+    assert buffers.pooled_bytes() == sum(x.nbytes for x in buffers._FREE)
+    buffers.clear_pool()
+
+
+def test_buffers_kept_for_reuse_count_against_the_quantile_budget():
+    # an exact buffer that grows by doubling gives each smaller one back to the pool: kept for reuse, they
+    # must stay within the budget's limit together with the buffer in use (before, a run with a 16 MiB
+    # budget ended holding 13 MiB of values and 26 MiB pooled); the values themselves stay exact
+    from ternqc.runtime.calibrate import buffers
+
+    buffers.clear_pool()
+    limit = 8 * 2**20
+    budget = QuantileBudget(limit)
+    values = ExactValues(1, budget)
+    chunks = [np.random.default_rng(i).standard_normal(2**16).astype(np.float32) for i in range(28)]
+    pooled_at_most = 0
+    for chunk in chunks:  # 28 x 256 KiB = 7 MiB of values: the buffer grows 256 KiB .. 8 MiB
+        slot = values.slot(chunk.size)
+        assert slot is not None
+        slot[0] = chunk
+        assert budget.used + buffers.pooled_bytes() <= limit
+        pooled_at_most = max(pooled_at_most, buffers.pooled_bytes())
+    assert pooled_at_most > 0  # smaller buffers were kept while there was room
+    np.testing.assert_array_equal(values.values()[0], np.concatenate(chunks))
+    values.release()
+    assert budget.used == 0 and buffers.pooled_bytes() <= buffers.POOL_BYTES
     buffers.clear_pool()
