@@ -43,16 +43,24 @@ print(made, faults[10] - faults[0], resource.getrusage(resource.RUSAGE_SELF).ru_
 """
 
 
-def run(env_value: str, size: int, how: str) -> tuple[bool, int, int]:
-    """(whether the settings were made, page faults in the first 10 cycles, in the last 10)"""
-    out = subprocess.run(
-        [sys.executable, "-c", PATTERN, str(size), how], capture_output=True, text=True, check=True,
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+
+
+def fresh_python(code: str, env_value: str, *args: object) -> list[str]:
+    """What `code` prints, run in a fresh interpreter with `TERNQC_MALLOC=env_value`, split into words."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True,
         env={"TERNQC_MALLOC": env_value, "PATH": "", "PYTHONPATH": ":".join(sys.path)},
     ).stdout.split()
+
+
+def run(env_value: str, size: int, how: str) -> tuple[bool, int, int]:
+    """(whether the settings were made, page faults in the first 10 cycles, in the last 10)"""
+    out = fresh_python(PATTERN, env_value, size, how)
     return out[0] == "True", int(out[1]), int(out[2])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+@glibc_only
 @pytest.mark.parametrize(
     "size, how",
     [
@@ -93,11 +101,7 @@ print(made, all(got), len(got))
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+@glibc_only
 def test_threads_still_get_blocks_larger_than_their_arena():
     # with mappings off in the main arena, a thread's arena (at most 64 MiB) must still map what it cannot hold
-    out = subprocess.run(
-        [sys.executable, "-c", THREADS], capture_output=True, text=True, check=True,
-        env={"TERNQC_MALLOC": "1", "PATH": "", "PYTHONPATH": ":".join(sys.path)},
-    ).stdout.split()
-    assert out == ["True", "True", "6"]
+    assert fresh_python(THREADS, "1") == ["True", "True", "6"]

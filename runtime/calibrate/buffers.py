@@ -15,7 +15,7 @@ import numpy as np
 POOL_BYTES = 512 * 2**20
 _POOL_MIN = 2**16  # smaller arrays come from the heap, which reuses its memory anyway
 _FREE: list[np.ndarray] = []
-_HELD = [0]  # bytes in `_FREE`
+_held = 0  # bytes in `_FREE`
 
 
 def take_buffer(size: int) -> np.ndarray:
@@ -38,28 +38,31 @@ def give_back(buf: np.ndarray) -> None:
         base = base.base
     if base.size < _POOL_MIN or base.dtype != np.float32 or base.ndim != 1 or any(b is base for b in _FREE):
         return
+    global _held
     _FREE.append(base)
-    _HELD[0] += base.nbytes
+    _held += base.nbytes
     trim_pool(POOL_BYTES)
 
 
 def pooled_bytes() -> int:
     """Bytes the pool holds."""
-    return _HELD[0]
+    return _held
 
 
 def trim_pool(max_bytes: int) -> None:
     """Free pooled buffers, the smallest first, until the pool holds at most `max_bytes`."""
-    while _HELD[0] > max_bytes:
+    while _held > max_bytes:
         _drop(min(_FREE, key=lambda b: b.size))
 
 
 def _drop(buf: np.ndarray) -> None:
+    global _held
     del _FREE[next(i for i, b in enumerate(_FREE) if b is buf)]
-    _HELD[0] -= buf.nbytes
+    _held -= buf.nbytes
 
 
 def clear_pool() -> None:
     """Free the pooled buffers."""
+    global _held
     _FREE.clear()
-    _HELD[0] = 0
+    _held = 0
