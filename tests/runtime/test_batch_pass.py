@@ -135,6 +135,37 @@ def test_the_pass_takes_every_batch_after_the_head():
     assert not missed and taken == len(xs) - 1
 
 
+def read_midway(xs, specs, at: int):
+    """The results read after batch `at` (mid-stream) and after the last, and how many batches the pass took."""
+    ts = TensorStats(specs, bracket=True, quantile_budget=QuantileBudget(256 * 2**20))
+    reads = []
+    with counting_feeds() as taken:
+        for i, x in enumerate(xs):
+            ts.update(x, i)
+            if i == at:
+                reads.append({s.key(): {k: Bits(v) for k, v in r.items()} for s, r in ts.results().items()})
+        reads.append({s.key(): {k: Bits(v) for k, v in r.items()} for s, r in ts.results().items()})
+    return reads, sum(taken)
+
+
+@pytest.mark.parametrize("log_batches", [1, 3, 64])
+def test_waiting_feeders_give_the_general_paths_bits_whenever_read(monkeypatch, log_batches):
+    """The pass runs its states' feeders later, `LOG_BATCHES` batches at a time (`BatchPass.drain`): results read
+    midway (a read drains) and at the end are the general path's, whether the feeders ran after every batch,
+    every third or only when read; and midway they hold exactly the batches fed so far (numpy's min and max)."""
+    monkeypatch.setattr(batch_pass, "LOG_BATCHES", log_batches)
+    xs = batches_of("gaussian", n=12)
+    specs = [MINMAX, quantile(0.5), ABSMEAN]
+    got, taken = read_midway(xs, specs, at=7)
+    with monkeypatch.context() as m:
+        m.setattr(batch_pass.BatchPass, "build", classmethod(lambda cls, *a: None))
+        want, none = read_midway(xs, specs, at=7)
+    assert none == 0 and taken >= len(xs) - 3
+    assert got == want
+    so_far = np.concatenate([x.reshape(-1).numpy() for x in xs[:8]])
+    assert (got[0][MINMAX.key()]["min"].value, got[0][MINMAX.key()]["max"].value) == (so_far.min(), so_far.max())
+
+
 def test_a_batch_of_another_shape_goes_the_general_way(monkeypatch):
     """A smaller batch among the large ones (a last batch, a module called on other shapes): that batch through a
     block, the pass made again after it; results as the general path's and the references'."""

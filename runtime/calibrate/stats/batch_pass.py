@@ -7,7 +7,10 @@ decide (a NaN or +-Inf, the budget refusing room), and the caller takes it.
 
 Why: the general path makes a `Block`, asks each state what the probe may scan, and each state then reads the
 block's results through its own checks: ~150-200 µs of Python per batch in a hook, where the forward's layers
-have left every cache cold, against ~150 µs for the scan of a 1 MiB batch. Here the checks are made once.
+have left every cache cold, against ~150 µs for the scan of a 1 MiB batch. Here the checks are made once, and
+the states' feeders run later, up to `LOG_BATCHES` batches at a time (`drain`), with their code and data warm:
+what a batch leaves in the hook is its scan and one entry in a list. The owner drains before anything reads the
+states (`TensorStats.flush`) and before a batch takes the general path.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from ternqc.runtime.calibrate import scan_kernel
 
 #: `feed(n, key, lo, hi, total)`: a state's share of one batch (see `StatState.pass_feeder`).
 Feeder = Callable[[int, int, float, float, float], None]
+
+#: Batches whose feeders wait at most (`BatchPass.drain`): each waiting batch is five numbers.
+LOG_BATCHES = 64
 
 
 class PassScan(Protocol):
@@ -38,13 +44,14 @@ class BatchPass:
     the pass (a quantile's bracket, an α's band; see `StatState.pass_scan`); `absolute`: the pass sums the
     magnitudes (a statistic of |x| is fed)."""
 
-    __slots__ = ("shape", "absolute", "feeders", "scan")
+    __slots__ = ("shape", "absolute", "feeders", "scan", "waiting")
 
     def __init__(self, shape, absolute: bool, feeders: list[Feeder], scan: PassScan | None) -> None:
         self.shape = shape
         self.absolute = absolute
         self.feeders = feeders
         self.scan = scan
+        self.waiting: list[tuple[int, int, float, float, float]] = []  # fed batches whose feeders wait (`drain`)
 
     @classmethod
     def build(cls, states, shape, absolute: bool) -> BatchPass | None:
@@ -67,7 +74,8 @@ class BatchPass:
 
     def feed(self, address: int, n: int, key: int) -> bool:
         """Feed the batch of `n` float32 values at `address` (a contiguous CPU float32 tensor's `data_ptr()`)
-        with `key` to every state; False, with nothing changed, where the general path must take it."""
+        with `key` to every state (the scan now, the feeders by `drain`); False, with nothing changed, where the
+        general path must take it."""
         scan = self.scan
         sums = 8 if self.absolute else 4
         if scan is not None:
@@ -80,9 +88,20 @@ class BatchPass:
             if got is None or got[3]:
                 return False
             total, lo, hi = float(got[0][0]), got[1], got[2]
-        lo, hi = lo + 0.0, hi + 0.0  # a zero is +0 (either zero may come first), as `Block.prepare` gives it
-        for feeder in self.feeders:
-            feeder(n, key, lo, hi, total)
+        waiting = self.waiting
+        waiting.append((n, key, lo, hi, total))
+        if len(waiting) >= LOG_BATCHES:
+            self.drain()
         if scan is not None:
-            scan.settle()
+            scan.settle()  # the scan's own state only: the feeders need not have run
         return True
+
+    def drain(self) -> None:
+        """Run every state's feeder on each batch fed since the last drain, in the order fed: the states are then
+        as if each batch had been fed to them at once."""
+        feeders, waiting = self.feeders, self.waiting
+        for n, key, lo, hi, total in waiting:
+            lo, hi = lo + 0.0, hi + 0.0  # a zero is +0 (either zero may come first), as `Block.prepare` gives it
+            for feeder in feeders:
+                feeder(n, key, lo, hi, total)
+        waiting.clear()

@@ -164,6 +164,7 @@ class TensorStats:
                         self._batch, self._call = batch, call
                     self.updates += 1
                     return
+            bp.drain()  # the states as fed so far, before the general path takes this batch
             self._pass = None  # the general path takes this batch (the states may change) and decides again
         if x.requires_grad or x.dtype not in FLOATS or (self.batched and x.dim() == 0):
             x = as_float(x, self.batched)
@@ -226,7 +227,10 @@ class TensorStats:
         st.row_bytes = per * x.element_size()
 
     def flush(self) -> None:
-        """Process the staged batches."""
+        """Process the staged batches, and the batch pass's waiting feeders (`BatchPass.drain`): every state is
+        then up to date."""
+        if self._pass is not None:
+            self._pass.drain()
         st = self._stage
         if st is None or st.k == 0:
             return
@@ -307,6 +311,7 @@ class TensorStats:
             self._stage = _Stage()
 
     def notes(self) -> list[str]:
+        self.flush()
         return [n for n in (s.note() for s in self.states.values()) if n]
 
     def sync(self) -> dict[Any, Generator]:
